@@ -1,0 +1,394 @@
+"""What is in a checkpoint folder: pure file reading, no paddle import, no pickle code executed.
+
+``describe(path)`` returns a :class:`CheckpointInfo` with every fact ``inspect`` prints; the loader
+and ``merge`` use the same file discovery (:func:`model_weight_files`, :func:`adapter_weight_files`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from paddle_scorer.errors import CheckpointError, NotACheckpointError
+from paddle_scorer.lora import LoraSettings, is_lora_key, read_lora_config
+from paddle_scorer.weights import TensorMeta, read_files_meta, shard_files
+
+# Kinds of folder
+FULL_MODEL = "model"
+MERGED_MODEL = "merged-model"
+LORA_ADAPTER = "lora-adapter"
+RENAMED_ADAPTER = "renamed-lora-adapter"
+NOT_A_CHECKPOINT = "not-a-checkpoint"
+
+MERGE_RECORD = "paddle_scorer_merge.json"  # written by `paddle-scorer merge`
+SCORER_DEFAULTS = "scorer.json"  # optional: template and labels a fine-tune was trained with
+
+_MODEL_SINGLE = ["model_state.pdparams", "model.safetensors"]
+_MODEL_INDEX = ["model_state.pdparams.index.json", "model.safetensors.index.json"]
+_ADAPTER_SINGLE = ["lora_model_state.pdparams", "peft_model.safetensors", "lora_model.safetensors"]
+_ADAPTER_INDEX = ["peft_model.safetensors.index.json", "lora_model_state.pdparams.index.json"]
+_TP_MODEL = re.compile(r"model_state\.tp\d+(\.pp\d+)?\.pdparams$")
+_TP_ADAPTER = re.compile(r"lora_model_state[._]tp\d+(\.pp\d+)?\.pdparams$")
+_TOKENIZER_FILES = [
+    "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
+    "tokenizer.model", "sentencepiece.bpe.model", "spiece.model", "special_tokens_map.json",
+    "added_tokens.json",
+]
+_FOREIGN = {
+    "pytorch_model.bin": "a PyTorch (Hugging Face) checkpoint",
+    "adapter_model.safetensors": "a Hugging Face PEFT adapter",
+    "adapter_model.bin": "a Hugging Face PEFT adapter",
+}
+
+
+@dataclass
+class WeightSet:
+    """The weight files of one role (model or adapter) and what they hold."""
+
+    files: list[str]
+    format: str  # pdparams | safetensors
+    sharded: bool
+    index: str | None
+    num_tensors: int = 0
+    num_params: int = 0
+    nbytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> number of parameters
+
+
+@dataclass
+class AdapterInfo:
+    r: int
+    lora_alpha: float | None
+    scaling: float | None
+    scaling_formula: str
+    rslora: bool
+    target_modules: list[str]
+    config_dtype: str | None
+    base_model_name_or_path: str | None
+    base_found: str | None  # resolved local folder, if any
+    unsupported_variants: list[str]
+    adapted_modules: int
+    key_prefix: str | None
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    kind: str
+    summary: str
+    architecture: str | None = None
+    model_type: str | None = None
+    config: dict = field(default_factory=dict)  # the architecture facts from config.json
+    config_dtype: str | None = None
+    weights: WeightSet | None = None
+    adapter_weights: WeightSet | None = None
+    adapter: AdapterInfo | None = None
+    memory: dict[str, int] = field(default_factory=dict)  # bytes to hold the weights per dtype
+    tokenizer_files: list[str] = field(default_factory=list)
+    tokenizer_class: str | None = None
+    chat_template: bool = False
+    merged_from: dict | None = None
+    scorer_defaults: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    next_command: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# File discovery (shared with the loader and merge)
+# --------------------------------------------------------------------------------------------------
+
+
+def _find(folder: Path, singles: list[str], indexes: list[str], tp: re.Pattern) -> WeightSet | None:
+    for name in indexes:
+        idx = folder / name
+        if idx.is_file():
+            files = shard_files(idx)
+            fmt = "safetensors" if name.endswith(".safetensors.index.json") else "pdparams"
+            return WeightSet([str(f) for f in files], fmt, True, str(idx))
+    for name in singles:
+        f = folder / name
+        if f.is_file():
+            fmt = "safetensors" if name.endswith(".safetensors") else "pdparams"
+            return WeightSet([str(f)], fmt, False, None)
+    tp_files = sorted(p for p in folder.iterdir() if tp.search(p.name)) if folder.is_dir() else []
+    if tp_files:
+        return WeightSet([str(f) for f in tp_files], "pdparams", True, None)
+    return None
+
+
+def model_weight_files(folder: Path) -> WeightSet | None:
+    return _find(Path(folder), _MODEL_SINGLE, _MODEL_INDEX, _TP_MODEL)
+
+
+def adapter_weight_files(folder: Path) -> WeightSet | None:
+    return _find(Path(folder), _ADAPTER_SINGLE, _ADAPTER_INDEX, _TP_ADAPTER)
+
+
+def is_tensor_parallel(ws: WeightSet) -> bool:
+    return ws.index is None and ws.sharded
+
+
+def _summarise(ws: WeightSet, metas: dict[str, TensorMeta]) -> None:
+    ws.num_tensors = len(metas)
+    ws.num_params = sum(m.numel for m in metas.values())
+    ws.nbytes = sum(m.nbytes for m in metas.values())
+    counts: Counter[str] = Counter()
+    for m in metas.values():
+        counts[m.dtype] += m.numel
+    ws.dtypes = dict(counts.most_common())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-create it.") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; fix or re-create it.")
+    return data
+
+
+def resolve_base(adapter_dir: Path, ref: str | None) -> Path | None:
+    """Find the base model an adapter names: as given, relative to the adapter, or next to it."""
+    if not ref:
+        return None
+    ref_path = Path(ref).expanduser()
+    candidates = [ref_path] if ref_path.is_absolute() else [
+        Path(adapter_dir) / ref_path,
+        Path.cwd() / ref_path,
+        Path(adapter_dir).parent / ref_path.name,
+    ]
+    for c in candidates:
+        if (c / "config.json").is_file() and model_weight_files(c) is not None:
+            return c.resolve()
+    return None
+
+
+_ARCH_FIELDS = [
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+]
+
+
+def key_prefix(names) -> str | None:
+    """The leading module name of the keys (``llama``, ``qwen2``, ``model``, ...)."""
+    prefixes = Counter(n.split(".", 1)[0] for n in names if "." in n)
+    return prefixes.most_common(1)[0][0] if prefixes else None
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# describe()
+# --------------------------------------------------------------------------------------------------
+
+
+def describe(path: str | Path) -> CheckpointInfo:
+    """All we can tell about a folder without loading it into paddle."""
+    folder = Path(path)
+    if not folder.exists():
+        raise NotACheckpointError(f"{path} does not exist; pass the folder that holds config.json and the weights.")
+    if folder.is_file():
+        raise NotACheckpointError(
+            f"{path} is a file; pass the folder that contains it (checkpoints are folders with config.json)."
+        )
+    info = CheckpointInfo(path=str(path), kind=NOT_A_CHECKPOINT, summary="")
+
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        cfg = read_json(config_path)
+        archs = cfg.get("architectures") or []
+        info.architecture = archs[0] if archs else None
+        info.model_type = cfg.get("model_type")
+        info.config = {k: cfg[k] for k in _ARCH_FIELDS if k in cfg}
+        info.config_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+
+    info.tokenizer_files = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
+    tok_cfg = {}
+    if (folder / "tokenizer_config.json").is_file():
+        tok_cfg = read_json(folder / "tokenizer_config.json")
+        info.tokenizer_class = tok_cfg.get("tokenizer_class")
+    info.chat_template = bool(tok_cfg.get("chat_template")) or any(
+        (folder / n).is_file() for n in ("chat_template.json", "chat_template.jinja")
+    )
+    if (folder / SCORER_DEFAULTS).is_file():
+        info.scorer_defaults = read_json(folder / SCORER_DEFAULTS)
+    if (folder / MERGE_RECORD).is_file():
+        info.merged_from = read_json(folder / MERGE_RECORD)
+
+    model_ws = model_weight_files(folder)
+    adapter_ws = adapter_weight_files(folder)
+    has_lora_config = (folder / "lora_config.json").is_file()
+
+    model_metas: dict[str, TensorMeta] = {}
+    if model_ws is not None:
+        model_metas = read_files_meta([Path(f) for f in model_ws.files])
+        _summarise(model_ws, model_metas)
+        info.weights = model_ws
+    adapter_metas: dict[str, TensorMeta] = {}
+    if adapter_ws is not None:
+        adapter_metas = read_files_meta([Path(f) for f in adapter_ws.files])
+        _summarise(adapter_ws, adapter_metas)
+        info.adapter_weights = adapter_ws
+
+    lora_in_model = [n for n in model_metas if is_lora_key(n)]
+    settings: LoraSettings | None = None
+    if has_lora_config:
+        settings = read_lora_config(folder)
+
+    renamed = model_ws is not None and bool(lora_in_model) and len(lora_in_model) == len(model_metas)
+    if settings is not None or adapter_ws is not None or renamed:
+        info.adapter = _adapter_info(folder, settings, adapter_metas or {n: model_metas[n] for n in lora_in_model})
+
+    # ---- kind and summary --------------------------------------------------------------------
+    if renamed:
+        info.kind = RENAMED_ADAPTER
+        name = Path(model_ws.files[0]).name
+        info.summary = (
+            f"TRAP: {name} holds only LoRA adapter tensors ({len(lora_in_model)} keys ending in "
+            "lora_A/lora_B), not model weights: it is a renamed lora_model_state.pdparams. Loading it "
+            "as a model would score with randomly initialised weights."
+        )
+        info.adapter_weights = info.weights
+    elif model_ws is not None:
+        info.kind = MERGED_MODEL if info.merged_from else FULL_MODEL
+        what = "a merged model (base + LoRA)" if info.merged_from else "a full model"
+        fmt = f"{model_ws.format}, {'sharded into ' + str(len(model_ws.files)) + ' files' if model_ws.sharded else 'one file'}"
+        info.summary = f"This is {what} ({info.architecture or 'unknown architecture'}; {fmt})."
+        if lora_in_model:
+            info.warnings.append(
+                f"{len(lora_in_model)} tensors in the model weights are LoRA matrices (lora_A/lora_B): "
+                "the adapter was saved inside the model instead of merged; merge it or save it separately."
+            )
+        if adapter_ws is not None:
+            info.summary += " It also holds a LoRA adapter (see below)."
+    elif adapter_ws is not None or has_lora_config:
+        info.kind = LORA_ADAPTER
+        ref = settings.base_model_name_or_path if settings else None
+        base = info.adapter.base_found if info.adapter else None
+        if adapter_ws is None:
+            info.summary = (
+                "This is a LoRA adapter folder (lora_config.json) but its weights file "
+                "(lora_model_state.pdparams or peft_model*.safetensors) is missing: copy it from the "
+                "training output."
+            )
+        else:
+            info.summary = (
+                "This is a LoRA adapter, not a model: it has lora_model_state.pdparams-style weights "
+                "but no model_state.pdparams, so it must be loaded on top of its base model "
+                f"({ref or 'not recorded in lora_config.json'}"
+                + (f", found at {_rel(Path(base))}" if base else ", not found on this machine")
+                + ")."
+            )
+    else:
+        foreign = [desc for name, desc in _FOREIGN.items() if (folder / name).is_file()]
+        if foreign:
+            info.summary = (
+                f"This looks like {foreign[0]}, not a PaddleNLP checkpoint; convert it to PaddleNLP "
+                "format (model_state.pdparams or model.safetensors with Paddle key names) first."
+            )
+        elif config_path.is_file():
+            info.summary = (
+                "This folder has config.json but no weights (model_state.pdparams, model.safetensors "
+                "or a shard index); copy the weights next to it."
+            )
+        else:
+            info.summary = (
+                "This is not a checkpoint: no config.json, no model weights and no LoRA adapter files."
+            )
+
+    # ---- sizes and dtypes --------------------------------------------------------------------
+    if info.weights is not None and info.kind != RENAMED_ADAPTER:
+        n = info.weights.num_params
+        info.memory = {"float32": 4 * n, "float16": 2 * n, "bfloat16": 2 * n}
+        if is_tensor_parallel(info.weights):
+            info.warnings.append(
+                "The weights are tensor-parallel shards (model_state.tpNN.pdparams); merge them into one "
+                "checkpoint with PaddleNLP (e.g. its unified-checkpoint export) before scoring."
+            )
+    if info.adapter is not None and info.adapter.unsupported_variants:
+        info.warnings.append(
+            "This adapter uses " + ", ".join(info.adapter.unsupported_variants)
+            + ", which paddle-scorer does not merge or attach; it will refuse to load it rather than "
+            "compute wrong outputs."
+        )
+    if info.kind in (FULL_MODEL, MERGED_MODEL) and not info.tokenizer_files:
+        info.warnings.append("No tokenizer files here: pass a folder that has them with --tokenizer.")
+    info.next_command = _next_command(info)
+    return info
+
+
+def _adapter_info(folder: Path, settings: LoraSettings | None, metas: dict[str, TensorMeta]) -> AdapterInfo:
+    lora_a = {n: m for n, m in metas.items() if n.endswith(".lora_A")}
+    ranks = {m.shape[-1] for m in lora_a.values() if len(m.shape) == 2}
+    if settings is None:
+        r = ranks.pop() if len(ranks) == 1 else 0
+        return AdapterInfo(
+            r=r, lora_alpha=None, scaling=None, scaling_formula="unknown (no lora_config.json)",
+            rslora=False, target_modules=[], config_dtype=None, base_model_name_or_path=None, base_found=None,
+            unsupported_variants=[], adapted_modules=len(lora_a), key_prefix=key_prefix(metas),
+        )
+    base = resolve_base(folder, settings.base_model_name_or_path)
+    info = AdapterInfo(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        scaling=settings.scaling,
+        scaling_formula=settings.scaling_formula,
+        rslora=settings.rslora,
+        target_modules=settings.target_modules,
+        config_dtype=settings.dtype,
+        base_model_name_or_path=settings.base_model_name_or_path,
+        base_found=str(base) if base else None,
+        unsupported_variants=[v for v in settings.variants],
+        adapted_modules=len(lora_a),
+        key_prefix=key_prefix(metas),
+    )
+    return info
+
+
+def _labels_hint(defaults: dict | None) -> str:
+    if defaults and defaults.get("labels"):
+        return ",".join(defaults["labels"])
+    return "LABEL1,LABEL2"
+
+
+def _next_command(info: CheckpointInfo) -> str | None:
+    q = shlex.quote
+    here = q(info.path)
+    if info.kind == LORA_ADAPTER:
+        if info.adapter_weights is None:
+            return None
+        if info.adapter and info.adapter.unsupported_variants:
+            return None
+        labels = _labels_hint(info.scorer_defaults)
+        if info.adapter and info.adapter.base_found:
+            base = q(_rel(Path(info.adapter.base_found)))
+        else:
+            base = "/path/to/" + q(Path(info.adapter.base_model_name_or_path or "base-model").name)
+        return (
+            f"paddle-scorer classify --model {base} --lora {here} --labels {labels} "
+            f"--prompt \"your query\""
+        )
+    if info.kind == RENAMED_ADAPTER:
+        return (
+            f"mv {q(info.path + '/' + Path(info.weights.files[0]).name)} {q(info.path + '/lora_model_state.pdparams')}"
+            f"  # then: paddle-scorer classify --model /path/to/base --lora {here} ..."
+        )
+    if info.kind in (FULL_MODEL, MERGED_MODEL):
+        if info.weights is not None and is_tensor_parallel(info.weights):
+            return None
+        labels = _labels_hint(info.scorer_defaults)
+        return f"paddle-scorer classify --model {here} --labels {labels} --prompt \"your query\""
+    return None

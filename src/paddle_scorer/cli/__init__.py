@@ -1,0 +1,1 @@
+"""Command-line edge: argument parsing, printing and exit codes. Logic lives in the package."""

@@ -1,0 +1,39 @@
+"""The `paddle-scorer` command. Each command lives in its own module and is imported only when run,
+so `--help` and `inspect` never import paddle."""
+
+from __future__ import annotations
+
+import typer
+
+from paddle_scorer import __version__
+
+app = typer.Typer(
+    name="paddle-scorer",
+    help="Load a fine-tuned PaddleNLP LLM (base + LoRA) safely and read its real softmax outputs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"paddle-scorer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    """paddle-scorer: inspect checkpoints, load LoRA safely, score labels exactly."""
+
+
+from paddle_scorer.cli import inspect_cmd  # noqa: E402
+
+inspect_cmd.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,123 @@
+"""`paddle-scorer inspect PATH`: explain a checkpoint folder without loading it into paddle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from paddle_scorer.checkpoint import (
+    FULL_MODEL,
+    LORA_ADAPTER,
+    MERGED_MODEL,
+    NOT_A_CHECKPOINT,
+    RENAMED_ADAPTER,
+    CheckpointInfo,
+    describe,
+)
+from paddle_scorer.cli.common import cli_errors, human_bytes, human_count, out
+
+_KIND_TITLE = {
+    FULL_MODEL: "full model",
+    MERGED_MODEL: "merged model",
+    LORA_ADAPTER: "LoRA adapter",
+    RENAMED_ADAPTER: "renamed LoRA adapter (trap)",
+    NOT_A_CHECKPOINT: "not a checkpoint",
+}
+
+
+def _dtypes(d: dict[str, int]) -> str:
+    total = sum(d.values()) or 1
+    if len(d) == 1:
+        return next(iter(d))
+    return ", ".join(f"{k} ({100 * v / total:.0f}%)" for k, v in d.items())
+
+
+def _files(files: list[str]) -> str:
+    names = [Path(f).name for f in files]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} files)"
+
+
+def render(info: CheckpointInfo) -> None:
+    out.print(f"[bold]{info.path}[/]: {_KIND_TITLE.get(info.kind, info.kind)}", highlight=False)
+    out.print(info.summary, highlight=False)
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="cyan", no_wrap=True)
+    t.add_column()
+    if info.architecture or info.model_type:
+        c = info.config
+        shape = ", ".join(f"{k}={c[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "vocab_size") if k in c)
+        t.add_row("architecture", f"{info.architecture or '?'} ({info.model_type or '?'}) {shape}")
+    if info.weights is not None and info.kind != RENAMED_ADAPTER:
+        w = info.weights
+        t.add_row("weights", f"{_files(w.files)} [{w.format}{', sharded' if w.sharded else ''}]")
+        t.add_row("parameters", f"{human_count(w.num_params)} ({w.num_params:,}) in {w.num_tensors} tensors")
+        t.add_row("stored dtype", _dtypes(w.dtypes) + (f" (config.json says {info.config_dtype})" if info.config_dtype else ""))
+        t.add_row("memory to load",
+                  f"float32 {human_bytes(info.memory['float32'])} (CPU), float16/bfloat16 "
+                  f"{human_bytes(info.memory['float16'])} (GPU); weights only, activations extra")
+    if info.merged_from:
+        m = info.merged_from
+        t.add_row("merged from", f"base {m.get('base')} + adapter {m.get('adapter')} "
+                                 f"(sha256 {str(m.get('adapter_sha256', ''))[:12]}, scaling {m.get('scaling')})")
+    if info.adapter is not None:
+        a = info.adapter
+        if a.scaling is None:
+            t.add_row("LoRA", f"r={a.r} (from the tensors); alpha and scaling unknown: lora_config.json is missing")
+        else:
+            t.add_row("LoRA", f"r={a.r}, lora_alpha={a.lora_alpha:g}, scaling={a.scaling:g} ({a.scaling_formula})"
+                      + (", rslora" if a.rslora else ""))
+        if a.target_modules:
+            t.add_row("target modules", ", ".join(a.target_modules))
+        aw = info.adapter_weights if info.adapter_weights is not None else info.weights
+        if aw is not None:
+            t.add_row("adapter weights", f"{_files(aw.files)} [{aw.format}] {a.adapted_modules} adapted modules, "
+                                         f"{human_count(aw.num_params)} params, {_dtypes(aw.dtypes)}, "
+                                         f"key prefix `{a.key_prefix}`")
+        if a.base_model_name_or_path or info.kind == LORA_ADAPTER:
+            where = f"found at {a.base_found}" if a.base_found else "NOT found on this machine"
+            t.add_row("base model", f"{a.base_model_name_or_path or '(not recorded)'} -> {where}")
+        if a.unsupported_variants:
+            t.add_row("unsupported", ", ".join(a.unsupported_variants))
+    if info.kind != NOT_A_CHECKPOINT:
+        tok = ", ".join(info.tokenizer_files) if info.tokenizer_files else "none"
+        if info.tokenizer_class:
+            tok += f" ({info.tokenizer_class})"
+        t.add_row("tokenizer", tok)
+        t.add_row("chat template", "yes" if info.chat_template else "no")
+    if info.scorer_defaults:
+        t.add_row("scorer defaults", json.dumps(info.scorer_defaults, ensure_ascii=False))
+    if t.row_count:
+        out.print(t)
+    for w in info.warnings:
+        out.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if info.next_command:
+        out.print(f"[bold]next:[/] {info.next_command}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    @cli_errors
+    def inspect(
+        path: Path = typer.Argument(..., help="A checkpoint folder: model, LoRA adapter, merged model, ..."),
+        as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+    ):
+        """Explain a checkpoint folder without loading it (no pickle code runs).
+
+        Exit codes: 0 a usable model or adapter, 3 not a checkpoint, 4 broken or a trap
+        (e.g. a LoRA file renamed to model_state.pdparams).
+
+        Example: paddle-scorer inspect checkpoints/demo-lora
+        """
+        info = describe(path)
+        if as_json:
+            typer.echo(json.dumps(info.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            render(info)
+        if info.kind == NOT_A_CHECKPOINT:
+            raise typer.Exit(3)
+        if info.kind == RENAMED_ADAPTER:
+            raise typer.Exit(4)

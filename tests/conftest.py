@@ -1,0 +1,39 @@
+"""Session fixtures: tiny real models and adapters are built once and shared (read-only)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import builders
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """A family of tiny real checkpoints on disk. Tests must copy before modifying."""
+    root = tmp_path_factory.mktemp("models")
+    llama = builders.build_model("llama", seed=0)
+    qwen = builders.build_model("qwen2", seed=3)
+    out = {
+        "llama": builders.save_model(llama, root / "llama"),
+        "llama16": builders.save_model(llama, root / "llama16", dtype="float16"),
+        "qwen2": builders.save_model(qwen, root / "qwen2"),
+    }
+    out["llama_lora"] = builders.save_lora(llama, root / "llama_lora", base_ref=str(out["llama"]))
+    out["llama_rslora"] = builders.save_lora(llama, root / "llama_rslora", base_ref=str(out["llama"]), r=8,
+                                             alpha=4, rslora=True, seed=5)
+    out["qwen2_lora"] = builders.save_lora(qwen, root / "qwen2_lora", base_ref=str(out["qwen2"]),
+                                           targets=(".*q_proj.*", ".*k_proj.*", ".*o_proj.*", ".*up_proj.*"))
+    return out
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or Path(src).name)
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
