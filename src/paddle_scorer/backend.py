@@ -1,0 +1,167 @@
+"""The only module that calls the model's forward.
+
+Scoring asks for log-probabilities of token sequences; this is where batching, KV-cache reuse and
+"LM head only where needed" live:
+
+* prompts are batched (sorted by length, right-padded, explicit attention mask and position ids,
+  original order restored by the caller's indices);
+* the decoder body runs once per prompt; the LM head (``vocab x hidden`` per position, the biggest
+  single matmul for short prompts) runs only at the positions whose next-token distribution is
+  needed: the prompt's last token, and inside multi-token labels;
+* multi-token labels reuse the prompt's KV cache: all labels of a prompt are scored in one extra
+  forward over just the label tokens;
+* log-softmax is computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from paddle_scorer.runtime import paddle
+
+
+@dataclass
+class ContinuationScore:
+    token_logprobs: list[float]
+    greedy: bool
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+
+def unwrap(model):
+    """The PaddleNLP causal LM inside a LoRAModel (or the model itself)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "lm_head"):
+        return inner
+    return model
+
+
+class Backend:
+    def __init__(self, model, pad_id: int = 0):
+        self.pd = paddle()
+        self.net = unwrap(model)
+        prefix = getattr(self.net, "base_model_prefix", None)
+        self.body = getattr(self.net, prefix) if prefix and hasattr(self.net, prefix) else None
+        self.head = getattr(self.net, "lm_head", None)
+        if self.body is None or self.head is None:
+            raise TypeError(f"{type(self.net).__name__} has no decoder body + lm_head; only causal LMs are supported")
+        self.pad_id = pad_id
+        self.forward_calls = 0  # for tests and benchmarks
+
+    # ------------------------------------------------------------------ low-level passes
+
+    def _run_body(self, ids, mask, pos, past=None, use_cache=False):
+        self.forward_calls += 1
+        out = self.body(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+            use_cache=use_cache, return_dict=True,
+        )
+        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def _logprobs(self, hidden_rows):
+        """LM head + float32 log-softmax on selected hidden rows ``[N, H]`` -> numpy ``[N, V]``."""
+        pd = self.pd
+        logits = self.head(hidden_rows.unsqueeze(0)).squeeze(0)
+        logits = logits.astype("float32")
+        return pd.nn.functional.log_softmax(logits, axis=-1).numpy()
+
+    def _prompt_pass(self, prompts: list[list[int]], use_cache: bool):
+        pd = self.pd
+        lens = [len(p) for p in prompts]
+        width = max(lens)
+        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+            mask[i, : len(p)] = 1
+        pos = np.tile(np.arange(width, dtype=np.int64), (len(prompts), 1))
+        hidden, past = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos), use_cache=use_cache)
+        last = pd.to_tensor(np.array([n - 1 for n in lens], dtype=np.int64))
+        rows = pd.gather_nd(hidden, pd.stack([pd.arange(len(prompts), dtype="int64"), last], axis=1))
+        return rows, past, lens, mask
+
+    # ------------------------------------------------------------------ API
+
+    def next_token_logprobs(self, prompts: list[list[int]]) -> np.ndarray:
+        """log P(next token | prompt) for each prompt: ``[len(prompts), vocab]`` float32."""
+        with self.pd.no_grad():
+            rows, _, _, _ = self._prompt_pass(prompts, use_cache=False)
+            return self._logprobs(rows)
+
+    def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> tuple[np.ndarray, list[list[ContinuationScore]]]:
+        """Teacher-forced log-probs of every continuation of every prompt (one batch).
+
+        Returns the prompts' next-token log-probs ``[B, V]`` and, per prompt, one
+        :class:`ContinuationScore` per continuation.
+        """
+        pd = self.pd
+        need_cache = any(len(c) > 1 for conts in continuations for c in conts)
+        with pd.no_grad():
+            rows, past, lens, pmask = self._prompt_pass(prompts, use_cache=need_cache)
+            first = self._logprobs(rows)
+            results = [[ContinuationScore([float(first[b, c[0]])], int(first[b].argmax()) == c[0]) for c in conts]
+                       for b, conts in enumerate(continuations)]
+            if need_cache:
+                self._score_tails(past, lens, pmask, continuations, results)
+        return first, results
+
+    def _score_tails(self, past, lens, pmask, continuations, results):
+        """Tokens 2..n of multi-token continuations, in one forward over the cached prompts."""
+        pd = self.pd
+        jobs = [(b, j, c) for b, conts in enumerate(continuations) for j, c in enumerate(conts) if len(c) > 1]
+        width = max(len(c) - 1 for _, _, c in jobs)
+        n = len(jobs)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        cmask = np.zeros((n, width), dtype=np.int64)
+        pos = np.zeros((n, width), dtype=np.int64)
+        for r, (b, _, c) in enumerate(jobs):
+            t = len(c) - 1
+            ids[r, :t] = c[:-1]
+            cmask[r, :t] = 1
+            pos[r] = lens[b] + np.arange(width)
+        index = pd.to_tensor(np.array([b for b, _, _ in jobs], dtype=np.int64))
+        past_rows = [tuple(pd.index_select(t, index, axis=0) for t in layer) for layer in past]
+        mask = np.concatenate([pmask[[b for b, _, _ in jobs]], cmask], axis=1)
+        hidden, _ = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos), past=past_rows, use_cache=False)
+        sel = [(r, t) for r, (_, _, c) in enumerate(jobs) for t in range(len(c) - 1)]
+        rows = pd.gather_nd(hidden, pd.to_tensor(np.array(sel, dtype=np.int64)))
+        lp = self._logprobs(rows)
+        for k, (r, t) in enumerate(sel):
+            b, j, c = jobs[r]
+            target = c[t + 1]
+            res = results[b][j]
+            res.token_logprobs.append(float(lp[k, target]))
+            res.greedy = res.greedy and int(lp[k].argmax()) == target
+
+    # ------------------------------------------------------------------ generation
+
+    def start(self, prompt: list[int]):
+        """Prompt pass with cache for step-by-step decoding: returns (logprobs [V], state)."""
+        with self.pd.no_grad():
+            rows, past, lens, mask = self._prompt_pass([prompt], use_cache=True)
+            return self._logprobs(rows)[0], (past, lens[0])
+
+    def step(self, token: int, state):
+        pd = self.pd
+        past, n = state
+        with pd.no_grad():
+            ids = pd.to_tensor(np.array([[token]], dtype=np.int64))
+            mask = pd.to_tensor(np.ones((1, n + 1), dtype=np.int64))
+            pos = pd.to_tensor(np.array([[n]], dtype=np.int64))
+            self.forward_calls += 1
+            out = self.body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                            use_cache=True, return_dict=True)
+            lp = self._logprobs(out.last_hidden_state[:, -1, :])[0]
+            return lp, (out.past_key_values, n + 1)
+
+    def full_logprobs(self, ids: list[int]) -> np.ndarray:
+        """Plain forward, all positions (the reference path used by tests): ``[len, V]``."""
+        pd = self.pd
+        with pd.no_grad():
+            self.forward_calls += 1
+            logits = self.net(pd.to_tensor([ids]), return_dict=True).logits.astype("float32")
+            return pd.nn.functional.log_softmax(logits, axis=-1).numpy()[0]

@@ -1,0 +1,180 @@
+"""`paddle-scorer classify`: exact P(label | prompt) for any labels, over prompts or a JSONL dataset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from paddle_scorer.cli.common import cli_errors, err, out
+from paddle_scorer.cli.options import (
+    load_options,
+    loaded_from,
+    progress_bar,
+    scorer_defaults,
+)
+from paddle_scorer.errors import UsageError
+
+EXAMPLES = """
+Examples:
+
+  paddle-scorer classify --model checkpoints/demo-base --lora checkpoints/demo-lora \\
+      --input checkpoints/demo-queries.jsonl --output out/scores.jsonl
+
+  paddle-scorer classify --model BASE --lora ADAPTER --labels goods,life \\
+      --template "Query: {query}\\nAnswer:" --prompt "what is the price of cabbage today?"
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("classify", help="Exact, calibrated P(label | prompt) for any labels (teacher forcing)." + EXAMPLES)
+    @cli_errors
+    def classify(
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder. Optional when the adapter's lora_config.json names a local base."),
+        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder (lora_config.json + weights)."),
+        labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated candidate labels (default: the adapter's scorer.json)."),
+        prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt to score (repeatable). Filled into --template as {query}."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL file, one object per line (fields for the template, optional id and gold label)."),
+        template: Optional[str] = typer.Option(None, "--template", "-t", help="Prompt template with {field} placeholders (default: scorer.json's, else the record's query/prompt/text)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL results here (+ .meta.json provenance)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSONL results to stdout."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --output: skip ids already written."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output."),
+        label_prefix: Optional[str] = typer.Option(None, "--label-prefix", help="Text put before each label, e.g. ' ' (default: scorer.json's, else ' '; 'auto': a space unless the prompt ends with whitespace)."),
+        chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: on when it has one)."),
+        length_norm: str = typer.Option("none", "--length-norm", help="none | per-token (mean log-prob per label token)."),
+        calibration: str = typer.Option("none", "--calibration", help="none | contextual (Zhao et al. 2021) | pmi (Holtzman et al. 2021)."),
+        content_free: Optional[list[str]] = typer.Option(None, "--content-free", help="Content-free inputs for contextual calibration (repeatable; default N/A, '', [MASK])."),
+        pmi_domain: Optional[str] = typer.Option(None, "--pmi-domain", help="Domain premise for PMI (default: the template's text after its last placeholder)."),
+        id_field: str = typer.Option("id", "--id-field", help="Record field holding the id (default: id; else the 0-based line index)."),
+        gold_field: str = typer.Option("label", "--gold-field", help="Record field holding the gold label, for metrics."),
+        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts per forward pass (sorted by length, order restored)."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit for prompt + label (default: the model's context)."),
+        truncate: str = typer.Option("error", "--truncate", help="error | left: what to do with a prompt longer than the context."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N records."),
+        show: int = typer.Option(5, "--show", help="With --output: print this many records after the summary."),
+        mode: str = typer.Option("attach", "--mode", help="attach (LoRA layers kept separate) | merge (merged into the weights on load)."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (CPU: float32 only)."),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none."),
+    ):
+        from paddle_scorer import dataio
+        from paddle_scorer.metrics import evaluate
+        from paddle_scorer.prompts import parse_labels
+        from paddle_scorer.runs import finish_meta, provenance, run_job
+        from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
+
+        if (prompt is None) == (input is None):
+            raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; pick one.")
+        if resume and output is None:
+            raise UsageError("--resume needs --output (the file to continue).")
+        defaults = scorer_defaults(model, lora)
+        opts = ClassifyOptions(
+            labels=parse_labels(labels if labels is not None else defaults.get("labels")),
+            template=template if template is not None else defaults.get("template"),
+            label_prefix=label_prefix if label_prefix is not None else defaults.get("label_prefix", " "),
+            chat_template=chat_template,
+            length_norm=length_norm,
+            calibration=calibration,
+            content_free=list(content_free) if content_free else list(DEFAULT_CONTENT_FREE),
+            pmi_domain=pmi_domain,
+            batch_size=batch_size,
+            max_length=max_length,
+            truncate=truncate,
+            gold_field=gold_field,
+        )
+        if input is not None:
+            rows = dataio.read_jsonl(input, id_field)
+        else:
+            rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
+        if limit is not None:
+            rows = rows[:limit]
+        if output is not None and output.exists() and not (resume or overwrite):
+            raise UsageError(f"{output} already exists; pass --resume to continue it or --overwrite to start over.")
+
+        loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer))
+        clf = Classifier(loaded, opts)
+        preps = [clf.prepare(rec, rid, where) for rid, rec, where in rows]  # all input errors before any output
+        calib = clf.calibrate()
+        run_config = {
+            "command": "classify",
+            "model": loaded.facts.model_path,
+            "adapter_sha256": loaded.facts.adapter_sha256,
+            "labels": opts.labels,
+            "template": opts.template,
+            "label_prefix": opts.label_prefix,
+            "chat_template": clf.use_chat,
+            "length_norm": opts.length_norm,
+            "calibration": calib,
+            "dtype": loaded.dtype,
+        }
+        writer = meta = None
+        if output is not None:
+            writer = dataio.ResultWriter(output, resume=resume, overwrite=overwrite, run_config=run_config)
+            meta = provenance("classify", loaded, run_config, {"options": opts.to_dict(),
+                                                                "input": str(input) if input else None,
+                                                                "argv": sys.argv[1:]})
+        with progress_bar("classify", len(preps)) as advance:
+            stats = run_job(preps, clf.score, opts.batch_size, writer, meta, advance)
+        metrics = evaluate(stats.records, opts.labels)
+        if writer is not None:
+            finish_meta(writer, meta, stats, {"metrics": metrics})
+        if as_json:
+            for rec in stats.records:
+                typer.echo(json.dumps(rec, ensure_ascii=False))
+        elif output is None:
+            _table(stats.records, opts.labels, None)
+        else:
+            _table(stats.records, opts.labels, show)
+        _summary(stats, metrics, output, loaded, calib, to_stderr=as_json)
+
+
+def _table(records: list[dict], labels: list[str], limit: int | None) -> None:
+    shown = records if limit is None else records[:limit]
+    if not shown:
+        return
+    t = Table(title=None if limit is None else f"first {len(shown)} of {len(records)} records")
+    t.add_column("id")
+    for lab in labels:
+        t.add_column(f"P({lab})", justify="right")
+    t.add_column("prediction")
+    if any("gold" in r for r in shown):
+        t.add_column("gold")
+    for r in shown:
+        row = [str(r["id"])] + [f"{r['probs'][lab]:.4f}" for lab in labels] + [r["prediction"]]
+        if "gold" in r:
+            mark = "" if r["prediction"] == str(r["gold"]) else " (x)"
+            row.append(f"{r['gold']}{mark}")
+        t.add_row(*row)
+    out.print(t)
+
+
+def _summary(stats, metrics, output, loaded, calib, to_stderr: bool) -> None:
+    con = err if to_stderr else out
+    p = loaded.facts.policy
+    per = f"{stats.seconds / stats.scored * 1000:.1f} ms/record" if stats.scored else "nothing new to score"
+    con.print(f"scored {stats.scored} record(s)" + (f", {stats.skipped} already done" if stats.skipped else "")
+              + f" in {stats.seconds:.2f}s ({per}) on {p['device']} in {p['dtype']}"
+              + (f", calibration: {calib['method']}" if calib.get("method") != "none" else ""), highlight=False)
+    if metrics and metrics.get("n"):
+        con.print(f"accuracy {metrics['accuracy']:.4f}  log-loss {metrics['log_loss']:.4f}  brier {metrics['brier']:.4f}  "
+                  f"ECE {metrics['ece']:.4f}  (n={metrics['n']})", highlight=False)
+        labels = list(metrics["confusion"])
+        t = Table(title="confusion (rows: gold, columns: predicted)")
+        t.add_column("gold")
+        for lab in labels:
+            t.add_column(lab, justify="right")
+        for g in labels:
+            t.add_row(g, *[str(metrics["confusion"][g][p]) for p in labels])
+        con.print(t)
+    if metrics and metrics.get("unknown_gold_labels"):
+        con.print(f"[yellow]warning:[/] {metrics['n_unknown_gold'] if 'n_unknown_gold' in metrics else ''} record(s) have gold labels "
+                  f"that are not candidates ({', '.join(metrics['unknown_gold_labels'])}); they are left out of the metrics.")
+    if output is not None:
+        con.print(f"wrote {output} and {output.name}.meta.json", highlight=False)

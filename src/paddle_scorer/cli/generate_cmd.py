@@ -1,0 +1,137 @@
+"""`paddle-scorer generate`: greedy or seeded sampled generation with per-step raw softmax top-k."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from paddle_scorer.cli.common import cli_errors, err, out
+from paddle_scorer.cli.options import load_options, loaded_from, progress_bar, scorer_defaults
+from paddle_scorer.errors import UsageError
+
+EXAMPLES = """
+Examples:
+
+  paddle-scorer generate --model checkpoints/demo-base --lora checkpoints/demo-lora \\
+      --prompt "what is the price of cabbage today?" --max-new-tokens 3 --top-k 5
+
+  paddle-scorer generate -m BASE -l ADAPTER --input data.jsonl --output traces.jsonl --sample --seed 1
+"""
+
+
+@dataclass
+class GenItem:
+    id: object
+    prompt: str
+    context: list[int]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate", help="Generate and record, per step, the raw softmax: chosen token, prob, entropy, top-k." + EXAMPLES)
+    @cli_errors
+    def generate(
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder."),
+        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder."),
+        prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable); filled into --template as {query}."),
+        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL file, one object per line."),
+        template: Optional[str] = typer.Option(None, "--template", "-t", help="Prompt template with {field} placeholders (default: scorer.json's)."),
+        raw: bool = typer.Option(False, "--raw", help="Use prompts as given: no template from scorer.json."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL traces here (+ .meta.json)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSONL traces to stdout."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --output."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output."),
+        max_new_tokens: int = typer.Option(20, "--max-new-tokens", "-n", help="Stop after this many tokens (or at EOS)."),
+        top_k: int = typer.Option(5, "--top-k", "-k", help="Top-k tokens recorded per step (raw softmax)."),
+        sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+        temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (recorded probabilities stay raw)."),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed (per record)."),
+        renormalize_top_k: bool = typer.Option(False, "--renormalize-top-k", help="Also record the OLD method's renormalised top-k, labelled as such."),
+        chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: on when present)."),
+        id_field: str = typer.Option("id", "--id-field"),
+        truncate: str = typer.Option("error", "--truncate", help="error | left."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N records."),
+        mode: str = typer.Option("attach", "--mode", help="attach | merge."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder."),
+    ):
+        from paddle_scorer import dataio
+        from paddle_scorer.generation import GenerateOptions, Generator
+        from paddle_scorer.prompts import apply_chat, encode, fill_template, has_chat_template
+        from paddle_scorer.runs import finish_meta, provenance, run_job
+
+        if (prompt is None) == (input is None):
+            raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; pick one.")
+        if truncate not in ("error", "left"):
+            raise UsageError("--truncate must be error or left.")
+        if output is not None and output.exists() and not (resume or overwrite):
+            raise UsageError(f"{output} already exists; pass --resume to continue it or --overwrite to start over.")
+        if template is None and not raw:
+            template = scorer_defaults(model, lora).get("template")
+        opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template, chat_template)
+        rows = dataio.read_jsonl(input, id_field) if input is not None else \
+            [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
+        if limit is not None:
+            rows = rows[:limit]
+        loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer))
+        gen = Generator(loaded, opts)
+        use_chat = has_chat_template(loaded.tokenizer) if chat_template is None else chat_template
+        if use_chat and not has_chat_template(loaded.tokenizer):
+            raise UsageError("--chat-template was asked for but the tokenizer has no chat template; drop the flag.")
+        items = []
+        for rid, rec, where in rows:
+            text = apply_chat(loaded.tokenizer, fill_template(template, rec, where), use_chat)
+            ids = encode(loaded.tokenizer, text, special=not use_chat)
+            if not ids:
+                raise UsageError(f"{where}: the prompt is empty after tokenization.")
+            limit_len = (gen.max_length or 10**9) - 1
+            if len(ids) > limit_len:
+                if truncate == "left":
+                    ids = ids[len(ids) - limit_len:]
+                else:
+                    raise UsageError(f"{where}: the prompt is {len(ids)} tokens, longer than the model's context of "
+                                     f"{gen.max_length}; shorten it or pass --truncate left.")
+            items.append(GenItem(rid, text, ids))
+        run_config = {"command": "generate", "model": loaded.facts.model_path,
+                      "adapter_sha256": loaded.facts.adapter_sha256, "options": opts.to_dict(),
+                      "chat_template": use_chat, "dtype": loaded.dtype}
+        writer = meta = None
+        if output is not None:
+            writer = dataio.ResultWriter(output, resume=resume, overwrite=overwrite, run_config=run_config)
+            meta = provenance("generate", loaded, run_config, {"input": str(input) if input else None, "argv": sys.argv[1:]})
+
+        def score_batch(batch):
+            return [gen.generate(it.id, it.prompt, it.context) for it in batch]
+
+        with progress_bar("generate", len(items)) as advance:
+            stats = run_job(items, score_batch, 1, writer, meta, advance)
+        if writer is not None:
+            finish_meta(writer, meta, stats, {})
+        if as_json:
+            for rec in stats.records:
+                typer.echo(json.dumps(rec, ensure_ascii=False))
+        else:
+            for rec in stats.records[: (None if output is None else 3)]:
+                _show(rec)
+        con = err if as_json else out
+        con.print(f"generated for {stats.scored} record(s) in {stats.seconds:.2f}s on {loaded.device} in {loaded.dtype}"
+                  + (f"; wrote {output}" if output else ""), highlight=False)
+
+
+def _show(rec: dict) -> None:
+    out.print(f"[bold]{rec['id']}[/]: {rec['text']!r} ({rec['finish_reason']})", highlight=False)
+    t = Table()
+    for col in ("step", "token", "prob", "logprob", "entropy", "top"):
+        t.add_column(col)
+    for i, s in enumerate(rec["steps"]):
+        top = "  ".join(f"{x['token']!r} {x['prob']:.3f}" for x in s["top"][:5])
+        t.add_row(str(i), repr(s["token"]), f"{s['prob']:.4f}", f"{s['logprob']:.3f}", f"{s['entropy']:.3f}", top)
+    out.print(t)

@@ -1,0 +1,120 @@
+"""Per-step raw softmax traces of greedy (or seeded sampled) generation.
+
+At every step we record the chosen token, its probability under the model's *raw* softmax (no
+temperature, no top-k renormalisation), its log-prob, the entropy of the full distribution and the
+top-k tokens. ``renormalize_top_k`` reproduces the old method (top-k renormalised) in a clearly
+labelled extra field, for comparison only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from paddle_scorer.backend import Backend
+from paddle_scorer.errors import UsageError
+from paddle_scorer.scoring import ScoringError
+
+
+@dataclass
+class GenerateOptions:
+    max_new_tokens: int = 20
+    top_k: int = 5
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    renormalize_top_k: bool = False
+    template: str | None = None
+    chat_template: bool | None = None
+    stop_at_eos: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def entropy(logprobs: np.ndarray) -> float:
+    lp = logprobs.astype(np.float64)
+    p = np.exp(lp)
+    return float(-(p * np.where(p > 0, lp, 0.0)).sum())
+
+
+class Generator:
+    def __init__(self, loaded, options: GenerateOptions):
+        if options.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be at least 1.")
+        if options.top_k < 0:
+            raise UsageError("--top-k must be 0 or more.")
+        if options.sample and options.temperature <= 0:
+            raise UsageError("--temperature must be positive when sampling.")
+        self.loaded = loaded
+        self.tok = loaded.tokenizer
+        self.opts = options
+        self.backend = Backend(loaded.model, pad_id=getattr(self.tok, "pad_token_id", None) or 0)
+        eos = getattr(self.tok, "eos_token_id", None)
+        cfg_eos = getattr(loaded.config, "eos_token_id", None)
+        ids = set()
+        for e in (eos, cfg_eos):
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(x) for x in e)
+        self.eos_ids = ids
+        self.max_length = getattr(loaded.config, "max_position_embeddings", None)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def _step_record(self, lp: np.ndarray, chosen: int) -> dict:
+        k = min(self.opts.top_k, lp.shape[0])
+        top_idx = np.argsort(-lp, kind="stable")[:k] if k else np.array([], dtype=np.int64)
+        rec = {
+            "token": self._piece(chosen),
+            "token_id": int(chosen),
+            "prob": float(np.exp(np.float64(lp[chosen]))),
+            "logprob": float(lp[chosen]),
+            "entropy": entropy(lp),
+            "top": [{"token": self._piece(i), "token_id": int(i), "prob": float(np.exp(np.float64(lp[i]))),
+                     "logprob": float(lp[i])} for i in top_idx],
+        }
+        if self.opts.renormalize_top_k and k:
+            p = np.exp(lp[top_idx].astype(np.float64))
+            rec["old_method_renormalized_top_k"] = {
+                "note": "top-k probabilities renormalised to sum to 1 (the old method): NOT the model's probabilities",
+                "probs": [float(x) for x in p / p.sum()],
+                "chosen_prob": float(p[list(top_idx).index(chosen)] / p.sum()) if chosen in top_idx else 0.0,
+            }
+        return rec
+
+    def generate(self, rid, prompt: str, prompt_ids: list[int]) -> dict:
+        rng = np.random.default_rng(self.opts.seed)
+        lp, state = self.backend.start(prompt_ids)
+        steps, out_ids = [], []
+        for i in range(self.opts.max_new_tokens):
+            if not np.isfinite(lp).all():
+                raise ScoringError(f"record {rid!r}: non-finite probabilities at step {i}; nothing was written for it.")
+            if self.opts.sample:
+                z = lp.astype(np.float64) / self.opts.temperature
+                p = np.exp(z - z.max())
+                chosen = int(rng.choice(len(p), p=p / p.sum()))
+            else:
+                chosen = int(np.argmax(lp))
+            steps.append(self._step_record(lp, chosen))
+            out_ids.append(chosen)
+            if self.opts.stop_at_eos and chosen in self.eos_ids:
+                break
+            if i + 1 == self.opts.max_new_tokens:
+                break
+            if self.max_length and len(prompt_ids) + len(out_ids) >= self.max_length:
+                break
+            lp, state = self.backend.step(chosen, state)
+        text_ids = [t for t in out_ids if t not in self.eos_ids]
+        return {
+            "id": rid,
+            "text": self.tok.decode(text_ids, skip_special_tokens=True),
+            "prompt": prompt,
+            "prompt_token_ids": list(prompt_ids),
+            "generated_token_ids": out_ids,
+            "finish_reason": "eos" if out_ids and out_ids[-1] in self.eos_ids else "length",
+            "steps": steps,
+        }

@@ -1,0 +1,252 @@
+"""Exact label probabilities: log P(label | prompt) by teacher forcing, normalised over the labels.
+
+``Classifier(loaded, options)`` turns records into output dicts. Everything that can be wrong with
+the input (template fields, labels, lengths) is checked in :meth:`Classifier.prepare`, before any
+forward pass, so bad input never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from paddle_scorer.backend import Backend
+from paddle_scorer.errors import ScorerError, UsageError
+from paddle_scorer.prompts import apply_chat, encode_pair, fill_template, has_chat_template, resolve_prefix, template_fields
+
+LENGTH_NORMS = ("none", "per-token")
+CALIBRATIONS = ("none", "contextual", "pmi")
+DEFAULT_CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+class ScoringError(ScorerError):
+    """A record could not be scored honestly (non-finite probabilities)."""
+
+
+@dataclass
+class ClassifyOptions:
+    labels: list[str]
+    template: str | None = None
+    label_prefix: str = " "
+    chat_template: bool | None = None  # None: on when the tokenizer has one
+    length_norm: str = "none"
+    calibration: str = "none"
+    content_free: list[str] = field(default_factory=lambda: list(DEFAULT_CONTENT_FREE))
+    pmi_domain: str | None = None
+    batch_size: int = 8
+    max_length: int | None = None
+    truncate: str = "error"  # error | left
+    gold_field: str = "label"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """One record, ready for the model: its prompt ids and, per label, the label ids."""
+
+    id: object
+    prompt: str
+    context: list[int]
+    label_ids: list[list[int]]
+    gold: object = None
+    truncated: int = 0
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - np.max(x)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+class Classifier:
+    def __init__(self, loaded, options: ClassifyOptions):
+        if options.length_norm not in LENGTH_NORMS:
+            raise UsageError(f"--length-norm {options.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
+        if options.calibration not in CALIBRATIONS:
+            raise UsageError(f"--calibration {options.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
+        if options.truncate not in ("error", "left"):
+            raise UsageError(f"--truncate {options.truncate!r} must be error or left.")
+        if options.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1.")
+        self.loaded = loaded
+        self.tok = loaded.tokenizer
+        self.opts = options
+        has_chat = has_chat_template(self.tok)
+        if options.chat_template and not has_chat:
+            raise UsageError("--chat-template was asked for but the tokenizer has no chat template; drop the flag.")
+        self.use_chat = has_chat if options.chat_template is None else options.chat_template
+        self.special = not self.use_chat  # a chat template writes its own special tokens
+        cfg = loaded.config
+        self.max_length = options.max_length or getattr(cfg, "max_position_embeddings", None)
+        self.backend = Backend(loaded.model, pad_id=self._pad_id())
+        self.calibration_info: dict = {"method": options.calibration}
+        self._cf_probs: np.ndarray | None = None
+        self._domain_lp: np.ndarray | None = None
+
+    def _pad_id(self) -> int:
+        pid = getattr(self.tok, "pad_token_id", None)
+        return int(pid) if pid is not None else 0
+
+    # ------------------------------------------------------------------ preparation (no model)
+
+    def prompt_text(self, record: dict, where: str) -> str:
+        return apply_chat(self.tok, fill_template(self.opts.template, record, where), self.use_chat)
+
+    def encode(self, prompt: str, where: str, rid=None, gold=None) -> Prepared:
+        contexts, label_ids = [], []
+        for label in self.opts.labels:
+            pair = encode_pair(self.tok, prompt, resolve_prefix(self.opts.label_prefix, prompt) + label, self.special)
+            if not pair.continuation:
+                raise UsageError(f"label {label!r} tokenizes to nothing after this prompt ({where}); choose another label text.")
+            contexts.append(pair.context)
+            label_ids.append(pair.continuation)
+        context = contexts[0]
+        if any(c != context for c in contexts):
+            # A label's first characters merged with the prompt's last token: keep the honest split
+            # by scoring from the shortest common context and moving the rest into the label.
+            n = min(len(c) for c in contexts)
+            while any(c[:n] != context[:n] for c in contexts):
+                n -= 1
+            label_ids = [c[n:] + lab for c, lab in zip(contexts, label_ids)]
+            context = context[:n]
+        if not context:
+            raise UsageError(f"{where}: the prompt is empty after tokenization; give some text to score.")
+        truncated = 0
+        longest = len(context) + max(len(x) for x in label_ids) - 1
+        if self.max_length and longest > self.max_length:
+            if self.opts.truncate == "left":
+                truncated = longest - self.max_length
+                if truncated >= len(context):
+                    raise UsageError(f"{where}: the labels alone exceed the model's context of {self.max_length} tokens.")
+                context = context[truncated:]
+            else:
+                raise UsageError(
+                    f"{where}: prompt + label is {longest} tokens, longer than the model's context of "
+                    f"{self.max_length}; shorten it or pass --truncate left to drop tokens from the start."
+                )
+        return Prepared(rid, prompt, context, label_ids, gold, truncated)
+
+    def prepare(self, record: dict, rid, where: str) -> Prepared:
+        gold = record.get(self.opts.gold_field)
+        return self.encode(self.prompt_text(record, where), where, rid, gold)
+
+    # ------------------------------------------------------------------ calibration
+
+    def calibrate(self) -> dict:
+        """Compute what the chosen calibration needs (once, before the data). Returns its record."""
+        method = self.opts.calibration
+        if method == "contextual":
+            fields = template_fields(self.opts.template) if self.opts.template else ["query"]
+            preps = []
+            for cf in self.opts.content_free:
+                record = {f: cf for f in fields}
+                preps.append(self.encode(apply_chat(self.tok, fill_template(self.opts.template, record, "content-free input"), self.use_chat),
+                                         f"content-free input {cf!r}"))
+            raw = [self._label_scores(r) for r in self._score_prepared(preps)]
+            probs = np.mean([softmax(s) for s in raw], axis=0)
+            self._cf_probs = probs
+            self.calibration_info = {"method": method, "content_free": list(self.opts.content_free),
+                                     "content_free_probs": dict(zip(self.opts.labels, map(float, probs)))}
+        elif method == "pmi":
+            domain = self.opts.pmi_domain if self.opts.pmi_domain is not None else self.default_domain()
+            if not domain:
+                raise UsageError("--calibration pmi needs a domain premise (the text just before the answer); pass --pmi-domain TEXT.")
+            prep = self.encode(domain, "the PMI domain premise")
+            lp = np.array([s.logprob for s in self._score_prepared([prep])[0][1]])
+            self._domain_lp = lp
+            self.calibration_info = {"method": method, "domain_premise": domain,
+                                     "domain_logprobs": dict(zip(self.opts.labels, map(float, lp)))}
+        return self.calibration_info
+
+    def default_domain(self) -> str | None:
+        """Holtzman et al.'s domain premise: the template text after its last placeholder."""
+        t = self.opts.template
+        if not t or "}" not in t:
+            return None
+        tail = t[t.rfind("}") + 1:]
+        return tail.strip() and tail.lstrip()
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score_prepared(self, preps: list[Prepared]):
+        """Run the backend over prepared records, batched by length; results in input order."""
+        out: list = [None] * len(preps)
+        order = sorted(range(len(preps)), key=lambda i: len(preps[i].context), reverse=True)
+        bs = self.opts.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            first, res = self.backend.score([preps[i].context for i in idx], [preps[i].label_ids for i in idx])
+            for k, i in enumerate(idx):
+                out[i] = (first[k], res[k])
+        return out
+
+    def _label_scores(self, result) -> np.ndarray:
+        _, conts = result
+        lp = np.array([c.logprob for c in conts], dtype=np.float64)
+        if self.opts.length_norm == "per-token":
+            lp = lp / np.array([len(c.token_logprobs) for c in conts])
+        return lp
+
+    def score(self, preps: list[Prepared]) -> list[dict]:
+        """Output records for prepared inputs, in the given order."""
+        records = []
+        for prep, result in zip(preps, self._score_prepared(preps), strict=True):
+            records.append(self._record(prep, result))
+        return records
+
+    def _record(self, prep: Prepared, result) -> dict:
+        _, conts = result
+        labels = self.opts.labels
+        raw_lp = np.array([c.logprob for c in conts], dtype=np.float64)
+        if not np.isfinite(raw_lp).all():
+            bad = [lab for lab, v in zip(labels, raw_lp) if not np.isfinite(v)]
+            raise ScoringError(
+                f"record {prep.id!r}: the model gave non-finite log-probabilities for {', '.join(bad)}; it was not "
+                "written (a NaN is never a score): check the weights with `paddle-scorer smoke`."
+            )
+        scores = self._label_scores(result)
+        raw_probs = softmax(scores)
+        if self.opts.calibration == "contextual":
+            probs = raw_probs / self._cf_probs
+            probs = probs / probs.sum()
+        elif self.opts.calibration == "pmi":
+            probs = softmax(scores - self._domain_lp_normed())
+        else:
+            probs = raw_probs
+        pred = labels[int(np.argmax(probs))]
+        rec = {
+            "id": prep.id,
+            "prediction": pred,
+            "probs": {lab: float(p) for lab, p in zip(labels, probs)},
+            "logprobs": {lab: float(v) for lab, v in zip(labels, raw_lp)},
+            "label_token_ids": {lab: ids for lab, ids in zip(labels, prep.label_ids)},
+            "label_num_tokens": {lab: len(ids) for lab, ids in zip(labels, prep.label_ids)},
+            "is_greedy": {lab: bool(c.greedy) for lab, c in zip(labels, conts)},
+            "prompt_token_ids": prep.context,
+        }
+        if self.opts.calibration != "none":
+            rec["uncalibrated_probs"] = {lab: float(p) for lab, p in zip(labels, raw_probs)}
+        if prep.gold is not None:
+            rec["gold"] = prep.gold
+        if prep.truncated:
+            rec["truncated_tokens"] = prep.truncated
+        return rec
+
+    def _domain_lp_normed(self) -> np.ndarray:
+        lp = self._domain_lp
+        if self.opts.length_norm == "per-token":
+            # same per-token normalisation as the scores it is subtracted from
+            lp = lp / np.array([len(x) for x in self._last_label_lengths()])
+        return lp
+
+    def _last_label_lengths(self):
+        prep = self.encode(self.opts.pmi_domain or self.default_domain() or "", "domain")
+        return prep.label_ids
+
+
+def probs_sum_to_one(rec: dict) -> bool:
+    return math.isclose(sum(rec["probs"].values()), 1.0, rel_tol=0, abs_tol=1e-6)
