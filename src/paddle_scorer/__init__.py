@@ -13,7 +13,29 @@ from paddle_scorer.errors import (  # noqa: E402
     WeightMismatchError,
 )
 
-__all__ = [
+# Heavy parts are imported on first use so `paddle-scorer --help` and `inspect` never import paddle.
+_LAZY = {
+    "load": "paddle_scorer.loader",
+    "Loaded": "paddle_scorer.loader",
+    "describe": "paddle_scorer.checkpoint",
+    "Classifier": "paddle_scorer.scoring",
+    "ClassifyOptions": "paddle_scorer.scoring",
+    "Generator": "paddle_scorer.generation",
+    "GenerateOptions": "paddle_scorer.generation",
+    "Backend": "paddle_scorer.backend",
+    "evaluate": "paddle_scorer.metrics",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'paddle_scorer' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY,
     "__version__",
     "ScorerError",
     "UsageError",

@@ -49,14 +49,17 @@ def normalise_dtype(name: str) -> str:
     return key
 
 
-def resolve_device(request: str, gpu: GpuInfo) -> str:
+def resolve_device(request: str, gpu: GpuInfo, selected: int | None = None) -> str:
+    """``selected``: the GPU ``paddle.distributed.launch`` gave this worker (FLAGS_selected_gpus)."""
     req = request.strip().lower()
     if req == "auto":
-        return "gpu:0" if gpu.compiled_with_cuda and gpu.device_count > 0 else "cpu"
+        if gpu.compiled_with_cuda and gpu.device_count > 0:
+            return f"gpu:{selected or 0}"
+        return "cpu"
     if req == "cpu":
         return "cpu"
     if req.startswith("gpu"):
-        index = 0
+        index = selected if selected is not None else 0
         if ":" in req:
             try:
                 index = int(req.split(":", 1)[1])

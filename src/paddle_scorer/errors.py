@@ -56,3 +56,9 @@ class DtypeError(ScorerError):
     """The requested compute dtype cannot run on the chosen device."""
 
     exit_code = 2
+
+
+class IncompleteRunError(ScorerError):
+    """A sharded run has workers that have not finished."""
+
+    exit_code = 5

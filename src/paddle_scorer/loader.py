@@ -31,7 +31,7 @@ from paddle_scorer import checkpoint as ckpt
 from paddle_scorer.dtype_policy import GpuInfo, Policy, normalise_dtype, probe_gpu, resolve_device, resolve_policy
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
 from paddle_scorer.lora import LoraSettings, lora_delta, read_lora_config
-from paddle_scorer.weights import BFLOAT16, dtype_name, read_files
+from paddle_scorer.weights import BFLOAT16, dtype_name, iter_tensors, read_files, read_files_meta
 
 MODES = ("attach", "merge")
 
@@ -239,8 +239,12 @@ def nonfinite(tensors: dict[str, np.ndarray]) -> list[str]:
     return bad
 
 
-def read_weights(ws: ckpt.WeightSet, what: str, where: str) -> dict[str, np.ndarray]:
-    tensors = read_files([Path(f) for f in ws.files])
+def read_weights(ws: ckpt.WeightSet, what: str, where: str, keep=None) -> dict[str, np.ndarray]:
+    """All tensors, or (``keep``: a name predicate) only those, from only the shards that hold them."""
+    if keep is None:
+        tensors = read_files([Path(f) for f in ws.files])
+    else:
+        tensors = {n: a for n, a in iter_tensors(_shards_holding(ws, keep)) if keep(n)}
     bad = nonfinite(tensors)
     if bad:
         raise WeightMismatchError(
@@ -248,6 +252,27 @@ def read_weights(ws: ckpt.WeightSet, what: str, where: str) -> dict[str, np.ndar
             "Re-export the checkpoint from a healthy training step.",
         )
     return tensors
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def first_layers(layers: int):
+    """Name predicate for a partial load: everything except decoder layers ``>= layers``."""
+
+    def keep(name: str) -> bool:
+        m = _LAYER_KEY.search(name)
+        return m is None or int(m.group(1)) < layers
+
+    return keep
+
+
+def _shards_holding(ws: ckpt.WeightSet, keep) -> list[Path]:
+    if ws.index is None:
+        return [Path(f) for f in ws.files]
+    weight_map = ckpt.read_json(Path(ws.index)).get("weight_map", {})
+    wanted = {name for key, name in weight_map.items() if keep(key)}
+    return [Path(f) for f in ws.files if Path(f).name in wanted]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,13 +395,15 @@ def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, n
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(model_dir: Path, state: dict[str, np.ndarray], dtype: str):
+def build_model(model_dir: Path, state: dict[str, np.ndarray], dtype: str, num_layers: int | None = None):
     """Build from config and set every parameter from ``state``; refuse missing/unexpected/mis-shaped."""
     _paddle()
     from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir))
     config.dtype = dtype
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers  # partial load: only the first decoder layers
     # Built normally (Qwen2's weight init fails under paddle.LazyGuard); every parameter is then
     # overwritten from the checkpoint, and any that would keep its random init is refused below.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -494,7 +521,10 @@ def plan_policy(device: str, dtype: str, stored: str, config_dtype: str | None, 
     dtype = normalise_dtype(dtype)
     if gpu is None:
         gpu = GpuInfo(False, 0) if device == "cpu" else probe_gpu()
-    return resolve_policy(resolve_device(device, gpu), dtype, stored, gpu, config_dtype)
+    from paddle_scorer.sharding import worker_from_env
+
+    selected = worker_from_env().selected_gpu
+    return resolve_policy(resolve_device(device, gpu, selected), dtype, stored, gpu, config_dtype)
 
 
 def load(
@@ -506,8 +536,15 @@ def load(
     mode: str = "attach",
     tokenizer: str | Path | None = None,
     memory_limit: int | None = None,
+    layers: int | None = None,
 ) -> Loaded:
-    """Load a model (and adapter) for scoring. See the module docstring for the steps."""
+    """Load a model (and adapter) for scoring. See the module docstring for the steps.
+
+    ``layers``: build the model with only its first N decoder layers (plus embeddings, final norm and
+    LM head) and read only those tensors: a pipeline check for models that do not fit in RAM
+    (``paddle-scorer smoke``), never a quality check. The adapter is validated in full, attached for
+    those layers only.
+    """
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
     model_dir, lora_dir = resolve_paths(model, lora)
@@ -523,26 +560,43 @@ def load(
 
     stored = dominant_dtype(info.weights.dtypes)
     policy = plan_policy(device, dtype, stored, info.config_dtype, gpu)
-    check_memory(info.weights.num_params, policy.dtype, policy.device, memory_limit)
+    keep = metas = None
+    num_params = info.weights.num_params
+    if layers is not None:
+        total = info.config.get("num_hidden_layers")
+        if not isinstance(total, int) or not 1 <= layers <= total:
+            raise UsageError(f"layers={layers} is not between 1 and the model's num_hidden_layers ({total}).")
+        keep = first_layers(layers)
+        metas = read_files_meta([Path(f) for f in info.weights.files])
+        num_params = sum(m.numel for k, m in metas.items() if keep(k))
+    check_memory(num_params, policy.dtype, policy.device, memory_limit)
 
     pd = _paddle()
     pd.set_device(policy.device)
 
-    state = read_weights(info.weights, "model", str(model_dir))
+    state = read_weights(info.weights, "model", str(model_dir), keep=keep)
     for k in list(state):
         state[k] = to_dtype(state[k], policy.dtype)
     notes = []
     sha = mapping_note = None
     if lora_dir is not None:
         adapter = read_weights(lora_info.adapter_weights, "adapter", str(lora_dir))
-        base_shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if metas is None:
+            base_shapes = {k: tuple(v.shape) for k, v in state.items()}
+        else:
+            base_shapes = {k: tuple(m.shape) for k, m in metas.items()}  # the whole adapter is validated
         pairs, mapping_note = validate_adapter(adapter, base_shapes, settings, str(lora_dir))
+        if keep is not None:
+            pairs = {m: ab for m, ab in pairs.items() if keep(m + ".weight")}
         if mapping_note:
             notes.append(mapping_note)
         sha = adapter_sha256(lora_info)
         if mode == "merge":
             merge_lora(state, pairs, settings.scaling, str(lora_dir), out_dtype=policy.dtype)
-    net, config = build_model(model_dir, state, policy.dtype)
+    if layers is not None:
+        notes.append(f"partial load: embeddings, decoder layers 0-{layers - 1} of {info.config['num_hidden_layers']}, "
+                     "final norm and LM head (a pipeline check, not a quality check)")
+    net, config = build_model(model_dir, state, policy.dtype, num_layers=layers)
     if lora_dir is not None and mode == "attach":
         net = attach_lora(net, pairs, settings, policy.dtype, str(lora_dir))
     tok = load_tokenizer(tok_dir, getattr(config, "vocab_size", None))

@@ -107,3 +107,66 @@ def _k(rid):
 
 def output_path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+@dataclass
+class Outcome:
+    stats: RunStats
+    records: list[dict]  # all records (single run or assembled), else this worker's part
+    worker: object
+    assembled: bool = False
+    final_meta: dict | None = None
+    part: Path | None = None
+
+
+def execute(
+    command: str,
+    items: list,
+    score_batch: Callable[[list], list[dict]],
+    batch_size: int,
+    *,
+    output: Path | None,
+    resume: bool,
+    overwrite: bool,
+    run_config: dict,
+    loaded,
+    meta_extra: dict,
+    advance: Callable[[int], None] | None = None,
+    metrics_fn: Callable[[list[dict], list[str]], dict | None] | None = None,
+) -> Outcome:
+    """One scoring job, single-process or as one worker of ``paddle.distributed.launch``."""
+    import socket
+
+    from paddle_scorer.errors import UsageError
+    from paddle_scorer.sharding import check_no_foreign_parts, gather, part_path, shard, worker_from_env
+
+    worker = worker_from_env()
+    labels = run_config.get("labels")
+    if not worker.distributed:
+        writer = meta = None
+        if output is not None:
+            writer = ResultWriter(output, resume=resume, overwrite=overwrite, run_config=run_config)
+            meta = provenance(command, loaded, run_config, {**meta_extra, "world_size": 1})
+        stats = run_job(items, score_batch, batch_size, writer, meta, advance)
+        if writer is not None:
+            finish_meta(writer, meta, stats, {"metrics": metrics_fn(stats.records, labels) if metrics_fn and labels else None})
+        return Outcome(stats, stats.records, worker, final_meta=meta)
+
+    if output is None:
+        raise UsageError("under paddle.distributed.launch each worker writes a part file: pass --output out.jsonl.")
+    check_no_foreign_parts(output, worker, overwrite)
+    part = part_path(output, worker)
+    writer = ResultWriter(part, resume=resume, overwrite=overwrite, run_config=run_config)
+    mine = shard(items, worker)
+    meta = provenance(command, loaded, run_config, {
+        **meta_extra, "world_size": worker.world,
+        "worker": {"rank": worker.rank, "world": worker.world, "local_rank": worker.local_rank,
+                   "host": socket.gethostname(), "records": len(mine)},
+    })
+    stats = run_job(mine, score_batch, batch_size, writer, meta, advance)
+    finish_meta(writer, meta, stats, {})
+    final = gather(output, metrics_fn)
+    if final is not None:
+        records = final.pop("_records")
+        return Outcome(stats, records, worker, assembled=True, final_meta=final, part=part)
+    return Outcome(stats, stats.records, worker, part=part)

@@ -35,10 +35,28 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def local_workers() -> int:
-    """Workers started on this host by ``paddle.distributed.launch`` (1 outside the launcher)."""
+def thread_count(environ, cores: int | None = None) -> int | None:
+    """Threads to set, or None to leave the user's setting alone.
+
+    ``PADDLE_SCORER_THREADS`` wins. Otherwise: the usable cores divided between the launcher's
+    workers on this host. ``paddle.distributed.launch`` imports paddle, which sets
+    ``OMP_NUM_THREADS=1`` when unset, and workers inherit that 1: under the launcher a 1 is
+    treated as unset.
+    """
+    cores = usable_cores() if cores is None else cores
+    explicit = environ.get("PADDLE_SCORER_THREADS")
+    if explicit and explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    current = environ.get("OMP_NUM_THREADS")
+    under_launcher = "PADDLE_LOCAL_SIZE" in environ or "PADDLE_TRAINERS_NUM" in environ
+    if current is None or (under_launcher and current == "1"):
+        return max(1, cores // local_workers_from(environ))
+    return None
+
+
+def local_workers_from(environ) -> int:
     for var in ("PADDLE_LOCAL_SIZE", "PADDLE_TRAINERS_NUM"):
-        v = os.environ.get(var)
+        v = environ.get(var)
         if v and v.isdigit() and int(v) > 0:
             return int(v)
     return 1
@@ -50,8 +68,8 @@ def configure_env(environ=os.environ) -> dict[str, str]:
     if "MKL_DEBUG_CPU_TYPE" not in environ and cpu_vendor() == "AuthenticAMD":
         environ["MKL_DEBUG_CPU_TYPE"] = "5"
         done["MKL_DEBUG_CPU_TYPE"] = "5"
-    if "OMP_NUM_THREADS" not in environ:
-        threads = max(1, usable_cores() // local_workers())
+    threads = thread_count(environ)
+    if threads is not None:
         environ["OMP_NUM_THREADS"] = str(threads)
         done["OMP_NUM_THREADS"] = str(threads)
     # Never reach for a model hub: everything is local.
@@ -75,7 +93,13 @@ def paddle():
         _SET_BY_US.update(configure_env())
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import paddle as _paddle  # noqa: PLC0415
+    import contextlib
+    import io
+
+    # paddle prints "WARNING: OMP_NUM_THREADS set to N ... PLEASE USE OMP_NUM_THREADS WISELY" on
+    # import whenever threads > 1 (a data-parallel *training* warning); we set it on purpose.
+    with contextlib.redirect_stderr(io.StringIO()):
+        import paddle as _paddle  # noqa: PLC0415
 
     try:
         from paddlenlp.utils.log import logger  # noqa: PLC0415

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from paddle_scorer import dataio
         from paddle_scorer.metrics import evaluate
         from paddle_scorer.prompts import parse_labels
-        from paddle_scorer.runs import finish_meta, provenance, run_job
+        from paddle_scorer.runs import execute
         from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
 
         if (prompt is None) == (input is None):
@@ -114,17 +114,19 @@ def register(app: typer.Typer) -> None:
             "calibration": calib,
             "dtype": loaded.dtype,
         }
-        writer = meta = None
-        if output is not None:
-            writer = dataio.ResultWriter(output, resume=resume, overwrite=overwrite, run_config=run_config)
-            meta = provenance("classify", loaded, run_config, {"options": opts.to_dict(),
-                                                                "input": str(input) if input else None,
-                                                                "argv": sys.argv[1:]})
         with progress_bar("classify", len(preps)) as advance:
-            stats = run_job(preps, clf.score, opts.batch_size, writer, meta, advance)
-        metrics = evaluate(stats.records, opts.labels)
-        if writer is not None:
-            finish_meta(writer, meta, stats, {"metrics": metrics})
+            outcome = execute("classify", preps, clf.score, opts.batch_size, output=output, resume=resume,
+                              overwrite=overwrite, run_config=run_config, loaded=loaded, advance=advance,
+                              meta_extra={"options": opts.to_dict(), "input": str(input) if input else None,
+                                          "argv": sys.argv[1:]},
+                              metrics_fn=evaluate)
+        stats = outcome.stats
+        stats.records = outcome.records
+        if outcome.worker.distributed and not outcome.assembled:
+            err.print(f"worker {outcome.worker.rank}/{outcome.worker.world}: wrote {outcome.part}; "
+                      f"{output} is assembled by the last worker to finish (or `paddle-scorer gather {output}`).",
+                      highlight=False)
+        metrics = evaluate(stats.records, opts.labels) if (outcome.assembled or not outcome.worker.distributed) else None
         if as_json:
             for rec in stats.records:
                 typer.echo(json.dumps(rec, ensure_ascii=False))
@@ -132,7 +134,8 @@ def register(app: typer.Typer) -> None:
             _table(stats.records, opts.labels, None)
         else:
             _table(stats.records, opts.labels, show)
-        _summary(stats, metrics, output, loaded, calib, to_stderr=as_json)
+        written = outcome.part if (outcome.worker.distributed and not outcome.assembled) else output
+        _summary(stats, metrics, written, loaded, calib, to_stderr=as_json)
 
 
 def _table(records: list[dict], labels: list[str], limit: int | None) -> None:

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         from paddle_scorer import dataio
         from paddle_scorer.generation import GenerateOptions, Generator
         from paddle_scorer.prompts import apply_chat, encode, fill_template, has_chat_template
-        from paddle_scorer.runs import finish_meta, provenance, run_job
+        from paddle_scorer.runs import execute
 
         if (prompt is None) == (input is None):
             raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
@@ -103,18 +103,15 @@ def register(app: typer.Typer) -> None:
         run_config = {"command": "generate", "model": loaded.facts.model_path,
                       "adapter_sha256": loaded.facts.adapter_sha256, "options": opts.to_dict(),
                       "chat_template": use_chat, "dtype": loaded.dtype}
-        writer = meta = None
-        if output is not None:
-            writer = dataio.ResultWriter(output, resume=resume, overwrite=overwrite, run_config=run_config)
-            meta = provenance("generate", loaded, run_config, {"input": str(input) if input else None, "argv": sys.argv[1:]})
-
         def score_batch(batch):
             return [gen.generate(it.id, it.prompt, it.context) for it in batch]
 
         with progress_bar("generate", len(items)) as advance:
-            stats = run_job(items, score_batch, 1, writer, meta, advance)
-        if writer is not None:
-            finish_meta(writer, meta, stats, {})
+            outcome = execute("generate", items, score_batch, 1, output=output, resume=resume, overwrite=overwrite,
+                              run_config=run_config, loaded=loaded, advance=advance,
+                              meta_extra={"input": str(input) if input else None, "argv": sys.argv[1:]})
+        stats = outcome.stats
+        stats.records = outcome.records
         if as_json:
             for rec in stats.records:
                 typer.echo(json.dumps(rec, ensure_ascii=False))

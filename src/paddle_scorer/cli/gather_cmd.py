@@ -1,0 +1,45 @@
+"""`paddle-scorer gather OUTPUT`: assemble a sharded run's part files into OUTPUT, in input order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from paddle_scorer.cli.common import cli_errors, out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("gather")
+    @cli_errors
+    def gather_cmd(
+        output: Path = typer.Argument(..., help="The --output the workers were given (e.g. out.jsonl)."),
+    ):
+        """Assemble OUTPUT from the part files of a `paddle.distributed.launch` run (the last worker to
+        finish does this itself; use this after a partial rerun or to check progress).
+
+        Example: paddle-scorer gather out/scores.jsonl
+        """
+        from paddle_scorer.errors import IncompleteRunError
+        from paddle_scorer.metrics import evaluate
+        from paddle_scorer.sharding import gather, part_status
+
+        world, status = part_status(output)
+        meta = gather(output, evaluate)
+        t = Table(title=f"{output}: {world} worker(s)")
+        for col in ("rank", "state", "records", "seconds"):
+            t.add_column(col)
+        for s in status:
+            m = s.get("meta") or {}
+            counts = m.get("counts") or {}
+            t.add_row(str(s["rank"]), s["state"], str(counts.get("scored_this_run", counts.get("total", "-"))),
+                      str(m.get("seconds", "-")))
+        out.print(t)
+        if meta is None:
+            missing = [str(s["rank"]) for s in status if s["state"] != "complete"]
+            raise IncompleteRunError(
+                f"ranks {', '.join(missing)} have not finished; rerun the same launch command with --resume "
+                "(finished workers skip their done records)."
+            )
+        out.print(f"assembled {output}: {meta['counts']['total']} records from {world} part(s)", highlight=False)

@@ -1,0 +1,193 @@
+"""Data-parallel scoring under ``python -m paddle.distributed.launch``.
+
+Each worker reads its rank and world size from the launcher's environment, scores the records
+``i`` with ``i % world == rank`` (a disjoint, deterministic, length-balanced shard), and writes its
+own part file ``<output>.parts/part-<rank>-of-<world>.jsonl`` (flushed per batch, resumable exactly
+like a single run). No collective is needed for the scores: when a worker finishes and finds every
+part complete, it assembles ``<output>`` in input order (part ``r``'s ``j``-th record is input
+record ``j * world + r``). ``paddle-scorer gather <output>`` does the same by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from paddle_scorer.dataio import meta_path, write_json_atomic
+from paddle_scorer.errors import UsageError
+
+_PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    selected_gpu: int | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _int(env, *names, default=None):
+    for n in names:
+        v = env.get(n)
+        if v is not None and str(v).strip().lstrip("-").isdigit():
+            return int(v)
+    return default
+
+
+def worker_from_env(env=None) -> Worker:
+    env = os.environ if env is None else env
+    world = _int(env, "PADDLE_TRAINERS_NUM", "PADDLE_GLOBAL_SIZE", default=1)
+    rank = _int(env, "PADDLE_TRAINER_ID", "PADDLE_GLOBAL_RANK", default=0)
+    local_rank = _int(env, "PADDLE_LOCAL_RANK", "PADDLE_RANK_IN_NODE", default=0)
+    local_size = _int(env, "PADDLE_LOCAL_SIZE", default=1)
+    gpus = env.get("FLAGS_selected_gpus")
+    selected = int(gpus.split(",")[0]) if gpus and gpus.split(",")[0].isdigit() else None
+    if not (0 <= rank < world):
+        raise UsageError(f"launcher environment says rank {rank} of {world} workers; that is inconsistent.")
+    return Worker(rank, world, local_rank, local_size, selected)
+
+
+def shard(items: list, worker: Worker) -> list:
+    return items[worker.rank::worker.world]
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def part_path(output: Path, worker: Worker) -> Path:
+    return parts_dir(output) / f"part-{worker.rank:05d}-of-{worker.world:05d}.jsonl"
+
+
+def existing_parts(output: Path) -> dict[tuple[int, int], Path]:
+    d = parts_dir(output)
+    found = {}
+    if d.is_dir():
+        for p in d.iterdir():
+            m = _PART.match(p.name)
+            if m:
+                found[(int(m.group(1)), int(m.group(2)))] = p
+    return found
+
+
+def check_no_foreign_parts(output: Path, worker: Worker, overwrite: bool) -> None:
+    """Parts written for another world size would be mixed in: refuse (or remove with --overwrite)."""
+    foreign = {k: p for k, p in existing_parts(output).items() if k[1] != worker.world}
+    if not foreign:
+        return
+    if overwrite:
+        for p in foreign.values():
+            p.unlink(missing_ok=True)
+            meta_path(p).unlink(missing_ok=True)
+        return
+    sizes = sorted({w for _, w in foreign})
+    raise UsageError(
+        f"{parts_dir(output)} holds part files from a run with {', '.join(map(str, sizes))} worker(s), this run has "
+        f"{worker.world}; mixing them would lose or duplicate records: rerun with the same world size, or --overwrite."
+    )
+
+
+@contextmanager
+def _lock(output: Path):
+    lock = output.with_name(output.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def part_status(output: Path) -> tuple[int | None, list[dict]]:
+    """World size and, per rank, the part's state: missing / running / complete."""
+    parts = existing_parts(output)
+    worlds = {w for _, w in parts}
+    if not worlds:
+        return None, []
+    if len(worlds) > 1:
+        raise UsageError(
+            f"{parts_dir(output)} mixes part files from runs with {sorted(worlds)} workers; remove the stale ones "
+            "(or rerun with --overwrite)."
+        )
+    world = worlds.pop()
+    status = []
+    for r in range(world):
+        p = parts.get((r, world))
+        if p is None:
+            status.append({"rank": r, "state": "missing", "path": None})
+            continue
+        mp = meta_path(p)
+        meta = json.loads(mp.read_text()) if mp.is_file() else {}
+        status.append({"rank": r, "state": "complete" if meta.get("status") == "complete" else "running",
+                       "path": str(p), "meta": meta})
+    return world, status
+
+
+def gather(output: Path, metrics_fn=None) -> dict | None:
+    """Assemble ``output`` from complete parts, in input order. Returns the final meta, or None if parts are missing."""
+    output = Path(output)
+    with _lock(output):
+        world, status = part_status(output)
+        if world is None:
+            raise UsageError(f"no part files for {output} (expected {parts_dir(output)}/part-*-of-*.jsonl); run the job first.")
+        if any(s["state"] != "complete" for s in status):
+            return None
+        configs = [s["meta"].get("run_config") for s in status]
+        if any(c != configs[0] for c in configs):
+            bad = [s["rank"] for s, c in zip(status, configs) if c != configs[0]]
+            raise UsageError(
+                f"part files of {output} were produced with different configurations (ranks {bad} differ from rank 0); "
+                "rerun those ranks with the same options, or --overwrite."
+            )
+        parts = []
+        for s in status:
+            with open(s["path"], encoding="utf-8") as fh:
+                parts.append([json.loads(line) for line in fh if line.strip()])
+        records = []
+        total = sum(len(p) for p in parts)
+        for j in range(max(len(p) for p in parts)):
+            for r in range(world):
+                if j < len(parts[r]):
+                    records.append(parts[r][j])
+        ids = [json.dumps(r["id"]) for r in records]
+        if len(set(ids)) != len(ids) or len(records) != total:
+            raise UsageError(f"part files of {output} contain duplicate ids; rerun with --overwrite.")
+        tmp = output.with_name(f".{output.name}.gather-{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for rec in records:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            os.replace(tmp, output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        base = dict(status[0]["meta"])
+        labels = base.get("run_config", {}).get("labels")
+        meta = {k: v for k, v in base.items() if k not in ("counts", "seconds", "seconds_per_record", "worker", "metrics")}
+        meta.update({
+            "status": "complete",
+            "world_size": world,
+            "counts": {"total": len(records)},
+            "workers": [{"rank": s["rank"], "host": s["meta"].get("worker", {}).get("host"),
+                         "counts": s["meta"].get("counts"), "seconds": s["meta"].get("seconds"),
+                         "started": s["meta"].get("started"), "finished": s["meta"].get("finished")} for s in status],
+            "started": min(s["meta"].get("started", "") for s in status),
+            "finished": max(s["meta"].get("finished", "") for s in status),
+        })
+        if metrics_fn is not None and labels:
+            meta["metrics"] = metrics_fn(records, labels)
+        write_json_atomic(meta_path(output), meta)
+        meta["_records"] = records
+        return meta
