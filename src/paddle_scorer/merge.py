@@ -1,0 +1,475 @@
+"""Merge a LoRA adapter into its base model's weights, tensor by tensor, without building the model.
+
+The recipe (each step a small function; nothing here imports paddle unless ``verify`` is asked for):
+
+1. :func:`plan` checks everything before a byte is written: both folders (the same checks as the
+   loader), the adapter against the base's tensor *shapes* (read from the file headers, not the
+   tensors), the output path, the output dtype and format, free disk space.
+2. :func:`write` streams the base one shard at a time: read the shard (refusing NaN/inf), add
+   ``A @ B * scaling`` (float32) to each adapted weight, cast, write the shard. Only one shard of
+   weights is in memory at any time, so peak memory stays near one copy of the largest shard.
+3. Everything goes into a temporary folder next to ``--out``; with ``verify`` the merged model is
+   compared with base + attached adapter on a probe input; only then is the folder renamed into
+   place. An error or Ctrl-C leaves neither ``--out`` nor the temporary folder behind.
+
+Output dtype ``auto`` keeps every tensor's stored dtype (merging does not change precision); an
+explicit dtype casts every floating tensor. Key names and weight layout (Paddle's ``[in, out]``)
+are the base's, so PaddleNLP's ``from_pretrained`` reads the result as a plain model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from paddle_scorer import __version__
+from paddle_scorer import checkpoint as ckpt
+from paddle_scorer import loader
+from paddle_scorer.dtype_policy import DTYPES, normalise_dtype
+from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
+from paddle_scorer.lora import LoraSettings
+from paddle_scorer.weights import TensorMeta, dtype_size, read_files_meta, write_pdparams, write_safetensors
+
+FORMATS = ("safetensors", "pdparams")
+
+# What PaddleNLP's save_pretrained writes (and from_pretrained looks for).
+_SINGLE_NAME = {"safetensors": "model.safetensors", "pdparams": "model_state.pdparams"}
+_SHARD_NAME = {"safetensors": "model-{i:05d}-of-{n:05d}.safetensors",
+               "pdparams": "model_state-{i:05d}-of-{n:05d}.pdparams"}
+_INDEX_NAME = {"safetensors": "model.safetensors.index.json", "pdparams": "model_state.pdparams.index.json"}
+# PaddleNLP's loader accepts safetensors with format "np" (or none) and refuses anything else.
+_SAFETENSORS_METADATA = {"format": "np"}
+
+_CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
+_BASE_EXTRA_FILES = ("generation_config.json",)
+
+# --verify: a fixed probe text, and how far merged logits may drift from base + attached adapter.
+PROBE_TEXT = "paddle-scorer merge check: is the merged model the same as base plus adapter?"
+PROBE_FALLBACK_IDS = [5, 17, 42, 99, 7, 150, 3, 64]
+TOL_FLOAT32 = 1e-3  # absolute; exact math in float32 lands near 1e-6
+TOL_HALF = 5e-2  # relative to max |logit|: storing merged weights in float16/bfloat16 rounds them
+
+
+@dataclass
+class MergePlan:
+    """Everything checked and decided before writing; :func:`write` only executes it."""
+
+    base: Path
+    adapter: Path
+    out: Path
+    dtype: str  # "auto" (keep each tensor's stored dtype) or one of DTYPES
+    out_dtype: str  # what config.json and the record say: the dominant dtype of the output
+    format: str
+    force: bool
+    base_info: ckpt.CheckpointInfo
+    adapter_info: ckpt.CheckpointInfo
+    settings: LoraSettings
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (A, B), keyed by the base's names
+    mapping_note: str | None
+    adapter_sha256: str
+    base_metas: dict[str, TensorMeta]
+    tokenizer_source: Path | None
+    out_bytes: int  # size of the tensors to be written
+
+    @property
+    def base_files(self) -> list[Path]:
+        return [Path(f) for f in self.base_info.weights.files]
+
+    @property
+    def base_bytes(self) -> int:
+        return self.base_info.weights.nbytes
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    tolerance: float
+    logit_scale: float  # max |logit| of base + attached adapter
+    probe_tokens: int
+    passed: bool
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    files: list[str]
+    format: str
+    out_dtype: str
+    merged_modules: int
+    scaling: float
+    scaling_formula: str
+    out_bytes: int  # bytes on disk of everything written
+    base_bytes: int  # tensor bytes of the base checkpoint
+    peak_rss_bytes: int  # process peak RSS when the weights were written (before any --verify)
+    record: dict
+    replaced_existing: bool = False
+    verify: VerifyResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Plan: every check before writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(out: Path, base: Path, adapter: Path, force: bool) -> None:
+    for role, folder in (("base model", base), ("adapter", adapter)):
+        if _is_within(folder, out):
+            raise UsageError(
+                f"--out {out} is (or contains) the {role} folder {folder}; pass a new folder for the merged model."
+            )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise UsageError(f"--out {out} exists and is not a folder; pass a new folder path.")
+        if not force:
+            raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
+
+
+def output_dtype(requested: str, stored: dict[str, int]) -> tuple[str, str]:
+    """``(cast, label)``: ``cast`` is "auto" or a dtype for every floating tensor; ``label`` goes into config.json."""
+    dtype = normalise_dtype(requested)
+    if dtype == "auto":
+        floating = {k: v for k, v in stored.items() if k in DTYPES}
+        return "auto", loader.dominant_dtype(floating)
+    return dtype, dtype
+
+
+def _out_nbytes(metas: dict[str, TensorMeta], cast: str) -> int:
+    total = 0
+    for m in metas.values():
+        floating = m.dtype in DTYPES or m.dtype == "float64"
+        total += m.numel * (dtype_size(cast) if cast != "auto" and floating else dtype_size(m.dtype))
+    return total
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def plan(
+    model: str | Path | None,
+    lora: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    fmt: str = "safetensors",
+    force: bool = False,
+    verify: bool = False,
+) -> MergePlan:
+    """Check both folders, the adapter against the base, and the output; read only the adapter's tensors."""
+    if lora is None:
+        raise UsageError("no adapter given; pass --lora ADAPTER_FOLDER (the folder with lora_config.json).")
+    fmt = fmt.strip().lower()
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; use safetensors or pdparams.")
+    base_dir, lora_dir = loader.resolve_paths(model, lora)
+    out = Path(out)
+    check_output(out, base_dir, lora_dir, force)
+
+    info = ckpt.describe(base_dir)
+    loader.check_model_folder(info)
+    lora_info = ckpt.describe(lora_dir)
+    settings = loader.check_adapter_folder(lora_info)
+    cast, label = output_dtype(dtype, info.weights.dtypes)
+
+    # Shapes from the file headers: the adapter is checked before any base tensor is read.
+    metas = read_files_meta([Path(f) for f in info.weights.files])
+    adapter = loader.read_weights(lora_info.adapter_weights, "adapter", str(lora_dir))
+    base_shapes = {k: m.shape for k, m in metas.items()}
+    pairs, mapping_note = loader.validate_adapter(adapter, base_shapes, settings, str(lora_dir))
+
+    tok_src = base_dir if _has_tokenizer(base_dir) else (lora_dir if _has_tokenizer(lora_dir) else None)
+    if verify and tok_src is None:
+        raise UsageError(
+            "--verify needs tokenizer files (tokenizer_config.json) in the base or adapter folder to build its probe "
+            "input; copy them there or drop --verify."
+        )
+
+    out_bytes = _out_nbytes(metas, cast)
+    parent = out.resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if out_bytes * 1.05 > free:
+        gb = 1024**3
+        raise UsageError(
+            f"the merged model needs about {out_bytes / gb:.2f} GB but only {free / gb:.2f} GB is free under "
+            f"{existing}; free some space or pass an --out on another disk."
+        )
+    return MergePlan(
+        base=base_dir, adapter=lora_dir, out=out, dtype=cast, out_dtype=label, format=fmt, force=force,
+        base_info=info, adapter_info=lora_info, settings=settings, pairs=pairs, mapping_note=mapping_note,
+        adapter_sha256=loader.adapter_sha256(lora_info), base_metas=metas, tokenizer_source=tok_src,
+        out_bytes=out_bytes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Merge and write, shard by shard
+# --------------------------------------------------------------------------------------------------
+
+
+def merge_shard(
+    shard: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, np.ndarray]], scaling: float, cast: str,
+    where: str,
+) -> list[str]:
+    """Merge the adapted weights present in ``shard`` and cast the rest, in place. Returns the merged modules."""
+    here = {m: ab for m, ab in pairs.items() if m + ".weight" in shard}
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and reported below, not warned
+        _merge_and_cast(shard, here, scaling, cast, where)
+    return sorted(here)
+
+
+def _merge_and_cast(shard, here, scaling, cast, where) -> None:
+    loader.merge_lora(shard, here, scaling, where, out_dtype=None if cast == "auto" else cast)
+    if cast != "auto":
+        narrowed = []
+        for name in list(shard):
+            before = shard[name].dtype
+            shard[name] = loader.to_dtype(shard.pop(name), cast)
+            if shard[name].dtype != before and shard[name].itemsize < before.itemsize:
+                narrowed.append(name)
+        bad = loader.nonfinite({n: shard[n] for n in narrowed})
+        if bad:
+            raise WeightMismatchError(
+                f"--dtype {cast}: some base weights exceed {cast}'s range and would become inf:", bad,
+                "Keep the stored dtype with --dtype auto, or use --dtype bfloat16 (float32's range).",
+            )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_tensors(tensors: dict[str, np.ndarray], path: Path, fmt: str) -> None:
+    if fmt == "safetensors":
+        write_safetensors(tensors, path, metadata=dict(_SAFETENSORS_METADATA))
+        os.chmod(path, 0o666 & ~_umask())  # the safetensors writer creates files 0600; match the other files
+    else:
+        write_pdparams(tensors, path)
+
+
+def _shard_names(n: int, fmt: str) -> list[str]:
+    if n == 1:
+        return [_SINGLE_NAME[fmt]]
+    return [_SHARD_NAME[fmt].format(i=i, n=n) for i in range(1, n + 1)]
+
+
+def write_weights(p: MergePlan, folder: Path) -> tuple[list[str], int]:
+    """Stream the base shard by shard into ``folder``; returns the weight file names and merged module count."""
+    files = p.base_files
+    sharded = p.base_info.weights.sharded
+    names = _shard_names(len(files), p.format) if sharded else [_SINGLE_NAME[p.format]]
+    weight_map: dict[str, str] = {}
+    total = 0
+    merged: list[str] = []
+    for src, name in zip(files, names, strict=True):
+        one = dataclasses.replace(p.base_info.weights, files=[str(src)])
+        shard = loader.read_weights(one, "model", str(p.base))
+        merged += merge_shard(shard, p.pairs, p.settings.scaling, p.dtype, str(p.adapter))
+        for key, arr in shard.items():
+            weight_map[key] = name
+            total += arr.nbytes
+        _write_tensors(shard, folder / name, p.format)
+        del shard
+    missing = sorted(set(p.pairs) - set(merged))
+    if missing:  # cannot happen after validate_adapter; refuse rather than write a partial merge
+        raise CheckpointError(f"{p.base}: adapted module(s) {', '.join(missing)} were not found while merging.")
+    if sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / _INDEX_NAME[p.format]).write_text(json.dumps(index, indent=2) + "\n")
+        names = names + [_INDEX_NAME[p.format]]
+    return names, len(merged)
+
+
+def merge_record(p: MergePlan, merged_modules: int) -> dict:
+    s = p.settings
+    record = {
+        "base": str(p.base.resolve()),
+        "adapter": str(p.adapter.resolve()),
+        "adapter_sha256": p.adapter_sha256,
+        "r": s.r,
+        "lora_alpha": s.lora_alpha,
+        "rslora": s.rslora,
+        "scaling": s.scaling,
+        "scaling_formula": s.scaling_formula,
+        "dtype": p.out_dtype,
+        "dtype_request": p.dtype,
+        "base_stored_dtypes": p.base_info.weights.dtypes,
+        "format": p.format,
+        "merged_modules": merged_modules,
+        "adapter_key_mapping": p.mapping_note,
+        "paddle_scorer_version": __version__,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if p.base_info.merged_from:
+        record["base_merged_from"] = p.base_info.merged_from
+    return record
+
+
+def write_side_files(p: MergePlan, folder: Path, record: dict) -> list[str]:
+    """config.json (with the output dtype), generation config, tokenizer, chat template, scorer.json, record."""
+    written = []
+    config = ckpt.read_json(p.base / "config.json")
+    config["dtype"] = p.out_dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = p.out_dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    written.append("config.json")
+    copies = [(p.base, n) for n in _BASE_EXTRA_FILES]
+    if p.tokenizer_source is not None:
+        copies += [(p.tokenizer_source, n) for n in ckpt._TOKENIZER_FILES + list(_CHAT_TEMPLATE_FILES)]
+    copies.append((p.adapter, ckpt.SCORER_DEFAULTS))
+    for src, name in copies:
+        if (src / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(src / name, folder / name)
+            written.append(name)
+    (folder / ckpt.MERGE_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    written.append(ckpt.MERGE_RECORD)
+    return written
+
+
+def temp_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> bool:
+    """Rename ``tmp`` to ``out``; with ``force`` an existing ``out`` is renamed aside first, then deleted."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return False
+    if not force:  # appeared while we were merging
+        raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
+    """Execute a plan: merge into a temporary folder, optionally verify, then move it into place."""
+    out = p.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder(out)
+    if tmp.exists():  # left by an earlier run of a process with our pid: ours to remove
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        weight_files, n_merged = write_weights(p, tmp)
+        record = merge_record(p, n_merged)
+        side_files = write_side_files(p, tmp, record)
+        rss = peak_rss_bytes()
+        check = verify_merge(p, tmp) if verify else None
+        if check is not None and not check.passed:
+            raise CheckpointError(
+                f"--verify failed: the merged model's logits differ from base + attached adapter by up to "
+                f"{check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}), so nothing was written; report this "
+                "with the output of `paddle-scorer inspect` on both folders."
+            )
+        written = weight_files + side_files
+        size = sum((tmp / f).stat().st_size for f in written)
+        replaced = _commit(tmp, out, p.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    notes = [p.mapping_note] if p.mapping_note else []
+    if p.tokenizer_source is None:
+        notes.append("no tokenizer files in the base or the adapter: pass --tokenizer when loading the merged model.")
+    elif p.tokenizer_source == p.adapter:
+        notes.append("the tokenizer was copied from the adapter folder (the base has none).")
+    return MergeResult(
+        out=out, files=written, format=p.format, out_dtype=p.out_dtype, merged_modules=n_merged,
+        scaling=p.settings.scaling, scaling_formula=p.settings.scaling_formula, out_bytes=size,
+        base_bytes=p.base_bytes, peak_rss_bytes=rss, record=record, replaced_existing=replaced, verify=check,
+        notes=notes,
+    )
+
+
+def merge(
+    model: str | Path | None,
+    lora: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    fmt: str = "safetensors",
+    force: bool = False,
+    verify: bool = False,
+) -> MergeResult:
+    """Plan and write a merge. See the module docstring."""
+    return write(plan(model, lora, out, dtype=dtype, fmt=fmt, force=force, verify=verify), verify=verify)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Verify (imports paddle): merged logits == base + attached adapter logits
+# --------------------------------------------------------------------------------------------------
+
+
+def tolerance(out_dtype: str, logit_scale: float) -> float:
+    """float32: 1e-3 absolute. float16/bfloat16: 5e-2 x max(1, max |logit|), since the merged weights are rounded."""
+    if out_dtype == "float32":
+        return TOL_FLOAT32
+    return TOL_HALF * max(1.0, logit_scale)
+
+
+def _logits(loaded, ids: list[int]) -> np.ndarray:
+    from paddle_scorer.runtime import paddle
+
+    pd = paddle()
+    with pd.no_grad():
+        return loaded.model(pd.to_tensor([ids]), return_dict=True).logits.numpy().astype(np.float64)
+
+
+def verify_merge(p: MergePlan, merged_dir: Path) -> VerifyResult:
+    """Run base + attached adapter, then the merged folder, on CPU in float32 (one model in memory at a time)."""
+    attached = loader.load(p.base, p.adapter, mode="attach", device="cpu", dtype="float32",
+                           tokenizer=p.tokenizer_source)
+    try:
+        ids = list(attached.tokenizer(PROBE_TEXT)["input_ids"])
+    except Exception:  # a tokenizer that cannot encode plain text: fall back to fixed ids
+        ids = []
+    vocab = getattr(attached.config, "vocab_size", None) or max(PROBE_FALLBACK_IDS) + 1
+    if not ids:
+        ids = [i % vocab for i in PROBE_FALLBACK_IDS]
+    want = _logits(attached, ids)
+    del attached
+    merged = loader.load(merged_dir, device="cpu", dtype="float32")  # with the tokenizer files copied there
+    got = _logits(merged, ids)
+    del merged
+    diff = float(np.abs(want - got).max())
+    scale = float(np.abs(want).max())
+    tol = tolerance(p.out_dtype, scale)
+    return VerifyResult(max_abs_diff=diff, tolerance=tol, logit_scale=scale, probe_tokens=len(ids),
+                        passed=bool(diff <= tol))
