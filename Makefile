@@ -28,7 +28,7 @@ venv: $(VENV)/.ok-cpu
 demo: $(VENV)/.ok-cpu
 	$(SCORER) inspect checkpoints/demo-lora
 	$(SCORER) classify --model checkpoints/demo-base --lora checkpoints/demo-lora \
-		--input checkpoints/demo-queries.jsonl --output out/demo-scores.jsonl --show 5
+		--input checkpoints/demo-queries.jsonl --output out/demo-scores.jsonl --overwrite --show 5
 
 test: $(VENV)/.ok-test
 	$(PY) -m pytest -q

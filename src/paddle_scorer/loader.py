@@ -594,8 +594,8 @@ def load(
         if mode == "merge":
             merge_lora(state, pairs, settings.scaling, str(lora_dir), out_dtype=policy.dtype)
     if layers is not None:
-        notes.append(f"partial load: embeddings, decoder layers 0-{layers - 1} of {info.config['num_hidden_layers']}, "
-                     "final norm and LM head (a pipeline check, not a quality check)")
+        notes.append(f"partial load: embeddings, the first {layers} of {info.config['num_hidden_layers']} decoder "
+                     "layers, final norm and LM head (a pipeline check, not a quality check)")
     net, config = build_model(model_dir, state, policy.dtype, num_layers=layers)
     if lora_dir is not None and mode == "attach":
         net = attach_lora(net, pairs, settings, policy.dtype, str(lora_dir))

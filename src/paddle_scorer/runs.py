@@ -88,6 +88,7 @@ def finish_meta(writer: ResultWriter, meta: dict, stats: RunStats, extra: dict) 
     meta.update(extra)
     meta["status"] = "complete"
     meta["finished"] = now()
+    meta["finished_ts"] = time.time()
     meta["counts"] = {"total": stats.total, "resumed": stats.skipped, "scored_this_run": stats.scored}
     meta["seconds"] = round(stats.seconds, 3)
     meta["seconds_per_record"] = round(stats.seconds / stats.scored, 6) if stats.scored else None
@@ -160,12 +161,14 @@ def execute(
     mine = shard(items, worker)
     meta = provenance(command, loaded, run_config, {
         **meta_extra, "world_size": worker.world,
-        "worker": {"rank": worker.rank, "world": worker.world, "local_rank": worker.local_rank,
+        "worker": {"rank": worker.rank, "world": worker.world, "local_rank": worker.local_rank, "launch": worker.launch,
                    "host": socket.gethostname(), "records": len(mine)},
     })
     stats = run_job(mine, score_batch, batch_size, writer, meta, advance)
     finish_meta(writer, meta, stats, {})
-    final = gather(output, metrics_fn)
+    # Only parts written by this launch count: a stale complete part from an earlier run (e.g. before
+    # --overwrite) must not be assembled before its worker has redone it. `gather` by hand takes any.
+    final = gather(output, metrics_fn, launch=worker.launch)
     if final is not None:
         records = final.pop("_records")
         return Outcome(stats, records, worker, assembled=True, final_meta=final, part=part)

@@ -31,6 +31,7 @@ class Worker:
     local_rank: int = 0
     local_size: int = 1
     selected_gpu: int | None = None
+    launch: str | None = None  # identifies one launcher run (its endpoints use fresh ports)
 
     @property
     def distributed(self) -> bool:
@@ -55,7 +56,8 @@ def worker_from_env(env=None) -> Worker:
     selected = int(gpus.split(",")[0]) if gpus and gpus.split(",")[0].isdigit() else None
     if not (0 <= rank < world):
         raise UsageError(f"launcher environment says rank {rank} of {world} workers; that is inconsistent.")
-    return Worker(rank, world, local_rank, local_size, selected)
+    launch = "|".join(env.get(k, "") for k in ("PADDLE_JOB_ID", "PADDLE_MASTER", "PADDLE_TRAINER_ENDPOINTS")) or None
+    return Worker(rank, world, local_rank, local_size, selected, launch if launch.strip("|") else None)
 
 
 def shard(items: list, worker: Worker) -> list:
@@ -135,14 +137,19 @@ def part_status(output: Path) -> tuple[int | None, list[dict]]:
     return world, status
 
 
-def gather(output: Path, metrics_fn=None) -> dict | None:
-    """Assemble ``output`` from complete parts, in input order. Returns the final meta, or None if parts are missing."""
+def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | None:
+    """Assemble ``output`` from complete parts, in input order. Returns the final meta, or None if parts are missing.
+
+    ``launch``: only parts written by this launch (same launcher endpoints) count as complete.
+    """
     output = Path(output)
     with _lock(output):
         world, status = part_status(output)
         if world is None:
             raise UsageError(f"no part files for {output} (expected {parts_dir(output)}/part-*-of-*.jsonl); run the job first.")
         if any(s["state"] != "complete" for s in status):
+            return None
+        if launch is not None and any(s["meta"].get("worker", {}).get("launch") != launch for s in status):
             return None
         configs = [s["meta"].get("run_config") for s in status]
         if any(c != configs[0] for c in configs):

@@ -30,9 +30,18 @@ def _root(
     """paddle-scorer: inspect checkpoints, load LoRA safely, score labels exactly."""
 
 
-from paddle_scorer.cli import inspect_cmd  # noqa: E402
+from paddle_scorer.cli import classify_cmd, gather_cmd, generate_cmd, inspect_cmd  # noqa: E402
+from paddle_scorer.cli import merge_cmd  # noqa: E402
+from paddle_scorer.cli import doctor_cmd, report_cmd, smoke_cmd  # noqa: E402
 
 inspect_cmd.register(app)
+merge_cmd.register(app)
+classify_cmd.register(app)
+generate_cmd.register(app)
+gather_cmd.register(app)
+smoke_cmd.register(app)
+doctor_cmd.register(app)
+report_cmd.register(app)
 
 
 def main() -> None:
