@@ -1,0 +1,89 @@
+"""`paddle-scorer doctor`: versions, the paddle build and its GPUs, CPU knobs, RAM/disk, known-bad combinations."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from paddle_scorer.cli.common import cli_errors, human_bytes, out
+
+EXAMPLES = """
+Examples:
+
+  paddle-scorer doctor
+  paddle-scorer doctor --json > doctor.json   # attach this to a bug report
+
+Exit code 0 when nothing is broken, 1 when a known-bad combination or a failing import is found.
+"""
+
+
+def _v(value) -> str:
+    return "[dim]not installed[/]" if value is None else escape(str(value))
+
+
+def render(facts: dict) -> None:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="cyan", no_wrap=True)
+    t.add_column()
+    py = facts["python"]
+    t.add_row("python", f"{py['version']} ({escape(py['executable'])})")
+    t.add_row("platform", escape(facts["platform"]))
+    pd = facts["paddle"]
+    if pd.get("error"):
+        t.add_row("paddle", f"[bold red]import fails[/]: {escape(pd['error'])}")
+    else:
+        build = (f"GPU build, CUDA {pd.get('cuda')}, cuDNN {pd.get('cudnn')}" if pd.get("compiled_with_cuda")
+                 else "CPU build (float32 only: no float16/bfloat16 CPU kernels)")
+        t.add_row("paddle", f"{pd['version']}, {build}, MKL {pd.get('with_mkl')}")
+        if pd.get("compiled_with_cuda"):
+            t.add_row("visible GPUs", f"{pd.get('device_count', 0)} (CUDA_VISIBLE_DEVICES={pd.get('cuda_visible_devices')!r})")
+            for d in pd.get("devices", []):
+                mem = f", {human_bytes(d['memory_bytes'])}" if d.get("memory_bytes") else ""
+                t.add_row(f"  gpu:{d['index']}", f"{escape(d['name'])}, compute capability {d['compute_capability']}{mem}, "
+                                                 f"float16 {'yes' if d['float16'] else 'no'}, "
+                                                 f"bfloat16 {'yes' if d['bfloat16'] else 'no'}")
+            if pd.get("device_error"):
+                t.add_row("  devices", f"[red]{escape(pd['device_error'])}[/]")
+    nlp = facts["paddlenlp"]
+    t.add_row("paddlenlp import", "ok" if nlp.get("import_ok") else f"[bold red]fails[/]: {escape(nlp.get('error', ''))}")
+    for name, version in facts["packages"].items():
+        if name in ("paddleformers", "paddlepaddle-gpu", "paddlepaddle") and version is None:
+            continue
+        t.add_row(f"  {name}", _v(version))
+    cpu = facts["cpu"]
+    t.add_row("cpu", f"{cpu.get('vendor') or 'unknown vendor'}, {cpu['usable_cores']} usable core(s)")
+    for var, s in cpu["settings"].items():
+        who = "set by paddle-scorer" if (s["value"] is not None and s["set_by"] == "paddle-scorer") else \
+            ("set by you" if s["value"] is not None else "unset")
+        t.add_row(f"  {var}", f"{s['value'] if s['value'] is not None else '-'} ({who})")
+    mem = facts["memory"]
+    t.add_row("RAM", f"{human_bytes(mem['available'])} free of {human_bytes(mem['total'])}")
+    for d in facts["disk"]:
+        t.add_row(f"disk ({d['what']})", f"{human_bytes(d['free'])} free of {human_bytes(d['total'])} at {escape(d['path'])}")
+    out.print(t)
+    for f in facts["findings"]:
+        colour = "bold red" if f["level"] == "error" else "yellow"
+        out.print(f"[{colour}]{f['level']}:[/] {escape(f['message'])}", highlight=False)
+    if facts["ok"]:
+        out.print("[green]ok[/]: no known-bad combination found." if not facts["findings"] else
+                  "[green]ok[/]: nothing broken (see the warnings above).", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doctor", help="Check the environment: Python, paddle build and GPUs (fp16/bf16), paddlenlp and "
+                                "pinned dependencies (known-bad combinations flagged), threads, MKL, free RAM/disk."
+                                + EXAMPLES)
+    @cli_errors
+    def doctor(as_json: bool = typer.Option(False, "--json", help="Print the facts and findings as JSON.")):
+        from paddle_scorer.doctor import collect
+
+        facts = collect()
+        if as_json:
+            typer.echo(json.dumps(facts, indent=2, ensure_ascii=False, default=str))
+        else:
+            render(facts)
+        if not facts["ok"]:
+            raise typer.Exit(1)

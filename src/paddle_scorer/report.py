@@ -1,0 +1,339 @@
+"""`report`: a classify output as a page (or a terminal summary) you would rather look at than read.
+
+:func:`load_run` reads ``out.jsonl`` and its ``.meta.json``; :func:`summarize` recomputes the
+metrics with :mod:`paddle_scorer.metrics` (and compares them with the ones ``classify`` recorded);
+:func:`figures` draws PNGs with matplotlib's Agg canvas (no pyplot, no display, no global backend
+switch); :func:`render_html` puts it all in one self-contained HTML file (images inline as base64).
+Nothing here imports paddle.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from paddle_scorer.dataio import meta_path
+from paddle_scorer.errors import UsageError
+from paddle_scorer.metrics import evaluate, reliability
+
+METRICS = ("accuracy", "log_loss", "brier", "ece")
+METRIC_NAMES = {"accuracy": "accuracy", "log_loss": "log-loss", "brier": "Brier score", "ece": "ECE"}
+HIST_BINS = 20
+
+
+@dataclass
+class RunData:
+    path: Path
+    records: list[dict]
+    meta: dict | None
+    labels: list[str]
+
+
+def load_run(path: str | Path) -> RunData:
+    """Records of a classify output (``--output`` file) and its provenance, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist; pass the JSONL file written by `paddle-scorer classify --output`.")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{lineno}: malformed JSON ({exc.msg}); is the run still writing? "
+                                 "Finish it with classify --resume first.") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("probs"), dict) or "prediction" not in rec:
+                raise UsageError(f"{path}:{lineno}: not a classify record (no probs/prediction); report reads the "
+                                 "output of `paddle-scorer classify --output`, not generate traces or inputs.")
+            records.append(rec)
+    if not records:
+        raise UsageError(f"{path} has no records; run classify first.")
+    meta = None
+    mp = meta_path(path)
+    if mp.is_file():
+        try:
+            meta = json.loads(mp.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UsageError(f"{mp} is not valid JSON ({exc}); re-run classify or delete it.") from None
+    labels = ((meta or {}).get("run_config") or {}).get("labels") or list(records[0]["probs"])
+    for i, rec in enumerate(records):
+        if set(rec["probs"]) != set(labels):
+            raise UsageError(f"{path}: record {rec.get('id', i)!r} has labels {sorted(rec['probs'])}, not {labels}; "
+                             "the file mixes runs: re-run classify with --overwrite.")
+    return RunData(path, records, meta, list(labels))
+
+
+def confidence(rec: dict) -> float:
+    """The probability of the predicted label."""
+    return float(rec["probs"][rec["prediction"]])
+
+
+def histogram(values: list[float], bins: int = HIST_BINS) -> list[int]:
+    """Counts over ``bins`` equal bins of [0, 1] (1.0 falls in the last)."""
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int(v * bins)))] += 1
+    return counts
+
+
+def summarize(run: RunData, bins: int = 10) -> dict:
+    """Metrics (recomputed), reliability bins, per-label statistics, and agreement with the .meta.json."""
+    labels, records = run.labels, run.records
+    metrics = evaluate(records, labels, bins)
+    has_gold = bool(metrics and metrics.get("n"))
+    known = [r for r in records if r.get("gold") is not None and str(r["gold"]) in labels]
+    per_label = {}
+    for lab in labels:
+        ps = [float(r["probs"][lab]) for r in records]
+        per_label[lab] = {"mean_prob": sum(ps) / len(ps), "predicted": sum(r["prediction"] == lab for r in records),
+                          "gold": sum(str(r.get("gold")) == lab for r in known)}
+    out = {
+        "file": str(run.path),
+        "n_records": len(records),
+        "labels": labels,
+        "has_gold": has_gold,
+        "metrics": metrics if has_gold else None,
+        "reliability": reliability(known, bins) if has_gold else None,
+        "per_label": per_label,
+        "confidence_histogram": histogram([confidence(r) for r in records]),
+        "recorded_metrics": (run.meta or {}).get("metrics"),
+        "recorded_metrics_agree": None,
+    }
+    rec_m = out["recorded_metrics"]
+    if rec_m and has_gold and bins == 10:  # classify records ECE over 10 bins
+        out["recorded_metrics_agree"] = all(
+            math.isclose(rec_m.get(k, float("nan")), metrics[k], rel_tol=1e-9, abs_tol=1e-12) for k in METRICS
+        ) and rec_m.get("confusion") == metrics["confusion"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(w: float, h: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise UsageError(f"report --html draws its figures with matplotlib, which does not import ({exc}): "
+                         "`pip install matplotlib`.") from None
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def reliability_png(rel: list[dict]) -> bytes:
+    fig = _figure(5, 4.5)
+    ax = fig.add_subplot()
+    width = rel[0]["hi"] - rel[0]["lo"]
+    full = [b for b in rel if b["count"]]
+    ax.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
+           color="#1f77b4", edgecolor="white", label="accuracy in bin")
+    ax.plot([b["confidence"] for b in full], [b["confidence"] for b in full], "o", color="#d62728", ms=4,
+            label="mean confidence in bin")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    for b in full:
+        ax.annotate(str(b["count"]), (b["lo"] + width / 2, b["accuracy"]), ha="center", va="bottom", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (probability of the predicted label)",
+           ylabel="accuracy", title="Reliability diagram (numbers: records per bin)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def confidence_png(records: list[dict], with_gold: bool) -> bytes:
+    fig = _figure(5, 4)
+    ax = fig.add_subplot()
+    edges = [i / HIST_BINS for i in range(HIST_BINS + 1)]
+    if with_gold:
+        right = [confidence(r) for r in records if r.get("gold") is not None and r["prediction"] == str(r["gold"])]
+        wrong = [confidence(r) for r in records if r.get("gold") is not None and r["prediction"] != str(r["gold"])]
+        ax.hist([right, wrong], bins=edges, stacked=True, color=["#1f77b4", "#d62728"],
+                label=[f"correct ({len(right)})", f"wrong ({len(wrong)})"])
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        ax.hist([confidence(r) for r in records], bins=edges, color="#1f77b4")
+    ax.set(xlim=(0, 1), xlabel="probability of the predicted label", ylabel="records",
+           title="Confidence of the predictions")
+    return _png(fig)
+
+
+def confusion_png(confusion: dict, labels: list[str]) -> bytes:
+    n = len(labels)
+    fig = _figure(max(3.5, 1.0 + 0.7 * n), max(3.0, 0.8 + 0.6 * n))
+    ax = fig.add_subplot()
+    grid = [[confusion[g][p] for p in labels] for g in labels]
+    top = max(max(row) for row in grid) or 1
+    ax.imshow(grid, cmap="Blues", vmin=0, vmax=top)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(grid[i][j]), ha="center", va="center",
+                    color="white" if grid[i][j] > top / 2 else "black")
+    ax.set_xticks(range(n), labels=labels, rotation=45 if n > 4 else 0)
+    ax.set_yticks(range(n), labels=labels)
+    ax.set(xlabel="predicted", ylabel="gold", title="Confusion matrix")
+    return _png(fig)
+
+
+def label_histogram_png(records: list[dict], label: str) -> bytes:
+    fig = _figure(4, 3)
+    ax = fig.add_subplot()
+    ax.hist([float(r["probs"][label]) for r in records], bins=[i / HIST_BINS for i in range(HIST_BINS + 1)],
+            color="#1f77b4")
+    ax.set(xlim=(0, 1), xlabel=f"P({label})", ylabel="records", title=f"P({label}) over {len(records)} records")
+    return _png(fig)
+
+
+def figures(run: RunData, summary: dict) -> list[tuple[str, str, bytes]]:
+    """``[(id, caption, png)]`` for the page."""
+    figs = []
+    if summary["has_gold"]:
+        figs.append(("reliability", "Reliability diagram: accuracy against confidence per bin (closer to the "
+                                    "diagonal is better calibrated).", reliability_png(summary["reliability"])))
+        figs.append(("confidence", "Probability of the predicted label, split by correct and wrong predictions.",
+                     confidence_png(run.records, True)))
+        figs.append(("confusion", "Confusion matrix (rows: gold label, columns: predicted label).",
+                     confusion_png(summary["metrics"]["confusion"], run.labels)))
+    else:
+        for i, lab in enumerate(run.labels):
+            figs.append((f"label-{i}", f"Distribution of P({lab}) over all records.",
+                         label_histogram_png(run.records, lab)))
+        figs.append(("confidence", "Probability of the predicted label.", confidence_png(run.records, False)))
+    return figs
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f5f8}td.l,th.l{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:1.5em}
+figure{margin:0}figcaption{font-size:.85em;color:#555;max-width:500px}.warn{color:#a15c00}
+.prov td{text-align:left;white-space:pre-wrap}code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _provenance_rows(meta: dict | None) -> list[tuple[str, str]]:
+    if not meta:
+        return [("provenance", "no .meta.json next to the output: model and options unknown")]
+    model = meta.get("model") or {}
+    rc = meta.get("run_config") or {}
+    policy = model.get("policy") or {}
+    rows = [
+        ("tool", meta.get("tool")),
+        ("model", model.get("model_path")),
+        ("adapter", model.get("adapter_path")),
+        ("adapter sha256", (model.get("adapter_sha256") or "")[:16] or None),
+        ("mode", model.get("mode")),
+        ("device / dtype", f"{policy.get('device')} / {policy.get('dtype')}" if policy else None),
+        ("template", rc.get("template")),
+        ("calibration", (rc.get("calibration") or {}).get("method") if isinstance(rc.get("calibration"), dict)
+         else rc.get("calibration")),
+        ("input", meta.get("input")),
+        ("status", meta.get("status")),
+        ("finished", meta.get("finished")),
+    ]
+    return [(k, str(v)) for k, v in rows if v not in (None, "")]
+
+
+def render_html(run: RunData, summary: dict, figs: list[tuple[str, str, bytes]]) -> str:
+    labels = run.labels
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>paddle-scorer report: {_e(run.path.name)}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<h1>paddle-scorer report: <code>{_e(run.path.name)}</code></h1>",
+        f"<p>{summary['n_records']} records, labels {', '.join(f'<code>{_e(lab)}</code>' for lab in labels)}.</p>",
+    ]
+    m = summary["metrics"]
+    if m:
+        parts.append("<h2>Metrics</h2><table id='metrics'><tr><th class='l'>metric</th><th>value</th></tr>")
+        for k in METRICS:
+            parts.append(f"<tr><td class='l'>{METRIC_NAMES[k]}</td>"
+                         f"<td class='metric' data-metric='{k}' data-value='{m[k]!r}'>{_fmt(m[k])}</td></tr>")
+        parts.append(f"<tr><td class='l'>records with a gold label</td><td data-metric='n' data-value='{m['n']}'>{m['n']}</td></tr>")
+        parts.append("</table>")
+        if m.get("unknown_gold_labels"):
+            parts.append(f"<p class='warn'>{m['n_unknown_gold']} record(s) have gold labels that are not candidates "
+                         f"({_e(', '.join(m['unknown_gold_labels']))}); they are left out of the metrics.</p>")
+        agree = summary["recorded_metrics_agree"]
+        if agree is True:
+            parts.append("<p>These equal the metrics <code>classify</code> recorded in the <code>.meta.json</code>.</p>")
+        elif agree is False:
+            parts.append("<p class='warn'>These differ from the metrics recorded in the <code>.meta.json</code>: "
+                         "the output was changed after classify wrote it.</p>")
+    else:
+        parts.append("<p>No gold labels in this output (classify reads them from the <code>label</code> field, "
+                     "or <code>--gold-field</code>): showing the probability distributions per label.</p>")
+    parts.append("<h2>Figures</h2><div class='figs'>")
+    for fid, caption, png in figs:
+        b64 = base64.b64encode(png).decode("ascii")
+        parts.append(f"<figure id='fig-{_e(fid)}'><img alt='{_e(caption)}' src='data:image/png;base64,{b64}'>"
+                     f"<figcaption>{_e(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    if m:
+        parts.append("<h2>Confusion matrix</h2><table id='confusion'><tr><th class='l'>gold \\ predicted</th>"
+                     + "".join(f"<th>{_e(p)}</th>" for p in labels) + "</tr>")
+        for g in labels:
+            parts.append(f"<tr><th class='l'>{_e(g)}</th>"
+                         + "".join(f"<td data-gold='{_e(g)}' data-pred='{_e(p)}'>{m['confusion'][g][p]}</td>" for p in labels)
+                         + "</tr>")
+        parts.append("</table><h2>Reliability bins</h2><p>Bins without records are left out.</p><table id='reliability'><tr><th>confidence bin</th>"
+                     "<th>records</th><th>mean confidence</th><th>accuracy</th></tr>")
+        for b in summary["reliability"]:
+            if not b["count"]:
+                continue
+            parts.append(f"<tr><td>{b['lo']:.1f}-{b['hi']:.1f}</td><td>{b['count']}</td>"
+                         f"<td>{_fmt(b['confidence'])}</td><td>{_fmt(b['accuracy'])}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Per label</h2><table id='per-label'><tr><th class='l'>label</th><th>mean probability</th>"
+                 "<th>predicted</th>" + ("<th>gold</th>" if m else "") + "</tr>")
+    for lab in labels:
+        s = summary["per_label"][lab]
+        parts.append(f"<tr><td class='l'>{_e(lab)}</td><td>{_fmt(s['mean_prob'])}</td><td>{s['predicted']}</td>"
+                     + (f"<td>{s['gold']}</td>" if m else "") + "</tr>")
+    parts.append("</table><h2>Provenance</h2><table class='prov'>")
+    for k, v in _provenance_rows(run.meta):
+        parts.append(f"<tr><th class='l'>{_e(k)}</th><td>{_e(v)}</td></tr>")
+    parts.append("</table>")
+    data = json.dumps({k: summary[k] for k in ("n_records", "labels", "has_gold", "metrics", "reliability",
+                                                "per_label", "confidence_histogram", "recorded_metrics_agree")},
+                      ensure_ascii=False).replace("</", "<\\/")
+    parts.append(f"<script type='application/json' id='report-data'>{data}</script>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(run: RunData, out: str | Path, bins: int = 10) -> dict:
+    """Write the page; returns the summary it shows."""
+    summary = summarize(run, bins)
+    page = render_html(run, summary, figures(run, summary))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return summary
