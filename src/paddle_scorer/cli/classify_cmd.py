@@ -11,13 +11,7 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli.common import cli_errors, err, out
-from paddle_scorer.cli.options import (
-    load_options,
-    loaded_from,
-    progress_bar,
-    scorer_defaults,
-)
-from paddle_scorer.errors import UsageError
+from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, scorer_defaults
 
 EXAMPLES = """
 Examples:
@@ -62,18 +56,12 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (CPU: float32 only)."),
         tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none."),
     ):
-        from paddle_scorer import dataio
         from paddle_scorer.metrics import evaluate
         from paddle_scorer.prompts import parse_labels
         from paddle_scorer.runs import execute
         from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
 
-        if (prompt is None) == (input is None):
-            raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; pick one.")
-        if resume and output is None:
-            raise UsageError("--resume needs --output (the file to continue).")
+        check_io(prompt, input, output, resume, overwrite)
         defaults = scorer_defaults(model, lora)
         opts = ClassifyOptions(
             labels=parse_labels(labels if labels is not None else defaults.get("labels")),
@@ -89,14 +77,7 @@ def register(app: typer.Typer) -> None:
             truncate=truncate,
             gold_field=gold_field,
         )
-        if input is not None:
-            rows = dataio.read_jsonl(input, id_field)
-        else:
-            rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
-        if limit is not None:
-            rows = rows[:limit]
-        if output is not None and output.exists() and not (resume or overwrite):
-            raise UsageError(f"{output} already exists; pass --resume to continue it or --overwrite to start over.")
+        rows = read_rows(prompt, input, id_field, limit)
 
         loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer))
         clf = Classifier(loaded, opts)

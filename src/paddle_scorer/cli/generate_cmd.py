@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli.common import cli_errors, err, out
-from paddle_scorer.cli.options import load_options, loaded_from, progress_bar, scorer_defaults
+from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, scorer_defaults
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
@@ -61,26 +61,17 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
         tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder."),
     ):
-        from paddle_scorer import dataio
         from paddle_scorer.generation import GenerateOptions, Generator
         from paddle_scorer.prompts import apply_chat, encode, fill_template, has_chat_template
         from paddle_scorer.runs import execute
 
-        if (prompt is None) == (input is None):
-            raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; pick one.")
+        check_io(prompt, input, output, resume, overwrite)
         if truncate not in ("error", "left"):
             raise UsageError("--truncate must be error or left.")
-        if output is not None and output.exists() and not (resume or overwrite):
-            raise UsageError(f"{output} already exists; pass --resume to continue it or --overwrite to start over.")
         if template is None and not raw:
             template = scorer_defaults(model, lora).get("template")
         opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template, chat_template)
-        rows = dataio.read_jsonl(input, id_field) if input is not None else \
-            [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
-        if limit is not None:
-            rows = rows[:limit]
+        rows = read_rows(prompt, input, id_field, limit)
         loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer))
         gen = Generator(loaded, opts)
         use_chat = has_chat_template(loaded.tokenizer) if chat_template is None else chat_template

@@ -57,3 +57,28 @@ def progress_bar(what: str, total: int):
                   console=err, transient=False) as progress:
         task = progress.add_task(what, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def check_io(prompt, input, output, resume: bool, overwrite: bool) -> None:
+    """The input/output flag combinations both scoring commands refuse, before anything is loaded."""
+    from paddle_scorer.errors import UsageError
+
+    if (prompt is None) == (input is None):
+        raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one.")
+    if resume and output is None:
+        raise UsageError("--resume needs --output (the file to continue).")
+    if output is not None and Path(output).exists() and not (resume or overwrite):
+        raise UsageError(f"{output} already exists; pass --resume to continue it or --overwrite to start over.")
+
+
+def read_rows(prompt, input, id_field: str, limit: int | None) -> list[tuple[object, dict, str]]:
+    """``[(id, record, where)]`` from --input (ids from the record) or --prompt (ids 0, 1, ...)."""
+    from paddle_scorer import dataio
+
+    if input is not None:
+        rows = dataio.read_jsonl(input, id_field)
+    else:
+        rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
+    return rows if limit is None else rows[:limit]
