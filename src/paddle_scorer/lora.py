@@ -95,5 +95,9 @@ def is_lora_key(name: str) -> bool:
 
 
 def lora_delta(a: np.ndarray, b: np.ndarray, scaling: float) -> np.ndarray:
-    """``A @ B * scaling`` computed in float32 (the weight's dtype is applied by the caller)."""
-    return (a.astype(np.float32) @ b.astype(np.float32)) * np.float32(scaling)
+    """``A @ B * scaling`` computed in float32 (the weight's dtype is applied by the caller).
+
+    Overflow gives inf rather than a warning: callers check the merged result and refuse it.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (a.astype(np.float32) @ b.astype(np.float32)) * np.float32(scaling)

@@ -83,7 +83,8 @@ def render(info: CheckpointInfo) -> None:
         if a.unsupported_variants:
             t.add_row("unsupported", ", ".join(a.unsupported_variants))
     if info.kind != NOT_A_CHECKPOINT:
-        tok = ", ".join(info.tokenizer_files) if info.tokenizer_files else "none"
+        tok = ", ".join(info.tokenizer_files) if info.tokenizer_files else (
+            "none here (the base model's is used)" if info.kind == LORA_ADAPTER else "none")
         if info.tokenizer_class:
             tok += f" ({info.tokenizer_class})"
         t.add_row("tokenizer", tok)
