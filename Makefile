@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 SCORER := $(VENV)/bin/paddle-scorer
 
-.PHONY: demo test venv clean checkpoints
+.PHONY: demo test venv clean checkpoints bench
 
 $(VENV)/.ok-python:
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "paddle-scorer needs Python 3.10-3.12 (paddlepaddle 3.3.1 wheels); found %d.%d: run make PYTHON=python3.11 ..." % v)'
@@ -32,6 +32,16 @@ demo: $(VENV)/.ok-cpu
 
 test: $(VENV)/.ok-test
 	$(PY) -m pytest -q
+
+$(VENV)/.ok-bench: $(VENV)/.ok-cpu
+	$(PIP) install -e '.[cpu,bench]'
+	@touch $@
+
+# Benchmarks (PyTorch for comparison only): writes benchmarks/RESULTS.md. ~30-35 min on 2 cores; it
+# first waits (up to 20 min) for the load average to drop below 1.0. `make bench BENCH_ARGS=--quick`
+# checks the scripts in a few minutes (numbers are noise).
+bench: $(VENV)/.ok-bench
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 # Rebuild the bundled demo checkpoints (deterministic, CPU, a few minutes).
 checkpoints: $(VENV)/.ok-cpu

@@ -10,7 +10,9 @@ Scoring asks for log-probabilities of token sequences; this is where batching, K
   needed: the prompt's last token, and inside multi-token labels;
 * multi-token labels reuse the prompt's KV cache: all labels of a prompt are scored in one extra
   forward over just the label tokens;
-* log-softmax is computed in float32 whatever the compute dtype.
+* log-softmax is computed in float32 whatever the compute dtype, as ``x - logsumexp(x)``: Paddle's
+  CPU ``log_softmax`` kernel is pathologically slow on wide rows (~0.14 s per 32000-wide row on a
+  2-core EPYC, ~200x ``logsumexp``; see benchmarks/RESULTS.md), the same values within 1e-6.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class ContinuationScore:
     @property
     def logprob(self) -> float:
         return float(sum(self.token_logprobs))
+
+
+def log_softmax(pd, logits):
+    """float32 log-softmax over the last axis, as ``x - logsumexp(x)`` (see the module docstring)."""
+    logits = logits.astype("float32")
+    return logits - pd.logsumexp(logits, axis=-1, keepdim=True)
 
 
 def unwrap(model):
@@ -64,10 +72,8 @@ class Backend:
 
     def _logprobs(self, hidden_rows):
         """LM head + float32 log-softmax on selected hidden rows ``[N, H]`` -> numpy ``[N, V]``."""
-        pd = self.pd
         logits = self.head(hidden_rows.unsqueeze(0)).squeeze(0)
-        logits = logits.astype("float32")
-        return pd.nn.functional.log_softmax(logits, axis=-1).numpy()
+        return log_softmax(self.pd, logits).numpy()
 
     def _prompt_pass(self, prompts: list[list[int]], use_cache: bool):
         pd = self.pd
@@ -163,5 +169,5 @@ class Backend:
         pd = self.pd
         with pd.no_grad():
             self.forward_calls += 1
-            logits = self.net(pd.to_tensor([ids]), return_dict=True).logits.astype("float32")
-            return pd.nn.functional.log_softmax(logits, axis=-1).numpy()[0]
+            logits = self.net(pd.to_tensor([ids]), return_dict=True).logits
+            return log_softmax(pd, logits).numpy()[0]
