@@ -8,8 +8,12 @@ Scoring asks for log-probabilities of token sequences; this is where batching, K
 * the decoder body runs once per prompt; the LM head (``vocab x hidden`` per position, the biggest
   single matmul for short prompts) runs only at the positions whose next-token distribution is
   needed: the prompt's last token, and inside multi-token labels;
-* multi-token labels reuse the prompt's KV cache: all labels of a prompt are scored in one extra
-  forward over just the label tokens;
+* multi-token labels are packed behind their prompt in the *same* forward ("tree attention"): the
+  sequence is ``prompt, label1[:-1], label2[:-1], ...`` with an attention mask that lets each label's
+  tokens see the prompt and their own label only, and position ids that restart after the prompt
+  for each label. The prompt is encoded once and nothing is copied per label. (``tails =
+  "kv-cache"`` keeps the earlier variant: a second forward over the label tokens on per-label copies
+  of the prompt's KV cache; benchmarks compare both.)
 * log-softmax is computed in float32 whatever the compute dtype, as ``x - logsumexp(x)``: Paddle's
   CPU ``log_softmax`` kernel is pathologically slow on wide rows (~0.14 s per 32000-wide row on a
   2-core EPYC, ~200x ``logsumexp``; see benchmarks/RESULTS.md), the same values within 1e-6.
@@ -49,6 +53,8 @@ def unwrap(model):
 
 
 class Backend:
+    tails = "packed"  # how multi-token labels are scored: "packed" (one forward) or "kv-cache"
+
     def __init__(self, model, pad_id: int = 0):
         self.pd = paddle()
         self.net = unwrap(model)
@@ -106,6 +112,9 @@ class Backend:
         """
         pd = self.pd
         need_cache = any(len(c) > 1 for conts in continuations for c in conts)
+        if need_cache and self.tails == "packed":
+            with pd.no_grad():
+                return self._score_packed(prompts, continuations)
         with pd.no_grad():
             rows, past, lens, pmask = self._prompt_pass(prompts, use_cache=need_cache)
             first = self._logprobs(rows)
@@ -113,6 +122,57 @@ class Backend:
                        for b, conts in enumerate(continuations)]
             if need_cache:
                 self._score_tails(past, lens, pmask, continuations, results)
+        return first, results
+
+    def _score_packed(self, prompts, continuations):
+        """Prompt and every label's tokens in one forward, with a per-row tree attention mask."""
+        pd = self.pd
+        rows = []  # per prompt: token ids, position ids, segment id per position
+        for p, conts in zip(prompts, continuations):
+            ids, pos, seg = list(p), list(range(len(p))), [0] * len(p)
+            starts = []
+            for j, c in enumerate(conts):
+                starts.append(len(ids))
+                tail = c[:-1]
+                ids += tail
+                pos += [len(p) + t for t in range(len(tail))]
+                seg += [j + 1] * len(tail)
+            rows.append((ids, pos, seg, starts))
+        width = max(len(r[0]) for r in rows)
+        n = len(rows)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        pos = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, 1, width, width), dtype=bool)
+        for b, (r_ids, r_pos, r_seg, _) in enumerate(rows):
+            m = len(r_ids)
+            ids[b, :m] = r_ids
+            pos[b, :m] = r_pos
+            seg = np.array(r_seg)
+            causal = np.tril(np.ones((m, m), dtype=bool))
+            same = (seg[:, None] == seg[None, :]) | (seg[None, :] == 0)  # own segment, or the prompt
+            mask[b, 0, :m, :m] = causal & same
+            mask[b, 0, np.arange(m, width), np.arange(m, width)] = True  # pad rows see themselves (no NaN)
+        hidden, _ = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos))
+        sel, where = [], []
+        for b, ((_, _, _, starts), p, conts) in enumerate(zip(rows, prompts, continuations)):
+            sel.append((b, len(p) - 1))
+            where.append((b, None, 0))
+            for j, c in enumerate(conts):
+                for t in range(len(c) - 1):
+                    sel.append((b, starts[j] + t))
+                    where.append((b, j, t + 1))
+        lp = self._logprobs(pd.gather_nd(hidden, pd.to_tensor(np.array(sel, dtype=np.int64))))
+        first_rows = [k for k, (_, j, _) in enumerate(where) if j is None]
+        first = lp[first_rows]
+        results = [[ContinuationScore([float(first[b, c[0]])], int(first[b].argmax()) == c[0]) for c in conts]
+                   for b, conts in enumerate(continuations)]
+        for k, (b, j, t) in enumerate(where):
+            if j is None:
+                continue
+            target = continuations[b][j][t]
+            res = results[b][j]
+            res.token_logprobs.append(float(lp[k, target]))
+            res.greedy = res.greedy and int(lp[k].argmax()) == target
         return first, results
 
     def _score_tails(self, past, lens, pmask, continuations, results):
