@@ -75,16 +75,11 @@ def cpu_flags() -> list[str]:
 
 
 def machine() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     import psutil
 
-    vers = {}
-    for dist in ("paddlepaddle", "paddlenlp", "numpy", "torch", "transformers"):
-        try:
-            vers[dist] = version(dist)
-        except PackageNotFoundError:
-            vers[dist] = None
+    from paddle_scorer.runtime import versions
+
+    vers = versions(("paddlepaddle", "paddlenlp", "numpy", "torch", "transformers"))
     return {
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": len(os.sched_getaffinity(0)),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),

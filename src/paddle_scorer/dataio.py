@@ -80,13 +80,14 @@ def read_done(output: Path) -> tuple[dict[object, dict], int]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             break
-        done[_key(rec["id"])] = rec
+        done[record_key(rec["id"])] = rec
         pos = nl + 1
         good = pos
     return done, good
 
 
-def _key(rid):
+def record_key(rid) -> str:
+    """Ids compare by their JSON form, so 1 and "1" stay different records."""
     return json.dumps(rid)
 
 
@@ -126,14 +127,14 @@ class ResultWriter:
             )
 
     def is_done(self, rid) -> bool:
-        return _key(rid) in self.done
+        return record_key(rid) in self.done
 
     def write_batch(self, records: list[dict]) -> None:
         if self._fh is None:
             self._fh = open(self.output, "a", encoding="utf-8")
         for rec in records:
             self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            self.done[_key(rec["id"])] = rec
+            self.done[record_key(rec["id"])] = rec
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -145,7 +146,7 @@ class ResultWriter:
     def finalize(self, order: list[object]) -> list[dict]:
         """Rewrite the output in input order; returns the records in that order."""
         self.close()
-        records = [self.done[_key(rid)] for rid in order]
+        records = [self.done[record_key(rid)] for rid in order]
         fd, tmp = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:

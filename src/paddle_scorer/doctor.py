@@ -50,15 +50,9 @@ def _at_least(version: str | None, *floor: int) -> bool:
 
 
 def installed_versions(names=PACKAGES) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
+    from paddle_scorer.runtime import versions
 
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return versions(names)
 
 
 def version_findings(v: dict[str, str | None]) -> list[Finding]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from paddle_scorer import __version__
-from paddle_scorer.dataio import ResultWriter, meta_path, write_json_atomic
+from paddle_scorer.dataio import ResultWriter, meta_path, record_key, write_json_atomic
 from paddle_scorer.runtime import settings as runtime_settings
 from paddle_scorer.runtime import versions
 
@@ -69,7 +69,7 @@ def run_job(
             if writer is not None:
                 writer.write_batch(recs)
             for r in recs:
-                results[_k(r["id"])] = r
+                results[record_key(r["id"])] = r
             stats.scored += len(recs)
             if on_progress:
                 on_progress(len(recs))
@@ -80,7 +80,7 @@ def run_job(
     if writer is not None:
         stats.records = writer.finalize([it.id for it in items])
     else:
-        stats.records = [results[_k(it.id)] for it in items]
+        stats.records = [results[record_key(it.id)] for it in items]
     return stats
 
 
@@ -100,14 +100,6 @@ def _length(item) -> int:
     return len(ctx) if ctx is not None else 0
 
 
-def _k(rid):
-    import json
-
-    return json.dumps(rid)
-
-
-def output_path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 @dataclass

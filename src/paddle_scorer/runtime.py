@@ -110,11 +110,15 @@ def paddle():
     return _paddle
 
 
-def versions() -> dict[str, str | None]:
+PROVENANCE_PACKAGES = ("paddle-scorer", "paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "numpy")
+
+
+def versions(names=PROVENANCE_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution (``None``: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("paddle-scorer", "paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "numpy"):
+    for dist in names:
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

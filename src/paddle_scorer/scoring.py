@@ -7,7 +7,6 @@ forward pass, so bad input never leaves a partial output behind.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -85,7 +84,7 @@ class Classifier:
         self.backend = Backend(loaded.model, pad_id=self._pad_id())
         self.calibration_info: dict = {"method": options.calibration}
         self._cf_probs: np.ndarray | None = None
-        self._domain_lp: np.ndarray | None = None
+        self._domain_scores: np.ndarray | None = None
 
     def _pad_id(self) -> int:
         pid = getattr(self.tok, "pad_token_id", None)
@@ -156,8 +155,9 @@ class Classifier:
             if not domain:
                 raise UsageError("--calibration pmi needs a domain premise (the text just before the answer); pass --pmi-domain TEXT.")
             prep = self.encode(domain, "the PMI domain premise")
-            lp = np.array([s.logprob for s in self._score_prepared([prep])[0][1]])
-            self._domain_lp = lp
+            result = self._score_prepared([prep])[0]
+            lp = np.array([s.logprob for s in result[1]])
+            self._domain_scores = self._label_scores(result)  # same length normalisation as the records'
             self.calibration_info = {"method": method, "domain_premise": domain,
                                      "domain_logprobs": dict(zip(self.opts.labels, map(float, lp)))}
         return self.calibration_info
@@ -214,7 +214,7 @@ class Classifier:
             probs = raw_probs / self._cf_probs
             probs = probs / probs.sum()
         elif self.opts.calibration == "pmi":
-            probs = softmax(scores - self._domain_lp_normed())
+            probs = softmax(scores - self._domain_scores)
         else:
             probs = raw_probs
         pred = labels[int(np.argmax(probs))]
@@ -236,17 +236,3 @@ class Classifier:
             rec["truncated_tokens"] = prep.truncated
         return rec
 
-    def _domain_lp_normed(self) -> np.ndarray:
-        lp = self._domain_lp
-        if self.opts.length_norm == "per-token":
-            # same per-token normalisation as the scores it is subtracted from
-            lp = lp / np.array([len(x) for x in self._last_label_lengths()])
-        return lp
-
-    def _last_label_lengths(self):
-        prep = self.encode(self.opts.pmi_domain or self.default_domain() or "", "domain")
-        return prep.label_ids
-
-
-def probs_sum_to_one(rec: dict) -> bool:
-    return math.isclose(sum(rec["probs"].values()), 1.0, rel_tol=0, abs_tol=1e-6)

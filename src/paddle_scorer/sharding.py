@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from paddle_scorer.dataio import meta_path, write_json_atomic
+from paddle_scorer.dataio import meta_path, record_key, write_json_atomic
 from paddle_scorer.errors import UsageError
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
@@ -168,7 +168,7 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
             for r in range(world):
                 if j < len(parts[r]):
                     records.append(parts[r][j])
-        ids = [json.dumps(r["id"]) for r in records]
+        ids = [record_key(r["id"]) for r in records]
         if len(set(ids)) != len(ids) or len(records) != total:
             raise UsageError(f"part files of {output} contain duplicate ids; rerun with --overwrite.")
         tmp = output.with_name(f".{output.name}.gather-{os.getpid()}.tmp")

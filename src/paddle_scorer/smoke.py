@@ -162,8 +162,19 @@ class SmokeOptions:
     id_field: str = "id"
 
 
+class _Checks:
+    """A list of checks with an ``add`` helper."""
+
+    checks: list
+
+    def add(self, name: str, status: str, detail: str) -> Check:
+        c = Check(name, status, detail)
+        self.checks.append(c)
+        return c
+
+
 @dataclass
-class Preflight:
+class Preflight(_Checks):
     options: SmokeOptions
     model_dir: Path
     lora_dir: Path | None
@@ -182,25 +193,15 @@ class Preflight:
     partial_layers: int | None = None  # set when only a partial load fits
     ready: bool = False  # the checkpoint checks passed: the model may be loaded
 
-    def add(self, name: str, status: str, detail: str) -> Check:
-        c = Check(name, status, detail)
-        self.checks.append(c)
-        return c
-
 
 @dataclass
-class Exercise:
+class Exercise(_Checks):
     path: str  # "full" | "partial" | "none"
     checks: list[Check] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     projection: Projection | None = None
     attach_merge_delta: float | None = None
     layers: int | None = None
-
-    def add(self, name: str, status: str, detail: str) -> Check:
-        c = Check(name, status, detail)
-        self.checks.append(c)
-        return c
 
 
 @dataclass
