@@ -29,6 +29,25 @@ from paddle_scorer.runtime import paddle
 
 
 @dataclass
+class SequenceLogprobs:
+    """Per-position log-probs of one token sequence (``n`` tokens), all from one float32 log-softmax.
+
+    * ``token_logprobs[i]`` = log P(tokens[i] | tokens[:i]) for ``i >= 1``; ``token_logprobs[0]`` is NaN
+      (the first token has no context).
+    * ``top_ids[j]`` / ``top_logprobs[j]``: the ``top_n`` most likely tokens of the distribution after
+      ``tokens[:j + 1]`` (row ``j`` predicts token ``j + 1``; the last row predicts the next new token).
+      Values are copied from the same float32 array as ``token_logprobs``, so equal tokens have
+      bit-identical values.
+    * ``next_logprobs``: the whole distribution after the last token ``[V]`` (float32).
+    """
+
+    token_logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    next_logprobs: np.ndarray
+
+
+@dataclass
 class ContinuationScore:
     token_logprobs: list[float]
     greedy: bool
@@ -203,6 +222,37 @@ class Backend:
             res.token_logprobs.append(float(lp[k, target]))
             res.greedy = res.greedy and int(lp[k].argmax()) == target
 
+    def sequence_logprobs(self, seqs: list[list[int]], top_n: int = 0) -> list[SequenceLogprobs]:
+        """Log-probs at every position of each sequence (one batched forward). See :class:`SequenceLogprobs`."""
+        pd = self.pd
+        lens = [len(s) for s in seqs]
+        if min(lens) < 1:
+            raise ValueError("empty sequence")
+        width = max(lens)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        pos = np.tile(np.arange(width, dtype=np.int64), (len(seqs), 1))
+        out = []
+        with pd.no_grad():
+            hidden, _ = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos))
+            for i, s in enumerate(seqs):
+                lp = self._logprobs(hidden[i, : len(s)])  # [n, V]
+                tok = np.full(len(s), np.nan, dtype=np.float32)
+                if len(s) > 1:
+                    tok[1:] = lp[np.arange(len(s) - 1), np.asarray(s[1:])]
+                k = min(top_n, lp.shape[1])
+                if k:
+                    top = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+                    top_lp = np.take_along_axis(lp, top, axis=1)
+                else:
+                    top = np.zeros((len(s), 0), dtype=np.int64)
+                    top_lp = np.zeros((len(s), 0), dtype=np.float32)
+                out.append(SequenceLogprobs(tok, top, top_lp, lp[-1].copy()))
+        return out
+
     # ------------------------------------------------------------------ generation
 
     def start(self, prompt: list[int]):
@@ -231,3 +281,9 @@ class Backend:
             self.forward_calls += 1
             logits = self.net(pd.to_tensor([ids]), return_dict=True).logits
             return log_softmax(pd, logits).numpy()[0]
+
+
+def backend_for(loaded) -> Backend:
+    """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer)."""
+    pid = getattr(loaded.tokenizer, "pad_token_id", None)
+    return Backend(loaded.model, pad_id=int(pid) if pid is not None else 0)
