@@ -165,7 +165,7 @@ def test_contextual_calibration_divides_by_content_free_probs(tmp_path):
             "--content-free", "N/A", "--content-free", "")
     assert r.exit_code == 0, r.output
     meta = json.loads(out.with_name("c.jsonl.meta.json").read_text())
-    cf = meta["run_config"]["calibration"]["content_free_probs"]
+    cf = meta["calibration"]["content_free_probs"]
     # independent: classify the content-free inputs without calibration and average
     r2 = cli("classify", "--model", builders.DEMO_BASE, "--labels", "goods,life", "--template", TEMPLATE,
              "--prompt", "N/A", "--prompt", "", "--json")
@@ -181,7 +181,7 @@ def test_pmi_subtracts_domain_premise_logprobs(tmp_path):
     out = tmp_path / "p.jsonl"
     r = cli("classify", *DEMO, "--input", builders.DEMO_QUERIES, "--limit", 5, "--output", out, "--calibration", "pmi")
     assert r.exit_code == 0, r.output
-    cal = json.loads(out.with_name("p.jsonl.meta.json").read_text())["run_config"]["calibration"]
+    cal = json.loads(out.with_name("p.jsonl.meta.json").read_text())["calibration"]
     assert cal["domain_premise"] == TEMPLATE[TEMPLATE.rfind("}") + 1:].lstrip()
     for rec in read_jsonl(out):
         s = np.array([rec["logprobs"][lab] - cal["domain_logprobs"][lab] for lab in ("goods", "life")])
@@ -220,9 +220,11 @@ def test_interrupted_run_resumes_with_every_id_exactly_once(tmp_path, monkeypatc
     monkeypatch.setattr(Classifier, "score", flaky)
     r = cli("classify", *DEMO, "--input", builders.DEMO_QUERIES, "--output", out, "--batch-size", 10)
     assert r.exit_code == 130
-    partial = read_jsonl(out)
-    assert len(partial) == 30  # three complete batches survived
-    with open(out, "a") as fh:
+    assert not out.exists()  # the output appears only when complete
+    working = tmp_path / ".r.jsonl.inprogress"
+    partial = read_jsonl(working)
+    assert len(partial) == 30  # three complete batches survived, in the hidden working file
+    with open(working, "a") as fh:
         fh.write('{"id": "torn')  # a torn last line from a kill
     monkeypatch.setattr(Classifier, "score", real)
     r = cli("classify", *DEMO, "--input", builders.DEMO_QUERIES, "--output", out, "--batch-size", 10, "--resume")
@@ -286,7 +288,7 @@ def test_bad_labels(existing, labels, expect):
 def test_prompt_longer_than_context(existing, tmp_path, models):
     long = "cabbage " * 400
     msg = bad(existing, "--prompt", long)
-    assert "--prompt #1: prompt + label is" in msg and "--truncate left" in msg
+    assert "--prompt #1: the prompt and what follows it is" in msg and "--truncate left" in msg
     r = cli("classify", *DEMO, "--prompt", long, "--truncate", "left", "--json")
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout.splitlines()[0])

@@ -69,7 +69,7 @@ def test_killed_worker_is_resumed_with_every_id_exactly_once(tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["classify", *DEMO, "--input", data, "--output", out, "--batch-size", 4]
     proc = launch(tmp_path, *args, wait=False)
-    part1 = tmp_path / "out.jsonl.parts" / "part-00001-of-00002.jsonl"
+    part1 = tmp_path / "out.jsonl.parts" / ".part-00001-of-00002.jsonl.inprogress"  # a part's working file
     victim = None
     deadline = time.time() + 300
     while time.time() < deadline and victim is None:
@@ -87,6 +87,7 @@ def test_killed_worker_is_resumed_with_every_id_exactly_once(tmp_path):
     assert not out.exists() or len(read(out)) < len(base) * 8  # not assembled from an incomplete part
     done_before = sum(1 for _ in open(part1))
     assert 40 <= done_before < len(base) * 4
+    assert not (tmp_path / "out.jsonl.parts" / "part-00001-of-00002.jsonl").exists()  # no partial part file
     r = runner.invoke(app, ["gather", str(out)])
     assert r.exit_code == 5 and "have not finished" in r.stderr and "--resume" in r.stderr
     code, log = launch(tmp_path, *args, "--resume")

@@ -143,15 +143,24 @@ def test_missing_base_tensor_is_never_randomly_initialised(models, copy_of):
     assert "lm_head.weight: missing" in msg  # all problems, not just the first
 
 
-def test_adapter_for_another_architecture_is_refused(models):
-    with pytest.raises(WeightMismatchError, match="no module `qwen2.layers.0.self_attn.q_proj` in the base"):
+def test_adapter_for_another_architecture_is_refused(models, copy_of):
+    # lora_config.json names the qwen2 base: refused before any tensor is read, naming both models
+    with pytest.raises(CheckpointError, match="trained on .*qwen2.* is a different model .*model_type 'qwen2' vs 'llama'"):
         load(models["llama"], models["qwen2_lora"])
+    # without the name, the tensors themselves do not fit
+    lora = copy_of(models["qwen2_lora"])
+    cfg = json.loads((lora / "lora_config.json").read_text())
+    del cfg["base_model_name_or_path"]
+    (lora / "lora_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightMismatchError, match="no module `qwen2.layers.0.self_attn.q_proj` in the base"):
+        load(models["llama"], lora)
 
 
 def test_adapter_shape_mismatch_lists_every_module(models, copy_of):
     lora = copy_of(models["llama_lora"])
     cfg = json.loads((lora / "lora_config.json").read_text())
     cfg["r"] = 8
+    del cfg["scaling"]  # else the saved scaling (alpha / 4) contradicts r=8 and that is refused first
     (lora / "lora_config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightMismatchError) as exc:
         load(models["llama"], lora)

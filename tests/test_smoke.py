@@ -12,8 +12,9 @@ from paddle_scorer.cli.app import app
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
 from paddle_scorer.loader import load
 from paddle_scorer.runtime import paddle
-from paddle_scorer.smoke import Projection, gpu_command, parse_size, partial_params, project
-from paddle_scorer.weights import read_files_meta, read_pdparams, write_pdparams
+from paddle_scorer.estimates import Projection, gpu_command, project
+from paddle_scorer.memory import parse_size
+from paddle_scorer.weights import read_pdparams, write_pdparams
 
 runner = CliRunner()
 DEMO = ["--model", builders.DEMO_BASE, "--lora", builders.DEMO_LORA]
@@ -51,13 +52,13 @@ def demo_json():
 
 def test_demo_passes_every_check(demo_json):
     c = checks(demo_json)
-    assert demo_json["passed"] is True and demo_json["path"] == "full"
+    assert demo_json["passed"] is True and demo_json["execution"] == "in-ram"
     for name in ("model folder", "adapter folder", "adapter fits base", "tokenizer", "labels", "input", "fits in RAM",
                  "fits on GPU", "load", "prompts", "score", "probabilities finite", "probabilities sum to 1",
                  "output records", "attach vs merge"):
         assert c[name]["status"] == "PASS", (name, c[name])
     assert "from scorer.json" in c["labels"]["detail"]
-    assert f"{N_QUERIES} records" in c["input"]["detail"]
+    assert f"{N_QUERIES} records" in c["input"]["detail"] and f"{N_QUERIES} record(s) templated" in c["prompts"]["detail"]
     assert demo_json["attach_merge_max_abs_logprob_delta"] <= 1e-4
     # the demo base is stored in float16: the GPU run uses float16
     assert demo_json["gpu_command"] == (
@@ -94,77 +95,66 @@ def test_project_is_a_pure_function_of_the_measurement():
         project(1.0, 0, 10)
 
 
-# ---------------------------------------------------------------- partial load
+# ---------------------------------------------------------------- a model that does not fit: streamed
 
 
-@pytest.mark.parametrize("limit,layers", [("2MB", 1), ("3MB", 2)])
-def test_partial_pipeline_check_when_the_model_does_not_fit(limit, layers):
-    r, data = smoke_json(*DEMO, "--input", builders.DEMO_QUERIES, "--memory-limit", limit)
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A ~100 MB float32 Llama (+ adapter) and a memory limit it does not fit in RAM under, but streams within."""
+    from paddle_scorer.memory import INTERPRETER_BYTES, STREAM_WORKING_BYTES
+
+    root = tmp_path_factory.mktemp("wide")
+    model = builders.build_model("llama", seed=2, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=8)
+    base = builders.save_model(model, root / "wide")
+    lora = builders.save_lora(model, root / "wide-lora", base_ref=str(base))
+    weights = sum(int(np.prod(p.shape)) for p in model.parameters()) * 4
+    layer = sum(int(np.prod(p.shape)) for n, p in model.named_parameters() if ".layers.0." in n) * 4
+    fits = int(weights * 1.1) + INTERPRETER_BYTES
+    stream_min = 2 * layer + 512 * 512 * 4 + INTERPRETER_BYTES + STREAM_WORKING_BYTES
+    return base, lora, f"{(stream_min + fits) // 2 // 1024}KB"
+
+
+def test_a_model_that_does_not_fit_is_scored_streamed_with_real_probabilities(wide, tmp_path):
+    base, lora, limit = wide
+    args = ["--model", base, "--lora", lora, "--labels", "goods,life", "--input", builders.DEMO_QUERIES]
+    r, data = smoke_json(*args, "--memory-limit", limit, "--limit", 3)
     assert r.exit_code == 0, r.output
     c = checks(data)
-    assert data["path"] == "partial" and data["partial_layers"] == layers
-    assert c["fits in RAM"]["status"] == "WARN" and "pipeline, not the quality" in c["fits in RAM"]["detail"]
-    assert c["load"]["status"] == "PASS" and "a pipeline check, not a quality check" in c["load"]["detail"]
-    assert f"the first {layers} of 4 decoder layers" in c["load"]["detail"]
-    for name in ("weights finite", "prompts", "score", "probabilities finite", "probabilities sum to 1",
-                 "output records", "attach vs merge"):
+    assert data["execution"] == "streamed"
+    assert c["fits in RAM"]["status"] == "INFO" and "streams it layer by layer" in c["fits in RAM"]["detail"]
+    for name in ("load", "score", "probabilities finite", "probabilities sum to 1", "output records"):
         assert c[name]["status"] == "PASS", (name, c[name])
-    assert c["projected time"]["status"] == "SKIP" and data["projection"] is None
+    assert "streamed" in c["score"]["detail"] and c["attach vs merge"]["status"] == "SKIP"
+    p = data["projection"]
+    assert p["seconds_per_block"] >= 0 and p["block_records"] >= 1 and p["total_records"] == N_QUERIES
+    assert "per block" in c["projected time"]["detail"]
+    # the probabilities are the full model's: the same as an in-RAM classify of the same records
+    out = tmp_path / "ram.jsonl"
+    assert cli("classify", *args, "--limit", 3, "--output", out, "--execution", "in-ram").exit_code == 0
+    ram = [json.loads(line) for line in open(out)]
+    r = cli("smoke", *args, "--memory-limit", limit, "--limit", 3)
+    assert r.exit_code == 0 and "(streamed: the full model)" in r.stdout
+    for rec in ram:
+        assert f"{rec['probs']['goods']:.4f}" in r.stdout
 
 
-def test_partial_text_is_labelled_as_a_pipeline_check():
-    r = cli("smoke", *DEMO, "--memory-limit", "2MB", "--limit", 2)
-    assert r.exit_code == 0, r.output
-    assert "PIPELINE CHECK, NOT A QUALITY CHECK" in r.stdout
-    assert "(partial model: not meaningful)" in r.stdout and "the pipeline works (partial model)" in r.stdout
+def test_streamed_projection_separates_the_per_block_cost():
+    from paddle_scorer.estimates import project_streamed
+
+    # a block costs 10 s + 1 s per record: measured 11 s for 1 record and 15 s for 5
+    p = project_streamed(11.0, 15.0, 5, 100, 40)
+    assert p.seconds_per_block == pytest.approx(10.0) and p.seconds_per_record == pytest.approx(1.0)
+    assert p.total_seconds == pytest.approx(3 * 10.0 + 100 * 1.0)  # 3 blocks of up to 40
 
 
-def test_nothing_fits_fails(tmp_path):
+def test_nothing_fits_fails():
     r, data = smoke_json(*DEMO, "--memory-limit", "10KB")
     assert r.exit_code == 1
     c = checks(data)
-    assert c["fits in RAM"]["status"] == "FAIL" and "neither does a partial load" in c["fits in RAM"]["detail"]
-    assert c["scoring"]["status"] == "SKIP"
-
-
-def test_partial_load_equals_a_truncated_checkpoint(models, tmp_path):
-    """load(layers=1) == loading a real 1-layer checkpoint built from the same tensors (base + adapter)."""
-    ref_base = tmp_path / "one-layer"
-    ref_base.mkdir()
-    for f in models["llama"].iterdir():
-        (ref_base / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((ref_base / "config.json").read_text())
-    cfg["num_hidden_layers"] = 1
-    (ref_base / "config.json").write_text(json.dumps(cfg))
-    sd = read_pdparams(models["llama"] / "model_state.pdparams")
-    write_pdparams({k: v for k, v in sd.items() if ".layers.1." not in k}, ref_base / "model_state.pdparams")
-    ref_lora = tmp_path / "one-layer-lora"
-    ref_lora.mkdir()
-    (ref_lora / "lora_config.json").write_bytes((models["llama_lora"] / "lora_config.json").read_bytes())
-    ad = read_pdparams(models["llama_lora"] / "lora_model_state.pdparams")
-    write_pdparams({k: v for k, v in ad.items() if ".layers.1." not in k}, ref_lora / "lora_model_state.pdparams")
-
-    pd = paddle()
-    ids = pd.to_tensor([[5, 17, 42, 99, 7]])
-    partial = load(models["llama"], models["llama_lora"], layers=1)
-    ref = load(ref_base, ref_lora)
-    assert len(partial.model.model.llama.layers) == 1
-    assert "partial load" in partial.facts.notes[-1]
-    with pd.no_grad():
-        a = partial.model(ids, return_dict=True).logits.numpy()
-        b = ref.model(ids, return_dict=True).logits.numpy()
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    with pytest.raises(UsageError, match="not between 1 and the model's num_hidden_layers"):
-        load(models["llama"], layers=3)
-
-
-def test_partial_load_still_validates_the_whole_adapter(models, copy_of):
-    lora = copy_of(models["llama_lora"])
-    sd = read_pdparams(lora / "lora_model_state.pdparams")
-    sd["llama.layers.1.self_attn.q_proj.lora_A"] = sd["llama.layers.1.self_attn.q_proj.lora_A"][:, :2]
-    write_pdparams(sd, lora / "lora_model_state.pdparams")
-    with pytest.raises(WeightMismatchError, match="layers.1.self_attn.q_proj: adapter shapes"):
-        load(models["llama"], lora, layers=1)  # layer 1 is not loaded, but its adapter is still checked
+    assert c["memory budget"]["status"] == "FAIL" and "too small even to stream" in c["memory budget"]["detail"]
+    assert "the minimum is about" in c["memory budget"]["detail"]
+    assert c["score"]["status"] == "SKIP"
 
 
 # ---------------------------------------------------------------- the loader's broken folders
@@ -224,11 +214,6 @@ def test_nan_in_the_base_fails_the_load_with_the_loaders_message(models, copy_of
     msg = loader_message(base)
     assert "contain NaN/inf" in msg
     assert_fails_with(["--model", base, "--labels", "goods,life"], "load", msg)
-    # a partial load does not read layer 1, so the partial path scans every tensor for NaN/inf
-    limit = f"{int(4 * partial_params(read_files_meta([base / 'model_state.pdparams']), 1) * 1.1) + 1}B"
-    data = assert_fails_with(["--model", base, "--labels", "goods,life", "--memory-limit", limit],
-                             "weights finite", "llama.layers.1.self_attn.o_proj.weight: 1 NaN/inf")
-    assert data["path"] == "partial"
 
 
 def test_nan_in_the_adapter(models, copy_of):
@@ -244,6 +229,7 @@ def test_adapter_shape_mismatch(models, copy_of):
     lora = copy_of(models["llama_lora"])
     cfg = json.loads((lora / "lora_config.json").read_text())
     cfg["r"] = 8
+    del cfg["scaling"]
     (lora / "lora_config.json").write_text(json.dumps(cfg))
     msg = loader_message(models["llama"], lora)
     assert msg.count("do not fit the base weight") == 6
@@ -252,6 +238,7 @@ def test_adapter_shape_mismatch(models, copy_of):
 
 def test_adapter_for_another_architecture(models):
     msg = loader_message(models["llama"], models["qwen2_lora"])
+    assert "is a different model" in msg
     assert_fails_with(["--model", models["llama"], "--lora", models["qwen2_lora"], "--labels", "goods,life"],
                       "adapter fits base", msg)
 
@@ -270,7 +257,7 @@ def test_logits_that_overflow_fail_the_score_check(models, copy_of):
 def test_bad_input_record_fails_before_the_gpu_would(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"query": "price of rice"}\n{"text": "no query field"}\n')
-    assert_fails_with([*DEMO, "--input", data], "input", f"{data}:2: the template needs field(s) query")
+    assert_fails_with([*DEMO, "--input", data], "prompts", f"{data}:2: the template needs field(s) query")
 
 
 def test_gpu_too_small_fails_and_says_what_to_do():

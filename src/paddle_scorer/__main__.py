@@ -1,4 +1,5 @@
+"""`python -m paddle_scorer` is `paddle-scorer`."""
+
 from paddle_scorer.cli.app import main
 
-if __name__ == "__main__":
-    main()
+main()

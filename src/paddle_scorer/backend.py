@@ -1,27 +1,37 @@
-"""The only module that calls the model's forward.
+"""The only module that runs the model: token ids in, float32 log-probs out.
 
-Scoring asks for log-probabilities of token sequences; this is where batching, KV-cache reuse and
-"LM head only where needed" live:
+One narrow seam, two layers:
 
-* prompts are batched (sorted by length, right-padded, explicit attention mask and position ids,
-  original order restored by the caller's indices);
-* the decoder body runs once per prompt; the LM head (``vocab x hidden`` per position, the biggest
-  single matmul for short prompts) runs only at the positions whose next-token distribution is
-  needed: the prompt's last token, and inside multi-token labels;
+* :class:`ModelRunner` wraps the library's model (PaddleNLP or PaddleFormers, attached LoRA or not):
+  ``hidden(ids, mask, positions, cache)`` runs the decoder body, ``logprobs(rows)`` runs the LM head
+  on selected hidden rows and a float32 log-softmax. The library differences (where the body is,
+  the KV-cache object) stay in :mod:`paddle_scorer.libraries`.
+* :class:`Backend` owns the scoring algorithms on top of it: what :mod:`paddle_scorer.scoring`,
+  :mod:`paddle_scorer.generation` and ``serve`` call.
+
+How labels are scored (:func:`pack`, :func:`unpack`, pure numpy, shared with the layer-streamed
+executor in :mod:`paddle_scorer.stream`):
+
+* prompts are batched (sorted by length by the caller, right-padded, explicit mask and position ids);
 * multi-token labels are packed behind their prompt in the *same* forward ("tree attention"): the
-  sequence is ``prompt, label1[:-1], label2[:-1], ...`` with an attention mask that lets each label's
-  tokens see the prompt and their own label only, and position ids that restart after the prompt
-  for each label. The prompt is encoded once and nothing is copied per label. (``tails =
-  "kv-cache"`` keeps the earlier variant: a second forward over the label tokens on per-label copies
-  of the prompt's KV cache; benchmarks compare both.)
+  row is ``prompt, label1[:-1], label2[:-1], ...`` with a mask that lets each label's tokens see the
+  prompt and their own label only, and position ids that restart after the prompt for each label.
+  The prompt is encoded once and nothing is copied per label;
+* the LM head (``vocab x hidden`` per position, the biggest single matmul for short prompts) runs only
+  at the positions whose next-token distribution is needed;
 * log-softmax is computed in float32 whatever the compute dtype, as ``x - logsumexp(x)``: Paddle's
   CPU ``log_softmax`` kernel is pathologically slow on wide rows (~0.14 s per 32000-wide row on a
   2-core EPYC, ~200x ``logsumexp``; see benchmarks/RESULTS.md), the same values within 1e-6.
+
+Hooks (documented, for benchmarks and tests; production uses the defaults): ``Backend(runner,
+pad_id, strategy=...)`` replaces how a batch of labelled prompts is scored (the benchmarks compare a
+KV-cache variant this way), and ``Backend.runner`` may be wrapped to count or inspect forwards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -63,183 +73,194 @@ def log_softmax(pd, logits):
     return logits - pd.logsumexp(logits, axis=-1, keepdim=True)
 
 
-def unwrap(model):
-    """The PaddleNLP causal LM inside a LoRAModel (or the model itself)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "lm_head"):
-        return inner
-    return model
+# --------------------------------------------------------------------------------------------------
+# The runner: the model's forward, library-agnostic
+# --------------------------------------------------------------------------------------------------
 
 
-class Backend:
-    tails = "packed"  # how multi-token labels are scored: "packed" (one forward) or "kv-cache"
+class ModelRunner:
+    """The decoder body and LM head of a loaded model."""
 
-    def __init__(self, model, pad_id: int = 0):
+    def __init__(self, model):
+        from paddle_scorer.libraries import body_and_head
+
         self.pd = paddle()
-        self.net = unwrap(model)
-        prefix = getattr(self.net, "base_model_prefix", None)
-        self.body = getattr(self.net, prefix) if prefix and hasattr(self.net, prefix) else None
-        self.head = getattr(self.net, "lm_head", None)
-        if self.body is None or self.head is None:
-            raise TypeError(f"{type(self.net).__name__} has no decoder body + lm_head; only causal LMs are supported")
-        self.pad_id = pad_id
-        self.forward_calls = 0  # for tests and benchmarks
+        self.net, self.body, self.head = body_and_head(model)
 
-    # ------------------------------------------------------------------ low-level passes
-
-    def _run_body(self, ids, mask, pos, past=None, use_cache=False):
-        self.forward_calls += 1
+    def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache=None, use_cache: bool = False):
+        """Body forward: ``[B, W]`` ids, a 2-D ``[B, W(+past)]`` or 4-D ``[B, 1, W, W]`` mask, ``[B, W]``
+        positions -> (hidden ``[B, W, H]`` tensor, new cache or None)."""
+        pd = self.pd
         out = self.body(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-            use_cache=use_cache, return_dict=True,
+            input_ids=pd.to_tensor(ids), attention_mask=pd.to_tensor(mask), position_ids=pd.to_tensor(positions),
+            past_key_values=cache, use_cache=use_cache, return_dict=True,
         )
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
 
-    def _logprobs(self, hidden_rows):
-        """LM head + float32 log-softmax on selected hidden rows ``[N, H]`` -> numpy ``[N, V]``."""
-        logits = self.head(hidden_rows.unsqueeze(0)).squeeze(0)
+    def logprobs(self, rows) -> np.ndarray:
+        """LM head + float32 log-softmax on hidden rows ``[N, H]`` -> numpy ``[N, V]``."""
+        logits = self.head(rows.unsqueeze(0)).squeeze(0)
         return log_softmax(self.pd, logits).numpy()
 
-    def _prompt_pass(self, prompts: list[list[int]], use_cache: bool):
+    def gather(self, hidden, rows: list[tuple[int, int]]):
+        """The hidden rows at ``(batch, position)`` pairs ``[N, H]``."""
         pd = self.pd
-        lens = [len(p) for p in prompts]
-        width = max(lens)
-        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = p
-            mask[i, : len(p)] = 1
-        pos = np.tile(np.arange(width, dtype=np.int64), (len(prompts), 1))
-        hidden, past = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos), use_cache=use_cache)
-        last = pd.to_tensor(np.array([n - 1 for n in lens], dtype=np.int64))
-        rows = pd.gather_nd(hidden, pd.stack([pd.arange(len(prompts), dtype="int64"), last], axis=1))
-        return rows, past, lens, mask
+        return pd.gather_nd(hidden, pd.to_tensor(np.asarray(rows, dtype=np.int64).reshape(-1, 2)))
 
-    # ------------------------------------------------------------------ API
+    def select_cache(self, cache, index: list[int]):
+        from paddle_scorer.libraries import select_cache_rows
 
-    def next_token_logprobs(self, prompts: list[list[int]]) -> np.ndarray:
-        """log P(next token | prompt) for each prompt: ``[len(prompts), vocab]`` float32."""
-        with self.pd.no_grad():
-            rows, _, _, _ = self._prompt_pass(prompts, use_cache=False)
-            return self._logprobs(rows)
+        return select_cache_rows(cache, self.pd.to_tensor(np.asarray(index, dtype=np.int64)))
 
-    def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> tuple[np.ndarray, list[list[ContinuationScore]]]:
-        """Teacher-forced log-probs of every continuation of every prompt (one batch).
 
-        Returns the prompts' next-token log-probs ``[B, V]`` and, per prompt, one
-        :class:`ContinuationScore` per continuation.
-        """
-        pd = self.pd
-        need_cache = any(len(c) > 1 for conts in continuations for c in conts)
-        if need_cache and self.tails == "packed":
-            with pd.no_grad():
-                return self._score_packed(prompts, continuations)
-        with pd.no_grad():
-            rows, past, lens, pmask = self._prompt_pass(prompts, use_cache=need_cache)
-            first = self._logprobs(rows)
-            results = [[ContinuationScore([float(first[b, c[0]])], int(first[b].argmax()) == c[0]) for c in conts]
-                       for b, conts in enumerate(continuations)]
-            if need_cache:
-                self._score_tails(past, lens, pmask, continuations, results)
-        return first, results
+# --------------------------------------------------------------------------------------------------
+# Packing labelled prompts into one forward (pure numpy)
+# --------------------------------------------------------------------------------------------------
 
-    def _score_packed(self, prompts, continuations):
-        """Prompt and every label's tokens in one forward, with a per-row tree attention mask."""
-        pd = self.pd
-        rows = []  # per prompt: token ids, position ids, segment id per position
-        for p, conts in zip(prompts, continuations):
-            ids, pos, seg = list(p), list(range(len(p))), [0] * len(p)
-            starts = []
+
+@dataclass
+class Packed:
+    """One batch of prompts with their labels packed behind them (see the module docstring)."""
+
+    ids: np.ndarray  # [B, W]
+    positions: np.ndarray  # [B, W]
+    mask: np.ndarray  # [B, 1, W, W] bool (tree mask) or [B, W] int (plain padding mask)
+    rows: list[tuple[int, int]]  # (batch, position) whose next-token distribution is needed
+    targets: list[tuple[int, int | None, int]]  # per row: (batch, label index or None for the prompt's last, token)
+    continuations: list[list[list[int]]]
+
+
+def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int) -> Packed:
+    """Prompts and every label's tokens in one forward, with a per-row tree attention mask."""
+    multi = any(len(c) > 1 for conts in continuations for c in conts)
+    layout = []  # per prompt: token ids, position ids, segment id per position, start of each label
+    for p, conts in zip(prompts, continuations):
+        ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), []
+        if multi:
             for j, c in enumerate(conts):
                 starts.append(len(ids))
                 tail = c[:-1]
                 ids += tail
                 pos += [len(p) + t for t in range(len(tail))]
                 seg += [j + 1] * len(tail)
-            rows.append((ids, pos, seg, starts))
-        width = max(len(r[0]) for r in rows)
-        n = len(rows)
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        pos = np.zeros((n, width), dtype=np.int64)
+        layout.append((ids, pos, seg, starts))
+    width = max(len(r[0]) for r in layout)
+    n = len(layout)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    pos = np.zeros((n, width), dtype=np.int64)
+    if multi:
         mask = np.zeros((n, 1, width, width), dtype=bool)
-        for b, (r_ids, r_pos, r_seg, _) in enumerate(rows):
-            m = len(r_ids)
-            ids[b, :m] = r_ids
-            pos[b, :m] = r_pos
+    else:
+        mask = np.zeros((n, width), dtype=np.int64)
+    for b, (r_ids, r_pos, r_seg, _) in enumerate(layout):
+        m = len(r_ids)
+        ids[b, :m] = r_ids
+        pos[b, :m] = r_pos
+        if multi:
             seg = np.array(r_seg)
             causal = np.tril(np.ones((m, m), dtype=bool))
             same = (seg[:, None] == seg[None, :]) | (seg[None, :] == 0)  # own segment, or the prompt
             mask[b, 0, :m, :m] = causal & same
             mask[b, 0, np.arange(m, width), np.arange(m, width)] = True  # pad rows see themselves (no NaN)
-        hidden, _ = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos))
-        sel, where = [], []
-        for b, ((_, _, _, starts), p, conts) in enumerate(zip(rows, prompts, continuations)):
-            sel.append((b, len(p) - 1))
-            where.append((b, None, 0))
-            for j, c in enumerate(conts):
-                for t in range(len(c) - 1):
-                    sel.append((b, starts[j] + t))
-                    where.append((b, j, t + 1))
-        lp = self._logprobs(pd.gather_nd(hidden, pd.to_tensor(np.array(sel, dtype=np.int64))))
-        first_rows = [k for k, (_, j, _) in enumerate(where) if j is None]
-        first = lp[first_rows]
-        results = [[ContinuationScore([float(first[b, c[0]])], int(first[b].argmax()) == c[0]) for c in conts]
-                   for b, conts in enumerate(continuations)]
-        for k, (b, j, t) in enumerate(where):
-            if j is None:
-                continue
-            target = continuations[b][j][t]
-            res = results[b][j]
-            res.token_logprobs.append(float(lp[k, target]))
-            res.greedy = res.greedy and int(lp[k].argmax()) == target
-        return first, results
+        else:
+            pos[b, m:] = np.arange(m, width)
+            mask[b, :m] = 1
+    rows, targets = [], []
+    for b, ((_, _, _, starts), p, conts) in enumerate(zip(layout, prompts, continuations)):
+        rows.append((b, len(p) - 1))
+        targets.append((b, None, 0))
+        for j, c in enumerate(conts):
+            for t in range(len(c) - 1):
+                rows.append((b, starts[j] + t))
+                targets.append((b, j, t + 1))
+    return Packed(ids, pos, mask, rows, targets, continuations)
 
-    def _score_tails(self, past, lens, pmask, continuations, results):
-        """Tokens 2..n of multi-token continuations, in one forward over the cached prompts."""
-        pd = self.pd
-        jobs = [(b, j, c) for b, conts in enumerate(continuations) for j, c in enumerate(conts) if len(c) > 1]
-        width = max(len(c) - 1 for _, _, c in jobs)
-        n = len(jobs)
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        cmask = np.zeros((n, width), dtype=np.int64)
-        pos = np.zeros((n, width), dtype=np.int64)
-        for r, (b, _, c) in enumerate(jobs):
-            t = len(c) - 1
-            ids[r, :t] = c[:-1]
-            cmask[r, :t] = 1
-            pos[r] = lens[b] + np.arange(width)
-        index = pd.to_tensor(np.array([b for b, _, _ in jobs], dtype=np.int64))
-        past_rows = [tuple(pd.index_select(t, index, axis=0) for t in layer) for layer in past]
-        mask = np.concatenate([pmask[[b for b, _, _ in jobs]], cmask], axis=1)
-        hidden, _ = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos), past=past_rows, use_cache=False)
-        sel = [(r, t) for r, (_, _, c) in enumerate(jobs) for t in range(len(c) - 1)]
-        rows = pd.gather_nd(hidden, pd.to_tensor(np.array(sel, dtype=np.int64)))
-        lp = self._logprobs(rows)
-        for k, (r, t) in enumerate(sel):
-            b, j, c = jobs[r]
-            target = c[t + 1]
-            res = results[b][j]
-            res.token_logprobs.append(float(lp[k, target]))
-            res.greedy = res.greedy and int(lp[k].argmax()) == target
+
+def unpack(packed: Packed, lp: np.ndarray) -> list[list[ContinuationScore]]:
+    """Continuation scores from the log-probs ``[len(rows), V]`` at ``packed.rows``."""
+    conts = packed.continuations
+    first = {b: k for k, (b, j, _) in enumerate(packed.targets) if j is None}
+    results = [[ContinuationScore([float(lp[first[b], c[0]])], int(lp[first[b]].argmax()) == c[0]) for c in cs]
+               for b, cs in enumerate(conts)]
+    for k, (b, j, t) in enumerate(packed.targets):
+        if j is None:
+            continue
+        target = conts[b][j][t]
+        res = results[b][j]
+        res.token_logprobs.append(float(lp[k, target]))
+        res.greedy = res.greedy and int(lp[k].argmax()) == target
+    return results
+
+
+def padded(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded ids, 2-D mask and positions for plain sequences."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    pos = np.tile(np.arange(width, dtype=np.int64), (len(seqs), 1))
+    return ids, mask, pos
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------------
+
+
+Strategy = Callable[["Backend", list, list], list]
+
+
+def packed_strategy(backend: "Backend", prompts: list[list[int]], continuations: list[list[list[int]]]):
+    """The default: :func:`pack` -> one body forward -> LM head at the needed rows -> :func:`unpack`."""
+    packed = pack(prompts, continuations, backend.pad_id)
+    hidden, _ = backend.runner.hidden(packed.ids, packed.mask, packed.positions)
+    lp = backend.runner.logprobs(backend.runner.gather(hidden, packed.rows))
+    return unpack(packed, lp)
+
+
+class Backend:
+    def __init__(self, runner: ModelRunner, pad_id: int = 0, strategy: Strategy | None = None):
+        self.pd = paddle()
+        self.runner = runner
+        self.pad_id = pad_id
+        self.strategy = strategy or packed_strategy
+
+    def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[ContinuationScore]]:
+        """Teacher-forced log-probs of every continuation of every prompt (one batch): per prompt, one
+        :class:`ContinuationScore` per continuation."""
+        with self.pd.no_grad():
+            return self.strategy(self, prompts, continuations)
+
+    def score_many(self, batches: list[tuple[list[list[int]], list[list[list[int]]]]]):
+        """:meth:`score` for each ``(prompts, continuations)`` batch (the streamed backend runs them as one block)."""
+        return [self.score(prompts, conts) for prompts, conts in batches]
+
+    def next_token_logprobs(self, prompts: list[list[int]]) -> np.ndarray:
+        """log P(next token | prompt) for each prompt: ``[len(prompts), vocab]`` float32."""
+        ids, mask, pos = padded(prompts, self.pad_id)
+        with self.pd.no_grad():
+            hidden, _ = self.runner.hidden(ids, mask, pos)
+            return self.runner.logprobs(self.runner.gather(hidden, [(i, len(p) - 1) for i, p in enumerate(prompts)]))
+
+    def position_logprobs(self, seq: list[int]) -> np.ndarray:
+        """The next-token distribution after every prefix of ``seq``: ``[len(seq), vocab]`` float32."""
+        ids, mask, pos = padded([seq], self.pad_id)
+        with self.pd.no_grad():
+            hidden, _ = self.runner.hidden(ids, mask, pos)
+            return self.runner.logprobs(hidden[0, : len(seq)])
 
     def sequence_logprobs(self, seqs: list[list[int]], top_n: int = 0) -> list[SequenceLogprobs]:
         """Log-probs at every position of each sequence (one batched forward). See :class:`SequenceLogprobs`."""
-        pd = self.pd
-        lens = [len(s) for s in seqs]
-        if min(lens) < 1:
+        if not seqs or min(len(s) for s in seqs) < 1:
             raise ValueError("empty sequence")
-        width = max(lens)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        pos = np.tile(np.arange(width, dtype=np.int64), (len(seqs), 1))
+        ids, mask, pos = padded(seqs, self.pad_id)
         out = []
-        with pd.no_grad():
-            hidden, _ = self._run_body(pd.to_tensor(ids), pd.to_tensor(mask), pd.to_tensor(pos))
+        with self.pd.no_grad():
+            hidden, _ = self.runner.hidden(ids, mask, pos)
             for i, s in enumerate(seqs):
-                lp = self._logprobs(hidden[i, : len(s)])  # [n, V]
+                lp = self.runner.logprobs(hidden[i, : len(s)])  # [n, V]
                 tok = np.full(len(s), np.nan, dtype=np.float32)
                 if len(s) > 1:
                     tok[1:] = lp[np.arange(len(s) - 1), np.asarray(s[1:])]
@@ -257,33 +278,30 @@ class Backend:
 
     def start(self, prompt: list[int]):
         """Prompt pass with cache for step-by-step decoding: returns (logprobs [V], state)."""
+        ids, mask, pos = padded([prompt], self.pad_id)
         with self.pd.no_grad():
-            rows, past, lens, mask = self._prompt_pass([prompt], use_cache=True)
-            return self._logprobs(rows)[0], (past, lens[0])
+            hidden, cache = self.runner.hidden(ids, mask, pos, use_cache=True)
+            return self.runner.logprobs(hidden[:, len(prompt) - 1, :])[0], (cache, len(prompt))
 
     def step(self, token: int, state):
-        pd = self.pd
-        past, n = state
-        with pd.no_grad():
-            ids = pd.to_tensor(np.array([[token]], dtype=np.int64))
-            mask = pd.to_tensor(np.ones((1, n + 1), dtype=np.int64))
-            pos = pd.to_tensor(np.array([[n]], dtype=np.int64))
-            self.forward_calls += 1
-            out = self.body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                            use_cache=True, return_dict=True)
-            lp = self._logprobs(out.last_hidden_state[:, -1, :])[0]
-            return lp, (out.past_key_values, n + 1)
-
-    def full_logprobs(self, ids: list[int]) -> np.ndarray:
-        """Plain forward, all positions (the reference path used by tests): ``[len, V]``."""
-        pd = self.pd
-        with pd.no_grad():
-            self.forward_calls += 1
-            logits = self.net(pd.to_tensor([ids]), return_dict=True).logits
-            return log_softmax(pd, logits).numpy()[0]
+        cache, n = state
+        with self.pd.no_grad():
+            hidden, cache = self.runner.hidden(np.array([[token]], dtype=np.int64), np.ones((1, n + 1), dtype=np.int64),
+                                               np.array([[n]], dtype=np.int64), cache=cache, use_cache=True)
+            return self.runner.logprobs(hidden[:, -1, :])[0], (cache, n + 1)
 
 
-def backend_for(loaded) -> Backend:
-    """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer)."""
-    pid = getattr(loaded.tokenizer, "pad_token_id", None)
-    return Backend(loaded.model, pad_id=int(pid) if pid is not None else 0)
+def pad_id_of(tokenizer) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return int(pid) if pid is not None else 0
+
+
+def backend_for(loaded, strategy: Strategy | None = None):
+    """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer): a
+    :class:`Backend` over the model in memory, or a :class:`~paddle_scorer.stream.StreamedBackend` when the
+    plan streams the model layer by layer."""
+    if getattr(loaded, "streamed", False):
+        from paddle_scorer.stream import StreamedBackend
+
+        return StreamedBackend(loaded, pad_id=pad_id_of(loaded.tokenizer))
+    return Backend(ModelRunner(loaded.model), pad_id=pad_id_of(loaded.tokenizer), strategy=strategy)

@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from paddle_scorer.errors import CheckpointError, NotACheckpointError
+from paddle_scorer.errors import CheckpointError, NotACheckpointError, ScorerError
 from paddle_scorer.lora import LoraSettings, is_lora_key, read_lora_config
-from paddle_scorer.weights import TensorMeta, read_files_meta, shard_files
+from paddle_scorer.weights import TensorMeta, TensorRef, index_files, shard_files
 
 # Kinds of folder
 FULL_MODEL = "model"
@@ -57,6 +57,7 @@ class WeightSet:
     num_params: int = 0
     nbytes: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> number of parameters
+    metadata: dict | None = None  # safetensors header metadata (e.g. {"format": "np"}), first file
 
 
 @dataclass
@@ -95,9 +96,19 @@ class CheckpointInfo:
     scorer_defaults: dict | None = None
     warnings: list[str] = field(default_factory=list)
     next_command: str | None = None
+    # Refusals the loader would raise for this folder in each role (inspect reports them too).
+    model_ambiguity: str | None = None
+    adapter_ambiguity: str | None = None
+    config_path_exists: bool = False
+    config_problem: str | None = None
+    raw_config: dict = field(default_factory=dict, repr=False)
+    # Per-tensor metadata (where each tensor's bytes are), read once and handed to the load plan.
+    tensors: dict[str, TensorRef] = field(default_factory=dict, repr=False)
+    adapter_tensors: dict[str, TensorRef] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        keep = {k: v for k, v in self.__dict__.items() if k not in ("tensors", "adapter_tensors", "raw_config")}
+        return asdict(CheckpointInfo(**keep))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,22 +116,111 @@ class CheckpointInfo:
 # --------------------------------------------------------------------------------------------------
 
 
-def _find(folder: Path, singles: list[str], indexes: list[str], tp: re.Pattern) -> WeightSet | None:
+def _candidates(folder: Path, singles: list[str], indexes: list[str], tp: re.Pattern) -> list[WeightSet]:
+    """Every weight set of one role in ``folder`` (an index and the shards it names are one set)."""
+    found: list[WeightSet] = []
+    in_index: set[str] = set()
     for name in indexes:
         idx = folder / name
         if idx.is_file():
             files = shard_files(idx)
             fmt = "safetensors" if name.endswith(".safetensors.index.json") else "pdparams"
-            return WeightSet([str(f) for f in files], fmt, True, str(idx))
+            found.append(WeightSet([str(f) for f in files], fmt, True, str(idx)))
+            in_index.update(f.name for f in files)
     for name in singles:
         f = folder / name
-        if f.is_file():
+        if f.is_file() and name not in in_index:
             fmt = "safetensors" if name.endswith(".safetensors") else "pdparams"
-            return WeightSet([str(f)], fmt, False, None)
+            found.append(WeightSet([str(f)], fmt, False, None))
     tp_files = sorted(p for p in folder.iterdir() if tp.search(p.name)) if folder.is_dir() else []
     if tp_files:
-        return WeightSet([str(f) for f in tp_files], "pdparams", True, None)
-    return None
+        found.append(WeightSet([str(f) for f in tp_files], "pdparams", True, None))
+    return found
+
+
+def _st_metadata(ws: WeightSet) -> dict | None:
+    if ws.format != "safetensors":
+        return None
+    try:
+        with open(ws.files[0], "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < 100_000_000 else {}
+    except (OSError, ValueError):
+        return None  # the index already read this header; a broken one was refused there
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _same_bytes(a: Path, others: list[Path]) -> bool:
+    if len(others) != 1 or a.stat().st_size != others[0].stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(others[0], "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+_POSITIVE_INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def config_problem(cfg: dict) -> str | None:
+    """A config value of the wrong type or out of range (the library would fail with an assertion, or worse,
+    build something else), as one phrase; None when the config is sound."""
+    problems = []
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        problems.append(f"`architectures` must be a list of class names, found {archs!r}")
+    for k in (*_POSITIVE_INT_FIELDS, "num_key_value_heads", "max_position_embeddings"):
+        v = cfg.get(k)
+        if v is None and k not in _POSITIVE_INT_FIELDS:
+            continue
+        if v is None:
+            continue  # absent: the library's default applies
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            problems.append(f"`{k}` must be a positive integer, found {v!r}")
+    h, n, kv = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if not problems and isinstance(h, int) and isinstance(n, int) and cfg.get("head_dim") is None and h % n:
+        problems.append(f"hidden_size {h} is not divisible by num_attention_heads {n}")
+    if not problems and isinstance(n, int) and isinstance(kv, int) and n % kv:
+        problems.append(f"num_attention_heads {n} is not divisible by num_key_value_heads {kv}")
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        problems.append(f"`tie_word_embeddings` must be true or false, found {tie!r}")
+    return "; ".join(problems) + "; fix config.json (it does not describe the saved weights)" if problems else None
+
+
+def architecture_difference(a: Path, b: Path) -> str | None:
+    """How two model folders' architectures differ (model type, sizes), or None when they agree."""
+    try:
+        ca, cb = read_json(a / "config.json"), read_json(b / "config.json")
+    except CheckpointError:
+        return None
+    fields = ["model_type", "architectures", *_ARCH_FIELDS]
+    diffs = [f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in fields
+             if k != "max_position_embeddings" and k != "rope_theta" and ca.get(k) != cb.get(k)]
+    return ", ".join(diffs[:3]) if diffs else None
+
+
+def _label(ws: WeightSet) -> str:
+    return Path(ws.index).name if ws.index else Path(ws.files[0]).name if len(ws.files) == 1 else \
+        f"{Path(ws.files[0]).name} ... ({len(ws.files)} files)"
+
+
+def _ambiguity(found: list[WeightSet], what: str) -> str | None:
+    if len(found) < 2:
+        return None
+    names = [_label(ws) for ws in found]
+    return (f"the folder holds {len(found)} sets of {what} weights ({' and '.join(names)}); which one is meant is "
+            "ambiguous (PaddleNLP's from_pretrained and paddle-scorer could each pick another): move the stale one "
+            "out of the folder.")
+
+
+def _find(folder: Path, singles: list[str], indexes: list[str], tp: re.Pattern) -> WeightSet | None:
+    found = _candidates(Path(folder), singles, indexes, tp)
+    return found[0] if found else None
 
 
 def model_weight_files(folder: Path) -> WeightSet | None:
@@ -208,18 +308,22 @@ def describe(path: str | Path) -> CheckpointInfo:
 
     config_path = folder / "config.json"
     if config_path.is_file():
+        info.config_path_exists = True
         cfg = read_json(config_path)
+        info.raw_config = cfg
         archs = cfg.get("architectures") or []
-        info.architecture = archs[0] if archs else None
-        info.model_type = cfg.get("model_type")
+        info.architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+        info.model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None
         info.config = {k: cfg[k] for k in _ARCH_FIELDS if k in cfg}
-        info.config_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+        dt = cfg.get("dtype") or cfg.get("torch_dtype")
+        info.config_dtype = dt if isinstance(dt, str) else None
+        info.config_problem = config_problem(cfg)
 
     info.tokenizer_files = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
     tok_cfg = {}
     if (folder / "tokenizer_config.json").is_file():
         tok_cfg = read_json(folder / "tokenizer_config.json")
-        info.tokenizer_class = tok_cfg.get("tokenizer_class")
+        info.tokenizer_class = tok_cfg.get("tokenizer_class") if isinstance(tok_cfg.get("tokenizer_class"), str) else None
     info.chat_template = bool(tok_cfg.get("chat_template")) or any(
         (folder / n).is_file() for n in ("chat_template.json", "chat_template.jinja")
     )
@@ -228,19 +332,27 @@ def describe(path: str | Path) -> CheckpointInfo:
     if (folder / MERGE_RECORD).is_file():
         info.merged_from = read_json(folder / MERGE_RECORD)
 
-    model_ws = model_weight_files(folder)
-    adapter_ws = adapter_weight_files(folder)
+    model_found = _candidates(folder, _MODEL_SINGLE, _MODEL_INDEX, _TP_MODEL)
+    adapter_found = _candidates(folder, _ADAPTER_SINGLE, _ADAPTER_INDEX, _TP_ADAPTER)
+    info.model_ambiguity = _ambiguity(model_found, "model")
+    info.adapter_ambiguity = _ambiguity(adapter_found, "adapter")
+    model_ws = model_found[0] if model_found else None
+    adapter_ws = adapter_found[0] if adapter_found else None
     has_lora_config = (folder / "lora_config.json").is_file()
 
     model_metas: dict[str, TensorMeta] = {}
     if model_ws is not None:
-        model_metas = read_files_meta([Path(f) for f in model_ws.files])
+        info.tensors = index_files([Path(f) for f in model_ws.files])
+        model_metas = {n: r.meta for n, r in info.tensors.items()}
         _summarise(model_ws, model_metas)
+        model_ws.metadata = _st_metadata(model_ws)
         info.weights = model_ws
     adapter_metas: dict[str, TensorMeta] = {}
     if adapter_ws is not None:
-        adapter_metas = read_files_meta([Path(f) for f in adapter_ws.files])
+        info.adapter_tensors = index_files([Path(f) for f in adapter_ws.files])
+        adapter_metas = {n: r.meta for n, r in info.adapter_tensors.items()}
         _summarise(adapter_ws, adapter_metas)
+        adapter_ws.metadata = _st_metadata(adapter_ws)
         info.adapter_weights = adapter_ws
 
     lora_in_model = [n for n in model_metas if is_lora_key(n)]
@@ -249,11 +361,24 @@ def describe(path: str | Path) -> CheckpointInfo:
         settings = read_lora_config(folder)
 
     renamed = model_ws is not None and bool(lora_in_model) and len(lora_in_model) == len(model_metas)
+    if renamed and adapter_ws is not None:
+        same = _same_bytes(Path(model_ws.files[0]), [Path(f) for f in adapter_ws.files])
+        info.adapter_ambiguity = (
+            f"the folder holds both {_label(adapter_ws)} and {Path(model_ws.files[0]).name}, which also holds only LoRA "
+            "tensors (a leftover of renaming the adapter)"
+            + ("; they are identical copies: delete " if same else "; they DIFFER, so which adapter is meant is "
+               "ambiguous: keep the right one and delete ")
+            + f"{Path(model_ws.files[0]).name}."
+        )
     if settings is not None or adapter_ws is not None or renamed:
         info.adapter = _adapter_info(folder, settings, adapter_metas or {n: model_metas[n] for n in lora_in_model})
 
     # ---- kind and summary --------------------------------------------------------------------
-    if renamed:
+    if renamed and adapter_ws is not None:
+        info.kind = LORA_ADAPTER
+        info.weights = None  # the stale file holds adapter tensors, not model weights
+        info.summary = "This is a LoRA adapter folder with a stale second copy of the adapter: " + info.adapter_ambiguity
+    elif renamed:
         info.kind = RENAMED_ADAPTER
         name = Path(model_ws.files[0]).name
         info.summary = (
@@ -262,6 +387,7 @@ def describe(path: str | Path) -> CheckpointInfo:
             "as a model would score with randomly initialised weights."
         )
         info.adapter_weights = info.weights
+        info.adapter_tensors = info.tensors
     elif model_ws is not None:
         info.kind = MERGED_MODEL if info.merged_from else FULL_MODEL
         what = "a merged model (base + LoRA)" if info.merged_from else "a full model"
@@ -324,6 +450,8 @@ def describe(path: str | Path) -> CheckpointInfo:
             + ", which paddle-scorer does not merge or attach; it will refuse to load it rather than "
             "compute wrong outputs."
         )
+    if settings is not None:
+        info.warnings += settings.notes
     if info.kind in (FULL_MODEL, MERGED_MODEL) and not info.tokenizer_files:
         info.warnings.append("No tokenizer files here: pass a folder that has them with --tokenizer.")
     info.next_command = _next_command(info)
@@ -367,8 +495,10 @@ def _labels_hint(defaults: dict | None) -> str:
 def _next_command(info: CheckpointInfo) -> str | None:
     q = shlex.quote
     here = q(info.path)
+    if info.model_ambiguity and info.kind in (FULL_MODEL, MERGED_MODEL):
+        return None
     if info.kind == LORA_ADAPTER:
-        if info.adapter_weights is None:
+        if info.adapter_weights is None or info.adapter_ambiguity:
             return None
         if info.adapter and info.adapter.unsupported_variants:
             return None

@@ -18,29 +18,46 @@ from paddle_scorer.errors import UsageError
 
 
 def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dict, str]]:
-    """``[(id, record, where)]``; ids from ``id_field`` or the 0-based line index; all checked."""
+    """``[(id, record, where)]``; ids from ``id_field`` or the 0-based line index; all checked.
+
+    Errors name the file and line: malformed JSON, bytes that are not UTF-8, a line that is not an
+    object, an id that is not a string or a number, a duplicate id (ids compare by their JSON form,
+    so ``1`` and ``"1"`` are different ids)."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--input {path} is a directory; pass a JSONL file with one JSON object per line.")
     if not path.is_file():
         raise UsageError(f"--input {path} does not exist; pass a JSONL file with one JSON object per line.")
     out = []
-    seen: dict[object, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    seen: dict[str, str] = {}
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{where}: not UTF-8 text (byte {exc.start + 1}: {raw[exc.start:exc.start + 1]!r}); "
+                                 "re-encode the file as UTF-8.") from None
+            if lineno == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # a UTF-8 byte-order mark
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix that line.") from None
+            except RecursionError:
+                raise UsageError(f"{where}: JSON nested too deeply; fix that line.") from None
             if not isinstance(rec, dict):
                 raise UsageError(f"{where}: expected a JSON object per line, got {type(rec).__name__}.")
             rid = rec.get(id_field, len(out))
-            if isinstance(rid, (dict, list)) or rid is None:
-                raise UsageError(f"{where}: the {id_field!r} field must be a string or number.")
-            if rid in seen:
-                raise UsageError(f"{where}: id {rid!r} already used at {seen[rid]}; ids must be unique (resume relies on them).")
-            seen[rid] = where
+            if isinstance(rid, (dict, list, bool)) or rid is None or (isinstance(rid, float) and rid != rid):
+                raise UsageError(f"{where}: the {id_field!r} field must be a string or a number, "
+                                 f"found {json.dumps(rid)}.")
+            key = record_key(rid)
+            if key in seen:
+                raise UsageError(f"{where}: id {key} already used at {seen[key]}; ids must be unique (resume relies on them).")
+            seen[key] = where
             out.append((rid, rec, where))
     if not out:
         raise UsageError(f"--input {path} has no records.")
@@ -58,10 +75,26 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
             fh.write("\n")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object from a file we (or a user) wrote; a clear error for anything else."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); fix it or start over with --overwrite.") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a JSON object; fix it or start over with --overwrite.")
+    return data
 
 
 def read_done(output: Path) -> tuple[dict[object, dict], int]:

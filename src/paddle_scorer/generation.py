@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from paddle_scorer.backend import Backend
+from paddle_scorer.backend import backend_for
 from paddle_scorer.errors import UsageError
+from paddle_scorer.prompts import PromptOptions, Prompter
 from paddle_scorer.scoring import ScoringError
 
 
@@ -28,6 +29,8 @@ class GenerateOptions:
     template: str | None = None
     chat_template: bool | None = None
     stop_at_eos: bool = True
+    truncate: str = "error"
+    coerce_fields: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,18 +42,44 @@ def entropy(logprobs: np.ndarray) -> float:
     return float(-(p * np.where(p > 0, lp, 0.0)).sum())
 
 
+@dataclass
+class GenItem:
+    id: object
+    prompt: str
+    context: list[int]
+    truncated: int = 0
+    fingerprint: str | None = None  # of the input record (resume compares it)
+
+
+def check_options(options: GenerateOptions) -> None:
+    import math
+
+    if options.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1.")
+    if options.top_k < 0:
+        raise UsageError("--top-k must be 0 or more.")
+    if not math.isfinite(options.temperature):
+        raise UsageError(f"--temperature must be a finite number, got {options.temperature}.")
+    if options.sample and options.temperature <= 0:
+        raise UsageError("--temperature must be positive when sampling.")
+
+
+def prompter_for(tokenizer, options: GenerateOptions, context_length: int | None) -> Prompter:
+    return Prompter(tokenizer, PromptOptions(template=options.template, chat_template=options.chat_template,
+                                             truncate=options.truncate, coerce_fields=options.coerce_fields),
+                    context_length)
+
+
 class Generator:
     def __init__(self, loaded, options: GenerateOptions):
-        if options.max_new_tokens < 1:
-            raise UsageError("--max-new-tokens must be at least 1.")
-        if options.top_k < 0:
-            raise UsageError("--top-k must be 0 or more.")
-        if options.sample and options.temperature <= 0:
-            raise UsageError("--temperature must be positive when sampling.")
+        check_options(options)
         self.loaded = loaded
         self.tok = loaded.tokenizer
         self.opts = options
-        self.backend = Backend(loaded.model, pad_id=getattr(self.tok, "pad_token_id", None) or 0)
+        if getattr(loaded, "streamed", False):
+            raise UsageError("generate needs the whole model in memory (a layer-streamed model would be re-read for every "
+                             "token); use a machine or GPU that fits it, or classify, which streams.")
+        self.backend = backend_for(loaded)
         eos = getattr(self.tok, "eos_token_id", None)
         cfg_eos = getattr(loaded.config, "eos_token_id", None)
         ids = set()
@@ -60,7 +89,13 @@ class Generator:
             elif isinstance(e, (list, tuple)):
                 ids.update(int(x) for x in e)
         self.eos_ids = ids
-        self.max_length = getattr(loaded.config, "max_position_embeddings", None)
+        self.max_length = loaded.context_length
+        self.prompter = prompter_for(self.tok, options, self.max_length)
+
+    def prepare(self, record: dict, rid, where: str) -> GenItem:
+        """The one prompt path; room for at least one new token within the context."""
+        text, ids, dropped = self.prompter.prompt_ids(record, where, following=1)
+        return GenItem(rid, text, ids, dropped)
 
     def _piece(self, token_id: int) -> str:
         return self.tok.decode([int(token_id)], skip_special_tokens=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class LoraSettings:
     dtype: str | None
     variants: list[str] = field(default_factory=list)  # unsupported variants switched on
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    notes: list[str] = field(default_factory=list, compare=False)
 
     @property
     def scaling(self) -> float:
@@ -55,26 +57,73 @@ def lora_scaling(r: int, lora_alpha: float, rslora: bool = False) -> float:
     return float(lora_alpha) / (math.sqrt(r) if rslora else r)
 
 
+PADDLENLP_DEFAULT_ALPHA = 8  # paddlenlp.peft.LoRAConfig.lora_alpha's default (3.0.0b4), used when the field is absent
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def parse_lora_config(data: dict, source: str = "lora_config.json") -> LoraSettings:
-    try:
-        r = int(data["r"])
-        alpha = float(data.get("lora_alpha", r))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source} has no valid rank `r` ({exc}); it is not a PaddleNLP LoRA config.") from exc
+    """Typed, range-checked LoRA settings. Wrong types are refused (never coerced); a missing
+    ``lora_alpha`` takes PaddleNLP's own default (8) and says so in ``notes``."""
+    problems = []
+    r = data.get("r")
+    if not _is_int(r) or r <= 0:
+        raise CheckpointError(f"{source}: `r` must be a positive integer (the LoRA rank), found {r!r}; fix lora_config.json.")
+    notes = []
+    if "lora_alpha" not in data or data["lora_alpha"] is None:
+        alpha = float(PADDLENLP_DEFAULT_ALPHA)
+        notes.append(f"lora_config.json has no lora_alpha: PaddleNLP's default {PADDLENLP_DEFAULT_ALPHA} is used "
+                     "(as LoRAModel.from_pretrained would)")
+    elif not _is_number(data["lora_alpha"]):
+        raise CheckpointError(f"{source}: `lora_alpha` must be a number, found {data['lora_alpha']!r}; fix lora_config.json.")
+    else:
+        alpha = float(data["lora_alpha"])
+    for flag in ("rslora", *UNSUPPORTED_VARIANTS):
+        if flag in data and data[flag] is not None and not isinstance(data[flag], bool):
+            problems.append(f"`{flag}` must be true or false, found {data[flag]!r}")
     targets = data.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        problems.append(f"`target_modules` must be a list of regular expressions, found {data.get('target_modules')!r}")
+    else:
+        for t in targets:
+            try:
+                re.compile(t)
+            except re.error as exc:
+                problems.append(f"target_modules entry {t!r} is not a regular expression ({exc})")
+    base = data.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        problems.append(f"`base_model_name_or_path` must be a string, found {base!r}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems) + "; fix lora_config.json.")
+    rslora = bool(data.get("rslora") or False)
     variants = [name for name in UNSUPPORTED_VARIANTS if data.get(name)]
-    return LoraSettings(
+    settings = LoraSettings(
         r=r,
         lora_alpha=alpha,
-        rslora=bool(data.get("rslora", False)),
+        rslora=rslora,
         target_modules=list(targets),
-        base_model_name_or_path=data.get("base_model_name_or_path"),
-        dtype=data.get("dtype"),
+        base_model_name_or_path=base,
+        dtype=data.get("dtype") if isinstance(data.get("dtype"), str) else None,
         variants=variants,
         raw=dict(data),
+        notes=notes,
     )
+    saved = data.get("scaling")
+    if saved is not None and not variants:
+        if not _is_number(saved) or not math.isclose(float(saved), settings.scaling, rel_tol=1e-6, abs_tol=1e-9):
+            raise CheckpointError(
+                f"{source}: the saved `scaling` {saved!r} disagrees with {settings.scaling_formula} = "
+                f"{settings.scaling:g}; the file was edited by hand: make lora_alpha, r and rslora match the training run."
+            )
+    return settings
 
 
 def read_lora_config(folder: Path) -> LoraSettings:

@@ -32,11 +32,11 @@ import numpy as np
 
 from paddle_scorer import __version__
 from paddle_scorer import checkpoint as ckpt
-from paddle_scorer import loader
+from paddle_scorer import plan as planning
 from paddle_scorer.dtype_policy import DTYPES, normalise_dtype
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
-from paddle_scorer.lora import LoraSettings
-from paddle_scorer.weights import TensorMeta, dtype_size, read_files_meta, write_pdparams, write_safetensors
+from paddle_scorer.lora import LoraSettings, lora_delta
+from paddle_scorer.weights import TensorMeta, dtype_name, dtype_size, read_tensors, write_pdparams, write_safetensors
 
 FORMATS = ("safetensors", "pdparams")
 
@@ -69,15 +69,34 @@ class MergePlan:
     out_dtype: str  # what config.json and the record say: the dominant dtype of the output
     format: str
     force: bool
-    base_info: ckpt.CheckpointInfo
-    adapter_info: ckpt.CheckpointInfo
-    settings: LoraSettings
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # module -> (A, B), keyed by the base's names
-    mapping_note: str | None
-    adapter_sha256: str
-    base_metas: dict[str, TensorMeta]
+    model: planning.ModelPlan  # the base: files, per-tensor refs, layout, runtime names
+    adapter_plan: planning.AdapterPlan  # validated pairs keyed by the runtime module names
     tokenizer_source: Path | None
     out_bytes: int  # size of the tensors to be written
+
+    @property
+    def base_info(self) -> ckpt.CheckpointInfo:
+        return self.model.info
+
+    @property
+    def adapter_info(self) -> ckpt.CheckpointInfo:
+        return self.adapter_plan.info
+
+    @property
+    def settings(self) -> LoraSettings:
+        return self.adapter_plan.settings
+
+    @property
+    def pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.adapter_plan.pairs
+
+    @property
+    def mapping_note(self) -> str | None:
+        return self.adapter_plan.mapping_note
+
+    @property
+    def adapter_sha256(self) -> str:
+        return self.adapter_plan.sha256
 
     @property
     def base_files(self) -> list[Path]:
@@ -151,7 +170,7 @@ def output_dtype(requested: str, stored: dict[str, int]) -> tuple[str, str]:
     dtype = normalise_dtype(requested)
     if dtype == "auto":
         floating = {k: v for k, v in stored.items() if k in DTYPES}
-        return "auto", loader.dominant_dtype(floating)
+        return "auto", planning.dominant_dtype(floating)
     return dtype, dtype
 
 
@@ -176,28 +195,21 @@ def plan(
     fmt: str = "safetensors",
     force: bool = False,
     verify: bool = False,
+    allow_noop_adapter: bool = False,
 ) -> MergePlan:
-    """Check both folders, the adapter against the base, and the output; read only the adapter's tensors."""
+    """The load plan's model and adapter parts (every check the loader makes), plus the output checks."""
     if lora is None:
         raise UsageError("no adapter given; pass --lora ADAPTER_FOLDER (the folder with lora_config.json).")
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; use safetensors or pdparams.")
-    base_dir, lora_dir = loader.resolve_paths(model, lora)
+    base_dir, lora_dir = planning.resolve_paths(model, lora)
     out = Path(out)
     check_output(out, base_dir, lora_dir, force)
 
-    info = ckpt.describe(base_dir)
-    loader.check_model_folder(info)
-    lora_info = ckpt.describe(lora_dir)
-    settings = loader.check_adapter_folder(lora_info)
-    cast, label = output_dtype(dtype, info.weights.dtypes)
-
-    # Shapes from the file headers: the adapter is checked before any base tensor is read.
-    metas = read_files_meta([Path(f) for f in info.weights.files])
-    adapter = loader.read_weights(lora_info.adapter_weights, "adapter", str(lora_dir))
-    base_shapes = {k: m.shape for k, m in metas.items()}
-    pairs, mapping_note = loader.validate_adapter(adapter, base_shapes, settings, str(lora_dir))
+    mp = planning.plan_model(base_dir)
+    ap = planning.plan_adapter(lora_dir, mp, allow_noop=allow_noop_adapter)
+    cast, label = output_dtype(dtype, mp.info.weights.dtypes)
 
     tok_src = base_dir if _has_tokenizer(base_dir) else (lora_dir if _has_tokenizer(lora_dir) else None)
     if verify and tok_src is None:
@@ -206,6 +218,7 @@ def plan(
             "input; copy them there or drop --verify."
         )
 
+    metas = {n: r.meta for n, r in mp.refs.items()}
     out_bytes = _out_nbytes(metas, cast)
     parent = out.resolve().parent
     existing = parent
@@ -218,12 +231,8 @@ def plan(
             f"the merged model needs about {out_bytes / gb:.2f} GB but only {free / gb:.2f} GB is free under "
             f"{existing}; free some space or pass an --out on another disk."
         )
-    return MergePlan(
-        base=base_dir, adapter=lora_dir, out=out, dtype=cast, out_dtype=label, format=fmt, force=force,
-        base_info=info, adapter_info=lora_info, settings=settings, pairs=pairs, mapping_note=mapping_note,
-        adapter_sha256=loader.adapter_sha256(lora_info), base_metas=metas, tokenizer_source=tok_src,
-        out_bytes=out_bytes,
-    )
+    return MergePlan(base=base_dir, adapter=lora_dir, out=out, dtype=cast, out_dtype=label, format=fmt, force=force,
+                     model=mp, adapter_plan=ap, tokenizer_source=tok_src, out_bytes=out_bytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,32 +240,62 @@ def plan(
 # --------------------------------------------------------------------------------------------------
 
 
-def merge_shard(
-    shard: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, np.ndarray]], scaling: float, cast: str,
-    where: str,
-) -> list[str]:
-    """Merge the adapted weights present in ``shard`` and cast the rest, in place. Returns the merged modules."""
-    here = {m: ab for m, ab in pairs.items() if m + ".weight" in shard}
+def source_deltas(p: MergePlan) -> dict[str, tuple[str, object]]:
+    """Source tensor name -> (runtime module, recipe) for every adapted weight. A fused runtime module
+    (ERNIE 4.5's qkv_proj) has one entry per split source tensor (q_proj, k_proj, v_proj)."""
+    recipes = p.model.conversion.tensors
+    out = {}
+    for module in p.pairs:
+        rt = recipes[module + ".weight"]
+        for src in rt.sources:
+            out[src] = (module, rt)
+    return out
+
+
+def merge_shard(shard: dict[str, np.ndarray], p: MergePlan, deltas: dict[str, tuple[str, object]], where: str) -> list[str]:
+    """Add each adapted weight's share of ``A @ B * scaling`` (in the source layout) and cast, in place.
+    Returns the merged source tensors."""
+    merged, bad, cache = [], [], {}
+    out_dtype = None if p.dtype == "auto" else p.dtype
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and reported below, not warned
-        _merge_and_cast(shard, here, scaling, cast, where)
-    return sorted(here)
-
-
-def _merge_and_cast(shard, here, scaling, cast, where) -> None:
-    loader.merge_lora(shard, here, scaling, where, out_dtype=None if cast == "auto" else cast)
-    if cast != "auto":
+        for name in [n for n in shard if n in deltas]:
+            module, rt = deltas[name]
+            if module not in cache:
+                a, b = p.pairs[module]
+                cache[module] = rt.split(lora_delta(a, b, p.settings.scaling))
+            w = shard[name]
+            value = w.astype(np.float32) + cache[module][name]
+            if not np.isfinite(value).all():
+                bad.append(f"{name}: merged weight has NaN/inf")
+                continue
+            target = out_dtype or dtype_name(w.dtype)
+            shard[name] = _cast(value, target)
+            if not np.isfinite(shard[name].astype(np.float32)).all():
+                bad.append(f"{name}: merged weight overflows {target}")
+            merged.append(name)
+    if bad:
+        raise WeightMismatchError(f"{where}: merging the adapter produced non-finite weights:", bad,
+                                  "The adapter is unusable with this base; check its training run.")
+    if out_dtype is not None:
         narrowed = []
         for name in list(shard):
             before = shard[name].dtype
-            shard[name] = loader.to_dtype(shard.pop(name), cast)
+            shard[name] = _cast(shard.pop(name), out_dtype)
             if shard[name].dtype != before and shard[name].itemsize < before.itemsize:
                 narrowed.append(name)
-        bad = loader.nonfinite({n: shard[n] for n in narrowed})
+        bad = planning.nonfinite({n: shard[n] for n in narrowed})
         if bad:
             raise WeightMismatchError(
-                f"--dtype {cast}: some base weights exceed {cast}'s range and would become inf:", bad,
+                f"--dtype {out_dtype}: some base weights exceed {out_dtype}'s range and would become inf:", bad,
                 "Keep the stored dtype with --dtype auto, or use --dtype bfloat16 (float32's range).",
             )
+    return merged
+
+
+def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
+    from paddle_scorer.loader import to_dtype
+
+    return to_dtype(arr, dtype)
 
 
 def _umask() -> int:
@@ -265,9 +304,11 @@ def _umask() -> int:
     return mask
 
 
-def _write_tensors(tensors: dict[str, np.ndarray], path: Path, fmt: str) -> None:
+def _write_tensors(tensors: dict[str, np.ndarray], path: Path, fmt: str, metadata: dict | None = None) -> None:
     if fmt == "safetensors":
-        write_safetensors(tensors, path, metadata=dict(_SAFETENSORS_METADATA))
+        # keep the base's metadata (its "format" says the layout to PaddleFormers/HF loaders), else Paddle's
+        meta = {str(k): str(v) for k, v in (metadata or _SAFETENSORS_METADATA).items()}
+        write_safetensors(tensors, path, metadata=meta)
         os.chmod(path, 0o666 & ~_umask())  # the safetensors writer creates files 0600; match the other files
     else:
         write_pdparams(tensors, path)
@@ -287,23 +328,30 @@ def write_weights(p: MergePlan, folder: Path) -> tuple[list[str], int]:
     weight_map: dict[str, str] = {}
     total = 0
     merged: list[str] = []
+    deltas = source_deltas(p)
+    by_file: dict[str, list] = {}
+    for ref in p.model.refs.values():
+        by_file.setdefault(str(ref.file), []).append(ref)
     for src, name in zip(files, names, strict=True):
-        one = dataclasses.replace(p.base_info.weights, files=[str(src)])
-        shard = loader.read_weights(one, "model", str(p.base))
-        merged += merge_shard(shard, p.pairs, p.settings.scaling, p.dtype, str(p.adapter))
+        shard = read_tensors(sorted(by_file.get(str(src), []), key=lambda r: r.offset))
+        bad = planning.nonfinite(shard)
+        if bad:
+            raise WeightMismatchError(f"{p.base}: the model weights contain NaN/inf, so every score would be meaningless:",
+                                      bad, "Re-export the checkpoint from a healthy training step.")
+        merged += merge_shard(shard, p, deltas, str(p.adapter))
         for key, arr in shard.items():
             weight_map[key] = name
             total += arr.nbytes
-        _write_tensors(shard, folder / name, p.format)
+        _write_tensors(shard, folder / name, p.format, p.base_info.weights.metadata)
         del shard
-    missing = sorted(set(p.pairs) - set(merged))
+    missing = sorted(set(deltas) - set(merged))
     if missing:  # cannot happen after validate_adapter; refuse rather than write a partial merge
-        raise CheckpointError(f"{p.base}: adapted module(s) {', '.join(missing)} were not found while merging.")
+        raise CheckpointError(f"{p.base}: adapted tensor(s) {', '.join(missing)} were not found while merging.")
     if sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / _INDEX_NAME[p.format]).write_text(json.dumps(index, indent=2) + "\n")
         names = names + [_INDEX_NAME[p.format]]
-    return names, len(merged)
+    return names, len(p.pairs)
 
 
 def merge_record(p: MergePlan, merged_modules: int) -> dict:
@@ -323,6 +371,8 @@ def merge_record(p: MergePlan, merged_modules: int) -> dict:
         "format": p.format,
         "merged_modules": merged_modules,
         "adapter_key_mapping": p.mapping_note,
+        "layout": p.model.layout.kind,
+        "layout_saved_by": p.model.layout.saved_by,
         "paddle_scorer_version": __version__,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -395,7 +445,7 @@ def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
         check = verify_merge(p, tmp) if verify else None
         if check is not None and not check.passed:
             raise CheckpointError(
-                f"--verify failed: the merged model's logits differ from base + attached adapter by up to "
+                f"--verify failed: the merged model's log-probs differ from base + attached adapter by up to "
                 f"{check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}), so nothing was written; report this "
                 "with the output of `paddle-scorer inspect` on both folders."
             )
@@ -444,29 +494,30 @@ def tolerance(out_dtype: str, logit_scale: float) -> float:
     return TOL_HALF * max(1.0, logit_scale)
 
 
-def _logits(loaded, ids: list[int]) -> np.ndarray:
-    from paddle_scorer.runtime import paddle
+def _logprobs(loaded, ids: list[int]) -> np.ndarray:
+    from paddle_scorer.backend import backend_for
 
-    pd = paddle()
-    with pd.no_grad():
-        return loaded.model(pd.to_tensor([ids]), return_dict=True).logits.numpy().astype(np.float64)
+    return backend_for(loaded).position_logprobs(ids).astype(np.float64)
 
 
 def verify_merge(p: MergePlan, merged_dir: Path) -> VerifyResult:
-    """Run base + attached adapter, then the merged folder, on CPU in float32 (one model in memory at a time)."""
+    """Run base + attached adapter, then the merged folder, on CPU in float32 (one model in memory at a time),
+    through the scoring backend: the next-token log-probs after every prefix of a probe text must agree."""
+    from paddle_scorer import loader
+
     attached = loader.load(p.base, p.adapter, mode="attach", device="cpu", dtype="float32",
-                           tokenizer=p.tokenizer_source)
+                           tokenizer=p.tokenizer_source, allow_noop_adapter=p.adapter_plan.noop_allowed)
     try:
         ids = list(attached.tokenizer(PROBE_TEXT)["input_ids"])
     except Exception:  # a tokenizer that cannot encode plain text: fall back to fixed ids
         ids = []
-    vocab = getattr(attached.config, "vocab_size", None) or max(PROBE_FALLBACK_IDS) + 1
+    vocab = p.model.info.config.get("vocab_size") or max(PROBE_FALLBACK_IDS) + 1
     if not ids:
         ids = [i % vocab for i in PROBE_FALLBACK_IDS]
-    want = _logits(attached, ids)
+    want = _logprobs(attached, ids)
     del attached
     merged = loader.load(merged_dir, device="cpu", dtype="float32")  # with the tokenizer files copied there
-    got = _logits(merged, ids)
+    got = _logprobs(merged, ids)
     del merged
     diff = float(np.abs(want - got).max())
     scale = float(np.abs(want).max())

@@ -13,6 +13,7 @@ label; ``"auto"`` means a space unless the prompt already ends with whitespace o
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass
 
@@ -23,19 +24,46 @@ DEFAULT_FIELDS = ("query", "prompt", "text")
 
 def template_fields(template: str) -> list[str]:
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise UsageError(f"the template {template!r} is not valid ({exc}); use {{field}} placeholders, {{{{ for a literal brace.") from exc
 
 
-def fill_template(template: str | None, record: dict, where: str) -> str:
-    """The prompt text for ``record``. Without a template, the first of query/prompt/text is used."""
+def check_template(template: str | None) -> None:
+    """A template must be parseable and use at least one field: otherwise every record gets the same prompt."""
+    if template is None:
+        return
+    fields = template_fields(template)
+    if not fields:
+        raise UsageError(
+            f"the template {template!r} has no {{field}} placeholder, so every record would be scored with the same "
+            "prompt; add one, e.g. {query}."
+        )
+    bad = [f for f in fields if not f.isidentifier()]
+    if bad:
+        raise UsageError(f"the template's placeholder {{{bad[0]}}} is not a plain field name; use {{field}} "
+                         "(attribute access, indexing and format specs are not supported).")
+
+
+def _typed(value, field_name: str, where: str, coerce: bool) -> str:
+    if isinstance(value, str):
+        return value
+    if coerce:
+        return str(value)
+    kind = "null" if value is None else type(value).__name__.replace("dict", "object").replace("list", "list")
+    raise UsageError(
+        f"{where}: field {field_name!r} is {kind} ({json.dumps(value, ensure_ascii=False)[:40]}), not text; it would be "
+        "scored as the text of a Python value: fix the data, or pass --coerce-fields to score str(value)."
+    )
+
+
+def fill_template(template: str | None, record: dict, where: str, coerce: bool = False) -> str:
+    """The prompt text for ``record``. Without a template, the first of query/prompt/text is used.
+    Every field used must be a string (null, numbers, lists, objects are refused unless ``coerce``)."""
     if template is None:
         for f in DEFAULT_FIELDS:
             if f in record:
-                if not isinstance(record[f], str):
-                    raise UsageError(f"{where}: field {f!r} is not a string; give text to score.")
-                return record[f]
+                return _typed(record[f], f, where, coerce)
         raise UsageError(
             f"{where}: the record has none of the fields {', '.join(DEFAULT_FIELDS)}; add one or pass "
             "--template with {field} placeholders."
@@ -45,11 +73,12 @@ def fill_template(template: str | None, record: dict, where: str) -> str:
     if missing:
         raise UsageError(
             f"{where}: the template needs field(s) {', '.join(missing)} that the record does not have "
-            f"(it has: {', '.join(sorted(record)) or 'nothing'}); fix the data or the --template."
+            f"(it has: {', '.join(sorted(map(str, record))) or 'nothing'}); fix the data or the --template."
         )
+    values = {f: _typed(record[f], f, where, coerce) for f in dict.fromkeys(fields)}
     try:
-        return template.format(**{f: record[f] for f in fields})
-    except (KeyError, IndexError, ValueError) as exc:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise UsageError(f"{where}: the template could not be filled ({exc}).") from exc
 
 
@@ -102,3 +131,94 @@ def encode_pair(tokenizer, prompt: str, label_text: str, special: bool) -> Encod
     whole = encode(tokenizer, prompt + label_text, special)
     ctx_len = len(encode(tokenizer, prompt, special))
     return EncodedPair(whole[:ctx_len], whole[ctx_len:])
+
+
+# --------------------------------------------------------------------------------------------------
+# The one prompt path: record -> text -> token ids
+# --------------------------------------------------------------------------------------------------
+
+TRUNCATIONS = ("error", "left")
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    template: str | None = None
+    chat_template: bool | None = None  # None: on when the tokenizer has one
+    max_length: int | None = None  # None: the model's context
+    truncate: str = "error"  # error | left
+    coerce_fields: bool = False
+    force_max_length: bool = False  # allow max_length beyond the model's context (recorded as forced)
+
+
+class Prompter:
+    """Record -> prompt text -> token ids, shared by classify, generate, smoke and serve.
+
+    * the template is filled with typed fields (:func:`fill_template`);
+    * the tokenizer's chat template wraps the text when it has one (unless turned off); special tokens
+      (BOS) are added by the tokenizer only when no chat template is used, since a chat template
+      writes its own;
+    * :meth:`fit` applies the length rule: a prompt plus what follows it (label tokens, new tokens)
+      must fit ``max_length``, or ``truncate="left"`` drops prompt tokens from the start.
+    """
+
+    def __init__(self, tokenizer, options: PromptOptions, context_length: int | None):
+        if options.truncate not in TRUNCATIONS:
+            raise UsageError(f"--truncate {options.truncate!r} must be error or left.")
+        check_template(options.template)
+        self.tok = tokenizer
+        self.opts = options
+        has_chat = has_chat_template(tokenizer)
+        if options.chat_template and not has_chat:
+            raise UsageError("--chat-template was asked for but the tokenizer has no chat template; drop the flag.")
+        self.use_chat = has_chat if options.chat_template is None else bool(options.chat_template)
+        self.special = not self.use_chat  # a chat template writes its own special tokens
+        self.context_length = context_length
+        self.forced: list[str] = []
+        if options.max_length is not None:
+            if options.max_length < 2:
+                raise UsageError(f"--max-length {options.max_length} is too small; give at least 2 tokens.")
+            if context_length and options.max_length > context_length:
+                if not options.force_max_length:
+                    raise UsageError(
+                        f"--max-length {options.max_length} is larger than the model's context of {context_length} "
+                        "tokens (max_position_embeddings): positions beyond it were never trained; lower it, or "
+                        "pass --force-max-length to score anyway (recorded in the output)."
+                    )
+                self.forced.append(f"max_length {options.max_length} > model context {context_length}")
+        self.max_length = options.max_length or context_length
+
+    @property
+    def pad_id(self) -> int:
+        pid = getattr(self.tok, "pad_token_id", None)
+        return int(pid) if pid is not None else 0
+
+    def text(self, record: dict, where: str) -> str:
+        return apply_chat(self.tok, fill_template(self.opts.template, record, where, self.opts.coerce_fields),
+                          self.use_chat)
+
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tok, text, self.special)
+
+    def fit(self, ids: list[int], where: str, following: int = 0) -> tuple[list[int], int]:
+        """``ids`` cut to leave ``following`` tokens of room within ``max_length``: (ids, tokens dropped)."""
+        if not ids:
+            raise UsageError(f"{where}: the prompt is empty after tokenization; give some text to score.")
+        total = len(ids) + following
+        if not self.max_length or total <= self.max_length:
+            return ids, 0
+        if self.opts.truncate == "left":
+            drop = total - self.max_length
+            if drop >= len(ids):
+                raise UsageError(f"{where}: what follows the prompt alone ({following} tokens) exceeds the context of "
+                                 f"{self.max_length} tokens.")
+            return ids[drop:], drop
+        raise UsageError(
+            f"{where}: the prompt and what follows it is {total} tokens, longer than the context of {self.max_length}; "
+            "shorten it or pass --truncate left to drop tokens from the start."
+        )
+
+    def prompt_ids(self, record: dict, where: str, following: int = 0) -> tuple[str, list[int], int]:
+        """(text, ids, tokens dropped) for a record whose prompt is followed by ``following`` tokens."""
+        text = self.text(record, where)
+        ids, dropped = self.fit(self.encode(text), where, following)
+        return text, ids, dropped

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from paddle_scorer.backend import Backend
+from paddle_scorer.backend import backend_for
 from paddle_scorer.errors import ScorerError, UsageError
-from paddle_scorer.prompts import apply_chat, encode_pair, fill_template, has_chat_template, resolve_prefix, template_fields
+from paddle_scorer.prompts import PromptOptions, Prompter, encode_pair, resolve_prefix, template_fields
 
 LENGTH_NORMS = ("none", "per-token")
 CALIBRATIONS = ("none", "contextual", "pmi")
@@ -38,6 +38,8 @@ class ClassifyOptions:
     max_length: int | None = None
     truncate: str = "error"  # error | left
     gold_field: str = "label"
+    coerce_fields: bool = False
+    force_max_length: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +55,7 @@ class Prepared:
     label_ids: list[list[int]]
     gold: object = None
     truncated: int = 0
+    fingerprint: str | None = None  # of the input record (resume compares it)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -61,39 +64,26 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-class Classifier:
-    def __init__(self, loaded, options: ClassifyOptions):
-        if options.length_norm not in LENGTH_NORMS:
-            raise UsageError(f"--length-norm {options.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
-        if options.calibration not in CALIBRATIONS:
-            raise UsageError(f"--calibration {options.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
-        if options.truncate not in ("error", "left"):
-            raise UsageError(f"--truncate {options.truncate!r} must be error or left.")
+class LabelEncoder:
+    """Records -> :class:`Prepared` (prompt ids and label ids), without the model: the prompt path
+    (:class:`~paddle_scorer.prompts.Prompter`) plus the prompt/label boundary. ``smoke`` runs it over every
+    record before loading anything."""
+
+    def __init__(self, tokenizer, options: "ClassifyOptions", context_length: int | None):
         if options.batch_size < 1:
             raise UsageError("--batch-size must be at least 1.")
-        self.loaded = loaded
-        self.tok = loaded.tokenizer
+        self.tok = tokenizer
         self.opts = options
-        has_chat = has_chat_template(self.tok)
-        if options.chat_template and not has_chat:
-            raise UsageError("--chat-template was asked for but the tokenizer has no chat template; drop the flag.")
-        self.use_chat = has_chat if options.chat_template is None else options.chat_template
-        self.special = not self.use_chat  # a chat template writes its own special tokens
-        cfg = loaded.config
-        self.max_length = options.max_length or getattr(cfg, "max_position_embeddings", None)
-        self.backend = Backend(loaded.model, pad_id=self._pad_id())
-        self.calibration_info: dict = {"method": options.calibration}
-        self._cf_probs: np.ndarray | None = None
-        self._domain_scores: np.ndarray | None = None
-
-    def _pad_id(self) -> int:
-        pid = getattr(self.tok, "pad_token_id", None)
-        return int(pid) if pid is not None else 0
-
-    # ------------------------------------------------------------------ preparation (no model)
+        self.prompter = Prompter(tokenizer, PromptOptions(
+            template=options.template, chat_template=options.chat_template, max_length=options.max_length,
+            truncate=options.truncate, coerce_fields=options.coerce_fields, force_max_length=options.force_max_length,
+        ), context_length)
+        self.use_chat = self.prompter.use_chat
+        self.special = self.prompter.special
+        self.max_length = self.prompter.max_length
 
     def prompt_text(self, record: dict, where: str) -> str:
-        return apply_chat(self.tok, fill_template(self.opts.template, record, where), self.use_chat)
+        return self.prompter.text(record, where)
 
     def encode(self, prompt: str, where: str, rid=None, gold=None) -> Prepared:
         contexts, label_ids = [], []
@@ -112,26 +102,41 @@ class Classifier:
                 n -= 1
             label_ids = [c[n:] + lab for c, lab in zip(contexts, label_ids)]
             context = context[:n]
-        if not context:
-            raise UsageError(f"{where}: the prompt is empty after tokenization; give some text to score.")
-        truncated = 0
-        longest = len(context) + max(len(x) for x in label_ids) - 1
-        if self.max_length and longest > self.max_length:
-            if self.opts.truncate == "left":
-                truncated = longest - self.max_length
-                if truncated >= len(context):
-                    raise UsageError(f"{where}: the labels alone exceed the model's context of {self.max_length} tokens.")
-                context = context[truncated:]
-            else:
-                raise UsageError(
-                    f"{where}: prompt + label is {longest} tokens, longer than the model's context of "
-                    f"{self.max_length}; shorten it or pass --truncate left to drop tokens from the start."
-                )
-        return Prepared(rid, prompt, context, label_ids, gold, truncated)
+        context, truncated = self.prompter.fit(context, where, following=max(len(x) for x in label_ids) - 1)
+        return Prepared(rid, prompt, context, label_ids, None if gold is None else gold, truncated)
 
     def prepare(self, record: dict, rid, where: str) -> Prepared:
         gold = record.get(self.opts.gold_field)
         return self.encode(self.prompt_text(record, where), where, rid, gold)
+
+
+class Classifier:
+    def __init__(self, loaded, options: ClassifyOptions):
+        if options.length_norm not in LENGTH_NORMS:
+            raise UsageError(f"--length-norm {options.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
+        if options.calibration not in CALIBRATIONS:
+            raise UsageError(f"--calibration {options.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
+        self.loaded = loaded
+        self.tok = loaded.tokenizer
+        self.opts = options
+        self.encoder = LabelEncoder(loaded.tokenizer, options, loaded.context_length)
+        self.use_chat = self.encoder.use_chat
+        self.max_length = self.encoder.max_length
+        self.backend = backend_for(loaded)
+        self.calibration_info: dict = {"method": options.calibration}
+        self._cf_probs: np.ndarray | None = None
+        self._domain_scores: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ preparation (no model)
+
+    def prompt_text(self, record: dict, where: str) -> str:
+        return self.encoder.prompt_text(record, where)
+
+    def encode(self, prompt: str, where: str, rid=None, gold=None) -> Prepared:
+        return self.encoder.encode(prompt, where, rid, gold)
+
+    def prepare(self, record: dict, rid, where: str) -> Prepared:
+        return self.encoder.prepare(record, rid, where)
 
     # ------------------------------------------------------------------ calibration
 
@@ -143,7 +148,7 @@ class Classifier:
             preps = []
             for cf in self.opts.content_free:
                 record = {f: cf for f in fields}
-                preps.append(self.encode(apply_chat(self.tok, fill_template(self.opts.template, record, "content-free input"), self.use_chat),
+                preps.append(self.encode(self.prompt_text(record, f"content-free input {cf!r}"),
                                          f"content-free input {cf!r}"))
             raw = [self._label_scores(r) for r in self._score_prepared(preps)]
             probs = np.mean([softmax(s) for s in raw], axis=0)
@@ -177,11 +182,12 @@ class Classifier:
         out: list = [None] * len(preps)
         order = sorted(range(len(preps)), key=lambda i: len(preps[i].context), reverse=True)
         bs = self.opts.batch_size
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
-            first, res = self.backend.score([preps[i].context for i in idx], [preps[i].label_ids for i in idx])
+        groups = [order[start:start + bs] for start in range(0, len(order), bs)]
+        results = self.backend.score_many([([preps[i].context for i in idx], [preps[i].label_ids for i in idx])
+                                           for idx in groups])
+        for idx, res in zip(groups, results, strict=True):
             for k, i in enumerate(idx):
-                out[i] = (first[k], res[k])
+                out[i] = (None, res[k])
         return out
 
     def _label_scores(self, result) -> np.ndarray:

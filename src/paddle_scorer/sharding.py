@@ -113,8 +113,16 @@ def _lock(output: Path):
 
 
 def part_status(output: Path) -> tuple[int | None, list[dict]]:
-    """World size and, per rank, the part's state: missing / running / complete."""
+    """World size and, per rank, the part's state: missing / running / killed / complete."""
+    from paddle_scorer.outputs import run_state, working_path
+
     parts = existing_parts(output)
+    d = parts_dir(output)
+    if d.is_dir():  # a part whose worker never finished has only its hidden working file
+        for p in d.iterdir():
+            m = re.match(r"^\.(part-(\d{5})-of-(\d{5})\.jsonl)\.inprogress$", p.name)
+            if m and (int(m.group(2)), int(m.group(3))) not in parts:
+                parts[(int(m.group(2)), int(m.group(3)))] = d / m.group(1)
     worlds = {w for _, w in parts}
     if not worlds:
         return None, []
@@ -128,20 +136,62 @@ def part_status(output: Path) -> tuple[int | None, list[dict]]:
     for r in range(world):
         p = parts.get((r, world))
         if p is None:
-            status.append({"rank": r, "state": "missing", "path": None})
+            status.append({"rank": r, "state": "missing", "path": None, "meta": {}})
             continue
-        mp = meta_path(p)
-        meta = json.loads(mp.read_text()) if mp.is_file() else {}
-        status.append({"rank": r, "state": "complete" if meta.get("status") == "complete" else "running",
-                       "path": str(p), "meta": meta})
+        state = run_state(p)
+        if state is not None:  # a newer run of this rank is in progress (or died)
+            mp = meta_path(working_path(p))
+            meta = _read_meta(mp)
+            status.append({"rank": r, "state": state, "path": str(p), "meta": meta})
+            continue
+        meta = _read_meta(meta_path(p)) if meta_path(p).is_file() else {}
+        state = "complete" if p.is_file() and meta.get("status") == "complete" else "missing"
+        status.append({"rank": r, "state": state, "path": str(p), "meta": meta})
     return world, status
 
 
+def _read_meta(path: Path) -> dict:
+    from paddle_scorer.dataio import read_json_file
+
+    return read_json_file(path)
+
+
+def _verified_part(s: dict) -> list[dict]:
+    """A complete part's records, checked against its .meta.json: every line JSON, the count, the ids in
+    order and the file's sha256 (a part edited after its worker finished is refused, never assembled)."""
+    from paddle_scorer.outputs import file_digest, ids_digest
+
+    path, meta, rank = Path(s["path"]), s["meta"], s["rank"]
+    records = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                rec = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise UsageError(f"{path}:{lineno}: not a JSON line; the part was damaged: rerun rank {rank} with "
+                                 "--overwrite (it alone).") from None
+            records.append(rec)
+    problems = []
+    if meta.get("records") is not None and len(records) != meta["records"]:
+        problems.append(f"it has {len(records)} records but its .meta.json says {meta['records']}")
+    elif meta.get("ids_sha256") and ids_digest([r.get("id") for r in records]) != meta["ids_sha256"]:
+        problems.append("its ids are not the ones (or not in the order) its .meta.json records")
+    elif meta.get("output_sha256") and file_digest(path) != meta["output_sha256"]:
+        problems.append("its content changed after the worker finished (sha256 differs from its .meta.json)")
+    if problems:
+        raise UsageError(f"part {path.name} of rank {rank}: {problems[0]}; it was modified after its worker finished: "
+                         f"rerun rank {rank} (the same launch command with --resume redoes it).")
+    return records
+
+
 def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | None:
-    """Assemble ``output`` from complete parts, in input order. Returns the final meta, or None if parts are missing.
+    """Assemble ``output`` from complete, verified parts, in input order. Returns the final meta, or None if
+    parts are missing or running.
 
     ``launch``: only parts written by this launch (same launcher endpoints) count as complete.
     """
+    from paddle_scorer.outputs import chmod_default, file_digest, ids_digest
+
     output = Path(output)
     with _lock(output):
         world, status = part_status(output)
@@ -151,42 +201,55 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
             return None
         if launch is not None and any(s["meta"].get("worker", {}).get("launch") != launch for s in status):
             return None
-        configs = [s["meta"].get("run_config") for s in status]
-        if any(c != configs[0] for c in configs):
-            bad = [s["rank"] for s, c in zip(status, configs) if c != configs[0]]
+        idents = [s["meta"].get("identity") for s in status]
+        if any(c != idents[0] for c in idents):
+            bad = [s["rank"] for s, c in zip(status, idents) if c != idents[0]]
             raise UsageError(
                 f"part files of {output} were produced with different configurations (ranks {bad} differ from rank 0); "
                 "rerun those ranks with the same options, or --overwrite."
             )
-        parts = []
-        for s in status:
-            with open(s["path"], encoding="utf-8") as fh:
-                parts.append([json.loads(line) for line in fh if line.strip()])
+        inputs = {(s["meta"].get("input_records"), s["meta"].get("input_ids_sha256")) for s in status}
+        if len(inputs) > 1:
+            raise UsageError(f"part files of {output} were produced from different inputs (the input file changed "
+                             "between workers); rerun with --resume so every rank sees the same input.")
+        parts = [_verified_part(s) for s in status]
         records = []
-        total = sum(len(p) for p in parts)
         for j in range(max(len(p) for p in parts)):
             for r in range(world):
                 if j < len(parts[r]):
                     records.append(parts[r][j])
-        ids = [record_key(r["id"]) for r in records]
-        if len(set(ids)) != len(ids) or len(records) != total:
+        ids = [r["id"] for r in records]
+        n_input, ids_sha = inputs.pop()
+        if len({record_key(i) for i in ids}) != len(ids):
             raise UsageError(f"part files of {output} contain duplicate ids; rerun with --overwrite.")
+        if (n_input is not None and len(records) != n_input) or (ids_sha and ids_digest(ids) != ids_sha):
+            raise UsageError(
+                f"the parts of {output} hold {len(records)} records but the input had {n_input}, or not in input order; "
+                "a part is stale or was edited: rerun with --resume."
+            )
         tmp = output.with_name(f".{output.name}.gather-{os.getpid()}.tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 for rec in records:
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            chmod_default(tmp)
+            sha = file_digest(tmp)
             os.replace(tmp, output)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         base = dict(status[0]["meta"])
-        labels = base.get("run_config", {}).get("labels")
-        meta = {k: v for k, v in base.items() if k not in ("counts", "seconds", "seconds_per_record", "worker", "metrics")}
+        labels = (base.get("identity") or {}).get("labels")
+        meta = {k: v for k, v in base.items()
+                if k not in ("counts", "seconds", "seconds_per_record", "worker", "metrics", "records", "ids_sha256",
+                             "output_sha256", "resume")}
         meta.update({
             "status": "complete",
             "world_size": world,
             "counts": {"total": len(records)},
+            "records": len(records),
+            "ids_sha256": ids_digest(ids),
+            "output_sha256": sha,
             "workers": [{"rank": s["rank"], "host": s["meta"].get("worker", {}).get("host"),
                          "counts": s["meta"].get("counts"), "seconds": s["meta"].get("seconds"),
                          "started": s["meta"].get("started"), "finished": s["meta"].get("finished")} for s in status],

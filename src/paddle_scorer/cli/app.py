@@ -44,5 +44,20 @@ doctor_cmd.register(app)
 report_cmd.register(app)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a job scheduler's stop, `kill`) takes the same clean path as Ctrl-C: working files kept for
+    --resume, outputs not replaced, temporary folders removed."""
+    import signal
+
+    def _raise(*_):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # pragma: no cover - not the main thread
+        pass
+
+
 def main() -> None:
+    _sigterm_as_interrupt()
     app()

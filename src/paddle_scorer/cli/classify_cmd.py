@@ -10,8 +10,17 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, err, out
-from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, scorer_defaults
+from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
+from paddle_scorer.cli.options import (
+    check_classify_options,
+    check_io,
+    check_numbers,
+    load_options,
+    loaded_from,
+    progress_bar,
+    read_rows,
+    scorer_defaults,
+)
 
 EXAMPLES = """
 Examples:
@@ -55,13 +64,22 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (CPU: float32 only)."),
         tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none."),
+        memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="RAM this run may use, e.g. 16GB (default: the available RAM minus a margin). A model that does not fit is scored layer by layer (streamed)."),
+        execution: str = typer.Option("auto", "--execution", help="auto | in-ram | streamed: where the weights live while scoring (auto: in RAM when they fit the memory limit)."),
+        stream_block_records: Optional[int] = typer.Option(None, "--stream-block-records", help="Streamed: records per block (default: as many as the memory limit allows; each block reads every layer once)."),
+        allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter", help="Score with an adapter that changes nothing (all-zero lora_B or lora_alpha 0) instead of refusing it."),
+        coerce_fields: bool = typer.Option(False, "--coerce-fields", help="Fill null/number/list/object fields into the template as str(value) instead of refusing them."),
+        force_max_length: bool = typer.Option(False, "--force-max-length", help="Allow --max-length beyond the model's context (recorded in the output)."),
     ):
+        from paddle_scorer.identity import classify_identity
         from paddle_scorer.metrics import evaluate
+        from paddle_scorer.outputs import fingerprint
         from paddle_scorer.prompts import parse_labels
         from paddle_scorer.runs import execute
         from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
 
-        check_io(prompt, input, output, resume, overwrite)
+        check_io(prompt, input, output, resume, overwrite, limit)
+        check_numbers(batch_size=batch_size, max_length=max_length, show=show, stream_block_records=stream_block_records)
         defaults = scorer_defaults(model, lora)
         opts = ClassifyOptions(
             labels=parse_labels(labels if labels is not None else defaults.get("labels")),
@@ -76,31 +94,38 @@ def register(app: typer.Typer) -> None:
             max_length=max_length,
             truncate=truncate,
             gold_field=gold_field,
+            coerce_fields=coerce_fields,
+            force_max_length=force_max_length,
         )
+        check_classify_options(opts)
         rows = read_rows(prompt, input, id_field, limit)
 
-        loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer))
+        loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer, memory_limit,
+                                          allow_noop_adapter, execution))
         clf = Classifier(loaded, opts)
-        preps = [clf.prepare(rec, rid, where) for rid, rec, where in rows]  # all input errors before any output
+        preps = []
+        for rid, rec, where in rows:  # all input errors before any output
+            p = clf.prepare(rec, rid, where)
+            p.fingerprint = fingerprint(rec)
+            preps.append(p)
         calib = clf.calibrate()
-        run_config = {
-            "command": "classify",
-            "model": loaded.facts.model_path,
-            "adapter_sha256": loaded.facts.adapter_sha256,
-            "labels": opts.labels,
-            "template": opts.template,
-            "label_prefix": opts.label_prefix,
-            "chat_template": clf.use_chat,
-            "length_norm": opts.length_norm,
-            "calibration": calib,
-            "dtype": loaded.dtype,
-        }
+        identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field)
+        block = opts.batch_size
+        execution_info = {"execution": loaded.facts.execution["execution"]}
+        if loaded.streamed:
+            block = stream_block_records or clf.backend.block_size(preps)
+            execution_info.update(block_records=block, blocks=-(-len(preps) // block))
+            err.print(f"streaming: {len(preps)} record(s) in {execution_info['blocks']} block(s) of up to {block}; "
+                      "each decoder layer is read once per block.", highlight=False, markup=False)
+        forced = clf.encoder.prompter.forced
         with progress_bar("classify", len(preps)) as advance:
-            outcome = execute("classify", preps, clf.score, opts.batch_size, output=output, resume=resume,
-                              overwrite=overwrite, run_config=run_config, loaded=loaded, advance=advance,
+            outcome = execute("classify", preps, clf.score, block, output=output, resume=resume,
+                              overwrite=overwrite, identity=identity, loaded=loaded, advance=advance,
                               meta_extra={"options": opts.to_dict(), "input": str(input) if input else None,
-                                          "argv": sys.argv[1:]},
-                              metrics_fn=evaluate)
+                                          "argv": sys.argv[1:], "calibration": calib, "forced": forced,
+                                          "run_config": identity, **execution_info},
+                              metrics_fn=evaluate, labels=opts.labels,
+                              finish_extra=(lambda: {"streaming": clf.backend.stats.to_dict()}) if loaded.streamed else None)
         stats = outcome.stats
         stats.records = outcome.records
         if outcome.worker.distributed and not outcome.assembled:
@@ -158,7 +183,8 @@ def _summary(stats, metrics, output, loaded, calib, to_stderr: bool) -> None:
             t.add_row(g, *[str(metrics["confusion"][g][p]) for p in labels])
         con.print(t)
     if metrics and metrics.get("unknown_gold_labels"):
-        con.print(f"[yellow]warning:[/] {metrics['n_unknown_gold'] if 'n_unknown_gold' in metrics else ''} record(s) have gold labels "
-                  f"that are not candidates ({', '.join(metrics['unknown_gold_labels'])}); they are left out of the metrics.")
+        con.print(styled(f"[yellow]warning:[/] {metrics.get('n_unknown_gold', '')} record(s) have gold labels that are not "
+                         f"candidates ({escape(', '.join(map(str, metrics['unknown_gold_labels'])))}); they are left out "
+                         "of the metrics."))
     if output is not None:
         con.print(f"wrote {output} and {output.name}.meta.json", highlight=False)

@@ -7,26 +7,82 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # noqa: F401 - re-exported for the commands
+from rich.text import Text
 
 from paddle_scorer.errors import ScorerError
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Markup is off: user text (paths, ids, labels, templates such as "[/INST]") is printed literally. Our own
+# styling goes through styled(), which parses markup only in the strings we write (user parts escaped).
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def styled(markup: str) -> Text:
+    """Rich markup written by us (interpolate user text through ``escape``)."""
+    return Text.from_markup(markup)
+
+
+EXIT_OS = 6  # the machine refused: disk full, read-only, permission, out of memory
+EXIT_INTERNAL = 70  # a bug in paddle-scorer (EX_SOFTWARE)
+
+
+def os_error_sentence(exc: OSError) -> str:
+    """One sentence for an OSError a user can provoke (disk full, read-only, is a directory, ...)."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    hints = {
+        errno.ENOSPC: "the disk is full; free some space and rerun (scoring commands: with --resume)",
+        errno.EDQUOT: "the disk quota is exhausted; free some space and rerun",
+        errno.EROFS: "the file system is read-only; write to another place",
+        errno.EACCES: "permission denied; write to a place you own or fix the permissions",
+        errno.EPERM: "operation not permitted; check the permissions",
+        errno.EISDIR: "that is a directory, not a file; pass a file path",
+        errno.ENOTDIR: "a part of that path is a file, not a directory",
+        errno.ENOENT: "no such file or directory",
+        errno.EMFILE: "too many open files; raise `ulimit -n`",
+    }
+    hint = hints.get(exc.errno, "check the path and the disk")
+    return f"{exc.strerror or type(exc).__name__}{where}: {hint}."
 
 
 def cli_errors(fn):
-    """Turn domain errors into one message on stderr and a non-zero exit; never a traceback."""
+    """Turn every exception into one message on stderr and a non-zero exit; never a traceback.
+
+    Domain errors carry their own exit code; OSError and MemoryError exit 6; anything else is a bug
+    (exit 70) and the traceback is shown only with PADDLE_SCORER_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import os
+
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
         except ScorerError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted: nothing partial was left behind; rerun with --resume to continue.")
+            err.print("interrupted: existing outputs were not replaced; rerun with --resume to continue.")
             raise typer.Exit(130) from None
+        except OSError as exc:
+            if os.environ.get("PADDLE_SCORER_DEBUG"):
+                raise
+            err.print(Text.assemble(("error:", "bold red"), " ", os_error_sentence(exc)))
+            raise typer.Exit(EXIT_OS) from None
+        except MemoryError:
+            err.print(Text.assemble(("error:", "bold red"), " ", "ran out of memory; pass a smaller --memory-limit "
+                                    "(classify then streams the model layer by layer) or a smaller --batch-size."))
+            raise typer.Exit(EXIT_OS) from None
+        except Exception as exc:  # a bug: one sentence, the traceback on request
+            if os.environ.get("PADDLE_SCORER_DEBUG"):
+                raise
+            err.print(Text.assemble(("internal error:", "bold red"), " ",
+                                    f"{type(exc).__name__}: {exc}; this is a bug in paddle-scorer: rerun with "
+                                    "PADDLE_SCORER_DEBUG=1 for the traceback and report it with `paddle-scorer doctor --json`."))
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 

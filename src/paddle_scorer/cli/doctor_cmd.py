@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, human_bytes, out
+from paddle_scorer.cli.common import cli_errors, human_bytes, out, styled
 
 EXAMPLES = """
 Examples:
@@ -24,52 +24,56 @@ def _v(value) -> str:
     return "[dim]not installed[/]" if value is None else escape(str(value))
 
 
+def _row(t: Table, key: str, value: str) -> None:
+    t.add_row(key, styled(value))  # values are our markup with user text escaped
+
+
 def render(facts: dict) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="cyan", no_wrap=True)
     t.add_column()
     py = facts["python"]
-    t.add_row("python", f"{py['version']} ({escape(py['executable'])})")
-    t.add_row("platform", escape(facts["platform"]))
+    _row(t, "python", f"{py['version']} ({escape(py['executable'])})")
+    _row(t, "platform", escape(facts["platform"]))
     pd = facts["paddle"]
     if pd.get("error"):
-        t.add_row("paddle", f"[bold red]import fails[/]: {escape(pd['error'])}")
+        _row(t, "paddle", f"[bold red]import fails[/]: {escape(pd['error'])}")
     else:
         build = (f"GPU build, CUDA {pd.get('cuda')}, cuDNN {pd.get('cudnn')}" if pd.get("compiled_with_cuda")
                  else "CPU build (float32 only: no float16/bfloat16 CPU kernels)")
-        t.add_row("paddle", f"{pd['version']}, {build}, MKL {pd.get('with_mkl')}")
+        _row(t, "paddle", f"{pd['version']}, {build}, MKL {pd.get('with_mkl')}")
         if pd.get("compiled_with_cuda"):
-            t.add_row("visible GPUs", f"{pd.get('device_count', 0)} (CUDA_VISIBLE_DEVICES={pd.get('cuda_visible_devices')!r})")
+            _row(t, "visible GPUs", f"{pd.get('device_count', 0)} (CUDA_VISIBLE_DEVICES={pd.get('cuda_visible_devices')!r})")
             for d in pd.get("devices", []):
                 mem = f", {human_bytes(d['memory_bytes'])}" if d.get("memory_bytes") else ""
-                t.add_row(f"  gpu:{d['index']}", f"{escape(d['name'])}, compute capability {d['compute_capability']}{mem}, "
+                _row(t, f"  gpu:{d['index']}", f"{escape(d['name'])}, compute capability {d['compute_capability']}{mem}, "
                                                  f"float16 {'yes' if d['float16'] else 'no'}, "
                                                  f"bfloat16 {'yes' if d['bfloat16'] else 'no'}")
             if pd.get("device_error"):
-                t.add_row("  devices", f"[red]{escape(pd['device_error'])}[/]")
+                _row(t, "  devices", f"[red]{escape(pd['device_error'])}[/]")
     nlp = facts["paddlenlp"]
-    t.add_row("paddlenlp import", "ok" if nlp.get("import_ok") else f"[bold red]fails[/]: {escape(nlp.get('error', ''))}")
+    _row(t, "paddlenlp import", "ok" if nlp.get("import_ok") else f"[bold red]fails[/]: {escape(nlp.get('error', ''))}")
     for name, version in facts["packages"].items():
         if name in ("paddleformers", "paddlepaddle-gpu", "paddlepaddle") and version is None:
             continue
-        t.add_row(f"  {name}", _v(version))
+        _row(t, f"  {name}", _v(version))
     cpu = facts["cpu"]
-    t.add_row("cpu", f"{cpu.get('vendor') or 'unknown vendor'}, {cpu['usable_cores']} usable core(s)")
+    _row(t, "cpu", f"{cpu.get('vendor') or 'unknown vendor'}, {cpu['usable_cores']} usable core(s)")
     for var, s in cpu["settings"].items():
         who = "set by paddle-scorer" if (s["value"] is not None and s["set_by"] == "paddle-scorer") else \
             ("set by you" if s["value"] is not None else "unset")
-        t.add_row(f"  {var}", f"{s['value'] if s['value'] is not None else '-'} ({who})")
+        _row(t, f"  {var}", f"{s['value'] if s['value'] is not None else '-'} ({who})")
     mem = facts["memory"]
-    t.add_row("RAM", f"{human_bytes(mem['available'])} free of {human_bytes(mem['total'])}")
+    _row(t, "RAM", f"{human_bytes(mem['available'])} free of {human_bytes(mem['total'])}")
     for d in facts["disk"]:
-        t.add_row(f"disk ({d['what']})", f"{human_bytes(d['free'])} free of {human_bytes(d['total'])} at {escape(d['path'])}")
+        _row(t, f"disk ({d['what']})", f"{human_bytes(d['free'])} free of {human_bytes(d['total'])} at {escape(d['path'])}")
     out.print(t)
     for f in facts["findings"]:
         colour = "bold red" if f["level"] == "error" else "yellow"
-        out.print(f"[{colour}]{f['level']}:[/] {escape(f['message'])}", highlight=False)
+        out.print(styled(f"[{colour}]{f['level']}:[/] {escape(f['message'])}"))
     if facts["ok"]:
-        out.print("[green]ok[/]: no known-bad combination found." if not facts["findings"] else
-                  "[green]ok[/]: nothing broken (see the warnings above).", highlight=False)
+        out.print(styled("[green]ok[/]: no known-bad combination found." if not facts["findings"] else
+                         "[green]ok[/]: nothing broken (see the warnings above)."))
 
 
 def register(app: typer.Typer) -> None:

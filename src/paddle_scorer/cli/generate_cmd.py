@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, err, out
+from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, scorer_defaults
 from paddle_scorer.errors import UsageError
 
@@ -23,13 +23,6 @@ Examples:
 
   paddle-scorer generate -m BASE -l ADAPTER --input data.jsonl --output traces.jsonl --sample --seed 1
 """
-
-
-@dataclass
-class GenItem:
-    id: object
-    prompt: str
-    context: list[int]
 
 
 def register(app: typer.Typer) -> None:
@@ -60,47 +53,56 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
         tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder."),
+        memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="RAM this run may use, e.g. 16GB (default: the available RAM minus a margin); a model that does not fit is refused before loading."),
+        allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter", help="Generate with an adapter that changes nothing instead of refusing it."),
+        coerce_fields: bool = typer.Option(False, "--coerce-fields", help="Fill null/number/list/object fields into the template as str(value)."),
     ):
-        from paddle_scorer.generation import GenerateOptions, Generator
-        from paddle_scorer.prompts import apply_chat, encode, fill_template, has_chat_template
+        from paddle_scorer.cli.options import check_numbers, plan_from
+        from paddle_scorer.generation import GenerateOptions, Generator, check_options
+        from paddle_scorer.identity import generate_identity
+        from paddle_scorer.memory import MemoryBudgetError, fmt_bytes
+        from paddle_scorer.outputs import fingerprint
+        from paddle_scorer.prompts import check_template
         from paddle_scorer.runs import execute
 
-        check_io(prompt, input, output, resume, overwrite)
+        check_io(prompt, input, output, resume, overwrite, limit)
+        check_numbers(max_new_tokens=max_new_tokens, top_k=top_k)
         if truncate not in ("error", "left"):
             raise UsageError("--truncate must be error or left.")
         if template is None and not raw:
             template = scorer_defaults(model, lora).get("template")
-        opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template, chat_template)
+        check_template(template)
+        opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template,
+                               chat_template, truncate=truncate, coerce_fields=coerce_fields)
+        check_options(opts)
         rows = read_rows(prompt, input, id_field, limit)
-        loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer))
+        lopts = load_options(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, "in-ram")
+        try:
+            plan = plan_from(lopts)
+        except MemoryBudgetError as exc:
+            raise UsageError(
+                f"generate needs the whole model in memory: about {fmt_bytes(exc.need)} (float32 weights + the "
+                f"interpreter), but the budget is {fmt_bytes(exc.budget)} ({exc.source}); run it on a GPU or a bigger "
+                "machine (classify streams models that do not fit: it scores labels layer by layer)."
+            ) from None
+        loaded = loaded_from(lopts, plan)
         gen = Generator(loaded, opts)
-        use_chat = has_chat_template(loaded.tokenizer) if chat_template is None else chat_template
-        if use_chat and not has_chat_template(loaded.tokenizer):
-            raise UsageError("--chat-template was asked for but the tokenizer has no chat template; drop the flag.")
         items = []
-        for rid, rec, where in rows:
-            text = apply_chat(loaded.tokenizer, fill_template(template, rec, where), use_chat)
-            ids = encode(loaded.tokenizer, text, special=not use_chat)
-            if not ids:
-                raise UsageError(f"{where}: the prompt is empty after tokenization.")
-            limit_len = (gen.max_length or 10**9) - 1
-            if len(ids) > limit_len:
-                if truncate == "left":
-                    ids = ids[len(ids) - limit_len:]
-                else:
-                    raise UsageError(f"{where}: the prompt is {len(ids)} tokens, longer than the model's context of "
-                                     f"{gen.max_length}; shorten it or pass --truncate left.")
-            items.append(GenItem(rid, text, ids))
-        run_config = {"command": "generate", "model": loaded.facts.model_path,
-                      "adapter_sha256": loaded.facts.adapter_sha256, "options": opts.to_dict(),
-                      "chat_template": use_chat, "dtype": loaded.dtype}
-        def score_batch(batch):
-            return [gen.generate(it.id, it.prompt, it.context) for it in batch]
+        for rid, rec, where in rows:  # all input errors before any output
+            it = gen.prepare(rec, rid, where)
+            it.fingerprint = fingerprint(rec)
+            items.append(it)
+        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
+                                     id_field=id_field)
+
+        def score_block(block):
+            return [gen.generate(it.id, it.prompt, it.context) for it in block]
 
         with progress_bar("generate", len(items)) as advance:
-            outcome = execute("generate", items, score_batch, 1, output=output, resume=resume, overwrite=overwrite,
-                              run_config=run_config, loaded=loaded, advance=advance,
-                              meta_extra={"input": str(input) if input else None, "argv": sys.argv[1:]})
+            outcome = execute("generate", items, score_block, 1, output=output, resume=resume, overwrite=overwrite,
+                              identity=identity, loaded=loaded, advance=advance,
+                              meta_extra={"input": str(input) if input else None, "argv": sys.argv[1:],
+                                          "options": opts.to_dict(), "run_config": identity})
         stats = outcome.stats
         stats.records = outcome.records
         if as_json:
@@ -115,7 +117,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _show(rec: dict) -> None:
-    out.print(f"[bold]{rec['id']}[/]: {rec['text']!r} ({rec['finish_reason']})", highlight=False)
+    out.print(styled(f"[bold]{escape(str(rec['id']))}[/]: {escape(repr(rec['text']))} ({rec['finish_reason']})"))
     t = Table()
     for col in ("step", "token", "prob", "logprob", "entropy", "top"):
         t.add_column(col)

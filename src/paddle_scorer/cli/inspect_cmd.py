@@ -17,7 +17,7 @@ from paddle_scorer.checkpoint import (
     CheckpointInfo,
     describe,
 )
-from paddle_scorer.cli.common import cli_errors, human_bytes, human_count, out
+from paddle_scorer.cli.common import cli_errors, escape, human_bytes, human_count, out, styled
 
 _KIND_TITLE = {
     FULL_MODEL: "full model",
@@ -41,7 +41,7 @@ def _files(files: list[str]) -> str:
 
 
 def render(info: CheckpointInfo) -> None:
-    out.print(f"[bold]{info.path}[/]: {_KIND_TITLE.get(info.kind, info.kind)}", highlight=False)
+    out.print(styled(f"[bold]{escape(info.path)}[/]: {_KIND_TITLE.get(info.kind, info.kind)}"))
     out.print(info.summary, highlight=False)
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="cyan", no_wrap=True)
@@ -94,9 +94,9 @@ def render(info: CheckpointInfo) -> None:
     if t.row_count:
         out.print(t)
     for w in info.warnings:
-        out.print(f"[yellow]warning:[/] {w}", highlight=False)
+        out.print(styled(f"[yellow]warning:[/] {escape(w)}"))
     if info.next_command:
-        out.print(f"[bold]next:[/] {info.next_command}", highlight=False, soft_wrap=True)
+        out.print(styled(f"[bold]next:[/] {escape(info.next_command)}"), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,9 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from paddle_scorer.cli.common import cli_errors, err, human_bytes, out
+from paddle_scorer.cli.common import cli_errors, err, escape, human_bytes, out, styled
 
 
 @contextmanager
@@ -33,11 +32,10 @@ def _sigterm_as_interrupt():
 
 def render(result) -> None:
     r = result
-    out.print(
+    out.print(styled(
         f"merged {r.merged_modules} LoRA modules into [bold]{escape(str(r.out))}[/]"
-        + (" (replaced the existing folder)" if r.replaced_existing else ""),
-        highlight=False,
-    )
+        + (" (replaced the existing folder)" if r.replaced_existing else "")
+    ))
     out.print(f"  scaling  {r.scaling:g} ({r.scaling_formula})", highlight=False)
     weights = [f for f in r.files if f.endswith((".safetensors", ".pdparams"))]
     shown = ", ".join(weights) if len(weights) <= 3 else f"{weights[0]} ... {weights[-1]} ({len(weights)} shards)"
@@ -52,13 +50,13 @@ def render(result) -> None:
     if r.verify is not None:
         v = r.verify
         out.print(
-            f"  verify   max |logit difference| {v.max_abs_diff:.3g} vs base + attached adapter on a "
+            f"  verify   max |log-prob difference| {v.max_abs_diff:.3g} vs base + attached adapter on a "
             f"{v.probe_tokens}-token probe (tolerance {v.tolerance:.3g}): passed",
             highlight=False,
         )
     for note in r.notes:
-        out.print(f"  note     {escape(note)}", highlight=False)
-    out.print(f"[bold]next:[/] paddle-scorer inspect {escape(shlex.quote(str(r.out)))}", highlight=False)
+        out.print(f"  note     {note}")
+    out.print(styled(f"[bold]next:[/] paddle-scorer inspect {escape(shlex.quote(str(r.out)))}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -19,17 +19,46 @@ class LoadOptions:
     device: str
     dtype: str
     tokenizer: Path | None
+    memory_limit: str | None = None
+    allow_noop_adapter: bool = False
+    execution: str = "auto"
 
 
-def load_options(model, lora, mode, device, dtype, tokenizer) -> LoadOptions:
-    return LoadOptions(model, lora, mode, device, dtype, tokenizer)
+def load_options(model, lora, mode, device, dtype, tokenizer, memory_limit=None, allow_noop_adapter=False,
+                 execution="auto") -> LoadOptions:
+    return LoadOptions(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, execution)
 
 
-def loaded_from(o: LoadOptions):
-    from paddle_scorer.loader import load
+def plan_from(o: LoadOptions):
+    """The load plan (every check; nothing loaded). ``--memory-limit`` is divided between the launcher's
+    workers on this host when it is the default (each would otherwise count all free RAM as its own)."""
+    from paddle_scorer.memory import default_budget, parse_size
+    from paddle_scorer.plan import make_plan
+    from paddle_scorer.runtime import local_workers_from
 
+    import os
+
+    limit = parse_size(o.memory_limit) if o.memory_limit is not None else None
+    workers = local_workers_from(os.environ)
+    if limit is None and workers > 1:
+        limit = default_budget() // workers
+    return make_plan(o.model, o.lora, device=o.device, dtype=o.dtype, mode=o.mode, tokenizer=o.tokenizer,
+                     memory_limit=limit, allow_noop_adapter=o.allow_noop_adapter, execution=o.execution)
+
+
+def loaded_from(o: LoadOptions, plan=None):
+    from paddle_scorer.loader import load_plan
+
+    plan = plan or plan_from(o)
+    if plan.streamed:
+        m = plan.memory
+        from paddle_scorer.memory import fmt_bytes
+
+        err.print(f"note: the model needs about {fmt_bytes(m.in_ram_need)} in RAM but the budget is "
+                  f"{fmt_bytes(m.budget)} ({m.budget_source}): scoring layer by layer (streamed), each layer read "
+                  "once per block of records.", highlight=False, markup=False)
     with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        return load(o.model, o.lora, device=o.device, dtype=o.dtype, mode=o.mode, tokenizer=o.tokenizer)
+        return load_plan(plan)
 
 
 def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
@@ -59,9 +88,10 @@ def progress_bar(what: str, total: int):
         yield lambda n: progress.advance(task, n)
 
 
-def check_io(prompt, input, output, resume: bool, overwrite: bool) -> None:
-    """The input/output flag combinations both scoring commands refuse, before anything is loaded."""
+def check_io(prompt, input, output, resume: bool, overwrite: bool, limit: int | None = None) -> None:
+    """The input/output flag combinations the scoring commands refuse, before anything is loaded."""
     from paddle_scorer.errors import UsageError
+    from paddle_scorer.outputs import check_output_path
 
     if (prompt is None) == (input is None):
         raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
@@ -69,8 +99,12 @@ def check_io(prompt, input, output, resume: bool, overwrite: bool) -> None:
         raise UsageError("--resume and --overwrite contradict each other; pick one.")
     if resume and output is None:
         raise UsageError("--resume needs --output (the file to continue).")
-    if output is not None and Path(output).exists() and not (resume or overwrite):
-        raise UsageError(f"{output} already exists; pass --resume to continue it or --overwrite to start over.")
+    if overwrite and output is None:
+        raise UsageError("--overwrite needs --output (the file to replace).")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}.")
+    if output is not None:
+        check_output_path(Path(output), [Path(input)] if input is not None else [], resume=resume, overwrite=overwrite)
 
 
 def read_rows(prompt, input, id_field: str, limit: int | None) -> list[tuple[object, dict, str]]:
@@ -82,3 +116,32 @@ def read_rows(prompt, input, id_field: str, limit: int | None) -> list[tuple[obj
     else:
         rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
     return rows if limit is None else rows[:limit]
+
+
+def check_numbers(**values) -> None:
+    """Range checks of integer options (before anything is loaded): batch sizes >= 1, counts >= 0, ..."""
+    from paddle_scorer.errors import UsageError
+
+    rules = {"batch_size": (1, "--batch-size"), "max_length": (2, "--max-length"), "show": (0, "--show"),
+             "max_new_tokens": (1, "--max-new-tokens"), "top_k": (0, "--top-k"), "limit": (1, "--limit"),
+             "stream_block_records": (1, "--stream-block-records")}
+    for name, value in values.items():
+        if value is None:
+            continue
+        low, flag = rules[name]
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}.")
+
+
+def check_classify_options(opts) -> None:
+    from paddle_scorer.errors import UsageError
+    from paddle_scorer.prompts import check_template
+    from paddle_scorer.scoring import CALIBRATIONS, LENGTH_NORMS
+
+    if opts.length_norm not in LENGTH_NORMS:
+        raise UsageError(f"--length-norm {opts.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
+    if opts.calibration not in CALIBRATIONS:
+        raise UsageError(f"--calibration {opts.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
+    if opts.truncate not in ("error", "left"):
+        raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
+    check_template(opts.template)

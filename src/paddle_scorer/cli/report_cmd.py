@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, out
+from paddle_scorer.cli.common import cli_errors, escape, out, styled
 
 EXAMPLES = """
 Examples:
@@ -36,22 +35,22 @@ def _histogram_table(counts: list[int], title: str) -> Table:
 
 def render_summary(summary: dict) -> None:
     labels = summary["labels"]
-    out.print(f"[bold]{escape(summary['file'])}[/]: {summary['n_records']} records, labels {escape(', '.join(labels))}",
-              highlight=False)
+    out.print(styled(f"[bold]{escape(summary['file'])}[/]: {summary['n_records']} records, labels "
+                     f"{escape(', '.join(labels))}"))
     m = summary["metrics"]
     if m:
         out.print(f"accuracy {m['accuracy']:.4f}  log-loss {m['log_loss']:.4f}  brier {m['brier']:.4f}  "
                   f"ECE {m['ece']:.4f}  (n={m['n']})", highlight=False)
         agree = summary["recorded_metrics_agree"]
         if agree is False:
-            out.print("[yellow]warning:[/] these differ from the metrics in the .meta.json: the output was changed "
-                      "after classify wrote it.", highlight=False)
+            out.print(styled("[yellow]warning:[/] these differ from the metrics in the .meta.json: the output was "
+                             "changed after classify wrote it."))
         t = Table(title="confusion (rows: gold, columns: predicted)", title_justify="left")
         t.add_column("gold")
         for lab in labels:
-            t.add_column(escape(lab), justify="right")
+            t.add_column(lab, justify="right")
         for g in labels:
-            t.add_row(escape(g), *[str(m["confusion"][g][p]) for p in labels])
+            t.add_row(g, *[str(m["confusion"][g][p]) for p in labels])
         out.print(t)
         r = Table(title="reliability (confidence = probability of the predicted label)", title_justify="left")
         for col in ("bin", "records", "mean confidence", "accuracy"):
@@ -68,7 +67,7 @@ def render_summary(summary: dict) -> None:
     t.add_column("predicted", justify="right")
     for lab in labels:
         s = summary["per_label"][lab]
-        t.add_row(escape(lab), f"{s['mean_prob']:.4f}", str(s["predicted"]))
+        t.add_row(lab, f"{s['mean_prob']:.4f}", str(s["predicted"]))
     out.print(t)
     out.print(_histogram_table(summary["confidence_histogram"], "probability of the predicted label"))
 
@@ -93,6 +92,6 @@ def register(app: typer.Typer) -> None:
             m = summary["metrics"]
             what = (f"accuracy {m['accuracy']:.4f}  log-loss {m['log_loss']:.4f}  brier {m['brier']:.4f}  "
                     f"ECE {m['ece']:.4f}  (n={m['n']})") if m else "no gold labels: per-label histograms"
-            out.print(f"wrote {escape(str(html))} ({summary['n_records']} records; {what})", highlight=False)
+            out.print(f"wrote {html} ({summary['n_records']} records; {what})")
         else:
             render_summary(summarize(run, bins))

@@ -1,0 +1,3 @@
+from paddle_scorer.cli.app import main
+
+main()

@@ -1,0 +1,69 @@
+"""What makes two runs "the same": the one list of everything that changes an output value.
+
+``--resume`` continues an output only when the identity is equal key by key, and ``gather`` only
+assembles parts with equal identities. Per-record input content is compared separately (each output
+line carries its ``input_fingerprint``, see :mod:`paddle_scorer.outputs`), so an edited input file is
+noticed record by record. Computed results (calibration constants, timings, metrics) are provenance,
+not identity: they are recomputed, never compared.
+
+Not in the identity, deliberately: batch size and execution (in RAM or streamed; results agree to
+float32 noise, tested to 1e-5), thread counts, the input file's path (its content is fingerprinted).
+"""
+
+from __future__ import annotations
+
+
+def model_identity(loaded) -> dict:
+    f = loaded.facts
+    return {
+        "model_fingerprint": f.model_fingerprint,
+        "adapter_sha256": f.adapter_sha256,
+        "mode": f.mode,
+        "dtype": f.policy["dtype"],
+        "device_kind": "cpu" if f.policy["device"] == "cpu" else "gpu",
+        "library": f.library,
+        "tokenizer": f.tokenizer_path and str(f.tokenizer_path),
+        "noop_adapter_allowed": f.noop_adapter_allowed,
+    }
+
+
+def classify_identity(loaded, opts, *, use_chat: bool, max_length: int | None, id_field: str) -> dict:
+    """Everything that changes a classify output value. ``opts``: ClassifyOptions."""
+    return {
+        "command": "classify",
+        **model_identity(loaded),
+        "labels": list(opts.labels),
+        "template": opts.template,
+        "label_prefix": opts.label_prefix,
+        "chat_template": use_chat,
+        "length_norm": opts.length_norm,
+        "calibration": opts.calibration,
+        "content_free": list(opts.content_free) if opts.calibration == "contextual" else None,
+        "pmi_domain": opts.pmi_domain if opts.calibration == "pmi" else None,
+        "max_length": max_length,
+        "truncate": opts.truncate,
+        "coerce_fields": opts.coerce_fields,
+        "gold_field": opts.gold_field,
+        "id_field": id_field,
+    }
+
+
+def generate_identity(loaded, opts, *, use_chat: bool, max_length: int | None, id_field: str) -> dict:
+    """Everything that changes a generate output value. ``opts``: GenerateOptions."""
+    return {
+        "command": "generate",
+        **model_identity(loaded),
+        "template": opts.template,
+        "chat_template": use_chat,
+        "max_new_tokens": opts.max_new_tokens,
+        "top_k": opts.top_k,
+        "sample": opts.sample,
+        "temperature": opts.temperature if opts.sample else None,
+        "seed": opts.seed if opts.sample else None,
+        "renormalize_top_k": opts.renormalize_top_k,
+        "stop_at_eos": opts.stop_at_eos,
+        "max_length": max_length,
+        "truncate": opts.truncate,
+        "coerce_fields": opts.coerce_fields,
+        "id_field": id_field,
+    }
