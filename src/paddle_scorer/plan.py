@@ -533,3 +533,70 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
     if ap is not None and ap.base_note:
         notes.append(ap.base_note)
     return LoadPlan(mp, ap, mode, policy, tok_dir, mem, notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# What `inspect` adds to describe(): the loader's verdict, layout, library, memory (no paddle)
+# --------------------------------------------------------------------------------------------------
+
+INSPECT_TOKENS = 64  # the prompt length inspect assumes when it says how many records a streamed block holds
+
+
+@dataclass
+class Assessment:
+    """The loader's verdict on a folder, as ``inspect`` reports it: the same sentence and exit code."""
+
+    usable: bool
+    role: str | None  # "model" | "adapter" | None
+    refusal: str | None = None
+    exit_code: int = 0
+    layout: dict | None = None
+    library: str | None = None
+    library_installed: bool | None = None
+    memory: dict | None = None  # execution on this machine, budget, records per streamed block
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assessment:
+    """Run the loader's checks for the folder's role, without loading anything."""
+    from paddle_scorer.errors import NotACheckpointError, ScorerError
+
+    if info.kind == ckpt.NOT_A_CHECKPOINT:
+        return Assessment(False, None, info.summary, NotACheckpointError.exit_code)
+    if info.kind == ckpt.LORA_ADAPTER or (info.kind == ckpt.RENAMED_ADAPTER and info.adapter_weights is not None
+                                           and (Path(info.path) / "lora_config.json").is_file()):
+        try:
+            check_adapter_folder(info)
+        except ScorerError as exc:
+            return Assessment(False, "adapter", str(exc), exc.exit_code)
+        if info.kind == ckpt.RENAMED_ADAPTER:
+            return Assessment(True, "adapter", None, 0)
+        return Assessment(True, "adapter")
+    try:
+        mp = plan_model(Path(info.path), info)
+    except ScorerError as exc:
+        a = Assessment(False, "model", str(exc), exc.exit_code)
+        lib = next((x for x in libraries.LIBRARIES if x.arch_for(info)), None)
+        if lib is not None:
+            a.library, a.library_installed = lib.name, lib.installed
+        return a
+    a = Assessment(True, "model", layout=mp.layout.to_dict(), library=mp.library.name, library_installed=True)
+    try:
+        mem = memory.plan_memory(mp.layer_bytes(4), mp.largest_outside(4), "cpu", memory_limit)
+    except ScorerError as exc:
+        a.memory = {"execution": None, "reason": str(exc)}
+        return a
+    a.memory = {"execution": mem.execution, "need": mem.in_ram_need, "budget": mem.budget,
+                "budget_source": mem.budget_source}
+    if mem.execution == memory.STREAMED:
+        from paddle_scorer.stream import record_bytes
+
+        cfg = info.config
+        per = record_bytes(INSPECT_TOKENS, int(cfg.get("hidden_size") or 1), int(cfg.get("num_attention_heads") or 1))
+        a.memory["records_per_block"] = max(1, mem.state_budget // per)
+        a.memory["assumed_tokens"] = INSPECT_TOKENS
+    return a

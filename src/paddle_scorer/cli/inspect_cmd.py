@@ -17,7 +17,8 @@ from paddle_scorer.checkpoint import (
     CheckpointInfo,
     describe,
 )
-from paddle_scorer.cli.common import cli_errors, escape, human_bytes, human_count, out, styled
+from paddle_scorer.cli.common import cli_errors, err, escape, human_bytes, human_count, out, styled
+from rich.text import Text
 
 _KIND_TITLE = {
     FULL_MODEL: "full model",
@@ -40,7 +41,7 @@ def _files(files: list[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} files)"
 
 
-def render(info: CheckpointInfo) -> None:
+def render(info: CheckpointInfo, a=None) -> None:
     out.print(styled(f"[bold]{escape(info.path)}[/]: {_KIND_TITLE.get(info.kind, info.kind)}"))
     out.print(info.summary, highlight=False)
     t = Table(show_header=False, box=None, pad_edge=False)
@@ -59,6 +60,25 @@ def render(info: CheckpointInfo) -> None:
         t.add_row("memory to load",
                   f"float32 {human_bytes(info.memory['float32'])} (CPU), float16/bfloat16 "
                   f"{human_bytes(info.memory['float16'])} (GPU); weights only, activations extra")
+    if a is not None and a.layout:
+        lay = a.layout
+        t.add_row("layout", lay["description"] + (f"; saved by {lay['saved_by']}" if lay.get("saved_by") else "")
+                  + f" ({lay['evidence']})")
+    if a is not None and a.library:
+        t.add_row("built by", a.library + ("" if a.library_installed else " (NOT installed here)"))
+    if a is not None and a.memory:
+        m = a.memory
+        if m.get("execution") == "in-ram":
+            t.add_row("this machine", f"fits in RAM as float32 (about {human_bytes(m['need'])} <= "
+                                      f"{human_bytes(m['budget'])}, {m['budget_source']})")
+        elif m.get("execution") == "streamed":
+            t.add_row("this machine", f"does NOT fit in RAM as float32 (about {human_bytes(m['need'])} > "
+                                      f"{human_bytes(m['budget'])}, {m['budget_source']}): classify streams it layer by "
+                                      f"layer, about {m['records_per_block']:,} records of {m['assumed_tokens']} tokens "
+                                      "per block (each block reads the weights once); generate needs a bigger machine "
+                                      "or a GPU")
+        else:
+            t.add_row("this machine", m.get("reason", ""))
     if info.merged_from:
         m = info.merged_from
         t.add_row("merged from", f"base {m.get('base')} + adapter {m.get('adapter')} "
@@ -108,17 +128,25 @@ def register(app: typer.Typer) -> None:
     ):
         """Explain a checkpoint folder without loading it (no pickle code runs).
 
-        Exit codes: 0 a usable model or adapter, 3 not a checkpoint, 4 broken or a trap
-        (e.g. a LoRA file renamed to model_state.pdparams).
+        Exit codes: 0 a usable model or adapter; otherwise the code the loader would fail with:
+        3 not a checkpoint, 4 broken, ambiguous or a trap (e.g. a LoRA file renamed to
+        model_state.pdparams), 2 a folder that cannot play the role it looks like.
 
         Example: paddle-scorer inspect checkpoints/demo-lora
         """
+        from paddle_scorer.plan import assess
+
         info = describe(path)
+        a = assess(info)
+        if not a.usable and info.kind != RENAMED_ADAPTER:
+            info.next_command = None  # never suggest loading what the loader refuses (the trap's fix is a rename)
         if as_json:
-            typer.echo(json.dumps(info.to_dict(), indent=2, ensure_ascii=False))
+            typer.echo(json.dumps({**info.to_dict(), "assessment": a.to_dict()}, indent=2, ensure_ascii=False))
         else:
-            render(info)
-        if info.kind == NOT_A_CHECKPOINT:
-            raise typer.Exit(3)
+            render(info, a)
+            if a.refusal and info.kind != NOT_A_CHECKPOINT:
+                err.print(Text.assemble(("refused:", "bold red"), " ", a.refusal))
         if info.kind == RENAMED_ADAPTER:
             raise typer.Exit(4)
+        if not a.usable:
+            raise typer.Exit(a.exit_code)
