@@ -133,3 +133,24 @@ def test_worker_env_shard_threads_and_device():
     assert resolve_device("auto", gpus, selected=w.selected_gpu) == "gpu:1"
     assert resolve_device("gpu", gpus, selected=3) == "gpu:3"
     assert resolve_device("auto", GpuInfo(False, 0), selected=None) == "cpu"
+
+
+def test_two_worker_launch_streams_layer_by_layer(tmp_path):
+    """Each launcher worker streams its own shard; the assembled output equals the in-RAM single process."""
+    single = tmp_path / "single.jsonl"
+    r = runner.invoke(app, ["classify", *DEMO, "--input", str(builders.DEMO_QUERIES), "--limit", "40",
+                            "--output", str(single)])
+    assert r.exit_code == 0, r.output
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(open(builders.DEMO_QUERIES).readlines()[:40]))
+    dist = tmp_path / "dist.jsonl"
+    code, log = launch(tmp_path, "classify", *DEMO, "--input", data, "--output", dist, "--execution", "streamed",
+                       "--stream-block-records", 8)
+    assert code == 0, log
+    a, b = read(single), read(dist)
+    assert [x["id"] for x in a] == [x["id"] for x in b]
+    np.testing.assert_allclose([list(x["logprobs"].values()) for x in b], [list(x["logprobs"].values()) for x in a],
+                               atol=1e-5)
+    for rank in (0, 1):
+        part = json.loads((tmp_path / "dist.jsonl.parts" / f"part-0000{rank}-of-00002.jsonl.meta.json").read_text())
+        assert part["execution"] == "streamed" and part["streaming"]["blocks"] == 3  # 20 records in blocks of 8

