@@ -121,7 +121,7 @@ def _cast_pool():
     return pool()
 
 
-def to_dtype(arr: np.ndarray, dtype: str) -> np.ndarray:
+def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
     """``arr`` in ``dtype`` (non-floating arrays unchanged). Big arrays are cast in row slices on all cores:
     numpy's float16 -> float32 loop is single-threaded and releases the GIL, so this scales with cores."""
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != BFLOAT16:
@@ -129,7 +129,7 @@ def to_dtype(arr: np.ndarray, dtype: str) -> np.ndarray:
     target = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     if arr.dtype == target:
         return arr
-    if arr.size < PARALLEL_CAST_ELEMENTS or arr.ndim == 0 or arr.shape[0] < 2:
+    if not parallel or arr.size < PARALLEL_CAST_ELEMENTS or arr.ndim == 0 or arr.shape[0] < 2:
         return arr.astype(target)
     out = np.empty(arr.shape, dtype=target)
     pool = _cast_pool()
@@ -163,9 +163,9 @@ def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, n
                                   "The adapter is unusable with this base; check its training run.")
 
 
-def to_paddle_array(arr: np.ndarray, dtype: str) -> np.ndarray:
+def to_paddle_array(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
     """numpy value for ``param.set_value``: paddle takes bfloat16 as uint16 bits."""
-    arr = to_dtype(arr, dtype)
+    arr = to_dtype(arr, dtype, parallel)
     return arr.view(np.uint16) if arr.dtype == BFLOAT16 else arr
 
 

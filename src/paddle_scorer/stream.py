@@ -178,7 +178,8 @@ class StreamedBackend:
         out = {}
         for n in list(arrays):
             key = n if layer is None else to_template(n, layer)
-            out[key] = to_paddle_array(arrays.pop(n), self.dtype)
+            # one core: the reader runs beside the layer computing on every core (it must not slow it down)
+            out[key] = to_paddle_array(arrays.pop(n), self.dtype, parallel=False)
         if self.attach and layer is not None:
             for m, (a, b) in self.plan.adapter.pairs.items():
                 if layer_index(m + ".") == layer:
