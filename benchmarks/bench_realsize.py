@@ -217,7 +217,8 @@ def run_classify(name: str, records: int, execution: str, memory_limit: str | No
         raise SystemExit(f"classify failed ({status}):\n{log[-3000:]}")
     meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
     recs = [json.loads(line) for line in open(out)]
-    return {"name": name, "records": records, "execution": meta.get("execution"), "wall_seconds": wall,
+    return {"name": name, "params": num_params(SPECS[name]), "records": records, "execution": meta.get("execution"),
+            "wall_seconds": wall,
             "scoring_seconds": meta.get("seconds"), "peak_rss": usage.ru_maxrss * 1024, "memory_limit": memory_limit,
             "streaming": meta.get("streaming"), "block_records": meta.get("block_records"),
             "tokens": sum(len(r["prompt_token_ids"]) for r in recs), "log_tail": log[-600:],

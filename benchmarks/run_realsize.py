@@ -133,7 +133,7 @@ def main() -> None:
                     f"({peak:.0f} GFLOP/s, 2048^3, paddle) |\n")
         targets.append(("7B-shaped: >= 50% of the matmul peak", f"{gflops / peak:.0%}", "met" if gflops / peak >= 0.5 else "missed"))
 
-    head = [f"# Real-size models (issue 11)\n",
+    head = ["# Real-size models (issue 11)\n",
             f"Measured {started:%Y-%m-%d %H:%M} UTC with `python benchmarks/run_realsize.py"
             f"{' --quick' if a.quick else ''}`; 1-minute load average {load0:.2f} at the start, {common.loadavg():.2f} at "
             "the end. Each row is one child process.\n",

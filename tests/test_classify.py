@@ -11,7 +11,7 @@ from paddle_scorer.cli.app import app
 from paddle_scorer.loader import load
 from paddle_scorer.prompts import encode_pair, parse_labels
 from paddle_scorer.runtime import paddle
-from paddle_scorer.scoring import Classifier, ClassifyOptions, ScoringError
+from paddle_scorer.scoring import Classifier, ClassifyOptions
 from paddle_scorer.errors import UsageError
 
 runner = CliRunner()

@@ -9,9 +9,8 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
+from paddle_scorer.errors import CheckpointError, UsageError
 from paddle_scorer.loader import load
-from paddle_scorer.runtime import paddle
 from paddle_scorer.estimates import Projection, gpu_command, project
 from paddle_scorer.memory import parse_size
 from paddle_scorer.weights import read_pdparams, write_pdparams

@@ -3,7 +3,6 @@ Qwen2 (tied embeddings too), single- and multi-token labels, adapter attached an
 template, several blocks, resume after a kill; and the memory rule's refusals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

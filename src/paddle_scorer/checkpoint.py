@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from paddle_scorer.errors import CheckpointError, NotACheckpointError, ScorerError
+from paddle_scorer.errors import CheckpointError, NotACheckpointError
 from paddle_scorer.lora import LoraSettings, is_lora_key, read_lora_config
 from paddle_scorer.weights import TensorMeta, TensorRef, index_files, shard_files
 

@@ -149,6 +149,6 @@ def plan_memory(layer_bytes: dict[int | None, int], largest_outside: int, device
             f"{fmt_bytes(largest_outside)}, plus the interpreter; the minimum is about {fmt_bytes(fixed)} + the "
             "hidden states of one record: raise --memory-limit or use a machine with more RAM.", fixed, budget, source
         )
-    why = (f"forced by --execution streamed" if execution == STREAMED else
+    why = ("forced by --execution streamed" if execution == STREAMED else
            f"does not fit: {fmt_bytes(need)} > {fmt_bytes(budget)} ({source})")
     return MemoryPlan(device, weights, need, budget, source, STREAMED, largest, largest_outside, fixed, why)

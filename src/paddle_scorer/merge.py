@@ -19,7 +19,6 @@ are the base's, so PaddleNLP's ``from_pretrained`` reads the result as a plain m
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource

@@ -33,7 +33,7 @@ from paddle_scorer.dtype_policy import GpuInfo, Policy, normalise_dtype, resolve
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
 from paddle_scorer.layout import Conversion, Layout, layer_index, resolve_layout, runtime_tensors
 from paddle_scorer.lora import UNSUPPORTED_VARIANTS, LoraSettings, read_lora_config
-from paddle_scorer.weights import BFLOAT16, TensorRef, read_tensors
+from paddle_scorer.weights import TensorRef, read_tensors
 
 MODES = ("attach", "merge")
 

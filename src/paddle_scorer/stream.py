@@ -22,7 +22,6 @@ the in-RAM score computed in another order: equal within float32 noise (tests: 1
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +33,6 @@ from paddle_scorer.backend import Packed, log_softmax, pack, padded, unpack
 from paddle_scorer.errors import CheckpointError
 from paddle_scorer.layout import layer_index
 from paddle_scorer.runtime import paddle
-
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
 
 class _Captured(Exception):
     pass
@@ -81,7 +77,6 @@ class StreamedBackend:
 
     def __init__(self, loaded, pad_id: int = 0):
         from paddle_scorer import libraries
-        from paddle_scorer.loader import attach_adapter, check_names  # noqa: F401
 
         self.pd = paddle()
         self.loaded = loaded
