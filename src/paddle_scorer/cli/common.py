@@ -42,31 +42,71 @@ def os_error_sentence(exc: OSError) -> str:
         errno.ENOTDIR: "a part of that path is a file, not a directory",
         errno.ENOENT: "no such file or directory",
         errno.EMFILE: "too many open files; raise `ulimit -n`",
+        errno.EFBIG: "the file would exceed the size limit (`ulimit -f` or the file system's); write to another place",
+        errno.EXDEV: "the rename crossed file systems; keep the output and its folder on one file system",
     }
     hint = hints.get(exc.errno, "check the path and the disk")
     return f"{exc.strerror or type(exc).__name__}{where}: {hint}."
+
+
+def _not_utf8(value) -> bool:
+    try:
+        str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_text_arguments(kwargs: dict) -> None:
+    """Refuse command-line values (paths, prompts, labels, templates) holding bytes that are not UTF-8.
+
+    Such bytes arrive as lone surrogates (Python's surrogateescape); they cannot be written into a JSON
+    output or its provenance, so they would fail after the work was done. Refused before anything runs."""
+    import os
+
+    import click
+
+    from paddle_scorer.errors import UsageError
+
+    ctx = click.get_current_context(silent=True)
+    flags = {p.name: (p.opts[0] if p.opts else p.name.upper()) for p in ctx.command.params} if ctx else {}
+    for name, value in kwargs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)) and _not_utf8(v):
+                shown = os.fsencode(str(v)).decode("utf-8", "backslashreplace")
+                raise UsageError(f"{flags.get(name, name)} {shown!r} contains bytes that are not UTF-8; outputs and "
+                                 "their provenance are UTF-8 JSON: rename the file or re-encode the text.")
 
 
 def cli_errors(fn):
     """Turn every exception into one message on stderr and a non-zero exit; never a traceback.
 
     Domain errors carry their own exit code; OSError and MemoryError exit 6; anything else is a bug
-    (exit 70) and the traceback is shown only with PADDLE_SCORER_DEBUG=1."""
+    (exit 70) and the traceback is shown only with PADDLE_SCORER_DEBUG=1. A KeyboardInterrupt (Ctrl-C,
+    or SIGTERM through ``app.main``) exits 130; one raised with a message says what was already done."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import os
 
         try:
+            check_text_arguments(kwargs)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except ScorerError as exc:
             err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: existing outputs were not replaced; rerun with --resume to continue.")
+        except KeyboardInterrupt as exc:
+            err.print(f"interrupted: {exc}" if str(exc) else
+                      "interrupted: existing outputs were not replaced; rerun with --resume to continue.")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `... --json | head`: the reader left; stop quietly, as a shell tool does
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            raise typer.Exit(141) from None
         except OSError as exc:
             if os.environ.get("PADDLE_SCORER_DEBUG"):
                 raise
