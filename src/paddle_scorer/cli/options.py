@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from paddle_scorer.checkpoint import SCORER_DEFAULTS
 from paddle_scorer.cli.common import err
 
 
@@ -62,14 +60,14 @@ def loaded_from(o: LoadOptions, plan=None):
 
 
 def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
-    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model)."""
+    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model). A
+    scorer.json that is not valid JSON or has values of the wrong type is refused, naming the file."""
+    from paddle_scorer.checkpoint import read_scorer_defaults
+
     for folder in (lora, model):
-        if folder is not None and (Path(folder) / SCORER_DEFAULTS).is_file():
-            try:
-                data = json.loads((Path(folder) / SCORER_DEFAULTS).read_text())
-            except ValueError:
-                continue
-            if isinstance(data, dict):
+        if folder is not None and Path(folder).is_dir():
+            data = read_scorer_defaults(folder)
+            if data is not None:
                 return data
     return {}
 
@@ -145,3 +143,4 @@ def check_classify_options(opts) -> None:
     if opts.truncate not in ("error", "left"):
         raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
     check_template(opts.template)
+
