@@ -7,6 +7,8 @@ forward pass, so bad input never leaves a partial output behind.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -107,6 +109,10 @@ class LabelEncoder:
 
     def prepare(self, record: dict, rid, where: str) -> Prepared:
         gold = record.get(self.opts.gold_field)
+        if gold is not None and (isinstance(gold, (bool, list, dict)) or
+                                 (isinstance(gold, float) and not math.isfinite(gold))):
+            raise UsageError(f"{where}: the gold label field {self.opts.gold_field!r} is {json.dumps(gold)[:40]}, not a "
+                             "label; give it as text (or a number), or null for no gold label.")
         return self.encode(self.prompt_text(record, where), where, rid, gold)
 
 

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, scorer_defaults
+from paddle_scorer.cli.options import (check_io, load_options, loaded_from, progress_bar, read_rows, resume_line,
+                                        scorer_defaults)
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
@@ -112,8 +113,10 @@ def register(app: typer.Typer) -> None:
             for rec in stats.records[: (None if output is None else 3)]:
                 _show(rec)
         con = err if as_json else out
-        con.print(f"generated for {stats.scored} record(s) in {stats.seconds:.2f}s on {loaded.device} in {loaded.dtype}"
+        con.print(f"generated for {stats.scored} record(s)" + (f", {stats.skipped} already done" if stats.skipped else "")
+                  + f" in {stats.seconds:.2f}s on {loaded.device} in {loaded.dtype}"
                   + (f"; wrote {output}" if output else ""), highlight=False)
+        resume_line(con, stats)
 
 
 def _show(rec: dict) -> None:

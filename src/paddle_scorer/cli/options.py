@@ -144,3 +144,10 @@ def check_classify_options(opts) -> None:
         raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
     check_template(opts.template)
 
+
+def resume_line(con, stats) -> None:
+    """After --resume: what was done with the previous results when the input had changed since."""
+    r = stats.resume
+    if r.changed or r.removed:
+        con.print(f"resume: {r.changed} record(s) rescored because their input changed since they were scored, "
+                  f"{r.removed} dropped because their id is no longer in the input (kept {r.kept}).", highlight=False)
