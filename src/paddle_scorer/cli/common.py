@@ -57,25 +57,33 @@ def _not_utf8(value) -> bool:
     return False
 
 
-def check_text_arguments(kwargs: dict) -> None:
+def _flag_names(fn) -> dict[str, str]:
+    """Parameter name -> its first command-line flag (``--output``) or ARGUMENT, from typer's declarations."""
+    import inspect
+
+    names = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        decls = [d for d in (getattr(param.default, "param_decls", None) or ()) if d.startswith("--")]
+        names[name] = decls[0] if decls else name.upper()
+    return names
+
+
+def check_text_arguments(kwargs: dict, flags: dict[str, str] | None = None) -> None:
     """Refuse command-line values (paths, prompts, labels, templates) holding bytes that are not UTF-8.
 
     Such bytes arrive as lone surrogates (Python's surrogateescape); they cannot be written into a JSON
     output or its provenance, so they would fail after the work was done. Refused before anything runs."""
     import os
 
-    import click
-
     from paddle_scorer.errors import UsageError
 
-    ctx = click.get_current_context(silent=True)
-    flags = {p.name: (p.opts[0] if p.opts else p.name.upper()) for p in ctx.command.params} if ctx else {}
+    flags = flags or {}
     for name, value in kwargs.items():
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, (str, os.PathLike)) and _not_utf8(v):
                 shown = os.fsencode(str(v)).decode("utf-8", "backslashreplace")
-                raise UsageError(f"{flags.get(name, name)} {shown!r} contains bytes that are not UTF-8; outputs and "
-                                 "their provenance are UTF-8 JSON: rename the file or re-encode the text.")
+                raise UsageError(f"{flags.get(name, name)} '{shown}' contains bytes that are not UTF-8; paths and text "
+                                 "go into UTF-8 JSON outputs and provenance: rename the file or re-encode the text.")
 
 
 def cli_errors(fn):
@@ -85,12 +93,14 @@ def cli_errors(fn):
     (exit 70) and the traceback is shown only with PADDLE_SCORER_DEBUG=1. A KeyboardInterrupt (Ctrl-C,
     or SIGTERM through ``app.main``) exits 130; one raised with a message says what was already done."""
 
+    flags = _flag_names(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import os
 
         try:
-            check_text_arguments(kwargs)
+            check_text_arguments(kwargs, flags)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise

@@ -56,7 +56,10 @@ def loaded_from(o: LoadOptions, plan=None):
                   f"{fmt_bytes(m.budget)} ({m.budget_source}): scoring layer by layer (streamed), each layer read "
                   "once per block of records.", highlight=False, markup=False)
     with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        return load_plan(plan)
+        loaded = load_plan(plan)
+    for note in loaded.facts.notes:  # what was decided for the user (a default, a mapping): said, and recorded
+        err.print(f"note: {note}.", highlight=False, markup=False)
+    return loaded
 
 
 def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
