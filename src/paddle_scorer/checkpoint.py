@@ -290,6 +290,45 @@ def read_scorer_defaults(folder: str | Path) -> dict | None:
     return data
 
 
+_TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json")
+
+
+def tokenizer_problem(folder: str | Path) -> str | None:
+    """What would stop the tokenizer in ``folder`` from loading, found without importing paddle: a JSON file of
+    it that does not parse, or a chat template that is not valid Jinja. None when nothing is found (rendering
+    errors of a valid template only show on a prompt: see :func:`paddle_scorer.prompts.apply_chat`)."""
+    folder = Path(folder)
+    templates = []
+    for name in _TOKENIZER_JSON:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            return f"{name} is not valid JSON: {' '.join(str(exc).split())[:120]}"
+        if name in ("tokenizer_config.json", "chat_template.json") and isinstance(data, dict):
+            templates.append((name, data.get("chat_template")))
+    if (folder / "chat_template.jinja").is_file():
+        templates.append(("chat_template.jinja", (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")))
+    for name, tpl in templates:
+        if isinstance(tpl, list):  # named templates: [{"name": ..., "template": ...}]
+            sources = [t.get("template") for t in tpl if isinstance(t, dict)]
+        else:
+            sources = [tpl]
+        for src in (x for x in sources if isinstance(x, str)):
+            try:
+                import jinja2
+            except ImportError:  # pragma: no cover - a dependency of paddlenlp
+                return None
+            try:
+                jinja2.Environment().parse(src)
+            except jinja2.TemplateSyntaxError as exc:
+                return f"the chat template in {name} is not valid Jinja ({' '.join(str(exc).split())[:120]})"
+    return None
+
+
 def resolve_base(adapter_dir: Path, ref: str | None) -> Path | None:
     """Find the base model an adapter names: as given, relative to the adapter, or next to it."""
     if not ref:
