@@ -251,10 +251,15 @@ def test_resume_with_other_labels_is_refused(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
+OLD_META = '{"tool": "paddle-scorer 0.1.0", "status": "complete"}\n'
+
+
 @pytest.fixture
 def existing(tmp_path):
+    """An earlier output (--overwrite replaces only files with paddle-scorer's .meta.json next to them)."""
     out = tmp_path / "keep.jsonl"
     out.write_text('{"id": "old"}\n')
+    out.with_name(out.name + ".meta.json").write_text(OLD_META)
     return out
 
 
@@ -263,7 +268,7 @@ def bad(existing, *args):
     assert r.exit_code != 0
     assert "Traceback" not in r.output
     assert existing.read_text() == '{"id": "old"}\n'  # untouched
-    assert not existing.with_name(existing.name + ".meta.json").exists()
+    assert existing.with_name(existing.name + ".meta.json").read_text() == OLD_META
     return r.stderr
 
 

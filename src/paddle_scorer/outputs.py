@@ -1,7 +1,8 @@
 """A run's output, from the first check to the final rename: the guarantees in one place.
 
-* **Checked up front.** ``--output`` may not be a directory, a ``.meta.json``, an input file, or an
-  existing output without ``--resume``/``--overwrite`` (:func:`check_output_path`).
+* **Checked up front.** ``--output`` may not be a directory, a device or pipe, a ``.meta.json``, an input
+  file, or an existing output without ``--resume``/``--overwrite``; ``--overwrite`` replaces only a file
+  that has paddle-scorer's ``.meta.json`` next to it (:func:`check_output_path`).
 * **Replaced only by complete results.** A run writes a hidden working file next to the output
   (``.out.jsonl.inprogress`` and its ``.meta.json``), appended and fsynced per batch (or per
   streamed block). Only when every record is scored is it rewritten in input order and renamed onto
@@ -81,6 +82,9 @@ def check_output_path(output: Path, inputs: list[Path], *, resume: bool, overwri
                              "another path.")
         if src is not None and _same_file(output, meta_path(Path(src))):
             raise UsageError(f"{what} {output} is the provenance of the input {src}; pass another path.")
+    if overwrite and output.is_file() and output.stat().st_size and not is_our_output(output):
+        raise UsageError(f"{output} exists and has no paddle-scorer {meta_path(output).name} next to it, so it is not "
+                         "an output of ours; --overwrite only replaces outputs: delete it yourself or pass another path.")
     work = working_path(output)
     if not (resume or overwrite):
         if output.exists():
@@ -114,6 +118,15 @@ def signals_held():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def is_our_output(output: Path) -> bool:
+    """Whether ``output`` has a provenance file written by paddle-scorer next to it."""
+    try:
+        meta = json.loads(meta_path(Path(output)).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("tool", "")).startswith("paddle-scorer")
 
 
 def fingerprint(record: dict) -> str:
