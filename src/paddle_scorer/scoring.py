@@ -66,6 +66,17 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def check_gold_not_in_template(options: "ClassifyOptions") -> None:
+    """A template that fills in the gold label field would put each record's answer into its prompt: the
+    scores would look excellent and mean nothing. Refused; the way out names the real gold field."""
+    if options.template and options.gold_field and options.gold_field in template_fields(options.template):
+        raise UsageError(
+            f"the template fills in {{{options.gold_field}}}, the gold label field (--gold-field), so every prompt "
+            "would contain its own answer; remove it from the template, or name the real gold field with "
+            "--gold-field."
+        )
+
+
 class LabelEncoder:
     """Records -> :class:`Prepared` (prompt ids and label ids), without the model: the prompt path
     (:class:`~paddle_scorer.prompts.Prompter`) plus the prompt/label boundary. ``smoke`` runs it over every
@@ -74,6 +85,7 @@ class LabelEncoder:
     def __init__(self, tokenizer, options: "ClassifyOptions", context_length: int | None):
         if options.batch_size < 1:
             raise UsageError("--batch-size must be at least 1.")
+        check_gold_not_in_template(options)
         self.tok = tokenizer
         self.opts = options
         self.prompter = Prompter(tokenizer, PromptOptions(
