@@ -82,6 +82,13 @@ def check_output_path(output: Path, inputs: list[Path], *, resume: bool, overwri
                              "another path.")
         if src is not None and _same_file(output, meta_path(Path(src))):
             raise UsageError(f"{what} {output} is the provenance of the input {src}; pass another path.")
+    state = run_state(output)
+    if state in ("running", "running elsewhere"):
+        wm = read_json_file(meta_path(working_path(output))) if meta_path(working_path(output)).is_file() else {}
+        alive = "is writing" if state == "running" else "was writing (this machine cannot tell whether it still is)"
+        raise UsageError(f"another paddle-scorer run (process {wm.get('pid')} on {wm.get('host')}) {alive} {output}; "
+                         "two runs on one output would replace each other's results: wait for it or stop it (if it is "
+                         f"gone, delete {working_path(output).name}.meta.json and pass --resume).")
     if overwrite and output.is_file() and output.stat().st_size and not is_our_output(output):
         raise UsageError(f"{output} exists and has no paddle-scorer {meta_path(output).name} next to it, so it is not "
                          "an output of ours; --overwrite only replaces outputs: delete it yourself or pass another path.")
@@ -363,6 +370,6 @@ def run_state(output: Path) -> str | None:
         meta = json.loads(wm.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "killed"
-    if meta.get("host") == socket.gethostname() and pid_alive(meta.get("pid")):
-        return "running"
+    if meta.get("host") == socket.gethostname() and meta.get("pid") != os.getpid() and pid_alive(meta.get("pid")):
+        return "running"  # (our own pid: an earlier run in this process, e.g. through the Python API, was stopped)
     return "killed" if meta.get("host") in (None, socket.gethostname()) else "running elsewhere"
