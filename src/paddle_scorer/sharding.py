@@ -102,7 +102,7 @@ def check_no_foreign_parts(output: Path, worker: Worker, overwrite: bool) -> Non
 
 @contextmanager
 def _lock(output: Path):
-    lock = output.with_name(output.name + ".lock")
+    lock = output.with_name(f".{output.name}.lock")  # hidden: it stays (removing a flock file races)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
