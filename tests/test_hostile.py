@@ -331,6 +331,30 @@ def _(ws):
     return ["inspect", ws.base]
 
 
+def _sharded_index(ws, weight_map) -> Path:
+    (ws.base / "model_state.pdparams").unlink()
+    (ws.base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return ws.base
+
+
+@row("checkpoint", "shard-index-pointing-outside-its-folder", 4, ("index.json", "outside its folder"))
+def _(ws):
+    _sharded_index(ws, {"llama.embed_tokens.weight": "../../elsewhere/model.safetensors"})
+    return ["inspect", ws.base]
+
+
+@row("checkpoint", "shard-index-naming-a-missing-shard", 4, ("index.json", "model-00002-of-00002.safetensors"))
+def _(ws):
+    _sharded_index(ws, {"llama.embed_tokens.weight": "model-00002-of-00002.safetensors"})
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "shard-index-of-the-wrong-shape", 4, ("index.json", "weight_map"))
+def _(ws):
+    _sharded_index(ws, {"llama.embed_tokens.weight": ["model-00001-of-00001.safetensors"]})
+    return classify(ws, output=None)
+
+
 @row("checkpoint", "scorer-json-not-json", 4, ("scorer.json", "not valid JSON"))
 def _(ws):
     (ws.lora / "scorer.json").write_text('{"labels": ["goods", "life"],}')
