@@ -529,6 +529,11 @@ def _(ws):
     return classify(ws, "--template", "Query: {query} ({label})\nAnswer:", output=None)
 
 
+@row("data", "two-labels-the-tokenizer-makes-identical", 2, ("'caf\\xe9'", "'cafe\\u0301'", "same tokens"))
+def _(ws):
+    return classify(ws, "--labels", "caf\u00e9,cafe\u0301", output=None)  # NFC makes them one label
+
+
 @row("data", "limit-zero", 2, ("--limit", "at least 1"))
 def _(ws):
     return classify(ws, "--limit", 0, output=None)

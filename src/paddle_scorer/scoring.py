@@ -116,6 +116,15 @@ class LabelEncoder:
                 n -= 1
             label_ids = [c[n:] + lab for c, lab in zip(contexts, label_ids)]
             context = context[:n]
+        seen: dict[tuple, str] = {}
+        for label, ids in zip(self.opts.labels, label_ids):
+            if tuple(ids) in seen:  # e.g. "café" precomposed and decomposed, after the tokenizer's normalisation
+                raise UsageError(
+                    f"{where}: labels {ascii(seen[tuple(ids)])} and {ascii(label)} become the same tokens {ids} after "
+                    "this prompt, so the model cannot tell them apart (each would get an equal share); use labels "
+                    "that differ after the tokenizer's normalisation."
+                )
+            seen[tuple(ids)] = label
         context, truncated = self.prompter.fit(context, where, following=max(len(x) for x in label_ids) - 1)
         return Prepared(rid, prompt, context, label_ids, None if gold is None else gold, truncated)
 
