@@ -767,6 +767,12 @@ def _(ws):
     return classify(ws, "--resume", "--template", "Q: {query}\nA:")
 
 
+@row("outputs", "resume-with-a-smaller-limit-never-drops-results", 2, ("limit", "differ"))
+def _(ws):
+    ws.scored()
+    return classify(ws, "--resume", "--limit", 2, data=ws.p("in.jsonl"))
+
+
 @row("outputs", "resume-without-meta", 2, ("no out.jsonl.meta.json", "--overwrite"))
 def _(ws):
     ws.scored().with_name("out.jsonl.meta.json").unlink()

@@ -110,7 +110,8 @@ def register(app: typer.Typer) -> None:
             p.fingerprint = fingerprint(rec)
             preps.append(p)
         calib = clf.calibrate()
-        identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field)
+        identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field,
+                                     limit=limit)
         block = opts.batch_size
         execution_info = {"execution": loaded.facts.execution["execution"]}
         if loaded.streamed:

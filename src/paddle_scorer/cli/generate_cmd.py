@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
             it = gen.prepare(rec, rid, where)
             it.fingerprint = fingerprint(rec)
             items.append(it)
-        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
+        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length, limit=limit,
                                      id_field=id_field)
 
         def score_block(block):
