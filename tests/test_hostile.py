@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -179,9 +179,8 @@ class Row:
     check: Callable[[WS, dict, dict, object], None] | None = None  # (ws, before, after, result); None: unchanged
     patch: Callable[[pytest.MonkeyPatch, WS], None] | None = None  # applied after setup, before the command
     env: dict | None = None
-    message_from: str = "error"  # "error": exactly one error-type line; "any": some line of the output
+    message_from: str = "error"  # the line with the words: "error" (the one error line), "first" (stderr), "any"
     group: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 ROWS: list[Row] = []
@@ -1064,7 +1063,7 @@ def _stale_merge_folders(ws, before, after, r):
 
 
 @row("faults", "merge-removes-stale-temp-folders-of-dead-processes-only", 0,
-     ("note:", f"removed .merged.tmp-", "is gone"), check=_stop_processes(_stale_merge_folders), message_from="first")
+     ("note:", "removed .merged.tmp-", "is gone"), check=_stop_processes(_stale_merge_folders), message_from="first")
 def _(ws):
     dead = _dead_pid()
     (ws.p(f".merged.tmp-{dead}")).mkdir()
