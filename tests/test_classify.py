@@ -243,7 +243,8 @@ def test_resume_with_other_labels_is_refused(tmp_path):
     out = tmp_path / "o.jsonl"
     assert cli("classify", *DEMO, "--input", builders.DEMO_QUERIES, "--limit", 3, "--output", out).exit_code == 0
     before = out.read_bytes()
-    r = cli("classify", *DEMO, "--labels", "life,goods,other", "--input", builders.DEMO_QUERIES, "--output", out, "--resume")
+    r = cli("classify", *DEMO, "--labels", "life,goods,other", "--input", builders.DEMO_QUERIES, "--limit", 3,
+            "--output", out, "--resume")
     assert r.exit_code == 2 and "different configuration (labels differ)" in r.stderr
     assert out.read_bytes() == before
 
