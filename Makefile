@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 SCORER := $(VENV)/bin/paddle-scorer
 
-.PHONY: demo test venv clean checkpoints bench
+.PHONY: demo test venv clean checkpoints bench browser
 
 $(VENV)/.ok-python:
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "paddle-scorer needs Python 3.10-3.12 (paddlepaddle 3.3.1 wheels); found %d.%d: run make PYTHON=python3.11 ..." % v)'
@@ -30,7 +30,12 @@ demo: $(VENV)/.ok-cpu
 	$(SCORER) classify --model checkpoints/demo-base --lora checkpoints/demo-lora \
 		--input checkpoints/demo-queries.jsonl --output out/demo-scores.jsonl --overwrite --show 5
 
-test: $(VENV)/.ok-test
+# The report test renders the HTML page in headless chromium: found, or installed with apt-get when
+# this user may (root or password-less sudo); otherwise one line says so and that test fails.
+browser:
+	@.ci/ensure-chromium
+
+test: $(VENV)/.ok-test browser
 	$(PY) -m pytest -q
 
 $(VENV)/.ok-bench: $(VENV)/.ok-cpu

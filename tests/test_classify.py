@@ -243,7 +243,8 @@ def test_resume_with_other_labels_is_refused(tmp_path):
     out = tmp_path / "o.jsonl"
     assert cli("classify", *DEMO, "--input", builders.DEMO_QUERIES, "--limit", 3, "--output", out).exit_code == 0
     before = out.read_bytes()
-    r = cli("classify", *DEMO, "--labels", "life,goods,other", "--input", builders.DEMO_QUERIES, "--output", out, "--resume")
+    r = cli("classify", *DEMO, "--labels", "life,goods,other", "--input", builders.DEMO_QUERIES, "--limit", 3,
+            "--output", out, "--resume")
     assert r.exit_code == 2 and "different configuration (labels differ)" in r.stderr
     assert out.read_bytes() == before
 
@@ -251,10 +252,15 @@ def test_resume_with_other_labels_is_refused(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
+OLD_META = '{"tool": "paddle-scorer 0.1.0", "status": "complete"}\n'
+
+
 @pytest.fixture
 def existing(tmp_path):
+    """An earlier output (--overwrite replaces only files with paddle-scorer's .meta.json next to them)."""
     out = tmp_path / "keep.jsonl"
     out.write_text('{"id": "old"}\n')
+    out.with_name(out.name + ".meta.json").write_text(OLD_META)
     return out
 
 
@@ -263,7 +269,7 @@ def bad(existing, *args):
     assert r.exit_code != 0
     assert "Traceback" not in r.output
     assert existing.read_text() == '{"id": "old"}\n'  # untouched
-    assert not existing.with_name(existing.name + ".meta.json").exists()
+    assert existing.with_name(existing.name + ".meta.json").read_text() == OLD_META
     return r.stderr
 
 

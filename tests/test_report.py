@@ -19,7 +19,7 @@ from paddle_scorer.report import histogram, load_run, summarize
 runner = CliRunner()
 SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
 LABELS = SCORER["labels"]
-CHROMIUM_INSTALL = "apt-get update && apt-get install -y --no-install-recommends chromium"
+CHROMIUM_SETUP = ".ci/ensure-chromium"  # run by `make test` (and so by .ci/run): finds or installs it
 
 
 def cli(*args):
@@ -159,8 +159,9 @@ def test_not_a_classify_output(tmp_path):
 
 
 def test_page_renders_in_headless_chromium(page, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, f"chromium is not installed; install it with `{CHROMIUM_INSTALL}` (as .ci/run does)"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")  # what .ci/ensure-chromium looks for
+    assert chromium, (f"chromium is not installed and {CHROMIUM_SETUP} (run by `make test`) could not install it: "
+                      "run `sudo apt-get install chromium`, then `make test`")
     html_path, _, _ = page
     shot = tmp_path / "shot.png"
     proc = subprocess.run(

@@ -248,11 +248,85 @@ def _summarise(ws: WeightSet, metas: dict[str, TensorMeta]) -> None:
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-create it.") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object; fix or re-create it.")
     return data
+
+
+SCORER_KEYS = {"template": "a string with {field} placeholders", "labels": "a list of label strings",
+               "label_prefix": "a string"}
+
+
+def _json_kind(value) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def read_scorer_defaults(folder: str | Path) -> dict | None:
+    """``scorer.json`` of ``folder`` (None when there is none), typed: refused, naming the file, when it is
+    not a JSON object of ``template`` (string), ``labels`` (list of strings) and ``label_prefix`` (string).
+    An unknown key is refused too: a misspelt ``label_prefix`` would silently score with the default."""
+    path = Path(folder) / SCORER_DEFAULTS
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    problems = []
+    unknown = sorted(set(data) - set(SCORER_KEYS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(SCORER_KEYS)})")
+    for key in ("template", "label_prefix"):
+        if key in data and not isinstance(data[key], str):
+            problems.append(f"{key} must be {SCORER_KEYS[key]}, not {_json_kind(data[key])}")
+    labels = data.get("labels")
+    if "labels" in data and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        what = _json_kind(labels) if not isinstance(labels, list) else "a list holding " + ", ".join(
+            sorted({_json_kind(x) for x in labels if not isinstance(x, str)}))
+        problems.append(f"labels must be {SCORER_KEYS['labels']}, not {what}")
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}; fix the file (or delete it and pass --labels and "
+                              "--template).")
+    return data
+
+
+_TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json")
+
+
+def tokenizer_problem(folder: str | Path) -> str | None:
+    """What would stop the tokenizer in ``folder`` from loading, found without importing paddle: a JSON file of
+    it that does not parse, or a chat template that is not valid Jinja. None when nothing is found (rendering
+    errors of a valid template only show on a prompt: see :func:`paddle_scorer.prompts.apply_chat`)."""
+    folder = Path(folder)
+    templates = []
+    for name in _TOKENIZER_JSON:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            return f"{name} is not valid JSON: {' '.join(str(exc).split())[:120]}"
+        if name in ("tokenizer_config.json", "chat_template.json") and isinstance(data, dict):
+            templates.append((name, data.get("chat_template")))
+    if (folder / "chat_template.jinja").is_file():
+        templates.append(("chat_template.jinja", (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")))
+    for name, tpl in templates:
+        if isinstance(tpl, list):  # named templates: [{"name": ..., "template": ...}]
+            sources = [t.get("template") for t in tpl if isinstance(t, dict)]
+        else:
+            sources = [tpl]
+        for src in (x for x in sources if isinstance(x, str)):
+            try:
+                import jinja2
+            except ImportError:  # pragma: no cover - a dependency of paddlenlp
+                return None
+            try:
+                jinja2.Environment().parse(src)
+            except jinja2.TemplateSyntaxError as exc:
+                return f"the chat template in {name} is not valid Jinja ({' '.join(str(exc).split())[:120]})"
+    return None
 
 
 def resolve_base(adapter_dir: Path, ref: str | None) -> Path | None:
@@ -327,8 +401,7 @@ def describe(path: str | Path) -> CheckpointInfo:
     info.chat_template = bool(tok_cfg.get("chat_template")) or any(
         (folder / n).is_file() for n in ("chat_template.json", "chat_template.jinja")
     )
-    if (folder / SCORER_DEFAULTS).is_file():
-        info.scorer_defaults = read_json(folder / SCORER_DEFAULTS)
+    info.scorer_defaults = read_scorer_defaults(folder)
     if (folder / MERGE_RECORD).is_file():
         info.merged_from = read_json(folder / MERGE_RECORD)
 

@@ -62,6 +62,8 @@ def check_options(options: GenerateOptions) -> None:
         raise UsageError(f"--temperature must be a finite number, got {options.temperature}.")
     if options.sample and options.temperature <= 0:
         raise UsageError("--temperature must be positive when sampling.")
+    if options.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {options.seed}.")
 
 
 def prompter_for(tokenizer, options: GenerateOptions, context_length: int | None) -> Prompter:

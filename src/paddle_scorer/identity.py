@@ -6,6 +6,9 @@ line carries its ``input_fingerprint``, see :mod:`paddle_scorer.outputs`), so an
 noticed record by record. Computed results (calibration constants, timings, metrics) are provenance,
 not identity: they are recomputed, never compared.
 
+``--limit`` is in it: which records an output holds is part of what it is, and a resume with a smaller
+limit would otherwise drop the results beyond it as "no longer in the input".
+
 Not in the identity, deliberately: batch size and execution (in RAM or streamed; results agree to
 float32 noise, tested to 1e-5), thread counts, the input file's path (its content is fingerprinted).
 """
@@ -27,7 +30,8 @@ def model_identity(loaded) -> dict:
     }
 
 
-def classify_identity(loaded, opts, *, use_chat: bool, max_length: int | None, id_field: str) -> dict:
+def classify_identity(loaded, opts, *, use_chat: bool, max_length: int | None, id_field: str,
+                      limit: int | None = None) -> dict:
     """Everything that changes a classify output value. ``opts``: ClassifyOptions."""
     return {
         "command": "classify",
@@ -45,10 +49,12 @@ def classify_identity(loaded, opts, *, use_chat: bool, max_length: int | None, i
         "coerce_fields": opts.coerce_fields,
         "gold_field": opts.gold_field,
         "id_field": id_field,
+        "limit": limit,
     }
 
 
-def generate_identity(loaded, opts, *, use_chat: bool, max_length: int | None, id_field: str) -> dict:
+def generate_identity(loaded, opts, *, use_chat: bool, max_length: int | None, id_field: str,
+                      limit: int | None = None) -> dict:
     """Everything that changes a generate output value. ``opts``: GenerateOptions."""
     return {
         "command": "generate",
@@ -66,4 +72,5 @@ def generate_identity(loaded, opts, *, use_chat: bool, max_length: int | None, i
         "truncate": opts.truncate,
         "coerce_fields": opts.coerce_fields,
         "id_field": id_field,
+        "limit": limit,
     }

@@ -316,7 +316,8 @@ def load_tokenizer(plan: LoadPlan):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # the libraries raise many types here
-        raise CheckpointError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: {exc}).") from exc
+        detail = " ".join(str(exc).split())[:300]  # one line: library messages carry newlines
+        raise CheckpointError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: {detail}).") from exc
     vocab = plan.model.info.config.get("vocab_size")
     if isinstance(vocab, int) and len(tok) > vocab:
         raise CheckpointError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,7 @@ class MergePlan:
     adapter_plan: planning.AdapterPlan  # validated pairs keyed by the runtime module names
     tokenizer_source: Path | None
     out_bytes: int  # size of the tensors to be written
+    notes: list[str] = field(default_factory=list)  # what was cleaned up before (interrupted earlier merges)
 
     @property
     def base_info(self) -> ckpt.CheckpointInfo:
@@ -406,22 +408,69 @@ def temp_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{os.getpid()}"
 
 
+def old_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.old-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    from paddle_scorer.outputs import pid_alive
+
+    return pid != os.getpid() and pid_alive(pid)
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove what an interrupted merge to ``out`` left behind, judged by its process id: hidden
+    ``.<name>.tmp-<pid>`` (an unfinished merge) and ``.<name>.old-<pid>`` (the folder a ``--force`` merge was
+    replacing) whose process is gone. A folder of a live process is never touched. If a merge was killed
+    between its two renames (``out`` missing, its previous version in ``.old-<pid>``), the previous version
+    is put back. Returns one note per thing done."""
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(r"^\." + re.escape(out.name) + r"\.(tmp|old)-(\d+)$")
+    stale = []
+    for entry in parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(2))):
+            stale.append((m.group(1), int(m.group(2)), entry))
+    notes = []
+    for kind, pid, entry in sorted(stale, key=lambda x: x[0] != "old"):  # restore before removing
+        if kind == "old" and not (out.exists() or out.is_symlink()):
+            os.rename(entry, out)
+            notes.append(f"put back {out} from {entry.name}: a --force merge (process {pid}) was killed while "
+                         "replacing it")
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        what = "an unfinished merge" if kind == "tmp" else "the replaced folder of a finished --force merge"
+        notes.append(f"removed {entry.name}, left by {what} (process {pid} is gone)")
+    return notes
+
+
 def _commit(tmp: Path, out: Path, force: bool) -> bool:
-    """Rename ``tmp`` to ``out``; with ``force`` an existing ``out`` is renamed aside first, then deleted."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return False
-    if not force:  # appeared while we were merging
-        raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return True
+    """Rename ``tmp`` to ``out``; with ``force`` an existing ``out`` is renamed aside first, then deleted.
+    Stop signals are held throughout, so an interrupted commit cannot leave ``out`` missing."""
+    from paddle_scorer.outputs import InterruptedAfterCommit, signals_held
+
+    with signals_held() as got:
+        if not (out.exists() or out.is_symlink()):
+            os.rename(tmp, out)
+            replaced = False
+        else:
+            if not force:  # appeared while we were merging
+                raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
+            old = old_folder(out)
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+            replaced = True
+    if got:
+        raise InterruptedAfterCommit(f"the merge had already finished: {out} is complete.")
+    return replaced
 
 
 def peak_rss_bytes() -> int:
@@ -454,7 +503,9 @@ def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    notes = [p.mapping_note] if p.mapping_note else []
+    notes = list(p.notes)
+    if p.mapping_note:
+        notes.append(p.mapping_note)
     if p.tokenizer_source is None:
         notes.append("no tokenizer files in the base or the adapter: pass --tokenizer when loading the merged model.")
     elif p.tokenizer_source == p.adapter:
@@ -476,9 +527,14 @@ def merge(
     fmt: str = "safetensors",
     force: bool = False,
     verify: bool = False,
+    allow_noop_adapter: bool = False,
 ) -> MergeResult:
-    """Plan and write a merge. See the module docstring."""
-    return write(plan(model, lora, out, dtype=dtype, fmt=fmt, force=force, verify=verify), verify=verify)
+    """Clean up after interrupted merges to ``out`` (:func:`clean_stale`), then plan and write. See the module
+    docstring."""
+    cleaned = clean_stale(Path(out))
+    p = plan(model, lora, out, dtype=dtype, fmt=fmt, force=force, verify=verify, allow_noop_adapter=allow_noop_adapter)
+    p.notes = cleaned
+    return write(p, verify=verify)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A run's output, from the first check to the final rename: the guarantees in one place.
 
-* **Checked up front.** ``--output`` may not be a directory, a ``.meta.json``, an input file, or an
-  existing output without ``--resume``/``--overwrite`` (:func:`check_output_path`).
+* **Checked up front.** ``--output`` may not be a directory, a device or pipe, a ``.meta.json``, an input
+  file, or an existing output without ``--resume``/``--overwrite``; ``--overwrite`` replaces only a file
+  that has paddle-scorer's ``.meta.json`` next to it (:func:`check_output_path`).
 * **Replaced only by complete results.** A run writes a hidden working file next to the output
   (``.out.jsonl.inprogress`` and its ``.meta.json``), appended and fsynced per batch (or per
   streamed block). Only when every record is scored is it rewritten in input order and renamed onto
@@ -21,15 +22,18 @@ The same class writes the part files of a sharded run (``<output>.parts/part-R-o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paddle_scorer.dataio import meta_path, read_json_file, record_key, write_json_atomic
+from paddle_scorer.dataio import meta_path, read_json_file, record_key, write_json_atomic, write_json_temp
 from paddle_scorer.errors import UsageError
 
 
@@ -68,12 +72,26 @@ def check_output_path(output: Path, inputs: list[Path], *, resume: bool, overwri
         raise UsageError(f"{what} {output} is a provenance file name (.meta.json); pass the results file, e.g. scores.jsonl.")
     if output.name.endswith(".inprogress") or output.parent.name.endswith(".parts"):
         raise UsageError(f"{what} {output} is one of paddle-scorer's own working files; pass the results file.")
+    for p, role in ((output, ""), (meta_path(output), "its provenance file ")):
+        if p.exists() and not p.is_file():  # a device (/dev/null), a pipe, a socket, or a folder
+            raise UsageError(f"{what} {output}: {role}{p} exists and is not a regular file; the result is renamed "
+                             "into place, which would replace it: pass a file path.")
     for src in inputs:
         if src is not None and _same_file(output, Path(src)):
             raise UsageError(f"{what} {output} is the input file {src}; writing it would destroy the input: pass "
                              "another path.")
         if src is not None and _same_file(output, meta_path(Path(src))):
             raise UsageError(f"{what} {output} is the provenance of the input {src}; pass another path.")
+    state = run_state(output)
+    if state in ("running", "running elsewhere"):
+        wm = read_json_file(meta_path(working_path(output))) if meta_path(working_path(output)).is_file() else {}
+        alive = "is writing" if state == "running" else "was writing (this machine cannot tell whether it still is)"
+        raise UsageError(f"another paddle-scorer run (process {wm.get('pid')} on {wm.get('host')}) {alive} {output}; "
+                         "two runs on one output would replace each other's results: wait for it or stop it (if it is "
+                         f"gone, delete {working_path(output).name}.meta.json and pass --resume).")
+    if overwrite and output.is_file() and output.stat().st_size and not is_our_output(output):
+        raise UsageError(f"{output} exists and has no paddle-scorer {meta_path(output).name} next to it, so it is not "
+                         "an output of ours; --overwrite only replaces outputs: delete it yourself or pass another path.")
     work = working_path(output)
     if not (resume or overwrite):
         if output.exists():
@@ -83,6 +101,39 @@ def check_output_path(output: Path, inputs: list[Path], *, resume: bool, overwri
                 f"an interrupted run left partial results for {output} (in {work.name}); pass --resume to continue "
                 "it or --overwrite to start over."
             )
+
+
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C/SIGTERM that arrived while a finished result was being moved into place: the move was completed
+    first (the message says what is complete), then the interrupt is honoured."""
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT/SIGTERM for the few renames that publish a result, so a stop signal cannot leave an output
+    without its provenance (or a merge folder half moved). Yields the list of signals that arrived. SIGKILL
+    cannot be held: see :func:`run_state` and ``report`` for what is left then."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def is_our_output(output: Path) -> bool:
+    """Whether ``output`` has a provenance file written by paddle-scorer next to it."""
+    try:
+        meta = json.loads(meta_path(Path(output)).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("tool", "")).startswith("paddle-scorer")
 
 
 def fingerprint(record: dict) -> str:
@@ -269,6 +320,7 @@ class RunOutput:
         if summarise is not None:
             meta.update(summarise(records))
         fd, tmp = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
+        meta_tmp = None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 for rec in records:
@@ -279,15 +331,24 @@ class RunOutput:
             final = dict(meta, identity=self.identity, status="complete", resume=self.report.to_dict(),
                          records=len(records), ids_sha256=ids_digest(order), output_sha256=file_digest(Path(tmp)))
             final.pop("pid", None)
-            os.replace(tmp, self.output)
+            meta_tmp = write_json_temp(meta_path(self.output), final)
+            # Publish: two renames with stop signals held, so Ctrl-C/SIGTERM never separates the results
+            # from their provenance (a SIGKILL between them leaves the working file: --resume redoes this).
+            with signals_held() as got:
+                os.replace(tmp, self.output)
+                os.replace(meta_tmp, meta_path(self.output))
+                self.working.unlink(missing_ok=True)
+                self.working_meta.unlink(missing_ok=True)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            if meta_tmp is not None:
+                Path(meta_tmp).unlink(missing_ok=True)
             raise
-        write_json_atomic(meta_path(self.output), final)
-        self.working.unlink(missing_ok=True)
-        self.working_meta.unlink(missing_ok=True)
         meta.clear()
         meta.update(final)
+        if got:
+            raise InterruptedAfterCommit(f"{self.output} had just been completed ({len(records)} records, with its "
+                                         ".meta.json); nothing is lost.")
         return records
 
 
@@ -309,6 +370,6 @@ def run_state(output: Path) -> str | None:
         meta = json.loads(wm.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "killed"
-    if meta.get("host") == socket.gethostname() and pid_alive(meta.get("pid")):
-        return "running"
+    if meta.get("host") == socket.gethostname() and meta.get("pid") != os.getpid() and pid_alive(meta.get("pid")):
+        return "running"  # (our own pid: an earlier run in this process, e.g. through the Python API, was stopped)
     return "killed" if meta.get("host") in (None, socket.gethostname()) else "running elsewhere"

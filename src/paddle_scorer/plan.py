@@ -179,6 +179,14 @@ def tokenizer_folder(model_dir: Path, lora_dir: Path | None, explicit: str | Pat
     raise CheckpointError(f"no tokenizer files (tokenizer_config.json) in {where}; pass --tokenizer FOLDER.")
 
 
+def check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer's files parse (the same sentence the loader gives when the library fails on them)."""
+    problem = ckpt.tokenizer_problem(folder)
+    if problem:
+        raise CheckpointError(f"the tokenizer in {folder} could not be loaded ({problem}); fix or re-copy it, or "
+                              "pass --tokenizer FOLDER.")
+
+
 def dominant_dtype(dtypes: dict[str, int]) -> str:
     return max(dtypes.items(), key=lambda kv: kv[1])[0] if dtypes else "float32"
 
@@ -540,6 +548,7 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
     tok_dir = tokenizer_folder(mp.folder, ap.folder if ap else None, tokenizer)
+    check_tokenizer_files(tok_dir)
     policy = plan_policy(device, dtype, mp.stored_dtype, mp.info.config_dtype, gpu)
     libraries.check_device(mp.library, mp.info, policy.device)
     size = memory.dtype_bytes(policy.dtype)
@@ -604,6 +613,12 @@ def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assess
         if lib is not None:
             a.library, a.library_installed = lib.name, lib.installed
         return a
+    if info.tokenizer_files:
+        try:
+            check_tokenizer_files(Path(info.path))
+        except ScorerError as exc:
+            return Assessment(False, "model", str(exc), exc.exit_code, layout=mp.layout.to_dict(),
+                              library=mp.library.name, library_installed=True)
     a = Assessment(True, "model", layout=mp.layout.to_dict(), library=mp.library.name, library_installed=True)
     try:
         mem = memory.plan_memory(mp.layer_bytes(4), mp.largest_outside(4), "cpu", memory_limit)

@@ -96,10 +96,19 @@ def parse_labels(spec: str | list[str] | None) -> list[str]:
     return labels
 
 
-def apply_chat(tokenizer, text: str, use_chat: bool) -> str:
+def apply_chat(tokenizer, text: str, use_chat: bool, where: str = "the prompt") -> str:
+    """``text`` wrapped in the tokenizer's chat template. The template is the checkpoint's code (Jinja): an
+    error it raises (``raise_exception``, an undefined variable) is the checkpoint's, said as one sentence."""
     if not use_chat:
         return text
-    return tokenizer.apply_chat_template(text, tokenize=False)
+    from paddle_scorer.errors import CheckpointError
+
+    try:
+        return tokenizer.apply_chat_template(text, tokenize=False)
+    except Exception as exc:  # jinja2 raises many types
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{where}: the tokenizer's chat template failed on this prompt ({type(exc).__name__}: "
+                              f"{detail}); fix chat_template in the tokenizer files, or pass --no-chat-template.") from None
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -194,7 +203,7 @@ class Prompter:
 
     def text(self, record: dict, where: str) -> str:
         return apply_chat(self.tok, fill_template(self.opts.template, record, where, self.opts.coerce_fields),
-                          self.use_chat)
+                          self.use_chat, where)
 
     def encode(self, text: str) -> list[int]:
         return encode(self.tok, text, self.special)

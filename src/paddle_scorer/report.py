@@ -14,7 +14,7 @@ import html
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from paddle_scorer.dataio import meta_path
@@ -32,42 +32,105 @@ class RunData:
     records: list[dict]
     meta: dict | None
     labels: list[str]
+    notes: list[str] = field(default_factory=list)  # said first: a run still writing, killed, a stale meta
+
+
+def run_notes(path: Path, meta: dict | None) -> list[str]:
+    """What is true of ``path`` besides its records: a newer run writing it (or killed while writing it), and
+    whether its ``.meta.json`` describes this very file (its recorded sha256)."""
+    from paddle_scorer.outputs import file_digest, run_state, working_path
+
+    notes = []
+    state = run_state(path)
+    if state is not None:
+        work = meta_path(working_path(path))
+        try:
+            wmeta = json.loads(work.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            wmeta = {}
+        who = f"process {wmeta.get('pid')} on {wmeta.get('host')}" if wmeta.get("pid") else "a run"
+        if state == "killed":
+            notes.append(f"a run that was replacing {path} was killed ({who} is gone) and left partial results in "
+                         f"{working_path(path).name}; this report shows the previous complete output: rerun that "
+                         "command with --resume to finish it.")
+        else:
+            notes.append(f"a run is still writing a new version of {path} ({who}); this report shows the previous "
+                         "complete output.")
+    if meta is not None:
+        recorded = meta.get("output_sha256")
+        if meta.get("status") not in (None, "complete"):
+            notes.append(f"{meta_path(path).name} says the run is {meta.get('status')!r}, not complete.")
+        elif recorded and file_digest(path) != recorded:
+            notes.append(f"{meta_path(path).name} does not describe {path.name}: the file was edited or replaced after "
+                         "the run wrote it (its sha256 differs from the one recorded); the provenance shown is the "
+                         "meta's, the numbers are recomputed from the file.")
+    return notes
+
+
+def _bad_record(rec, labels: list[str] | None) -> str | None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("probs"), dict) or "prediction" not in rec:
+        return "not a classify record (no probs/prediction)"
+    probs = rec["probs"]
+    if not probs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            and -1e-6 <= v <= 1 + 1e-6 for v in probs.values()):
+        return "its probs are not probabilities (finite numbers in [0, 1])"
+    if not isinstance(rec["prediction"], str) or rec["prediction"] not in probs:
+        return f"its prediction {json.dumps(rec['prediction'])[:40]} is not one of its labels"
+    if labels is not None and set(probs) != set(labels):
+        return f"it has labels {sorted(probs)}, not {labels} (the file mixes runs)"
+    return None
 
 
 def load_run(path: str | Path) -> RunData:
     """Records of a classify output (``--output`` file) and its provenance, checked."""
+    from paddle_scorer.errors import IncompleteRunError
+    from paddle_scorer.outputs import run_state, working_path
+
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; pass the JSONL file written by `paddle-scorer classify --output`.")
     if not path.is_file():
+        state = run_state(path)
+        if state is not None:
+            raise IncompleteRunError(
+                f"{path} does not exist yet: the run writing it " + (
+                    f"was killed and left partial results in {working_path(path).name}; rerun the same classify "
+                    "command with --resume to finish it." if state == "killed" else "is still running; wait for it.")
+            )
         raise UsageError(f"{path} does not exist; pass the JSONL file written by `paddle-scorer classify --output`.")
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: malformed JSON ({exc.msg}); is the run still writing? "
-                                 "Finish it with classify --resume first.") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("probs"), dict) or "prediction" not in rec:
-                raise UsageError(f"{path}:{lineno}: not a classify record (no probs/prediction); report reads the "
-                                 "output of `paddle-scorer classify --output`, not generate traces or inputs.")
-            records.append(rec)
-    if not records:
-        raise UsageError(f"{path} has no records; run classify first.")
     meta = None
     mp = meta_path(path)
     if mp.is_file():
         try:
             meta = json.loads(mp.read_text(encoding="utf-8"))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UsageError(f"{mp} is not valid JSON ({exc}); re-run classify or delete it.") from None
-    labels = ((meta or {}).get("run_config") or {}).get("labels") or list(records[0]["probs"])
-    for i, rec in enumerate(records):
-        if set(rec["probs"]) != set(labels):
-            raise UsageError(f"{path}: record {rec.get('id', i)!r} has labels {sorted(rec['probs'])}, not {labels}; "
-                             "the file mixes runs: re-run classify with --overwrite.")
-    return RunData(path, records, meta, list(labels))
+        if not isinstance(meta, dict):
+            raise UsageError(f"{mp} is not a JSON object; re-run classify or delete it.")
+    recorded = ((meta or {}).get("run_config") or (meta or {}).get("identity") or {}).get("labels")
+    labels = list(recorded) if isinstance(recorded, list) and all(isinstance(x, str) for x in recorded) else None
+    records = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                raise UsageError(f"{path}:{lineno}: not a JSON line ({exc}); the file was damaged or edited: re-run "
+                                 "classify with --overwrite.") from None
+            problem = _bad_record(rec, labels)
+            if problem is None and labels is None:
+                labels = list(rec["probs"])
+            problem = problem or _bad_record(rec, labels)
+            if problem:
+                hint = ("report reads the output of `paddle-scorer classify --output`, not generate traces or inputs"
+                        if problem.startswith("not a classify") else "re-run classify with --overwrite")
+                raise UsageError(f"{path}:{lineno}: {problem}; {hint}.")
+            records.append(rec)
+    if not records:
+        raise UsageError(f"{path} has no records; run classify first.")
+    return RunData(path, records, meta, list(labels), run_notes(path, meta))
 
 
 def confidence(rec: dict) -> float:
@@ -270,6 +333,7 @@ def render_html(run: RunData, summary: dict, figs: list[tuple[str, str, bytes]])
         f"<h1>paddle-scorer report: <code>{_e(run.path.name)}</code></h1>",
         f"<p>{summary['n_records']} records, labels {', '.join(f'<code>{_e(lab)}</code>' for lab in labels)}.</p>",
     ]
+    parts += [f"<p class='warn note'>{_e(note)}</p>" for note in run.notes]
     m = summary["metrics"]
     if m:
         parts.append("<h2>Metrics</h2><table id='metrics'><tr><th class='l'>metric</th><th>value</th></tr>")
@@ -329,11 +393,59 @@ def render_html(run: RunData, summary: dict, figs: list[tuple[str, str, bytes]])
     return "\n".join(parts)
 
 
+PAGE_MARK = "<title>paddle-scorer report"
+
+
+def check_html_path(run: RunData, out: Path) -> None:
+    """Refuse an --html path that would destroy something: the run's output, its provenance, its input, a
+    folder or device, or an existing file that is not a previous report (checked before anything is drawn)."""
+    from paddle_scorer.outputs import _same_file, working_path
+
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--html {out} is a directory; pass a file path such as {out}/report.html.")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"--html {out} exists and is not a regular file; pass a file path.")
+    src = (run.meta or {}).get("input")
+    protected = [(run.path, "the results file it reports on"), (meta_path(run.path), "the results' .meta.json"),
+                 (working_path(run.path), "the working file of a run")]
+    if isinstance(src, str) and src:
+        protected.append((Path(src), "the run's input"))
+    for p, what in protected:
+        if _same_file(out, p):
+            raise UsageError(f"--html {out} is {what}; writing the page there would destroy it: pass another path.")
+    if out.name.endswith(".meta.json"):
+        raise UsageError(f"--html {out} is a provenance file name (.meta.json); pass a path ending in .html.")
+    if out.is_file() and out.stat().st_size:
+        with open(out, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")
+        if PAGE_MARK not in head:
+            raise UsageError(f"--html {out} exists and is not a paddle-scorer report; it is never overwritten: pass "
+                             "another path (or delete it first).")
+
+
 def write_html(run: RunData, out: str | Path, bins: int = 10) -> dict:
-    """Write the page; returns the summary it shows."""
+    """Write the page atomically (a hidden temporary file renamed into place, permissions from the umask);
+    returns the summary it shows."""
+    import os
+    import tempfile
+
+    from paddle_scorer.outputs import chmod_default
+
+    out = Path(out)
+    check_html_path(run, out)
     summary = summarize(run, bins)
     page = render_html(run, summary, figures(run, summary))
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+            fh.flush()
+            os.fsync(fh.fileno())
+        chmod_default(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return summary

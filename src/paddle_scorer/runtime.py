@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 
 _SET_BY_US: dict[str, str] = {}
@@ -86,6 +87,26 @@ def settings() -> dict[str, dict[str, str | None]]:
     }
 
 
+@contextmanager
+def _signal_handlers_kept():
+    """Importing paddle installs glog's C-level handler for SIGTERM (and SIGINT), which prints a 'FatalError:
+    Termination signal' dump with a C++ traceback and kills the process: a `kill PID` would skip our clean
+    stop (working files kept for --resume, temporary folders removed). Put back what Python had before."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 @lru_cache(maxsize=1)
 def paddle():
     """Import paddle (and quiet paddlenlp) once, after the environment is set."""
@@ -98,15 +119,16 @@ def paddle():
 
     # paddle prints "WARNING: OMP_NUM_THREADS set to N ... PLEASE USE OMP_NUM_THREADS WISELY" on
     # import whenever threads > 1 (a data-parallel *training* warning); we set it on purpose.
-    with contextlib.redirect_stderr(io.StringIO()):
-        import paddle as _paddle  # noqa: PLC0415
+    with _signal_handlers_kept():
+        with contextlib.redirect_stderr(io.StringIO()):
+            import paddle as _paddle  # noqa: PLC0415
 
-    try:
-        from paddlenlp.utils.log import logger  # noqa: PLC0415
+        try:
+            from paddlenlp.utils.log import logger  # noqa: PLC0415
 
-        logger.set_level("ERROR")
-    except Exception:  # pragma: no cover - paddlenlp missing is reported by the loader
-        pass
+            logger.set_level("ERROR")
+        except Exception:  # pragma: no cover - paddlenlp missing is reported by the loader
+            pass
     return _paddle
 
 

@@ -7,6 +7,8 @@ forward pass, so bad input never leaves a partial output behind.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -64,6 +66,17 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def check_gold_not_in_template(options: "ClassifyOptions") -> None:
+    """A template that fills in the gold label field would put each record's answer into its prompt: the
+    scores would look excellent and mean nothing. Refused; the way out names the real gold field."""
+    if options.template and options.gold_field and options.gold_field in template_fields(options.template):
+        raise UsageError(
+            f"the template fills in {{{options.gold_field}}}, the gold label field (--gold-field), so every prompt "
+            "would contain its own answer; remove it from the template, or name the real gold field with "
+            "--gold-field."
+        )
+
+
 class LabelEncoder:
     """Records -> :class:`Prepared` (prompt ids and label ids), without the model: the prompt path
     (:class:`~paddle_scorer.prompts.Prompter`) plus the prompt/label boundary. ``smoke`` runs it over every
@@ -72,6 +85,7 @@ class LabelEncoder:
     def __init__(self, tokenizer, options: "ClassifyOptions", context_length: int | None):
         if options.batch_size < 1:
             raise UsageError("--batch-size must be at least 1.")
+        check_gold_not_in_template(options)
         self.tok = tokenizer
         self.opts = options
         self.prompter = Prompter(tokenizer, PromptOptions(
@@ -102,11 +116,24 @@ class LabelEncoder:
                 n -= 1
             label_ids = [c[n:] + lab for c, lab in zip(contexts, label_ids)]
             context = context[:n]
+        seen: dict[tuple, str] = {}
+        for label, ids in zip(self.opts.labels, label_ids):
+            if tuple(ids) in seen:  # e.g. "café" precomposed and decomposed, after the tokenizer's normalisation
+                raise UsageError(
+                    f"{where}: labels {ascii(seen[tuple(ids)])} and {ascii(label)} become the same tokens {ids} after "
+                    "this prompt, so the model cannot tell them apart (each would get an equal share); use labels "
+                    "that differ after the tokenizer's normalisation."
+                )
+            seen[tuple(ids)] = label
         context, truncated = self.prompter.fit(context, where, following=max(len(x) for x in label_ids) - 1)
         return Prepared(rid, prompt, context, label_ids, None if gold is None else gold, truncated)
 
     def prepare(self, record: dict, rid, where: str) -> Prepared:
         gold = record.get(self.opts.gold_field)
+        if gold is not None and (isinstance(gold, (bool, list, dict)) or
+                                 (isinstance(gold, float) and not math.isfinite(gold))):
+            raise UsageError(f"{where}: the gold label field {self.opts.gold_field!r} is {json.dumps(gold)[:40]}, not a "
+                             "label; give it as text (or a number), or null for no gold label.")
         return self.encode(self.prompt_text(record, where), where, rid, gold)
 
 

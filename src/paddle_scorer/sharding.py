@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from paddle_scorer.dataio import meta_path, record_key, write_json_atomic
+from paddle_scorer.dataio import meta_path, record_key, write_json_temp
 from paddle_scorer.errors import UsageError
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
@@ -102,7 +102,7 @@ def check_no_foreign_parts(output: Path, worker: Worker, overwrite: bool) -> Non
 
 @contextmanager
 def _lock(output: Path):
-    lock = output.with_name(output.name + ".lock")
+    lock = output.with_name(f".{output.name}.lock")  # hidden: it stays (removing a flock file races)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -167,9 +167,11 @@ def _verified_part(s: dict) -> list[dict]:
         for lineno, raw in enumerate(fh, 1):
             try:
                 rec = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise UsageError(f"{path}:{lineno}: not a JSON line; the part was damaged: rerun rank {rank} with "
-                                 "--overwrite (it alone).") from None
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                rec = None
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise UsageError(f"{path}:{lineno}: not an output record (a JSON object with an id); the part was "
+                                 f"damaged: rerun rank {rank} with --overwrite (it alone).") from None
             records.append(rec)
     problems = []
     if meta.get("records") is not None and len(records) != meta["records"]:
@@ -190,7 +192,8 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
 
     ``launch``: only parts written by this launch (same launcher endpoints) count as complete.
     """
-    from paddle_scorer.outputs import chmod_default, file_digest, ids_digest
+    from paddle_scorer.outputs import (InterruptedAfterCommit, check_output_path, chmod_default, file_digest,
+                                       ids_digest, signals_held)
 
     output = Path(output)
     with _lock(output):
@@ -227,14 +230,16 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
                 f"the parts of {output} hold {len(records)} records but the input had {n_input}, or not in input order; "
                 "a part is stale or was edited: rerun with --resume."
             )
+        check_output_path(output, [], resume=False, overwrite=True, what="gather's output")
         tmp = output.with_name(f".{output.name}.gather-{os.getpid()}.tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 for rec in records:
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             chmod_default(tmp)
             sha = file_digest(tmp)
-            os.replace(tmp, output)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -258,6 +263,19 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
         })
         if metrics_fn is not None and labels:
             meta["metrics"] = metrics_fn(records, labels)
-        write_json_atomic(meta_path(output), meta)
+        meta_tmp = None
+        try:
+            meta_tmp = write_json_temp(meta_path(output), meta)
+            with signals_held() as got:  # the output and its provenance are published together
+                os.replace(tmp, output)
+                os.replace(meta_tmp, meta_path(output))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if meta_tmp is not None:
+                meta_tmp.unlink(missing_ok=True)
+            raise
+        if got:
+            raise InterruptedAfterCommit(f"{output} had just been assembled ({len(records)} records, with its "
+                                         ".meta.json); nothing is lost.")
         meta["_records"] = records
         return meta

@@ -1043,7 +1043,15 @@ def shard_files(index_path: str | Path) -> list[Path]:
         raise CheckpointError(
             f"{index_path} is not a valid shard index (needs a \"weight_map\"): {exc}."
         ) from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path} is not a valid shard index: \"weight_map\" must map tensor names to "
+                              "shard file names.")
     names = sorted(set(weight_map.values()))
+    outside = [n for n in names if not n or Path(n).name != n or n in (".", "..")]
+    if outside:
+        raise CheckpointError(f"{index_path.name} names shard(s) outside its folder ({', '.join(outside[:3])}); a "
+                              "checkpoint's shards must sit next to its index: fix the index or copy the shards.")
     files = [index_path.parent / n for n in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:

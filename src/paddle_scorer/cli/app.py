@@ -58,6 +58,19 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
+def _lenient_streams() -> None:
+    """Text that cannot be encoded (a file name with non-UTF-8 bytes listed by inspect) is printed escaped
+    instead of failing the whole command."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # pragma: no cover - replaced or closed streams
+            pass
+
+
 def main() -> None:
     _sigterm_as_interrupt()
+    _lenient_streams()
     app()

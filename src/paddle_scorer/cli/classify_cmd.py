@@ -12,6 +12,7 @@ from rich.table import Table
 
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import (
+    resume_line,
     check_classify_options,
     check_io,
     check_numbers,
@@ -109,7 +110,8 @@ def register(app: typer.Typer) -> None:
             p.fingerprint = fingerprint(rec)
             preps.append(p)
         calib = clf.calibrate()
-        identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field)
+        identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field,
+                                     limit=limit)
         block = opts.batch_size
         execution_info = {"execution": loaded.facts.execution["execution"]}
         if loaded.streamed:
@@ -171,6 +173,7 @@ def _summary(stats, metrics, output, loaded, calib, to_stderr: bool) -> None:
     con.print(f"scored {stats.scored} record(s)" + (f", {stats.skipped} already done" if stats.skipped else "")
               + f" in {stats.seconds:.2f}s ({per}) on {p['device']} in {p['dtype']}"
               + (f", calibration: {calib['method']}" if calib.get("method") != "none" else ""), highlight=False)
+    resume_line(con, stats)
     if metrics and metrics.get("n"):
         con.print(f"accuracy {metrics['accuracy']:.4f}  log-loss {metrics['log_loss']:.4f}  brier {metrics['brier']:.4f}  "
                   f"ECE {metrics['ece']:.4f}  (n={metrics['n']})", highlight=False)

@@ -42,31 +42,81 @@ def os_error_sentence(exc: OSError) -> str:
         errno.ENOTDIR: "a part of that path is a file, not a directory",
         errno.ENOENT: "no such file or directory",
         errno.EMFILE: "too many open files; raise `ulimit -n`",
+        errno.EFBIG: "the file would exceed the size limit (`ulimit -f` or the file system's); write to another place",
+        errno.EXDEV: "the rename crossed file systems; keep the output and its folder on one file system",
     }
     hint = hints.get(exc.errno, "check the path and the disk")
     return f"{exc.strerror or type(exc).__name__}{where}: {hint}."
+
+
+def _not_utf8(value) -> bool:
+    try:
+        str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _flag_names(fn) -> dict[str, str]:
+    """Parameter name -> its first command-line flag (``--output``) or ARGUMENT, from typer's declarations."""
+    import inspect
+
+    names = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        decls = [d for d in (getattr(param.default, "param_decls", None) or ()) if d.startswith("--")]
+        names[name] = decls[0] if decls else name.upper()
+    return names
+
+
+def check_text_arguments(kwargs: dict, flags: dict[str, str] | None = None) -> None:
+    """Refuse command-line values (paths, prompts, labels, templates) holding bytes that are not UTF-8.
+
+    Such bytes arrive as lone surrogates (Python's surrogateescape); they cannot be written into a JSON
+    output or its provenance, so they would fail after the work was done. Refused before anything runs."""
+    import os
+
+    from paddle_scorer.errors import UsageError
+
+    flags = flags or {}
+    for name, value in kwargs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)) and _not_utf8(v):
+                shown = os.fsencode(str(v)).decode("utf-8", "backslashreplace")
+                raise UsageError(f"{flags.get(name, name)} '{shown}' contains bytes that are not UTF-8; paths and text "
+                                 "go into UTF-8 JSON outputs and provenance: rename the file or re-encode the text.")
 
 
 def cli_errors(fn):
     """Turn every exception into one message on stderr and a non-zero exit; never a traceback.
 
     Domain errors carry their own exit code; OSError and MemoryError exit 6; anything else is a bug
-    (exit 70) and the traceback is shown only with PADDLE_SCORER_DEBUG=1."""
+    (exit 70) and the traceback is shown only with PADDLE_SCORER_DEBUG=1. A KeyboardInterrupt (Ctrl-C,
+    or SIGTERM through ``app.main``) exits 130; one raised with a message says what was already done."""
+
+    flags = _flag_names(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import os
 
         try:
+            check_text_arguments(kwargs, flags)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except ScorerError as exc:
             err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: existing outputs were not replaced; rerun with --resume to continue.")
+        except KeyboardInterrupt as exc:
+            err.print(f"interrupted: {exc}" if str(exc) else
+                      "interrupted: existing outputs were not replaced; rerun with --resume to continue.")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `... --json | head`: the reader left; stop quietly, as a shell tool does
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            raise typer.Exit(141) from None
         except OSError as exc:
             if os.environ.get("PADDLE_SCORER_DEBUG"):
                 raise

@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, scorer_defaults
+from paddle_scorer.cli.options import (check_io, load_options, loaded_from, progress_bar, read_rows, resume_line,
+                                        scorer_defaults)
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
@@ -91,7 +92,7 @@ def register(app: typer.Typer) -> None:
             it = gen.prepare(rec, rid, where)
             it.fingerprint = fingerprint(rec)
             items.append(it)
-        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
+        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length, limit=limit,
                                      id_field=id_field)
 
         def score_block(block):
@@ -111,8 +112,10 @@ def register(app: typer.Typer) -> None:
             for rec in stats.records[: (None if output is None else 3)]:
                 _show(rec)
         con = err if as_json else out
-        con.print(f"generated for {stats.scored} record(s) in {stats.seconds:.2f}s on {loaded.device} in {loaded.dtype}"
+        con.print(f"generated for {stats.scored} record(s)" + (f", {stats.skipped} already done" if stats.skipped else "")
+                  + f" in {stats.seconds:.2f}s on {loaded.device} in {loaded.dtype}"
                   + (f"; wrote {output}" if output else ""), highlight=False)
+        resume_line(con, stats)
 
 
 def _show(rec: dict) -> None:

@@ -72,6 +72,9 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify",
                                     help="Before finishing, check merged logits == base + attached adapter (loads paddle)."),
         force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+        allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter",
+                                                help="Merge an adapter that changes nothing (all-zero lora_B or "
+                                                     "lora_alpha 0) instead of refusing it."),
     ):
         """Merge a LoRA adapter into its base: W + A @ B * scaling, tensor by tensor.
 
@@ -86,10 +89,15 @@ def register(app: typer.Typer) -> None:
         """
         from paddle_scorer import merge as merging
 
+        for note in merging.clean_stale(out_dir):  # said first: it may explain what follows
+            err.print(f"note: {note}.", highlight=False)
         try:
             with _sigterm_as_interrupt():
-                result = merging.merge(model, lora, out_dir, dtype=dtype, fmt=fmt, force=force, verify=verify)
-        except KeyboardInterrupt:
-            err.print("interrupted: the merge was cancelled and nothing was written; run the command again.")
+                result = merging.merge(model, lora, out_dir, dtype=dtype, fmt=fmt, force=force, verify=verify,
+                                       allow_noop_adapter=allow_noop_adapter)
+        except KeyboardInterrupt as exc:
+            err.print(f"interrupted: {exc}" if str(exc) else
+                      "interrupted: the merge was cancelled and nothing was written (--out is as it was); run the "
+                      "command again.")
             raise typer.Exit(130) from None
         render(result)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from paddle_scorer.checkpoint import SCORER_DEFAULTS
 from paddle_scorer.cli.common import err
 
 
@@ -58,18 +56,21 @@ def loaded_from(o: LoadOptions, plan=None):
                   f"{fmt_bytes(m.budget)} ({m.budget_source}): scoring layer by layer (streamed), each layer read "
                   "once per block of records.", highlight=False, markup=False)
     with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        return load_plan(plan)
+        loaded = load_plan(plan)
+    for note in loaded.facts.notes:  # what was decided for the user (a default, a mapping): said, and recorded
+        err.print(f"note: {note}.", highlight=False, markup=False)
+    return loaded
 
 
 def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
-    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model)."""
+    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model). A
+    scorer.json that is not valid JSON or has values of the wrong type is refused, naming the file."""
+    from paddle_scorer.checkpoint import read_scorer_defaults
+
     for folder in (lora, model):
-        if folder is not None and (Path(folder) / SCORER_DEFAULTS).is_file():
-            try:
-                data = json.loads((Path(folder) / SCORER_DEFAULTS).read_text())
-            except ValueError:
-                continue
-            if isinstance(data, dict):
+        if folder is not None and Path(folder).is_dir():
+            data = read_scorer_defaults(folder)
+            if data is not None:
                 return data
     return {}
 
@@ -136,7 +137,7 @@ def check_numbers(**values) -> None:
 def check_classify_options(opts) -> None:
     from paddle_scorer.errors import UsageError
     from paddle_scorer.prompts import check_template
-    from paddle_scorer.scoring import CALIBRATIONS, LENGTH_NORMS
+    from paddle_scorer.scoring import CALIBRATIONS, LENGTH_NORMS, check_gold_not_in_template
 
     if opts.length_norm not in LENGTH_NORMS:
         raise UsageError(f"--length-norm {opts.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
@@ -145,3 +146,12 @@ def check_classify_options(opts) -> None:
     if opts.truncate not in ("error", "left"):
         raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
     check_template(opts.template)
+    check_gold_not_in_template(opts)
+
+
+def resume_line(con, stats) -> None:
+    """After --resume: what was done with the previous results when the input had changed since."""
+    r = stats.resume
+    if r.changed or r.removed:
+        con.print(f"resume: {r.changed} record(s) rescored because their input changed since they were scored, "
+                  f"{r.removed} dropped because their id is no longer in the input (kept {r.kept}).", highlight=False)

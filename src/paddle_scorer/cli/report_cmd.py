@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, escape, out, styled
+from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
+from rich.text import Text
 
 EXAMPLES = """
 Examples:
@@ -18,6 +19,7 @@ Examples:
 """
 
 _BAR = 40
+MAX_BINS = 1000
 
 
 def _histogram_table(counts: list[int], title: str) -> Table:
@@ -82,11 +84,15 @@ def register(app: typer.Typer) -> None:
         bins: int = typer.Option(10, "--bins", help="Confidence bins for the reliability diagram and ECE."),
     ):
         from paddle_scorer.errors import UsageError
-        from paddle_scorer.report import load_run, summarize, write_html
+        from paddle_scorer.report import check_html_path, load_run, summarize, write_html
 
-        if bins < 1:
-            raise UsageError("--bins must be at least 1.")
+        if not 1 <= bins <= MAX_BINS:
+            raise UsageError(f"--bins must be between 1 and {MAX_BINS}, got {bins}.")
         run = load_run(path)
+        if html is not None:
+            check_html_path(run, html)  # before the notes, so a refused path prints one line
+        for note in run.notes:
+            err.print(Text.assemble(("note:", "bold yellow"), " ", note))
         if html is not None:
             summary = write_html(run, html, bins)
             m = summary["metrics"]

@@ -1,0 +1,1263 @@
+"""Hostile cases, one table: what a careless or adversarial user can throw at paddle-scorer.
+
+Every row runs the real CLI (in-process through typer's runner: one paddle import for the whole table)
+in a fresh workspace and asserts four things:
+
+1. the exit code;
+2. one message line (``error:`` / ``refused:`` / ``interrupted:``, or the ``note:``/``resume:`` line a
+   successful row names) that contains all the row's key words;
+3. no Python traceback and no exception escaping the command;
+4. the files before and after, hidden ones included: a refusal changes nothing at all; a row that
+   writes says exactly what may appear (nothing partial, nothing stale, nothing lost).
+
+Faults a table row cannot make in-process (SIGTERM/SIGKILL of a running ``classify`` and ``merge``) run
+the CLI as a real subprocess (``python -m paddle_scorer``) at the end of the module; a small
+``sitecustomize`` on the subprocess' path pauses it at a known point so the signal lands mid-run.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import builders
+import weights_crafted
+from paddle_scorer.weights import read_pdparams, write_pdparams
+
+runner = CliRunner()
+SRC = Path(__file__).resolve().parents[1] / "src"
+SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
+TEMPLATE = SCORER["template"]
+MESSAGE_PREFIXES = ("error:", "refused:", "interrupted:", "internal error:")
+
+
+def cli(*args, env=None):
+    from paddle_scorer.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+# --------------------------------------------------------------------------------------------------
+# The workspace each row runs in
+# --------------------------------------------------------------------------------------------------
+
+
+class WS:
+    """A row's folder: copies of the demo checkpoints on request, data files, runs done in setup."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.notes: dict = {}  # what setup wants the checks to know
+
+    def p(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def base(self) -> Path:
+        dst = self.root / "demo-base"
+        if not dst.exists():
+            shutil.copytree(builders.DEMO_BASE, dst)
+        return dst
+
+    @property
+    def lora(self) -> Path:
+        dst = self.root / "demo-lora"
+        if not dst.exists():
+            self.base  # noqa: B018 - the adapter names "../demo-base"
+            shutil.copytree(builders.DEMO_LORA, dst)
+        return dst
+
+    def demo(self) -> list:
+        return ["--model", self.base, "--lora", self.lora]
+
+    def data(self, name: str = "in.jsonl", records=None, raw: bytes | None = None) -> Path:
+        path = self.root / name
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            recs = records if records is not None else default_records()
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+        return path
+
+    def lora_config(self, **changes) -> Path:
+        path = self.lora / "lora_config.json"
+        cfg = json.loads(path.read_text())
+        for k, v in changes.items():
+            if v is DELETE:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        path.write_text(json.dumps(cfg))
+        return self.lora
+
+    def adapter_tensors(self, edit: Callable[[dict], None]) -> Path:
+        path = self.lora / "lora_model_state.pdparams"
+        sd = read_pdparams(path)
+        edit(sd)
+        write_pdparams(sd, path)
+        return self.lora
+
+    def scored(self, name: str = "out.jsonl", *extra, data: Path | None = None) -> Path:
+        """A complete classify output, made in setup."""
+        out = self.p(name)
+        src = data or self.data()
+        r = cli("classify", *self.demo(), "--input", src, "--output", out, *extra)
+        assert r.exit_code == 0, r.output
+        return out
+
+
+DELETE = object()
+
+
+def default_records(n: int = 5) -> list[dict]:
+    lines = [json.loads(line) for line in open(builders.DEMO_QUERIES)]
+    return lines[:n]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 (or the kind of a non-file) of everything under ``root``, hidden files too."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode):
+                snap[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif stat.S_ISDIR(st.st_mode):
+                snap[rel] = "dir"
+            else:
+                snap[rel] = "other"
+    return snap
+
+
+def changed(before: dict, after: dict) -> tuple[set, set, set]:
+    """(added, removed, modified) relative paths."""
+    added = set(after) - set(before)
+    removed = set(before) - set(after)
+    modified = {k for k in set(before) & set(after) if before[k] != after[k]}
+    return added, removed, modified
+
+
+def hidden_leftovers(root: Path, allowed=()) -> list[str]:
+    """Temporary files or folders of ours (hidden names) that are still there."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*")
+                  if p.name not in allowed and not str(p.relative_to(root)).startswith(("demo-", ".pytest")))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    id: str
+    setup: Callable[[WS], list]  # builds the workspace, returns the command line
+    code: int
+    words: tuple[str, ...] = ()  # all in one message line (case-insensitive)
+    check: Callable[[WS, dict, dict, object], None] | None = None  # (ws, before, after, result); None: unchanged
+    patch: Callable[[pytest.MonkeyPatch, WS], None] | None = None  # applied after setup, before the command
+    env: dict | None = None
+    message_from: str = "error"  # the line with the words: "error" (the one error line), "first" (stderr), "any"
+    group: str = ""
+
+
+ROWS: list[Row] = []
+
+
+def row(group: str, id: str, code: int, words=(), **kw):
+    def deco(setup):
+        ROWS.append(Row(id=f"{group}/{id}", setup=setup, code=code, words=tuple(words), group=group, **kw))
+        return setup
+
+    return deco
+
+
+def classify(ws: WS, *extra, data=None, output="out.jsonl"):
+    args = ["classify", *ws.demo(), "--input", data if data is not None else ws.data()]
+    if output is not None:
+        args += ["--output", ws.p(output)]
+    return args + list(extra)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+@row("checkpoint", "stale-renamed-adapter-next-to-the-real-one", 4, ("lora_model_state.pdparams", "model_state.pdparams", "stale"))
+def _(ws):
+    shutil.copy(ws.lora / "lora_model_state.pdparams", ws.lora / "model_state.pdparams")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "inspect-says-the-same-about-the-stale-copy", 4, ("model_state.pdparams", "stale"), message_from="any")
+def _(ws):
+    shutil.copy(ws.lora / "lora_model_state.pdparams", ws.lora / "model_state.pdparams")
+    return ["inspect", ws.lora]
+
+
+@row("checkpoint", "two-weight-sets-in-one-model-folder", 4, ("model_state.pdparams", "model.safetensors", "ambiguous"))
+def _(ws):
+    from paddle_scorer.weights import write_safetensors
+
+    sd = read_pdparams(ws.base / "model_state.pdparams")
+    write_safetensors({k: np.zeros_like(v) for k, v in sd.items()}, ws.base / "model.safetensors")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "all-zero-lora-B-is-a-no-op", 4, ("--allow-noop-adapter",))
+def _(ws):
+    ws.adapter_tensors(lambda sd: [v.fill(0) for k, v in sd.items() if k.endswith("lora_B")])
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "lora-alpha-zero-is-a-no-op", 4, ("lora_alpha", "--allow-noop-adapter"))
+def _(ws):
+    ws.lora_config(lora_alpha=0, scaling=DELETE)
+    return classify(ws, output=None)
+
+
+def _noop_allowed(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert {"out.jsonl", "out.jsonl.meta.json"} <= added and not removed and not modified
+    meta = json.loads(ws.p("out.jsonl.meta.json").read_text())
+    assert meta["identity"]["noop_adapter_allowed"] is True
+
+
+@row("checkpoint", "no-op-adapter-scored-only-with-the-flag-and-recorded", 0, check=_noop_allowed)
+def _(ws):
+    ws.adapter_tensors(lambda sd: [v.fill(0) for k, v in sd.items() if k.endswith("lora_B")])
+    return classify(ws, "--allow-noop-adapter")
+
+
+@row("checkpoint", "rslora-not-a-boolean", 4, ("rslora", "true or false", "lora_config.json"))
+def _(ws):
+    ws.lora_config(rslora="yes")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "rank-zero", 4, ("`r`", "positive integer"))
+def _(ws):
+    ws.lora_config(r=0)
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "hand-edited-alpha-disagrees-with-saved-scaling", 4, ("scaling", "disagrees", "lora_alpha"))
+def _(ws):
+    ws.lora_config(lora_alpha=32)
+    return classify(ws, output=None)
+
+
+def _default_alpha(ws, before, after, r):
+    added, _, _ = changed(before, after)
+    assert "out.jsonl" in added
+    meta = json.loads(ws.p("out.jsonl.meta.json").read_text())
+    assert meta["model"]["scaling"] == pytest.approx(8 / 8)  # lora_alpha 8 (default) / r 8
+
+
+@row("checkpoint", "missing-lora-alpha-uses-paddlenlp-default-8-and-says-so", 0, ("lora_alpha", "default 8"),
+     check=_default_alpha, message_from="any")
+def _(ws):
+    ws.lora_config(lora_alpha=DELETE, scaling=DELETE)
+    return classify(ws)
+
+
+@row("checkpoint", "lora-config-not-json", 4, ("lora_config.json", "not valid JSON"))
+def _(ws):
+    (ws.lora / "lora_config.json").write_text("{'r': 8,")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "heads-do-not-divide-hidden-size", 4, ("num_attention_heads", "config.json"))
+def _(ws):
+    cfg = json.loads((ws.base / "config.json").read_text())
+    cfg["num_attention_heads"] = 5
+    (ws.base / "config.json").write_text(json.dumps(cfg))
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "not-a-causal-lm", 4, ("LlamaForSequenceClassification", "causal language model"))
+def _(ws):
+    cfg = json.loads((ws.base / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForSequenceClassification"]
+    (ws.base / "config.json").write_text(json.dumps(cfg))
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "pickle-bomb-runs-nothing", 4, ("nothing was executed",))
+def _(ws):
+    builders.make_pickle_bomb(ws.base / "model_state.pdparams", ws.p("PWNED"))
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "169-byte-file-declaring-a-terabyte-allocates-nothing", 4, ("model_state.pdparams",))
+def _(ws):
+    weights_crafted.huge_declared(ws.base / "model_state.pdparams")
+    return ["inspect", ws.base]
+
+
+@row("checkpoint", "truncated-weights", 4, ("copied completely",))
+def _(ws):
+    f = ws.lora / "lora_model_state.pdparams"
+    f.write_bytes(f.read_bytes()[:-1000])
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "safetensors-header-length-bomb", 4, ("model.safetensors", "header"))
+def _(ws):
+    (ws.base / "model_state.pdparams").unlink()
+    (ws.base / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    return ["inspect", ws.base]
+
+
+def _sharded_index(ws, weight_map) -> Path:
+    (ws.base / "model_state.pdparams").unlink()
+    (ws.base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return ws.base
+
+
+@row("checkpoint", "shard-index-pointing-outside-its-folder", 4, ("index.json", "outside its folder"))
+def _(ws):
+    _sharded_index(ws, {"llama.embed_tokens.weight": "../../elsewhere/model.safetensors"})
+    return ["inspect", ws.base]
+
+
+@row("checkpoint", "shard-index-naming-a-missing-shard", 4, ("index.json", "model-00002-of-00002.safetensors"))
+def _(ws):
+    _sharded_index(ws, {"llama.embed_tokens.weight": "model-00002-of-00002.safetensors"})
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "shard-index-of-the-wrong-shape", 4, ("index.json", "weight_map"))
+def _(ws):
+    _sharded_index(ws, {"llama.embed_tokens.weight": ["model-00001-of-00001.safetensors"]})
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "scorer-json-not-json", 4, ("scorer.json", "not valid JSON"))
+def _(ws):
+    (ws.lora / "scorer.json").write_text('{"labels": ["goods", "life"],}')
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "scorer-json-not-an-object", 4, ("scorer.json", "not a JSON object"))
+def _(ws):
+    (ws.lora / "scorer.json").write_text('["goods", "life"]')
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "scorer-json-labels-a-string-template-a-number", 4,
+     ("scorer.json", "labels must be a list", "template must be a string"))
+def _(ws):
+    (ws.lora / "scorer.json").write_text('{"labels": "goods,life", "template": 5}')
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "scorer-json-misspelt-key", 4, ("scorer.json", "label_prefx", "unknown key"))
+def _(ws):
+    (ws.lora / "scorer.json").write_text(json.dumps({**SCORER, "label_prefx": ""}))
+    return ["generate", *ws.demo(), "--prompt", "x", "-n", "1"]
+
+
+@row("checkpoint", "inspect-refuses-a-bad-scorer-json-like-the-loader", 4, ("scorer.json", "labels must be a list"))
+def _(ws):
+    (ws.lora / "scorer.json").write_text('{"labels": [1, 2]}')
+    return ["inspect", ws.lora]
+
+
+def _chat_template(ws, template: str) -> None:
+    path = ws.base / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg))
+
+
+@row("checkpoint", "chat-template-that-is-not-jinja", 4, ("tokenizer", "chat template", "not valid Jinja"))
+def _(ws):
+    _chat_template(ws, "{% for m in messages %}{{ m.content }")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "inspect-refuses-the-broken-chat-template-like-the-loader", 4, ("chat template", "not valid Jinja"))
+def _(ws):
+    _chat_template(ws, "{% for m in messages %}{{ m.content }")
+    return ["inspect", ws.base]
+
+
+@row("checkpoint", "chat-template-that-raises-on-a-prompt", 4, ("in.jsonl:1", "chat template failed", "--no-chat-template"))
+def _(ws):
+    _chat_template(ws, "{{ raise_exception('only system prompts') }}")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "tokenizer-vocab-not-json", 4, ("tokenizer", "vocab.json", "not valid JSON"))
+def _(ws):
+    (ws.base / "vocab.json").write_text('{"a": 1,')
+    return classify(ws, output=None)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _bad_field(value, words):
+    def setup(ws):
+        recs = default_records(3)
+        recs[1]["query"] = value
+        return classify(ws, data=ws.data(records=recs), output=None)
+
+    return setup
+
+
+for _name, _value, _word in [("null", None, "null"), ("number", 42, "int"), ("list", ["x"], "list"),
+                             ("object", {"a": 1}, "object")]:
+    row("data", f"{_name}-template-field", 2, ("in.jsonl:2", "query", _word, "--coerce-fields"))(_bad_field(_value, _word))
+
+
+def _coerced(ws, before, after, r):
+    recs = read_jsonl(ws.p("out.jsonl"))
+    assert [x["id"] for x in recs] == [x["id"] for x in default_records(3)]
+    meta = json.loads(ws.p("out.jsonl.meta.json").read_text())
+    assert meta["identity"]["coerce_fields"] is True
+
+
+@row("data", "coerce-fields-opts-in-and-is-recorded", 0, check=_coerced)
+def _(ws):
+    recs = default_records(3)
+    recs[1]["query"] = 42
+    return classify(ws, "--coerce-fields", data=ws.data(records=recs))
+
+
+@row("data", "not-utf-8", 2, ("in.jsonl:2", "not UTF-8"))
+def _(ws):
+    return classify(ws, data=ws.data(raw=b'{"id": "a", "query": "ok"}\n{"id": "b", "query": "caf\xe9"}\n'), output=None)
+
+
+def _bom_ok(ws, before, after, r):
+    assert [x["id"] for x in read_jsonl(ws.p("out.jsonl"))] == ["a", "b"]
+
+
+@row("data", "utf-8-bom-is-read", 0, check=_bom_ok)
+def _(ws):
+    return classify(ws, data=ws.data(raw=b'\xef\xbb\xbf{"id": "a", "query": "rice"}\n{"id": "b", "query": "visa"}\n'))
+
+
+@row("data", "duplicate-id", 2, ("in.jsonl:3", '"a"', "already used at", "in.jsonl:1"))
+def _(ws):
+    return classify(ws, data=ws.data(records=[{"id": "a", "query": "x"}, {"id": "b", "query": "y"},
+                                              {"id": "a", "query": "z"}]), output=None)
+
+
+def _one_vs_string_one(ws, before, after, r):
+    recs = read_jsonl(ws.p("out.jsonl"))
+    assert [x["id"] for x in recs] == [1, "1"]  # two records, types kept
+
+
+@row("data", "id-1-and-id-string-1-are-two-records", 0, check=_one_vs_string_one)
+def _(ws):
+    return classify(ws, data=ws.data(records=[{"id": 1, "query": "x"}, {"id": "1", "query": "y"}]))
+
+
+@row("data", "key-twice-in-one-object", 2, ("in.jsonl:1", "query", "appears twice"))
+def _(ws):
+    return classify(ws, data=ws.data(raw=b'{"id": "a", "query": "x", "query": "y"}\n'), output=None)
+
+
+@row("data", "lone-surrogate-escape", 2, ("in.jsonl:1", "lone surrogate"))
+def _(ws):
+    return classify(ws, data=ws.data(raw=b'{"id": "a", "query": "x\\ud800y"}\n'), output=None)
+
+
+@row("data", "id-infinity", 2, ("in.jsonl:1", "finite number"))
+def _(ws):
+    return classify(ws, data=ws.data(raw=b'{"id": Infinity, "query": "x"}\n'), output=None)
+
+
+@row("data", "id-a-list", 2, ("in.jsonl:1", "'id'", "string or a finite number"))
+def _(ws):
+    return classify(ws, data=ws.data(records=[{"id": ["a"], "query": "x"}]), output=None)
+
+
+@row("data", "gold-label-a-list", 2, ("in.jsonl:1", "gold label", "'label'"))
+def _(ws):
+    return classify(ws, data=ws.data(records=[{"id": "a", "query": "x", "label": ["goods"]}]), output=None)
+
+
+@row("data", "empty-input", 2, ("has no records",))
+def _(ws):
+    return classify(ws, data=ws.data(raw=b"\n\n"), output=None)
+
+
+@row("data", "input-is-a-directory", 2, ("is a directory",))
+def _(ws):
+    ws.p("d").mkdir()
+    return classify(ws, data=ws.p("d"), output=None)
+
+
+@row("data", "template-without-fields", 2, ("no {field} placeholder",))
+def _(ws):
+    return classify(ws, "--template", "Is this about goods or life? Answer:", output=None)
+
+
+@row("data", "template-with-attribute-access", 2, ("placeholder", "plain field name"))
+def _(ws):
+    return classify(ws, "--template", "Q: {query.upper} A:", output=None)
+
+
+@row("data", "template-that-fills-in-the-gold-label", 2, ("{label}", "gold label", "its own answer"))
+def _(ws):
+    return classify(ws, "--template", "Query: {query} ({label})\nAnswer:", output=None)
+
+
+@row("data", "two-labels-the-tokenizer-makes-identical", 2, ("'caf\\xe9'", "'cafe\\u0301'", "same tokens"))
+def _(ws):
+    return classify(ws, "--labels", "caf\u00e9,cafe\u0301", output=None)  # NFC makes them one label
+
+
+@row("data", "limit-zero", 2, ("--limit", "at least 1"))
+def _(ws):
+    return classify(ws, "--limit", 0, output=None)
+
+
+@row("data", "limit-negative", 2, ("--limit", "at least 1"))
+def _(ws):
+    return classify(ws, "--limit", -3, output=None)
+
+
+@row("data", "batch-size-zero", 2, ("--batch-size", "at least 1"))
+def _(ws):
+    return classify(ws, "--batch-size", 0, output=None)
+
+
+@row("data", "max-length-huge", 2, ("--max-length", "larger than the model's context", "--force-max-length"))
+def _(ws):
+    return classify(ws, "--max-length", 10**30, output=None)
+
+
+@row("data", "max-length-negative", 2, ("--max-length", "at least 2"))
+def _(ws):
+    return classify(ws, "--max-length", -5, output=None)
+
+
+@row("data", "memory-limit-negative", 2, ("-5GB", "not a memory size"))
+def _(ws):
+    return classify(ws, "--memory-limit", "-5GB", output=None)
+
+
+@row("data", "temperature-nan", 2, ("--temperature", "finite"))
+def _(ws):
+    return ["generate", *ws.demo(), "--prompt", "x", "--sample", "--temperature", "nan"]
+
+
+@row("data", "temperature-infinite", 2, ("--temperature", "finite"))
+def _(ws):
+    return ["generate", *ws.demo(), "--prompt", "x", "--sample", "--temperature", "inf"]
+
+
+@row("data", "seed-negative", 2, ("--seed", "0 or more"))
+def _(ws):
+    return ["generate", *ws.demo(), "--prompt", "x", "--sample", "--seed", -1]
+
+
+@row("data", "report-bins-huge", 2, ("--bins", "between 1 and"))
+def _(ws):
+    return ["report", ws.scored(), "--bins", 10**9]
+
+
+@row("data", "command-line-text-that-is-not-utf-8", 2, ("--output", "not UTF-8"))
+def _(ws):
+    return classify(ws, output="caf\udce9.jsonl")
+
+
+def _markup_literal(ws, before, after, r):
+    assert "[/INST]" in r.stdout and "P([bold])" in r.stdout  # the table printed the text itself
+    out = ws.p("[red]out.jsonl")
+    recs = read_jsonl(out)
+    assert recs[0]["id"] == "[/INST]" and set(recs[0]["probs"]) == {"[bold]", "life"}
+    assert f"wrote {out}" in r.stdout
+    rep = cli("report", out)
+    assert rep.exit_code == 0 and "[bold]" in rep.stdout and "Traceback" not in rep.output
+
+
+@row("data", "rich-markup-in-ids-labels-template-and-paths-is-printed-literally", 0, check=_markup_literal)
+def _(ws):
+    data = ws.data("[b]in.jsonl", records=[{"id": "[/INST]", "query": "[bold]price of rice[/bold]"},
+                                          {"id": "[/]", "query": "visa [/red]"}])
+    return ["classify", *ws.demo(), "--labels", "[bold],life", "--template", "[INST] {query} [/INST]",
+            "--input", data, "--output", ws.p("[red]out.jsonl"), "--show", 5]
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+@row("outputs", "output-is-the-input", 2, ("is the input file", "destroy the input"))
+def _(ws):
+    data = ws.data()
+    return ["classify", *ws.demo(), "--input", data, "--output", data, "--overwrite"]
+
+
+@row("outputs", "output-is-the-input-through-a-symlink", 2, ("is the input file",))
+def _(ws):
+    data = ws.data()
+    os.symlink(data, ws.p("alias.jsonl"))
+    return ["classify", *ws.demo(), "--input", data, "--output", ws.p("alias.jsonl"), "--overwrite"]
+
+
+@row("outputs", "output-is-a-meta-json", 2, (".meta.json", "provenance"))
+def _(ws):
+    out = ws.scored()
+    return classify(ws, "--overwrite", output=out.name + ".meta.json")
+
+
+@row("outputs", "output-is-a-directory", 2, ("is a directory",))
+def _(ws):
+    ws.p("dir").mkdir()
+    return classify(ws, "--overwrite", output="dir")
+
+
+@row("outputs", "output-is-a-fifo", 2, ("not a regular file",))
+def _(ws):
+    os.mkfifo(ws.p("pipe.jsonl"))
+    return classify(ws, "--overwrite", output="pipe.jsonl")
+
+
+@row("outputs", "overwrite-never-replaces-a-file-that-is-not-an-output", 2, ("model_state.pdparams", "not an output of ours"))
+def _(ws):
+    return classify(ws, "--overwrite", output="demo-base/model_state.pdparams")
+
+
+@row("outputs", "existing-output-needs-resume-or-overwrite", 2, ("already exists", "--resume", "--overwrite"))
+def _(ws):
+    ws.scored()
+    return classify(ws)
+
+
+@row("outputs", "resume-and-overwrite-together", 2, ("contradict",))
+def _(ws):
+    ws.scored()
+    return classify(ws, "--resume", "--overwrite")
+
+
+def _interrupt_on_block(n: int):
+    def patch(mp, ws):
+        from paddle_scorer.scoring import Classifier
+
+        real = Classifier.score
+        calls = {"n": 0}
+
+        def flaky(self, preps):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(self, preps)
+
+        mp.setattr(Classifier, "score", flaky)
+
+    return patch
+
+
+def _old_output_kept(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert not removed and not modified  # the old results and their provenance are untouched
+    assert added == {".out.jsonl.inprogress", ".out.jsonl.inprogress.meta.json"}  # resumable working file
+    assert len(read_jsonl(ws.p(".out.jsonl.inprogress"))) == 2  # the first block survived
+
+
+@row("outputs", "overwrite-keeps-the-old-output-until-the-new-one-completes", 130,
+     ("interrupted", "not replaced", "--resume"), patch=_interrupt_on_block(2), check=_old_output_kept)
+def _(ws):
+    ws.scored(data=ws.data(records=default_records(3)))
+    return classify(ws, "--overwrite", "--batch-size", 2, data=ws.data(records=default_records(6)))
+
+
+def _resumed_after_overwrite(ws, before, after, r):
+    recs = read_jsonl(ws.p("out.jsonl"))
+    assert [x["id"] for x in recs] == [x["id"] for x in default_records(6)]
+    assert hidden_leftovers(ws.root) == []  # the working file is gone
+    assert "6 record(s)" not in r.stdout and "2 already done" in r.stdout
+
+
+@row("outputs", "resume-continues-an-interrupted-overwrite", 0, check=_resumed_after_overwrite)
+def _(ws):
+    ws.scored(data=ws.data(records=default_records(3)))
+    from paddle_scorer.scoring import Classifier
+
+    real = Classifier.score
+    calls = {"n": 0}
+
+    def flaky(self, preps):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, preps)
+
+    Classifier.score = flaky
+    try:
+        r = cli(*classify(ws, "--overwrite", "--batch-size", 2, data=ws.data(records=default_records(6))))
+    finally:
+        Classifier.score = real
+    assert r.exit_code == 130
+    return classify(ws, "--resume", "--batch-size", 2, data=ws.p("in.jsonl"))
+
+
+def _input_changed(ws, before, after, r):
+    from paddle_scorer.outputs import fingerprint
+
+    new = read_jsonl(ws.p("in.jsonl"))
+    recs = read_jsonl(ws.p("out.jsonl"))
+    assert [x["id"] for x in recs] == [x["id"] for x in new]  # removed id dropped, new id scored, input order
+    for rec, src in zip(recs, new):
+        assert rec["input_fingerprint"] == fingerprint(src)  # nothing stale
+    old = {x["id"]: x for x in ws.notes["old"]}
+    changed_id = new[1]["id"]
+    assert recs[1]["prompt_token_ids"] != old[changed_id]["prompt_token_ids"]  # rescored, not kept
+    assert recs[0] == old[new[0]["id"]]  # unchanged record kept as it was
+    meta = json.loads(ws.p("out.jsonl.meta.json").read_text())
+    assert meta["resume"] == {"kept": 3, "rescored_changed": 1, "dropped_removed": 1, "continued": "complete output"}
+    assert hidden_leftovers(ws.root) == []
+
+
+@row("outputs", "resume-after-the-input-changed-rescores-and-drops-and-counts", 0,
+     ("resume:", "1 record(s) rescored", "1 dropped"), check=_input_changed, message_from="any")
+def _(ws):
+    recs = default_records(5)
+    out = ws.scored(data=ws.data(records=recs))
+    ws.notes["old"] = read_jsonl(out)
+    recs[1] = {**recs[1], "query": recs[1]["query"] + " please, today"}  # changed
+    del recs[3]  # removed
+    recs.append(default_records(7)[6])  # added
+    return classify(ws, "--resume", data=ws.data(records=recs))
+
+
+@row("outputs", "resume-with-another-max-length", 2, ("max_length", "differ"))
+def _(ws):
+    ws.scored()
+    return classify(ws, "--resume", "--max-length", 128)
+
+
+@row("outputs", "resume-with-another-truncate", 2, ("truncate", "differ"))
+def _(ws):
+    ws.scored()
+    return classify(ws, "--resume", "--truncate", "left")
+
+
+@row("outputs", "resume-with-another-template", 2, ("template", "differ"))
+def _(ws):
+    ws.scored()
+    return classify(ws, "--resume", "--template", "Q: {query}\nA:")
+
+
+@row("outputs", "resume-with-a-smaller-limit-never-drops-results", 2, ("limit", "differ"))
+def _(ws):
+    ws.scored()
+    return classify(ws, "--resume", "--limit", 2, data=ws.p("in.jsonl"))
+
+
+@row("outputs", "resume-without-meta", 2, ("no out.jsonl.meta.json", "--overwrite"))
+def _(ws):
+    ws.scored().with_name("out.jsonl.meta.json").unlink()
+    return classify(ws, "--resume")
+
+
+@row("outputs", "resume-with-a-damaged-meta", 2, ("out.jsonl.meta.json", "not valid JSON"))
+def _(ws):
+    ws.scored().with_name("out.jsonl.meta.json").write_text('{"identity": ')
+    return classify(ws, "--resume")
+
+
+@row("outputs", "resume-with-an-edited-line-in-the-middle", 2, ("out.jsonl:2", "not a JSON line"))
+def _(ws):
+    out = ws.scored()
+    lines = out.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    out.write_text("".join(lines))
+    return classify(ws, "--resume")
+
+
+def _two_parts(ws) -> Path:
+    """A 2-worker run's parts and assembled output, made by running both ranks in-process."""
+    out = ws.p("d.jsonl")
+    data = ws.data(records=default_records(6))
+    for rank in (0, 1):
+        env = {"PADDLE_TRAINERS_NUM": "2", "PADDLE_TRAINER_ID": str(rank), "PADDLE_LOCAL_SIZE": "2"}
+        r = cli("classify", *ws.demo(), "--input", data, "--output", out, env=env)
+        assert r.exit_code == 0, r.output
+    assert out.exists()
+    return out
+
+
+@row("outputs", "gather-a-part-that-lost-a-line", 2, ("part-00001-of-00002.jsonl", "2 records", "says 3"))
+def _(ws):
+    out = _two_parts(ws)
+    part = ws.p("d.jsonl.parts/part-00001-of-00002.jsonl")
+    part.write_text("".join(part.read_text().splitlines(keepends=True)[:-1]))
+    return ["gather", out]
+
+
+@row("outputs", "gather-a-part-that-gained-a-line", 2, ("part-00000-of-00002.jsonl", "4 records", "says 3"))
+def _(ws):
+    out = _two_parts(ws)
+    part = ws.p("d.jsonl.parts/part-00000-of-00002.jsonl")
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines + lines[:1]))
+    return ["gather", out]
+
+
+@row("outputs", "gather-a-part-with-a-line-that-is-not-a-record", 2, ("part-00001-of-00002.jsonl:2", "not an output record"))
+def _(ws):
+    out = _two_parts(ws)
+    part = ws.p("d.jsonl.parts/part-00001-of-00002.jsonl")
+    lines = part.read_text().splitlines(keepends=True)
+    lines[1] = "[1, 2]\n"
+    part.write_text("".join(lines))
+    return ["gather", out]
+
+
+@row("outputs", "report-html-onto-its-own-results", 2, ("--html", "results file", "destroy"))
+def _(ws):
+    out = ws.scored()
+    return ["report", out, "--html", out]
+
+
+@row("outputs", "report-html-onto-the-meta", 2, ("--html", ".meta.json"))
+def _(ws):
+    out = ws.scored()
+    return ["report", out, "--html", out.with_name(out.name + ".meta.json")]
+
+
+@row("outputs", "report-html-onto-the-runs-input", 2, ("--html", "the run's input"))
+def _(ws):
+    out = ws.scored()
+    return ["report", out, "--html", ws.p("in.jsonl")]
+
+
+@row("outputs", "report-html-is-a-directory", 2, ("--html", "is a directory"))
+def _(ws):
+    out = ws.scored()
+    ws.p("pages").mkdir()
+    return ["report", out, "--html", ws.p("pages")]
+
+
+@row("outputs", "report-html-onto-a-file-that-is-not-a-report", 2, ("--html", "not a paddle-scorer report"))
+def _(ws):
+    out = ws.scored()
+    ws.p("notes.txt").write_text("my notes\n")
+    return ["report", out, "--html", ws.p("notes.txt")]
+
+
+def _html_written(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert added == {"report.html"} and not removed and not modified  # no temporary file left
+    mode = stat.S_IMODE(ws.p("report.html").stat().st_mode)
+    assert mode == 0o640  # the umask of the row (027), not mkstemp's 0600
+    again = cli("report", ws.p("out.jsonl"), "--html", ws.p("report.html"))  # a previous report is replaced
+    assert again.exit_code == 0, again.output
+
+
+@row("outputs", "report-html-atomic-with-umask-permissions", 0, check=_html_written)
+def _(ws):
+    ws.scored()
+    ws.notes["umask"] = 0o027
+    return ["report", ws.p("out.jsonl"), "--html", ws.p("report.html")]
+
+
+def _working_meta(ws, out: Path, pid: int) -> None:
+    import socket
+
+    from paddle_scorer.outputs import working_path
+
+    work = working_path(out)
+    work.write_text(ws.p("out.jsonl").read_text().splitlines(keepends=True)[0] if ws.p("out.jsonl").exists() else "")
+    work.with_name(work.name + ".meta.json").write_text(json.dumps({"status": "running", "pid": pid,
+                                                                     "host": socket.gethostname()}))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@row("outputs", "report-on-a-killed-run-with-no-output-yet", 5, ("was killed", "--resume"))
+def _(ws):
+    _working_meta(ws, ws.p("out.jsonl"), _dead_pid())
+    return ["report", ws.p("out.jsonl")]
+
+
+@row("outputs", "report-on-a-killed-rerun-says-so-first", 0, ("note:", "killed", "previous complete output"),
+     message_from="first")
+def _(ws):
+    out = ws.scored()
+    _working_meta(ws, out, _dead_pid())
+    return ["report", out]
+
+
+def _live_process(ws) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    ws.notes.setdefault("procs", []).append(proc)
+    return proc
+
+
+def _stop_processes(check=None):
+    def done(ws, before, after, r):
+        try:
+            if check is not None:
+                check(ws, before, after, r)
+            else:
+                assert after == before, f"files changed: {changed(before, after)}"
+        finally:
+            for proc in ws.notes.get("procs", []):
+                proc.kill()
+                proc.wait()
+
+    return done
+
+
+@row("outputs", "report-on-a-run-still-writing-says-so-first", 0, ("note:", "still writing", "process"),
+     message_from="first", check=_stop_processes())
+def _(ws):
+    out = ws.scored()
+    _working_meta(ws, out, _live_process(ws).pid)
+    return ["report", out]
+
+
+@row("outputs", "a-second-run-on-an-output-being-written-is-refused", 2, ("another paddle-scorer run", "is writing"),
+     check=_stop_processes())
+def _(ws):
+    out = ws.scored()
+    _working_meta(ws, out, _live_process(ws).pid)
+    return classify(ws, "--overwrite")
+
+
+@row("outputs", "report-when-the-meta-does-not-describe-the-file", 0, ("note:", "does not describe", "sha256"),
+     message_from="first")
+def _(ws):
+    out = ws.scored()
+    recs = read_jsonl(out)
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs[:-1]))  # a record lost after the fact
+    return ["report", out]
+
+
+@row("outputs", "report-on-a-record-with-a-non-numeric-probability", 2, ("out.jsonl:2", "not probabilities"))
+def _(ws):
+    out = ws.scored()
+    recs = read_jsonl(out)
+    recs[1]["probs"]["goods"] = "0.5"
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return ["report", out]
+
+
+def _umask_output(ws, before, after, r):
+    for name in ("out.jsonl", "out.jsonl.meta.json"):
+        assert stat.S_IMODE(ws.p(name).stat().st_mode) == 0o640, name
+    assert hidden_leftovers(ws.root) == []
+
+
+@row("outputs", "outputs-follow-the-umask", 0, check=_umask_output)
+def _(ws):
+    ws.notes["umask"] = 0o027
+    return classify(ws)
+
+
+# ---------------------------------------------------------------------------- faults (injected)
+
+
+def _fail_fsync(at: int, code: int):
+    """os.fsync raises OSError(code) on its ``at``-th call (1-based): the disk filled up at that moment."""
+
+    def patch(mp, ws):
+        real = os.fsync
+        calls = {"n": 0}
+
+        def fsync(fd):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise OSError(code, os.strerror(code))
+            return real(fd)
+
+        mp.setattr(os, "fsync", fsync)
+
+    return patch
+
+
+def _disk_full_while_scoring(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert not removed and not modified  # the old output and its meta are untouched
+    assert added <= {".out.jsonl.inprogress", ".out.jsonl.inprogress.meta.json"}  # only the resumable working file
+    again = cli(*classify(ws, "--resume", "--batch-size", 2, data=ws.p("in.jsonl")))  # space freed: resume finishes
+    assert again.exit_code == 0, again.output
+    assert [x["id"] for x in read_jsonl(ws.p("out.jsonl"))] == [x["id"] for x in default_records(6)]
+    assert hidden_leftovers(ws.root) == []
+
+
+@row("faults", "disk-full-while-scoring", 6, ("No space left on device", "disk is full", "--resume"),
+     patch=_fail_fsync(3, errno.ENOSPC), check=_disk_full_while_scoring)
+def _(ws):
+    ws.scored(data=ws.data(records=default_records(3)))
+    return classify(ws, "--overwrite", "--batch-size", 2, data=ws.data(records=default_records(6)))
+
+
+@row("faults", "disk-full-while-publishing-the-output", 6, ("No space left on device", "disk is full"),
+     patch=_fail_fsync(5, errno.ENOSPC), check=_disk_full_while_scoring)
+def _(ws):
+    ws.scored(data=ws.data(records=default_records(3)))
+    # fsync calls: 1 working meta, 2-4 three blocks of 2, 5 the rewritten output (publish)
+    return classify(ws, "--overwrite", "--batch-size", 2, data=ws.data(records=default_records(6)))
+
+
+def _read_only_mkstemp(mp, ws):
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **kw):
+        if dir is not None and Path(dir).resolve() == (ws.root / "ro").resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*a, dir=dir, **kw)
+
+    mp.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@row("faults", "read-only-output-folder", 6, ("Read-only file system", "write to another place"),
+     patch=_read_only_mkstemp)
+def _(ws):
+    ws.p("ro").mkdir()
+    return classify(ws, output="ro/out.jsonl")
+
+
+def _merge_disk_full(mp, ws):
+    import paddle_scorer.merge as merging
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    mp.setattr(merging, "_write_tensors", full)
+
+
+@row("faults", "disk-full-during-merge-leaves-nothing", 6, ("No space left on device",), patch=_merge_disk_full)
+def _(ws):
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged")]
+
+
+def _stale_merge_folders(ws, before, after, r):
+    assert ws.p("merged/model.safetensors").is_file()
+    assert not ws.p(f".merged.tmp-{ws.notes['dead']}").exists()  # a dead process's leftovers are removed
+    assert ws.p(f".merged.tmp-{ws.notes['live']}").is_dir()  # a live process's folder is never touched
+
+
+@row("faults", "merge-removes-stale-temp-folders-of-dead-processes-only", 0,
+     ("note:", "removed .merged.tmp-", "is gone"), check=_stop_processes(_stale_merge_folders), message_from="first")
+def _(ws):
+    dead = _dead_pid()
+    (ws.p(f".merged.tmp-{dead}")).mkdir()
+    (ws.p(f".merged.tmp-{dead}") / "model.safetensors").write_bytes(b"half")
+    live = _live_process(ws).pid
+    ws.p(f".merged.tmp-{live}").mkdir()
+    ws.notes.update(dead=dead, live=live)
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged")]
+
+
+def _restored(ws, before, after, r):
+    assert ws.p("merged/model.safetensors").read_bytes() == ws.notes["previous"]  # the previous merge is back
+    assert hidden_leftovers(ws.root) == []
+
+
+@row("faults", "merge-killed-between-its-renames-gets-its-previous-output-back", 2,
+     ("already exists", "--force"), check=_restored)
+def _(ws):
+    r = cli("merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged"))
+    assert r.exit_code == 0, r.output
+    ws.notes["previous"] = ws.p("merged/model.safetensors").read_bytes()
+    dead = _dead_pid()  # the state a --force merge leaves when SIGKILLed between rename(out, old) and rename(tmp, out)
+    os.rename(ws.p("merged"), ws.p(f".merged.old-{dead}"))
+    shutil.copytree(ws.p(f".merged.old-{dead}"), ws.p(f".merged.tmp-{dead}"))
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a row
+# --------------------------------------------------------------------------------------------------
+
+
+def message_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(MESSAGE_PREFIXES)]
+
+
+@pytest.mark.parametrize("case", ROWS, ids=[r.id for r in ROWS])
+def test_hostile(case: Row, tmp_path, monkeypatch):
+    ws = WS(tmp_path / "ws")
+    ws.root.mkdir()
+    args = case.setup(ws)
+    if case.patch is not None:
+        case.patch(monkeypatch, ws)
+    before = snapshot(ws.root)
+    old_mask = os.umask(ws.notes.get("umask", 0o022))
+    try:
+        r = cli(*args, env=case.env)
+    finally:
+        os.umask(old_mask)
+        monkeypatch.undo()
+    after = snapshot(ws.root)
+    out = r.output
+    # 3. no traceback, no escaped exception
+    assert "Traceback" not in out, out
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    # 1. exit code
+    assert r.exit_code == case.code, out
+    # 2. one line with the key words
+    lines = message_lines(r.stderr)
+    if case.code != 0:
+        assert len(lines) == 1, f"expected one message line, got {lines!r}\n{out}"
+    else:
+        assert lines == [], out
+    if case.message_from == "error":
+        candidates = lines
+    elif case.message_from == "first":
+        candidates = [r.stderr.strip().splitlines()[0]] if r.stderr.strip() else []
+    else:
+        candidates = out.splitlines()
+    if case.words:
+        hit = [line for line in candidates if all(w.lower() in line.lower() for w in case.words)]
+        assert hit, f"no line has all of {case.words}:\n{out}"
+    # 4. files before/after
+    if case.check is not None:
+        case.check(ws, before, after, r)
+    else:
+        assert after == before, f"files changed: added/removed/modified = {changed(before, after)}"
+    assert not ws.p("PWNED").exists()
+
+
+def test_the_table_is_big_enough():
+    assert len(ROWS) >= 40
+    assert {r.group for r in ROWS} == {"checkpoint", "data", "outputs", "faults"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals to real processes, by pid
+# --------------------------------------------------------------------------------------------------
+
+# Put on the subprocess' path: pauses the CLI at a known point (after the first block is flushed, or
+# after a merge's files are written and before they are renamed into place) and says so with a file.
+SITECUSTOMIZE = '''
+import os, time
+_where, _marker = os.environ.get("HOSTILE_PAUSE", ""), os.environ.get("HOSTILE_MARKER", "")
+if _where == "classify":
+    import paddle_scorer.outputs as _o
+    _real = _o.RunOutput.write_batch
+    def _write_batch(self, records):
+        _real(self, records)
+        open(_marker, "w").close()
+        time.sleep(120)
+    _o.RunOutput.write_batch = _write_batch
+elif _where == "merge":
+    import paddle_scorer.merge as _m
+    _real = _m.write_side_files
+    def _write_side_files(*a, **kw):
+        out = _real(*a, **kw)
+        open(_marker, "w").close()
+        time.sleep(120)
+        return out
+    _m.write_side_files = _write_side_files
+'''
+
+
+def start_paused(tmp: Path, where: str, tag: str, *args) -> tuple[subprocess.Popen, Path]:
+    hook = tmp / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    marker = tmp / f"paused-{tag}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(SRC)]), "HOSTILE_PAUSE": where,
+           "HOSTILE_MARKER": str(marker)}
+    env = {k: v for k, v in env.items() if not k.startswith("PADDLE_TRAINER")}
+    proc = subprocess.Popen([sys.executable, "-m", "paddle_scorer", *map(str, args)], env=env, cwd=tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, marker
+
+
+def wait_for(marker: Path, procs: list[subprocess.Popen], timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not marker.exists():
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"process ended before pausing: {p.communicate()}")
+        assert time.time() < deadline, "the process never reached its pause point"
+        time.sleep(0.05)
+
+
+def test_sigterm_and_sigkill_of_a_running_classify_by_pid(tmp_path):
+    """Both signals: the old output survives untouched, the first block is in the hidden working file,
+    nothing else appears, and --resume finishes with every id once."""
+    ws = WS(tmp_path)
+    data = ws.data(records=default_records(6))
+    runs = {}
+    for sig in ("TERM", "KILL"):
+        out = ws.p(f"{sig}.jsonl")
+        ws.scored(out.name, data=ws.data(f"old-{sig}.jsonl", records=default_records(2)))
+        runs[sig] = out, out.read_bytes(), snapshot(ws.root)
+    procs = {sig: start_paused(tmp_path, "classify", sig, "classify", *ws.demo(), "--input", data, "--output",
+                               runs[sig][0], "--overwrite", "--batch-size", 2) for sig in runs}
+    for sig, (proc, marker) in procs.items():
+        wait_for(marker, [p for p, _ in procs.values()])
+    procs["TERM"][0].send_signal(signal.SIGTERM)
+    procs["KILL"][0].send_signal(signal.SIGKILL)
+    results = {sig: (p.wait(timeout=120), p.communicate()) for sig, (p, _) in procs.items()}
+    code, (stdout, stderr) = results["TERM"]
+    assert code == 130, stderr
+    assert "Traceback" not in stderr + stdout
+    assert message_lines(stderr) == ["interrupted: existing outputs were not replaced; rerun with --resume to continue."]
+    assert results["KILL"][0] == -signal.SIGKILL
+    for sig, (out, old_bytes, _) in runs.items():
+        assert out.read_bytes() == old_bytes  # the old output, untouched
+        work = ws.p(f".{out.name}.inprogress")
+        assert len(read_jsonl(work)) == 2  # exactly the flushed block
+        r = cli("classify", *ws.demo(), "--input", data, "--output", out, "--resume")
+        assert r.exit_code == 0, r.output
+        assert "2 already done" in r.stdout
+        assert [x["id"] for x in read_jsonl(out)] == [x["id"] for x in default_records(6)]
+        assert not work.exists() and not work.with_name(work.name + ".meta.json").exists()
+    assert [p for p in hidden_leftovers(tmp_path) if not p.startswith(("hook", "paused"))] == []
+
+
+def test_sigterm_and_sigkill_of_a_running_merge_by_pid(tmp_path):
+    """SIGTERM: nothing visible and nothing hidden left. SIGKILL: nothing visible; the hidden temporary
+    folder of the dead process is removed by the next merge to the same --out, which then succeeds."""
+    ws = WS(tmp_path)
+    base, lora = ws.base, ws.lora
+    procs = {sig: start_paused(tmp_path, "merge", sig, "merge", "--model", base, "--lora", lora, "--out",
+                               ws.p(f"m-{sig}")) for sig in ("TERM", "KILL")}
+    for sig, (proc, marker) in procs.items():
+        wait_for(marker, [p for p, _ in procs.values()])
+    pids = {sig: p.pid for sig, (p, _) in procs.items()}
+    assert ws.p(f".m-TERM.tmp-{pids['TERM']}").is_dir()  # mid-merge: only the hidden folder exists
+    procs["TERM"][0].send_signal(signal.SIGTERM)
+    procs["KILL"][0].send_signal(signal.SIGKILL)
+    term_code, (stdout, stderr) = procs["TERM"][0].wait(timeout=60), procs["TERM"][0].communicate()
+    assert term_code == 130 and "Traceback" not in stdout + stderr
+    assert message_lines(stderr) and "nothing was written" in message_lines(stderr)[0]
+    assert procs["KILL"][0].wait(timeout=60) == -signal.SIGKILL
+    assert not ws.p("m-TERM").exists() and not ws.p(f".m-TERM.tmp-{pids['TERM']}").exists()
+    assert not ws.p("m-KILL").exists()
+    stale = ws.p(f".m-KILL.tmp-{pids['KILL']}")
+    assert stale.is_dir()  # SIGKILL cannot be caught: the hidden folder stays, nothing visible
+    r = cli("merge", "--model", base, "--lora", lora, "--out", ws.p("m-KILL"))
+    assert r.exit_code == 0, r.output
+    assert f"removed .m-KILL.tmp-{pids['KILL']}" in r.stderr and "is gone" in r.stderr
+    assert not stale.exists() and (ws.p("m-KILL") / "model.safetensors").is_file()
+    assert [p for p in hidden_leftovers(tmp_path) if not p.startswith(("hook", "paused"))] == []
