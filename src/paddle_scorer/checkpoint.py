@@ -264,6 +264,17 @@ def _json_kind(value) -> str:
             list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
+    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model). A
+    scorer.json that is not valid JSON or has values of the wrong type is refused, naming the file."""
+    for folder in (lora, model):
+        if folder is not None and Path(folder).is_dir():
+            data = read_scorer_defaults(folder)
+            if data is not None:
+                return data
+    return {}
+
+
 def read_scorer_defaults(folder: str | Path) -> dict | None:
     """``scorer.json`` of ``folder`` (None when there is none), typed: refused, naming the file, when it is
     not a JSON object of ``template`` (string), ``labels`` (list of strings) and ``label_prefix`` (string).

@@ -205,9 +205,7 @@ def _tokenizer(r: SmokeResult, plan):
 
 
 def _defaults(mp, lora_dir) -> dict:
-    from paddle_scorer.cli.options import scorer_defaults
-
-    return scorer_defaults(mp.folder if mp else None, lora_dir)
+    return ckpt.scorer_defaults(mp.folder if mp else None, lora_dir)
 
 
 def _data(r: SmokeResult, opts: SmokeOptions, mp, lora_dir, tok, plan):

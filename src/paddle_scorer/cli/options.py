@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paddle_scorer.cli.common import err
+from paddle_scorer.checkpoint import scorer_defaults  # noqa: F401 - re-exported for the commands
 
 
 @dataclass
@@ -60,19 +61,6 @@ def loaded_from(o: LoadOptions, plan=None):
     for note in loaded.facts.notes:  # what was decided for the user (a default, a mapping): said, and recorded
         err.print(f"note: {note}.", highlight=False, markup=False)
     return loaded
-
-
-def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
-    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model). A
-    scorer.json that is not valid JSON or has values of the wrong type is refused, naming the file."""
-    from paddle_scorer.checkpoint import read_scorer_defaults
-
-    for folder in (lora, model):
-        if folder is not None and Path(folder).is_dir():
-            data = read_scorer_defaults(folder)
-            if data is not None:
-                return data
-    return {}
 
 
 @contextlib.contextmanager
