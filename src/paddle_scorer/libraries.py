@@ -112,6 +112,11 @@ def prefixes_of(architecture: str) -> set[str]:
     return {a.prefix for lib in LIBRARIES for a in lib.archs if a.architecture == architecture}
 
 
+def paddle_layout_prefixes() -> frozenset[str]:
+    """Tensor-name prefixes only PaddleNLP writes (``llama``, ``qwen2``): names that say "Paddle layout"."""
+    return frozenset(a.prefix for a in spec(PADDLENLP).archs) - {"model"}
+
+
 def _arch_name(info) -> str:
     return info.architecture or f"model_type {info.model_type!r}"
 

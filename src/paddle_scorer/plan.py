@@ -475,9 +475,10 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
     check_model_folder(info)
     refs = info.tensors
     shapes = {n: r.shape for n, r in refs.items()}
-    layout = resolve_layout(info.raw_config, shapes, info.weights.metadata, info.merged_from, str(model_dir))
-    lib = libraries.choose(info, layout, requested=library)
     src_prefix = ckpt.key_prefix(shapes)
+    layout = resolve_layout(info.raw_config, shapes, info.weights.metadata, info.merged_from, str(model_dir),
+                            src_prefix, libraries.paddle_layout_prefixes())
+    lib = libraries.choose(info, layout, requested=library)
     arch = lib.arch_for(info)
     conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
                                  lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
