@@ -165,3 +165,19 @@ def test_unified_checkpoint_equals_paddlenlp_forward(lora, mode, prefix, deltas)
         lp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         worst = max(worst, float(np.abs(ours.position_logprobs(s) - lp).max()))
     assert deltas.record(label + " vs PaddleNLP live forward", worst) <= TOL
+
+
+def test_unknown_architecture_names_the_libraries_tried(tmp_path):
+    folder = tmp_path / "qwen3"
+    shutil.copytree(PF_BASE, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = cli("inspect", folder, "--json")
+    a = json.loads(r.stdout)["assessment"]
+    assert r.exit_code == 4 and a["usable"] is False and a["library"] is None
+    assert "Qwen3ForCausalLM is not a causal language model paddle-scorer can build (tried paddlenlp, " \
+           "paddleformers: paddlenlp builds LlamaForCausalLM, Qwen2ForCausalLM; paddleformers builds " \
+           "LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM)" in a["refusal"]
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 4 and r.stderr.strip().splitlines() == ["error: " + a["refusal"]]
