@@ -143,3 +143,29 @@ def test_smoke_passes(arch, formers_models):
     for name in ("model folder", "adapter folder", "adapter fits base", "load", "score", "attach vs merge"):
         assert checks[name]["status"] == "PASS", checks[name]
     assert data["attach_merge_max_abs_logprob_delta"] <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "ernie4_5"])
+def test_kv_cache_strategy_selects_rows_of_a_dynamic_cache(arch, formers_models, pf, deltas):
+    """The benchmarks' KV-cache variant (plugged in through the documented ``strategy`` hook) copies per-label rows
+    of the prompt's cache: PaddleFormers' DynamicCache, not tuples (libraries.select_cache_rows)."""
+    import sys
+
+    from paddle_scorer.backend import backend_for
+    from paddle_scorer.loader import load
+
+    sys.path.insert(0, str(fb.REPO / "benchmarks"))
+    from strategies import kv_cache_strategy
+
+    loaded = load(formers_models[arch], formers_models[f"{arch}_lora"], device="cpu")
+    prompts = [[5, 17, 42, 99, 7], [90, 75, 317]]
+    conts = [[[279], [1, 2, 3], [4, 5]], [[278, 9], [7, 6, 5, 4], [11]]]
+    packed = backend_for(loaded).score(prompts, conts)
+    cached = backend_for(loaded, strategy=kv_cache_strategy).score(prompts, conts)
+    ref = pf.model(arch, "lora")
+    worst = 0.0
+    for p, cs, a, b in zip(prompts, conts, packed, cached):
+        for c, x, y in zip(cs, a, b):
+            want = pf.label_logprob(ref, p, c)
+            worst = max(worst, abs(x.logprob - want), abs(y.logprob - want))
+    assert deltas.record(f"formers env: packed and KV-cache strategies ({arch}) vs PF LoRAModel", worst) <= TOL
