@@ -1,29 +1,48 @@
 # Two commands do all set-up on a fresh machine with only Python 3.10-3.12:
-#   make demo   - virtualenv + CPU install, then score the bundled checkpoint
-#   make test   - the same set-up plus the test extra, then the test suite
+#   make demo   - virtualenv + CPU install (PaddleNLP), then score the bundled checkpoint
+#   make test   - both test suites: the main one in .venv (PaddleNLP 3.0.0b4) and tests/formers in
+#                 .venv-formers (PaddleFormers 1.2.0). The two libraries cannot share a virtualenv
+#                 (conflicting aistudio-sdk, tokenizers and huggingface-hub pins), so each gets its own.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 SCORER := $(VENV)/bin/paddle-scorer
+FORMERS_VENV ?= .venv-formers
+FPY    := $(FORMERS_VENV)/bin/python
+FPIP   := $(FPY) -m pip --disable-pip-version-check -q
+CHECK_PYTHON := $(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "paddle-scorer needs Python 3.10-3.12 (paddlepaddle 3.3.1 wheels); found %d.%d: run make PYTHON=python3.11 ..." % v)'
 
-.PHONY: demo test venv clean checkpoints bench browser
+.PHONY: demo test test-nlp test-formers venv venv-formers clean checkpoints bench browser
 
 $(VENV)/.ok-python:
-	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "paddle-scorer needs Python 3.10-3.12 (paddlepaddle 3.3.1 wheels); found %d.%d: run make PYTHON=python3.11 ..." % v)'
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade "pip>=23"
 	@touch $@
 
 $(VENV)/.ok-cpu: $(VENV)/.ok-python pyproject.toml
-	$(PIP) install -e '.[cpu]'
+	$(PIP) install -e '.[cpu,nlp]'
 	@touch $@
 
 $(VENV)/.ok-test: $(VENV)/.ok-cpu
-	$(PIP) install -e '.[cpu,test]'
+	$(PIP) install -e '.[cpu,nlp,test]'
 	@touch $@
 
 venv: $(VENV)/.ok-cpu
+
+# The PaddleFormers virtualenv (~2 GB: paddleformers pulls HF transformers 5.x, modelscope, librosa, numba).
+$(FORMERS_VENV)/.ok-python:
+	@$(CHECK_PYTHON)
+	$(PYTHON) -m venv $(FORMERS_VENV)
+	$(FPIP) install --upgrade "pip>=23"
+	@touch $@
+
+$(FORMERS_VENV)/.ok-test: $(FORMERS_VENV)/.ok-python pyproject.toml
+	$(FPIP) install -e '.[cpu,formers,test]'
+	@touch $@
+
+venv-formers: $(FORMERS_VENV)/.ok-test
 
 demo: $(VENV)/.ok-cpu
 	$(SCORER) inspect checkpoints/demo-lora
@@ -35,11 +54,17 @@ demo: $(VENV)/.ok-cpu
 browser:
 	@.ci/ensure-chromium
 
-test: $(VENV)/.ok-test browser
+test: test-nlp test-formers
+
+test-nlp: $(VENV)/.ok-test browser
 	$(PY) -m pytest -q
 
+# tests/formers only (the rest of the suite needs paddlenlp); tiny models built by PaddleFormers itself.
+test-formers: $(FORMERS_VENV)/.ok-test
+	$(FPY) -m pytest -q tests/formers
+
 $(VENV)/.ok-bench: $(VENV)/.ok-cpu
-	$(PIP) install -e '.[cpu,bench]'
+	$(PIP) install -e '.[cpu,nlp,bench]'
 	@touch $@
 
 # Benchmarks (PyTorch for comparison only): writes benchmarks/RESULTS.md. ~30-35 min on 2 cores; it
@@ -53,4 +78,4 @@ checkpoints: $(VENV)/.ok-cpu
 	$(PY) checkpoints/build_demo.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(FORMERS_VENV) out .pytest_cache

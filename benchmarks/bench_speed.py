@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from paddle_scorer.backend import Backend, log_softmax  # noqa: E402
+from strategies import kv_cache_strategy  # noqa: E402
+from paddle_scorer.backend import ModelRunner, backend_for, log_softmax, pad_id_of  # noqa: E402
 from paddle_scorer.loader import load  # noqa: E402
 from paddle_scorer.runtime import paddle  # noqa: E402
 from paddle_scorer.scoring import Classifier, ClassifyOptions  # noqa: E402
@@ -184,8 +185,8 @@ def part_torch(args):
         bs = args.bs
         clf = classifier(loaded, labels, bs=bs)
         preps = prepared(clf, args.n)
-        pad = clf._pad_id()
-        net = Backend(loaded.model).net
+        pad = pad_id_of(loaded.tokenizer)
+        net = ModelRunner(loaded.model).net
         tmodel = common.to_torch(net, loaded.config)
         ours = logprob_matrix(clf.score(preps), labels)
         pp = plain_paddle(net, preps, bs, pad)
@@ -213,65 +214,83 @@ def part_torch(args):
 # --------------------------------------------------------------------------------------- labels and knobs
 
 
-class FullHead(Backend):
-    """The 'before' of 'LM head only at needed positions': the head runs on every position."""
+# Variants, through the backend's documented hooks only (see src/paddle_scorer/backend.py and strategies.py):
+# a runner wrapper (``backend.runner`` may be wrapped) or a scoring strategy (``backend_for(loaded, strategy=...)``).
 
-    def _run_body(self, *a, **k):
-        hidden, past = super()._run_body(*a, **k)
-        self.head(hidden)
+
+class RunnerWrapper:
+    """Delegates to the production :class:`~paddle_scorer.backend.ModelRunner`; subclasses change one step."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class FullHead(RunnerWrapper):
+    """The 'before' of 'LM head only at needed positions': the head also runs on every position."""
+
+    def hidden(self, *a, **k):
+        hidden, past = self.inner.hidden(*a, **k)
+        self.inner.head(hidden)
         return hidden, past
 
 
-class KernelLogSoftmax(Backend):
+class KernelLogSoftmax(RunnerWrapper):
     """The 'before' of the log-softmax change: Paddle's ``log_softmax`` kernel on the selected rows."""
 
-    def _logprobs(self, hidden_rows):
-        logits = self.head(hidden_rows.unsqueeze(0)).squeeze(0).astype("float32")
-        return self.pd.nn.functional.log_softmax(logits, axis=-1).numpy()
+    def logprobs(self, rows):
+        logits = self.inner.head(rows.unsqueeze(0)).squeeze(0).astype("float32")
+        return pd.nn.functional.log_softmax(logits, axis=-1).numpy()
 
 
-class Concat(Backend):
-    """The 'before' of prefix sharing: prompt+label[:-1] concatenated per (prompt, label), one batch;
-    head only at the label positions. ``per_label``: one forward per label instead of one batch."""
+def concat_strategy(backend, prompts, continuations, per_label=False):
+    """The 'before' of prefix sharing: prompt+label[:-1] concatenated per (prompt, label), one batch; head only at
+    the label positions. ``per_label``: one forward per label instead of one batch."""
+    from paddle_scorer.backend import ContinuationScore, padded
 
-    per_label = False
-
-    def score(self, prompts, continuations):
-        groups = [list(range(len(continuations[0])))]
-        if self.per_label:
-            groups = [[j] for j in range(len(continuations[0]))]
-        out = [[None] * len(c) for c in continuations]
-        with self.pd.no_grad():
-            for g in groups:
-                seqs = [(b, j, prompts[b] + continuations[b][j][:-1]) for b in range(len(prompts)) for j in g]
-                width = max(len(s) for _, _, s in seqs)
-                ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-                mask = np.zeros((len(seqs), width), dtype=np.int64)
-                for r, (_, _, s) in enumerate(seqs):
-                    ids[r, :len(s)] = s
-                    mask[r, :len(s)] = 1
-                pos = np.tile(np.arange(width, dtype=np.int64), (len(seqs), 1))
-                hidden, _ = self._run_body(self.pd.to_tensor(ids), self.pd.to_tensor(mask), self.pd.to_tensor(pos))
-                sel = [(r, len(prompts[b]) - 1 + t) for r, (b, j, _) in enumerate(seqs)
-                       for t in range(len(continuations[b][j]))]
-                lp = self._logprobs(self.pd.gather_nd(hidden, self.pd.to_tensor(np.array(sel, dtype=np.int64))))
-                k = 0
-                for b, j, _ in seqs:
-                    cont = continuations[b][j]
-                    out[b][j] = lp[k:k + len(cont)][np.arange(len(cont)), cont].sum()
-                    k += len(cont)
-        from paddle_scorer.backend import ContinuationScore
-
-        return np.zeros((len(prompts), 1)), [[ContinuationScore([float(v)], False) for v in row] for row in out]
+    runner = backend.runner
+    groups = [[j] for j in range(len(continuations[0]))] if per_label else [list(range(len(continuations[0])))]
+    out = [[None] * len(c) for c in continuations]
+    for g in groups:
+        seqs = [(b, j, prompts[b] + continuations[b][j][:-1]) for b in range(len(prompts)) for j in g]
+        ids, mask, pos = padded([s for _, _, s in seqs], backend.pad_id)
+        hidden, _ = runner.hidden(ids, mask, pos)
+        sel = [(r, len(prompts[b]) - 1 + t) for r, (b, j, _) in enumerate(seqs) for t in range(len(continuations[b][j]))]
+        lp = runner.logprobs(runner.gather(hidden, sel))
+        k = 0
+        for b, j, _ in seqs:
+            cont = continuations[b][j]
+            out[b][j] = lp[k:k + len(cont)][np.arange(len(cont)), cont].sum()
+            k += len(cont)
+    return [[ContinuationScore([float(v)], False) for v in row] for row in out]
 
 
-class PerLabel(Concat):
-    per_label = True
+def per_label_strategy(backend, prompts, continuations):
+    return concat_strategy(backend, prompts, continuations, per_label=True)
 
 
-def time_variant(clf, preps, backend_cls, reps):
+CONCAT, PER_LABEL = ("strategy", concat_strategy), ("strategy", per_label_strategy)
+KV_CACHE = ("strategy", kv_cache_strategy)
+FULL_HEAD, KERNEL_LOG_SOFTMAX = ("runner", FullHead), ("runner", KernelLogSoftmax)
+
+
+def variant_backend(loaded, variant):
+    """The production backend, or one with a variant plugged into a documented hook."""
+    if variant is None:
+        return backend_for(loaded)
+    hook, what = variant
+    if hook == "strategy":
+        return backend_for(loaded, strategy=what)
+    backend = backend_for(loaded)
+    backend.runner = what(backend.runner)
+    return backend
+
+
+def time_variant(clf, loaded, preps, variant, reps):
     base = clf.backend
-    clf.backend = backend_cls(base.net, pad_id=base.pad_id) if backend_cls else base
+    clf.backend = variant_backend(loaded, variant)
     try:
         lp = logprob_matrix(clf.score(preps), clf.opts.labels)
         t, _ = common.median_time(lambda: clf.score(preps), reps=reps)
@@ -292,13 +311,11 @@ def part_labels(args):
         res[k] = {"pps": len(preps) / t, "seconds": t, "label_tokens_mean": float(np.mean(lens)),
                   "label_tokens_max": max(lens)}
         if k == 10:
-            clf.backend.tails = "kv-cache"  # the previous default: a 2nd forward on per-label KV-cache copies
-            tk, _ = common.median_time(lambda: clf.score(preps), reps=args.reps)
-            lk = logprob_matrix(clf.score(preps), labels)
-            clf.backend.tails = "packed"
+            # the previous default: a 2nd forward on per-label KV-cache copies
+            tk, lk = time_variant(clf, loaded, preps, KV_CACHE, args.reps)
             res["10-kv-cache"] = {"pps": len(preps) / tk, "seconds": tk,
                                   "max_abs_diff": float(np.abs(logprob_matrix(clf.score(preps), labels) - lk).max())}
-            tc, lc = time_variant(clf, preps, Concat, args.reps)
+            tc, lc = time_variant(clf, loaded, preps, CONCAT, args.reps)
             ours = logprob_matrix(clf.score(preps), labels)
             res["10-concat"] = {"pps": len(preps) / tc, "seconds": tc, "max_abs_diff": float(np.abs(ours - lc).max())}
         print(k, res[k], flush=True)
@@ -313,9 +330,7 @@ def part_labels(args):
         short[k] = {"pps": len(preps) / t, "seconds": t, "label_tokens_mean": float(np.mean(lens)),
                     "label_tokens_max": max(lens)}
         if k == 10:
-            clf.backend.tails = "kv-cache"
-            tk, _ = common.median_time(lambda: clf.score(preps), reps=args.reps)
-            clf.backend.tails = "packed"
+            tk, _ = time_variant(clf, loaded, preps, KV_CACHE, args.reps)
             short["10-kv-cache"] = {"pps": len(preps) / tk, "seconds": tk}
     for k in short:
         short[k]["vs_1_label"] = short[k]["seconds"] / short[1]["seconds"]
@@ -324,14 +339,12 @@ def part_labels(args):
     return res
 
 
-class Unsorted(Classifier):
-    def _score_prepared(self, preps):
-        out = []
-        bs = self.opts.batch_size
-        for s in range(0, len(preps), bs):
-            first, r = self.backend.score([p.context for p in preps[s:s + bs]], [p.label_ids for p in preps[s:s + bs]])
-            out.extend(zip(first, r))
-        return out
+def score_batches(clf, preps, sort=True):
+    """The backend on batches of ``clf.opts.batch_size`` prepared records, sorted by length (as classify does) or in
+    file order, through the backend's public ``score_many``."""
+    bs = clf.opts.batch_size
+    return clf.backend.score_many([([preps[i].context for i in idx], [preps[i].label_ids for i in idx])
+                                   for idx in plain_batches(preps, bs, sort)])
 
 
 def part_knobs(args):
@@ -340,17 +353,17 @@ def part_knobs(args):
     single = ["goods", "life"]
     multi = common.LABEL_WORDS[:10]
     for name, labels, variants in [
-        ("2 single-token labels", single, [("ours", None), ("full LM head", FullHead), ("per-label forwards", PerLabel),
-                                           ("concatenated sequences", Concat),
-                                           ("Paddle log_softmax kernel", KernelLogSoftmax)]),
-        ("10 multi-token labels", multi, [("ours", None), ("full LM head", FullHead),
-                                          ("concatenated sequences", Concat)]),
+        ("2 single-token labels", single, [("ours", None), ("full LM head", FULL_HEAD), ("per-label forwards", PER_LABEL),
+                                           ("concatenated sequences", CONCAT),
+                                           ("Paddle log_softmax kernel", KERNEL_LOG_SOFTMAX)]),
+        ("10 multi-token labels", multi, [("ours", None), ("full LM head", FULL_HEAD),
+                                          ("concatenated sequences", CONCAT)]),
     ]:
         clf = classifier(loaded, labels, bs=args.bs)
         preps = prepared(clf, args.n)
         ref = None
-        for vname, cls in variants:
-            t, lp = time_variant(clf, preps, cls, args.reps)
+        for vname, variant in variants:
+            t, lp = time_variant(clf, loaded, preps, variant, args.reps)
             ref = lp if ref is None else ref
             res[f"{name} / {vname}"] = {"pps": len(preps) / t, "max_abs_diff": float(np.abs(lp - ref).max())}
             print(name, vname, res[f"{name} / {vname}"], flush=True)
@@ -358,10 +371,9 @@ def part_knobs(args):
     for labels_name, labels in (("2 single-token labels", single), ("10 multi-token labels", multi)):
         for bs in args.batch_sizes:
             for sort in (True, False):
-                cls = Classifier if sort else Unsorted
-                clf = cls(loaded, ClassifyOptions(labels=labels, template=common.demo_template(), batch_size=bs))
+                clf = Classifier(loaded, ClassifyOptions(labels=labels, template=common.demo_template(), batch_size=bs))
                 preps = prepared(clf, args.n)
-                t, _ = common.median_time(lambda: clf.score(preps), reps=args.reps)
+                t, _ = common.median_time(lambda: score_batches(clf, preps, sort), reps=args.reps)
                 key = f"{labels_name} / batch {bs} / {'sorted' if sort else 'unsorted'}"
                 res[key] = {"pps": len(preps) / t}
                 print(key, res[key], flush=True)

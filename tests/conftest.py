@@ -37,3 +37,29 @@ def copy_of(tmp_path):
         return dst
 
     return _copy
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured agreement: tests that compare our log-probs with a library's own forward record the max |delta|
+# here, and the run ends with one line per check (the numbers quoted in README / reports come from this).
+# --------------------------------------------------------------------------------------------------
+
+_DELTAS: dict[str, float] = {}
+
+
+class Deltas:
+    def record(self, check: str, value: float) -> float:
+        _DELTAS[check] = max(_DELTAS.get(check, 0.0), float(value))
+        return float(value)
+
+
+@pytest.fixture(scope="session")
+def deltas():
+    return Deltas()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DELTAS:
+        terminalreporter.section("max |delta log-prob| per check (ours vs the library's own forward)")
+        for check, value in sorted(_DELTAS.items()):
+            terminalreporter.write_line(f"{value:9.2e}  {check}")

@@ -45,7 +45,10 @@ def test_the_pinned_set_is_clean():
     ({"paddlenlp": "2.8.1"}, "paddlenlp2-paddle3", "error", "pip install paddlenlp==3.0.0b4"),
     ({"paddlepaddle-gpu": "3.0.0"}, "two-paddle-builds", "error", "pip uninstall -y paddlepaddle paddlepaddle-gpu"),
     ({"paddlepaddle": None}, "no-paddle", "error", "pip install -e '.[cpu]'"),
-    ({"paddlenlp": None}, "no-paddlenlp", "error", "pip install paddlenlp==3.0.0b4"),
+    ({"paddlenlp": None}, "no-model-library", "error", "pip install -e '.[cpu,nlp]'"),
+    ({"paddleformers": "1.2.0"}, "two-model-libraries", "error", "one virtualenv per library"),
+    ({"paddlenlp": None, "aistudio-sdk": "0.3.9", "paddleformers": "1.3.0"}, "paddleformers-version", "warning",
+     "pip install paddleformers==1.2.0"),
     ({"datasets": "4.1.0"}, "datasets-pyarrow", "warning", "pip install datasets==4.0.0"),
     ({"numpy": "2.0.1", "pyarrow": "21.0.0"}, "numpy2-paddlenlp", "warning", "numpy<=1.26.4"),
     ({"paddlepaddle": "2.6.2"}, "paddlenlp3-paddle2", "warning", "paddlepaddle 3.3.1"),
@@ -63,6 +66,11 @@ def test_each_rule_needs_its_whole_combination():
     assert "paddlenlp2-paddle3" not in codes(version_findings({**GOOD, "paddlenlp": "2.8.1", "paddlepaddle": "2.6.2"}))
 
 
+def test_a_paddleformers_environment_is_clean_without_paddlenlp():
+    formers = {**GOOD, "paddlenlp": None, "aistudio-sdk": "0.3.9", "pyarrow": "20.0.0", "paddleformers": "1.2.0"}
+    assert version_findings(formers) == []
+
+
 def test_runtime_findings():
     amd = {"cpu": {"vendor": "AuthenticAMD", "usable_cores": 2,
                    "settings": {"MKL_DEBUG_CPU_TYPE": {"value": None}, "OMP_NUM_THREADS": {"value": "8"}}}}
@@ -72,7 +80,9 @@ def test_runtime_findings():
     assert runtime_findings(intel) == []
     gpu = {"paddle": {"compiled_with_cuda": True, "device_count": 0, "cuda_visible_devices": ""}}
     assert codes(runtime_findings(gpu)) == ["gpu-not-visible"]
-    broken = {"paddlenlp": {"import_ok": False, "error": "ImportError: cannot import name 'download'"}}
+    broken = {"libraries": {"paddlenlp": {"installed": True, "import_ok": False,
+                                          "error": "ImportError: cannot import name 'download'"},
+                            "paddleformers": {"installed": False, "import_ok": None, "error": None}}}
     assert codes(runtime_findings(broken), "error") == ["paddlenlp-import"]
 
 
@@ -93,7 +103,9 @@ def test_doctor_json_reports_the_installed_versions(doctor_json):
     assert doctor_json["paddle"]["version"] == paddle.__version__
     assert doctor_json["paddle"]["build"] == ("gpu" if paddle.is_compiled_with_cuda() else "cpu")
     assert doctor_json["python"]["version"] == platform.python_version()
-    assert doctor_json["paddlenlp"]["import_ok"] is True
+    libs = doctor_json["libraries"]
+    assert libs["paddlenlp"]["import_ok"] is True and libs["paddlenlp"]["version"] == installed("paddlenlp")
+    assert libs["paddleformers"]["installed"] is False and "Ernie4_5ForCausalLM" in libs["paddleformers"]["architectures"]
     assert doctor_json["ok"] is True and not codes_of(doctor_json, "error")
     assert doctor_json["memory"]["available"] > 0 and doctor_json["disk"][0]["free"] > 0
     assert set(doctor_json["cpu"]["settings"]) == {"MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS"}
@@ -107,6 +119,7 @@ def test_doctor_table(doctor_json):
     r = runner.invoke(app, ["doctor"])
     assert r.exit_code == 0, r.output
     assert re.search(rf"^paddle\s+{re.escape(doctor_json['paddle']['version'])}, (CPU|GPU) build", r.stdout, re.M)
-    assert re.search(rf"^\s+paddlenlp\s+{re.escape(installed('paddlenlp'))}\s*$", r.stdout, re.M)
+    assert re.search(rf"^model library paddlenlp\s+{re.escape(installed('paddlenlp'))}, import ok", r.stdout, re.M)
+    assert re.search(r"^model library paddleformers\s+not installed", r.stdout, re.M)
     assert "aistudio-sdk" in r.stdout and "OMP_NUM_THREADS" in r.stdout and "RAM" in r.stdout
     assert "ok:" in r.stdout

@@ -74,6 +74,22 @@ class AdapterInfo:
     unsupported_variants: list[str]
     adapted_modules: int
     key_prefix: str | None
+    saved_by: str | None = None  # "PaddleFormers 1.2.0", "PaddleNLP 3.0.0b4", ... (see adapter_saved_by)
+    saved_by_evidence: str | None = None
+
+
+def adapter_saved_by(lora_config: dict, model_config: dict) -> tuple[str | None, str | None]:
+    """Which library saved an adapter, and why we think so. Both save LoRA matrices as Paddle holds them
+    (A ``[in, r]``, B ``[r, out]``); only the names differ (``model.`` vs the architecture's prefix)."""
+    for key, lib in (("paddleformers_version", "PaddleFormers"), ("paddlenlp_version", "PaddleNLP")):
+        v = model_config.get(key)
+        if isinstance(v, str):
+            return f"{lib} {v}", f"its config.json has {key} {v}"
+    if "tensor_model_parallel_size" in lora_config:
+        return "PaddleFormers", "lora_config.json has tensor_model_parallel_size (PaddleNLP writes tensor_parallel_degree)"
+    if "tensor_parallel_degree" in lora_config:
+        return "PaddleNLP", "lora_config.json has tensor_parallel_degree (PaddleFormers writes tensor_model_parallel_size)"
+    return None, None
 
 
 @dataclass
@@ -456,6 +472,8 @@ def describe(path: str | Path) -> CheckpointInfo:
         )
     if settings is not None or adapter_ws is not None or renamed:
         info.adapter = _adapter_info(folder, settings, adapter_metas or {n: model_metas[n] for n in lora_in_model})
+        info.adapter.saved_by, info.adapter.saved_by_evidence = adapter_saved_by(
+            settings.raw if settings is not None else {}, info.raw_config)
 
     # ---- kind and summary --------------------------------------------------------------------
     if renamed and adapter_ws is not None:
@@ -496,8 +514,8 @@ def describe(path: str | Path) -> CheckpointInfo:
             )
         else:
             info.summary = (
-                "This is a LoRA adapter, not a model: it has lora_model_state.pdparams-style weights "
-                "but no model_state.pdparams, so it must be loaded on top of its base model "
+                f"This is a LoRA adapter, not a model: it has adapter weights ({_label(adapter_ws)}) "
+                "but no model weights (no model_state.pdparams), so it must be loaded on top of its base model "
                 f"({ref or 'not recorded in lora_config.json'}"
                 + (f", found at {_rel(Path(base))}" if base else ", not found on this machine")
                 + ")."

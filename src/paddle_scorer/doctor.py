@@ -69,8 +69,21 @@ def version_findings(v: dict[str, str | None]) -> list[Finding]:
         found.append(Finding(ERROR, "no-paddle",
                              "paddle is not installed: `pip install -e '.[cpu]'` (CPU) or the GPU wheel for your CUDA "
                              "(README, GPU install)."))
-    if not nlp:
-        found.append(Finding(ERROR, "no-paddlenlp", "paddlenlp is not installed: `pip install paddlenlp==3.0.0b4`."))
+    pf = v.get("paddleformers")
+    if not nlp and not pf:
+        found.append(Finding(ERROR, "no-model-library",
+                             "no model library is installed: `pip install -e '.[cpu,nlp]'` (PaddleNLP 3.0.0b4: Llama, "
+                             "Qwen2) or, in a virtualenv of its own, `pip install -e '.[cpu,formers]'` (PaddleFormers "
+                             "1.2.0: Llama, ERNIE 4.5); README, install."))
+    if nlp and pf:
+        found.append(Finding(ERROR, "two-model-libraries",
+                             f"paddlenlp {nlp} and paddleformers {pf} are installed in one virtualenv, but their pins "
+                             "conflict (aistudio-sdk, tokenizers, huggingface-hub) and one of them breaks: use one "
+                             "virtualenv per library (`make venv` and `make venv-formers`; README, install)."))
+    if pf and release(pf) != (1, 2, 0):
+        found.append(Finding(WARNING, "paddleformers-version",
+                             f"paddleformers {pf} is installed; paddle-scorer is tested with 1.2.0 (layouts, fused "
+                             "modules and cache objects change between releases): `pip install paddleformers==1.2.0`."))
     if nlp and paddle_version:
         if (release(nlp) or ())[:1] == (2,) and _at_least(paddle_version, 3):
             found.append(Finding(ERROR, "paddlenlp2-paddle3",
@@ -95,9 +108,10 @@ def version_findings(v: dict[str, str | None]) -> list[Finding]:
         found.append(Finding(WARNING, "datasets-pyarrow",
                              f"datasets {ds} expects pyarrow >= 21 but pyarrow {arrow} is installed (and must stay "
                              "below 21 with NumPy 1): `pip install datasets==4.0.0`."))
-    if nlp and _at_least(numpy, 2):
+    if (nlp or pf) and _at_least(numpy, 2):
+        lib = f"paddlenlp {nlp}" if nlp else f"paddleformers {pf}"
         found.append(Finding(WARNING, "numpy2-paddlenlp",
-                             f"numpy {numpy} is installed but paddlenlp {nlp} supports numpy<=1.26.4: "
+                             f"numpy {numpy} is installed but {lib} supports numpy<=1.26.4: "
                              "`pip install 'numpy<=1.26.4'`."))
     return found
 
@@ -108,10 +122,10 @@ def runtime_findings(facts: dict) -> list[Finding]:
     pd = facts.get("paddle", {})
     if pd.get("error"):
         found.append(Finding(ERROR, "paddle-import", f"`import paddle` fails: {pd['error']}"))
-    nlp = facts.get("paddlenlp", {})
-    if nlp.get("error"):
-        found.append(Finding(ERROR, "paddlenlp-import", f"`import paddlenlp` fails: {nlp['error']} "
-                                                        "(see the version findings for the usual causes)."))
+    for name, lib in (facts.get("libraries") or {}).items():
+        if lib.get("installed") and lib.get("error"):
+            found.append(Finding(ERROR, f"{name}-import", f"`import {name}` fails: {lib['error']} "
+                                                          "(see the version findings for the usual causes)."))
     if pd.get("compiled_with_cuda") and not pd.get("device_count"):
         found.append(Finding(WARNING, "gpu-not-visible",
                              "paddle is the GPU build but sees no GPU: check `nvidia-smi` and CUDA_VISIBLE_DEVICES "
@@ -167,12 +181,25 @@ def _paddle_facts() -> dict:
     return facts
 
 
-def _paddlenlp_facts() -> dict:
-    try:
-        import paddlenlp  # noqa: F401
-    except Exception as exc:
-        return {"import_ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"import_ok": True}
+def _library_facts() -> dict:
+    """Per model library: installed version, whether it imports, the architectures paddle-scorer builds with it.
+    Only installed libraries are imported (PaddleFormers takes ~4 s)."""
+    from paddle_scorer import libraries
+    from paddle_scorer.runtime import versions
+
+    out = {}
+    for lib in libraries.LIBRARIES:
+        v = versions((lib.distribution,)).get(lib.distribution)
+        facts = {"installed": v is not None, "version": v, "import_ok": None, "error": None,
+                 "architectures": lib.architectures}
+        if v is not None:
+            try:
+                libraries.module(lib, "transformers")
+                facts["import_ok"] = True
+            except Exception as exc:  # any import failure is the finding
+                facts["import_ok"], facts["error"] = False, f"{type(exc).__name__}: {exc}"
+        out[lib.name] = facts
+    return out
 
 
 def collect() -> dict:
@@ -198,7 +225,7 @@ def collect() -> dict:
         "platform": platform.platform(),
         "packages": versions,
         "paddle": paddle_facts,
-        "paddlenlp": _paddlenlp_facts(),
+        "libraries": _library_facts(),
         "cpu": {
             "vendor": runtime.cpu_vendor(),
             "usable_cores": runtime.usable_cores(),

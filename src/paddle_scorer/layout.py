@@ -92,12 +92,26 @@ def orientation_from_shapes(shapes: dict[str, tuple[int, ...]], config: dict) ->
     return None, "no linear weight whose orientation the config pins down (all square?)"
 
 
-def declared_layout(config: dict, st_metadata: dict | None, merge_record: dict | None) -> Layout | None:
-    """What the folder says about its layout, or None when it says nothing."""
+def declared_layout(config: dict, st_metadata: dict | None, merge_record: dict | None, prefix: str | None = None,
+                    paddle_prefixes: frozenset[str] = frozenset()) -> Layout | None:
+    """What the folder says about its layout, or None when it says nothing.
+
+    A model loaded by one library and re-saved by the other keeps both ``paddlenlp_version`` and
+    ``paddleformers_version`` (each library copies unknown config keys). Then the tensor names say who wrote
+    the weights: an architecture prefix only PaddleNLP uses (``llama.``, in ``paddle_prefixes``) or
+    PaddleFormers' ``model.``; anything else is undeclared (shapes decide, or the folder is refused).
+    """
     if merge_record and merge_record.get("layout") in (PADDLE, HF):
         return Layout(merge_record["layout"], "paddle-scorer merge", "paddle_scorer_merge.json records the layout")
     pf = config.get("paddleformers_version")
     nlp = config.get("paddlenlp_version")
+    if pf and nlp:
+        both = f"config.json has both paddlenlp_version {nlp} and paddleformers_version {pf} (re-saved by the other library)"
+        if prefix in paddle_prefixes:
+            return Layout(PADDLE, f"PaddleNLP {nlp}", f"{both}; the tensor names start with `{prefix}.` (PaddleNLP's)")
+        if prefix == "model":
+            return Layout(HF, f"PaddleFormers {pf}", f"{both}; the tensor names start with `model.` (PaddleFormers')")
+        return None
     if pf:
         return Layout(HF, f"PaddleFormers {pf}", f"config.json has paddleformers_version {pf} (it saves [out, in])")
     if nlp:
@@ -113,9 +127,10 @@ def declared_layout(config: dict, st_metadata: dict | None, merge_record: dict |
 
 
 def resolve_layout(config: dict, shapes: dict[str, tuple[int, ...]], st_metadata: dict | None,
-                   merge_record: dict | None, where: str) -> Layout:
+                   merge_record: dict | None, where: str, prefix: str | None = None,
+                   paddle_prefixes: frozenset[str] = frozenset()) -> Layout:
     """The declared layout, cross-checked against shapes; refuse when undeclared and undecidable."""
-    declared = declared_layout(config, st_metadata, merge_record)
+    declared = declared_layout(config, st_metadata, merge_record, prefix, paddle_prefixes)
     by_shape, shape_evidence = orientation_from_shapes(shapes, config)
     if declared is not None:
         if by_shape is not None and by_shape != declared.kind:

@@ -13,9 +13,11 @@ use it. The ``build_*`` functions import paddle and the library.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from paddle_scorer.errors import CheckpointError, UsageError
@@ -35,7 +37,7 @@ class Arch:
     model_class: str
     prefix: str  # attribute (and state-dict prefix) of the decoder body
     fused: tuple[str, ...] = ()  # runtime fused modules saved split (ERNIE 4.5: qkv_proj, up_gate_proj)
-    cpu_flags: tuple[tuple[str, object], ...] = ()  # config overrides without which CPU kernels are missing
+    cpu_flags: tuple[tuple[str, object], ...] = ()  # config overrides: missing CPU kernels, single-process layers
     gpu_only: str | None = None  # why it cannot run on CPU (MoE kernels)
     lm_head_out_in: bool = False  # the runtime LM head weight is [vocab, hidden] (PaddleFormers), not [hidden, vocab]
 
@@ -74,7 +76,9 @@ class LibrarySpec:
 
 # PaddleFormers 1.2.0 reads fuse_rms_norm (default True: `fused_rms_norm_ext is not registered` on CPU); the
 # PaddleNLP-era flags (use_flash_attention, fuse_attention_qkv, fuse_linear, ...) are not read by its models.
-_PF_CPU = (("fuse_rms_norm", False),)
+# A config saved from a tensor-parallel run keeps tensor_model_parallel_size > 1, which builds parallel layers
+# that need a process group: we score in one process on full tensors (flex-checkpoint saves gather them).
+_PF_CPU = (("fuse_rms_norm", False), ("tensor_model_parallel_size", 1), ("sequence_parallel", False))
 
 LIBRARIES: tuple[LibrarySpec, ...] = (
     LibrarySpec(PADDLENLP, "paddlenlp", "paddlenlp==3.0.0b4", (
@@ -101,6 +105,16 @@ def spec(name: str) -> LibrarySpec:
         if lib.name == name:
             return lib
     raise UsageError(f"unknown model library {name!r}; use {' or '.join(x.name for x in LIBRARIES)}.")
+
+
+def prefixes_of(architecture: str) -> set[str]:
+    """The decoder-body prefixes every library gives ``architecture`` (adapter keys may carry any of them)."""
+    return {a.prefix for lib in LIBRARIES for a in lib.archs if a.architecture == architecture}
+
+
+def paddle_layout_prefixes() -> frozenset[str]:
+    """Tensor-name prefixes only PaddleNLP writes (``llama``, ``qwen2``): names that say "Paddle layout"."""
+    return frozenset(a.prefix for a in spec(PADDLENLP).archs) - {"model"}
 
 
 def _arch_name(info) -> str:
@@ -142,6 +156,12 @@ def choose(info, layout=None, requested: str | None = None) -> LibrarySpec:
     return installed[0]
 
 
+def likely(info) -> LibrarySpec | None:
+    """The library that would build this architecture here (installed first), for reports; None if none can."""
+    candidates = [lib for lib in LIBRARIES if lib.arch_for(info) is not None]
+    return next((lib for lib in candidates if lib.installed), candidates[0] if candidates else None)
+
+
 def check_device(lib: LibrarySpec, info, device: str) -> None:
     arch = lib.arch_for(info)
     if arch.gpu_only and device == "cpu":
@@ -156,9 +176,36 @@ def check_device(lib: LibrarySpec, info, device: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _classes(arch: Arch):
-    import importlib
+@lru_cache(maxsize=None)
+def _import_quietly(top: str):
+    """Import a model library once with its import-time banners captured (PaddleFormers prints "PyTorch was
+    not found..." and a compatibility warning on every import) and its own logger set to errors only
+    (it logs INFO lines for every config read and LoRA wrap). Handlers the import created on the captured
+    stream get the real stderr back, so later errors still show."""
+    import contextlib
+    import io
+    import logging
+    import sys
 
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+        importlib.import_module(top)
+        log = importlib.import_module(f"{top}.utils.log")
+    for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in getattr(lg, "handlers", []):
+            if getattr(h, "stream", None) is buf:
+                h.setStream(sys.stderr)
+    log.logger.set_level("ERROR")
+
+
+def module(lib: LibrarySpec, name: str):
+    """``lib``'s submodule ``name`` (``"transformers"``, ``"peft"``, ...), imported quietly."""
+    _import_quietly(lib.name)
+    return importlib.import_module(f"{lib.name}.{name}")
+
+
+def _classes(arch: Arch):
+    _import_quietly(arch.module.split(".")[0])
     mod = importlib.import_module(arch.module)
     return getattr(mod, arch.config_class), getattr(mod, arch.model_class)
 
@@ -193,11 +240,7 @@ def no_init_context(lib: LibrarySpec):
 
     pd = paddle()
     stack = contextlib.ExitStack()
-    if lib.name == PADDLENLP:
-        from paddlenlp.transformers.model_utils import no_init_weights
-    else:
-        from paddleformers.transformers.model_utils import no_init_weights
-    stack.enter_context(no_init_weights(_enable=True))
+    stack.enter_context(module(lib, "transformers.model_utils").no_init_weights(_enable=True))
     stack.enter_context(pd.LazyGuard())
     return stack
 
@@ -237,16 +280,13 @@ def body_and_head(model):
 
 def attach_lora(lib: LibrarySpec, model, modules: list[str], settings, dtype: str):
     """Wrap ``model`` with the library's own ``LoRAModel`` on exactly ``modules``; values are set by the caller."""
-    if lib.name == PADDLENLP:
-        from paddlenlp.peft import LoRAConfig, LoRAModel
-    else:
-        from paddleformers.peft import LoRAConfig, LoRAModel
-    config = LoRAConfig(
+    peft = module(lib, "peft")
+    config = peft.LoRAConfig(
         r=settings.r, lora_alpha=settings.lora_alpha, rslora=settings.rslora,
         target_modules=[re.escape(m) for m in sorted(modules)], dtype=dtype, lora_dropout=0.0,
         merge_weights=False,
     )
-    lora_model = LoRAModel(model, config)
+    lora_model = peft.LoRAModel(model, config)
     lora_model.eval()
     lora_model.model.eval()
     return lora_model

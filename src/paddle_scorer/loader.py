@@ -309,12 +309,8 @@ def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
 def load_tokenizer(plan: LoadPlan):
     lib = plan.model.library
     folder = plan.tokenizer_dir
-    if lib.name == libraries.PADDLENLP:
-        from paddlenlp.transformers import AutoTokenizer
-    else:
-        from paddleformers.transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tok = libraries.module(lib, "transformers").AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # the libraries raise many types here
         detail = " ".join(str(exc).split())[:300]  # one line: library messages carry newlines
         raise CheckpointError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: {detail}).") from exc

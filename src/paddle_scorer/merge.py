@@ -45,8 +45,10 @@ _SINGLE_NAME = {"safetensors": "model.safetensors", "pdparams": "model_state.pdp
 _SHARD_NAME = {"safetensors": "model-{i:05d}-of-{n:05d}.safetensors",
                "pdparams": "model_state-{i:05d}-of-{n:05d}.pdparams"}
 _INDEX_NAME = {"safetensors": "model.safetensors.index.json", "pdparams": "model_state.pdparams.index.json"}
-# PaddleNLP's loader accepts safetensors with format "np" (or none) and refuses anything else.
-_SAFETENSORS_METADATA = {"format": "np"}
+# PaddleNLP's loader accepts safetensors with format "np" (or none) and refuses anything else. An HF-layout
+# base (PaddleFormers writes no metadata) gets "pt", which says [out, in] to HF-style readers; PaddleFormers'
+# own from_pretrained ignores it (tests/formers: the merged folder loads there).
+_SAFETENSORS_METADATA = {"paddle": {"format": "np"}, "hf": {"format": "pt"}}
 
 _CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
 _BASE_EXTRA_FILES = ("generation_config.json",)
@@ -305,10 +307,11 @@ def _umask() -> int:
     return mask
 
 
-def _write_tensors(tensors: dict[str, np.ndarray], path: Path, fmt: str, metadata: dict | None = None) -> None:
+def _write_tensors(tensors: dict[str, np.ndarray], path: Path, fmt: str, metadata: dict | None = None,
+                   layout: str = "paddle") -> None:
     if fmt == "safetensors":
-        # keep the base's metadata (its "format" says the layout to PaddleFormers/HF loaders), else Paddle's
-        meta = {str(k): str(v) for k, v in (metadata or _SAFETENSORS_METADATA).items()}
+        # keep the base's metadata (its "format" says the layout to PaddleFormers/HF loaders), else the layout's
+        meta = {str(k): str(v) for k, v in (metadata or _SAFETENSORS_METADATA[layout]).items()}
         write_safetensors(tensors, path, metadata=meta)
         os.chmod(path, 0o666 & ~_umask())  # the safetensors writer creates files 0600; match the other files
     else:
@@ -343,7 +346,7 @@ def write_weights(p: MergePlan, folder: Path) -> tuple[list[str], int]:
         for key, arr in shard.items():
             weight_map[key] = name
             total += arr.nbytes
-        _write_tensors(shard, folder / name, p.format, p.base_info.weights.metadata)
+        _write_tensors(shard, folder / name, p.format, p.base_info.weights.metadata, p.model.layout.kind)
         del shard
     missing = sorted(set(deltas) - set(merged))
     if missing:  # cannot happen after validate_adapter; refuse rather than write a partial merge

@@ -273,13 +273,16 @@ def nonfinite(tensors: dict[str, np.ndarray]) -> list[str]:
     return bad
 
 
-def map_adapter_keys(adapter_keys: list[str], base_modules: set[str]) -> tuple[dict[str, str], str | None]:
+def map_adapter_keys(adapter_keys: list[str], base_modules: set[str],
+                     aliases: tuple[str, ...] = ()) -> tuple[dict[str, str], str | None]:
     """Map adapter tensor names onto the runtime model's module names.
 
     PaddleNLP adapters use the model's own prefix (``llama.layers.0...``); PaddleFormers uses
     ``model.layers.0...``; PEFT-style exports may add ``base_model.model.``. We try the names as
-    they are, then with the leading component(s) replaced by the base's prefix. One transform must
-    fit every key; nothing is skipped silently.
+    they are, then with the leading component(s) replaced by the base's prefix. ``aliases`` are the
+    other prefixes *the same architecture* has in another library (a PaddleNLP Llama adapter's
+    ``llama.`` on a PaddleFormers Llama, whose body is ``model.``). One transform must fit every
+    key; nothing is skipped silently.
     """
     base_prefix = ckpt.key_prefix(base_modules)
 
@@ -295,6 +298,9 @@ def map_adapter_keys(adapter_keys: list[str], base_modules: set[str]) -> tuple[d
             transforms.append((f"`{wrapper}.` -> `{base_prefix}.`",
                                lambda m, w=wrapper: f"{base_prefix}." + m[len(w) + 1:]))
             transforms.append((f"`{wrapper}.` stripped", lambda m, w=wrapper: m[len(w) + 1:]))
+    for alias in aliases:
+        if alias != base_prefix and all(k.startswith(alias + ".") for k in adapter_keys):
+            transforms.append((f"`{alias}.` -> `{base_prefix}.`", lambda m, a=alias: f"{base_prefix}." + m[len(a) + 1:]))
     if src_prefix != base_prefix:
         transforms.append((f"`{base_prefix}.` added", lambda m: f"{base_prefix}.{m}"))
     for label, fn in transforms:
@@ -308,7 +314,7 @@ def map_adapter_keys(adapter_keys: list[str], base_modules: set[str]) -> tuple[d
 
 def validate_adapter(
     adapter: dict[str, np.ndarray], base_shapes: dict[str, tuple[int, ...]], settings: LoraSettings, where: str,
-    *, allow_noop: bool = False,
+    *, allow_noop: bool = False, aliases: tuple[str, ...] = (),
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
     """Check every adapter tensor against the runtime model's shapes; return ``{module: (A, B)}`` or raise
     listing every problem. A no-op adapter (every B zero, or scaling 0) is refused unless ``allow_noop``."""
@@ -321,7 +327,7 @@ def validate_adapter(
         raise WeightMismatchError(f"{where}: the adapter file holds no lora_A/lora_B tensors:", problems or ["(empty)"],
                                   "Check that this is the adapter saved by LoRAModel.save_pretrained.")
     base_modules = {k[: -len(".weight")] for k in base_shapes if k.endswith(".weight")}
-    mapping, mapping_note = map_adapter_keys(keys, base_modules)
+    mapping, mapping_note = map_adapter_keys(keys, base_modules, aliases)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for k in keys:
         target = mapping[k]
@@ -408,6 +414,14 @@ class ModelPlan:
     def stored_dtype(self) -> str:
         return dominant_dtype(self.info.weights.dtypes)
 
+    @property
+    def prefix_aliases(self) -> tuple[str, ...]:
+        """Prefixes an adapter for this model may carry besides the runtime's: the checkpoint's own, and the
+        body prefix other libraries give the same architecture (``llama.`` in PaddleNLP, ``model.`` here)."""
+        runtime = self.library.arch_for(self.info).prefix
+        names = {ckpt.key_prefix(self.refs)} | libraries.prefixes_of(self.library.arch_for(self.info).architecture)
+        return tuple(sorted(p for p in names if p and p != runtime))
+
     def runtime_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: t.shape for n, t in self.conversion.tensors.items()}
 
@@ -489,9 +503,10 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
     check_model_folder(info)
     refs = info.tensors
     shapes = {n: r.shape for n, r in refs.items()}
-    layout = resolve_layout(info.raw_config, shapes, info.weights.metadata, info.merged_from, str(model_dir))
-    lib = libraries.choose(info, layout, requested=library)
     src_prefix = ckpt.key_prefix(shapes)
+    layout = resolve_layout(info.raw_config, shapes, info.weights.metadata, info.merged_from, str(model_dir),
+                            src_prefix, libraries.paddle_layout_prefixes())
+    lib = libraries.choose(info, layout, requested=library)
     arch = lib.arch_for(info)
     conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
                                  lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
@@ -508,7 +523,8 @@ def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
     if bad:
         raise WeightMismatchError(f"{lora_dir}: the adapter weights contain NaN/inf, so every score would be meaningless:",
                                   bad, "Re-export the adapter from a healthy training step.")
-    pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop)
+    pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop,
+                                   aliases=model.prefix_aliases)
     return AdapterPlan(Path(lora_dir), info, settings, pairs, note, adapter_sha256(info), base_note, allow_noop)
 
 
@@ -543,14 +559,16 @@ def make_plan(
 
 def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dtype: str = "auto",
              mode: str = "attach", tokenizer: str | Path | None = None, memory_limit: int | None = None,
-             execution: str = "auto", gpu: GpuInfo | None = None) -> LoadPlan:
-    """A load plan from already checked model and adapter plans: tokenizer folder, policy, memory."""
+             execution: str = "auto", gpu: GpuInfo | None = None, check_device: bool = True) -> LoadPlan:
+    """A load plan from already checked model and adapter plans: tokenizer folder, policy, memory.
+    ``check_device=False``: keep a plan for a model that cannot run on this device (smoke checks the rest)."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
     tok_dir = tokenizer_folder(mp.folder, ap.folder if ap else None, tokenizer)
     check_tokenizer_files(tok_dir)
     policy = plan_policy(device, dtype, mp.stored_dtype, mp.info.config_dtype, gpu)
-    libraries.check_device(mp.library, mp.info, policy.device)
+    if check_device:
+        libraries.check_device(mp.library, mp.info, policy.device)
     size = memory.dtype_bytes(policy.dtype)
     mem = memory.plan_memory(mp.layer_bytes(size), mp.largest_outside(size), policy.device, memory_limit, execution)
     notes = []
@@ -583,6 +601,7 @@ class Assessment:
     library: str | None = None
     library_installed: bool | None = None
     memory: dict | None = None  # execution on this machine, budget, records per streamed block
+    gpu_only: str | None = None  # why the model cannot run on CPU (ERNIE 4.5 MoE), if it cannot
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -598,18 +617,19 @@ def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assess
         return Assessment(False, None, info.summary, NotACheckpointError.exit_code)
     if info.kind == ckpt.LORA_ADAPTER or (info.kind == ckpt.RENAMED_ADAPTER and info.adapter_weights is not None
                                            and (Path(info.path) / "lora_config.json").is_file()):
+        lib = libraries.likely(info)  # from the adapter's config.json (model_type)
+        lib_name, lib_installed = (lib.name, lib.installed) if lib else (None, None)
         try:
             check_adapter_folder(info)
         except ScorerError as exc:
-            return Assessment(False, "adapter", str(exc), exc.exit_code)
-        if info.kind == ckpt.RENAMED_ADAPTER:
-            return Assessment(True, "adapter", None, 0)
-        return Assessment(True, "adapter")
+            return Assessment(False, "adapter", str(exc), exc.exit_code, library=lib_name,
+                              library_installed=lib_installed)
+        return Assessment(True, "adapter", None, 0, library=lib_name, library_installed=lib_installed)
     try:
         mp = plan_model(Path(info.path), info)
     except ScorerError as exc:
         a = Assessment(False, "model", str(exc), exc.exit_code)
-        lib = next((x for x in libraries.LIBRARIES if x.arch_for(info)), None)
+        lib = libraries.likely(info)
         if lib is not None:
             a.library, a.library_installed = lib.name, lib.installed
         return a
@@ -620,6 +640,10 @@ def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assess
             return Assessment(False, "model", str(exc), exc.exit_code, layout=mp.layout.to_dict(),
                               library=mp.library.name, library_installed=True)
     a = Assessment(True, "model", layout=mp.layout.to_dict(), library=mp.library.name, library_installed=True)
+    arch = mp.library.arch_for(info)
+    if arch.gpu_only:
+        a.gpu_only = f"{arch.architecture} cannot run on CPU: {arch.gpu_only}; classify, generate and smoke refuse it " \
+                     "there before loading (run them with --device gpu)"
     try:
         mem = memory.plan_memory(mp.layer_bytes(4), mp.largest_outside(4), "cpu", memory_limit)
     except ScorerError as exc:

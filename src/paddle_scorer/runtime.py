@@ -132,7 +132,7 @@ def paddle():
     return _paddle
 
 
-PROVENANCE_PACKAGES = ("paddle-scorer", "paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "numpy")
+PROVENANCE_PACKAGES = ("paddle-scorer", "paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "paddleformers", "numpy")
 
 
 def versions(names=PROVENANCE_PACKAGES) -> dict[str, str | None]:

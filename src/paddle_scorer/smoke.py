@@ -156,9 +156,14 @@ def run(opts: SmokeOptions) -> SmokeResult:
                           lambda a: f"{len(a.pairs)} modules, shapes match the base with r={a.settings.r}, all values "
                                     "finite, not a no-op" + (f"; {a.mapping_note}" if a.mapping_note else ""))
     plan = None
+    gpu_only = mp.library.arch_for(mp.info).gpu_only if mp is not None else None
+    if gpu_only:
+        r.add("CPU run", WARN, f"{mp.info.architecture} cannot run on CPU ({gpu_only}): the folders, tokenizer, data "
+                               "and memory are checked here, the scores only by the GPU run below")
     if mp is not None and (lora_dir is None or ap is not None):
         plan = _attempt(r, "memory budget", lambda: planning.assemble(
-            mp, ap, device="cpu", dtype="float32", tokenizer=opts.tokenizer, memory_limit=opts.memory_limit))
+            mp, ap, device="cpu", dtype="float32", tokenizer=opts.tokenizer, memory_limit=opts.memory_limit,
+            check_device=not gpu_only))
     tok = _tokenizer(r, plan) if plan is not None else None
 
     # 2. the data, every record through the real prompt path
@@ -170,7 +175,9 @@ def run(opts: SmokeOptions) -> SmokeResult:
 
     # 4. real scores
     blocking = [c for c in r.checks if c.status == FAIL and c.name != "fits on GPU"]  # the CPU run still works
-    if plan is not None and tok is not None and items is not None and not blocking:
+    if gpu_only:
+        r.add("score", SKIP, "not run: this model cannot run on CPU (see 'CPU run')")
+    elif plan is not None and tok is not None and items is not None and not blocking:
         _score(r, plan, items)
     else:
         r.add("score", SKIP, "not run: fix the FAILs above first")

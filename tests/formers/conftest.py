@@ -26,7 +26,7 @@ def formers_bases():
     from formers import builders as fb
 
     return {
-        "llama": fb.build_model("llama", seed=0),
+        "llama": fb.build_model("llama", seed=0, scale=1.5),  # log-probs of about -5..-15: 1e-5 is float32-meaningful
         "ernie4_5": fb.build_model("ernie4_5", seed=1),
         "ernie4_5_moe": fb.build_model("ernie4_5_moe", seed=2),
     }
@@ -64,3 +64,44 @@ def copy_of(tmp_path):
         return dst
 
     return _copy
+
+
+class References:
+    """PaddleFormers' own models for the saved fixtures, built on first use: ``model(arch, "base" | "lora" |
+    "merged")`` (the adapter through ``LoRAModel.from_pretrained``, unmerged or after ``LoRAModel.merge()``), and
+    ``logprobs(model, ids)``: float64 log-softmax of PaddleFormers' own forward, one sequence, no padding."""
+
+    def __init__(self, bases, models):
+        self.bases, self.models, self._cache = bases, models, {}
+
+    def model(self, arch: str, kind: str = "base", adapter: str | None = None):
+        key = (arch, kind, adapter)
+        if key not in self._cache:
+            from formers import builders as fb
+
+            if kind == "base":
+                self._cache[key] = self.bases[arch]
+            else:
+                lora = fb.load_lora_model(self.bases[arch], self.models[adapter or f"{arch}_lora"])
+                if kind == "merged":
+                    lora.merge()
+                self._cache[key] = lora
+        return self._cache[key]
+
+    @staticmethod
+    def logprobs(model, ids):
+        import numpy as np
+
+        from formers import builders as fb
+
+        x = fb.reference_logits(model, [list(ids)])[0].astype(np.float64)
+        return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+
+    def label_logprob(self, model, prompt, label) -> float:
+        lp = self.logprobs(model, list(prompt) + list(label))
+        return float(sum(lp[len(prompt) - 1 + t, tok] for t, tok in enumerate(label)))
+
+
+@pytest.fixture(scope="session")
+def pf(formers_bases, formers_models):
+    return References(formers_bases, formers_models)

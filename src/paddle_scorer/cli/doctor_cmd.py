@@ -51,10 +51,17 @@ def render(facts: dict) -> None:
                                                  f"bfloat16 {'yes' if d['bfloat16'] else 'no'}")
             if pd.get("device_error"):
                 _row(t, "  devices", f"[red]{escape(pd['device_error'])}[/]")
-    nlp = facts["paddlenlp"]
-    _row(t, "paddlenlp import", "ok" if nlp.get("import_ok") else f"[bold red]fails[/]: {escape(nlp.get('error', ''))}")
+    for name, lib in facts["libraries"].items():
+        builds = f"builds {', '.join(lib['architectures'])}"
+        if not lib["installed"]:
+            _row(t, f"model library {name}", f"[dim]not installed[/] ({builds}; it needs a virtualenv of its own)")
+        elif lib["import_ok"]:
+            _row(t, f"model library {name}", f"{escape(lib['version'])}, import ok ({builds})")
+        else:
+            _row(t, f"model library {name}", f"{escape(lib['version'])}, [bold red]import fails[/]: "
+                                             f"{escape(lib.get('error') or '')}")
     for name, version in facts["packages"].items():
-        if name in ("paddleformers", "paddlepaddle-gpu", "paddlepaddle") and version is None:
+        if name in ("paddleformers", "paddlenlp", "aistudio-sdk", "paddlepaddle-gpu", "paddlepaddle") and version is None:
             continue
         _row(t, f"  {name}", _v(version))
     cpu = facts["cpu"]
@@ -77,8 +84,8 @@ def render(facts: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("doctor", help="Check the environment: Python, paddle build and GPUs (fp16/bf16), paddlenlp and "
-                                "pinned dependencies (known-bad combinations flagged), threads, MKL, free RAM/disk."
+    @app.command("doctor", help="Check the environment: Python, paddle build and GPUs (fp16/bf16), the model library "
+                                "(paddlenlp or paddleformers) and pinned dependencies (known-bad combinations flagged), threads, MKL, free RAM/disk."
                                 + EXAMPLES)
     @cli_errors
     def doctor(as_json: bool = typer.Option(False, "--json", help="Print the facts and findings as JSON.")):

@@ -64,9 +64,14 @@ def render(info: CheckpointInfo, a=None) -> None:
         lay = a.layout
         t.add_row("layout", lay["description"] + (f"; saved by {lay['saved_by']}" if lay.get("saved_by") else "")
                   + f" ({lay['evidence']})")
+    if info.adapter is not None and info.adapter.saved_by:
+        t.add_row("saved by", f"{info.adapter.saved_by} ({info.adapter.saved_by_evidence}); LoRA A [in, r] and "
+                              "B [r, out] as Paddle holds them, names mapped onto the base's on load")
     if a is not None and a.library:
         t.add_row("built by", a.library + ("" if a.library_installed else " (NOT installed here)"))
-    if a is not None and a.memory:
+    if a is not None and a.gpu_only:
+        t.add_row("CPU", a.gpu_only)
+    if a is not None and a.memory and not a.gpu_only:
         m = a.memory
         if m.get("execution") == "in-ram":
             t.add_row("this machine", f"fits in RAM as float32 (about {human_bytes(m['need'])} <= "

@@ -1,0 +1,190 @@
+"""inspect and refusals on PaddleFormers 1.2.0 checkpoints: the layout is what the folder says (never guessed from
+shapes, so square matrices come out right), who saved it, which library builds it; MoE refused on CPU before
+loading; unknown architectures in one sentence naming the libraries tried and what each builds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from formers import builders as fb
+from paddle_scorer.backend import backend_for
+from paddle_scorer.cli.app import app
+from paddle_scorer.loader import load
+
+runner = CliRunner()
+TOL = 1e-5
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def inspect_json(path):
+    r = cli("inspect", path, "--json")
+    return r, json.loads(r.stdout)
+
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def one_sentence(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+@pytest.mark.parametrize("arch,archname", [("llama", "LlamaForCausalLM"), ("ernie4_5", "Ernie4_5ForCausalLM")])
+def test_inspect_base_reports_layout_saver_and_library(arch, archname, formers_models):
+    r, data = inspect_json(formers_models[arch])
+    assert r.exit_code == 0, r.output
+    a = data["assessment"]
+    assert a["usable"] is True and a["library"] == "paddleformers" and a["library_installed"] is True
+    assert a["layout"]["kind"] == "hf" and a["layout"]["saved_by"] == "PaddleFormers 1.2.0"
+    assert "paddleformers_version" in a["layout"]["evidence"]
+    assert data["architecture"] == archname
+    text = cli("inspect", formers_models[arch]).stdout
+    flat = " ".join(text.split())
+    assert "PaddleFormers / HF layout" in flat and "converted on load" in flat
+    assert "saved by PaddleFormers 1.2.0" in flat and "built by paddleformers" in flat
+
+
+@pytest.mark.parametrize("arch", ["llama", "ernie4_5"])
+def test_inspect_adapter_reports_saver_and_library(arch, formers_models):
+    r, data = inspect_json(formers_models[f"{arch}_lora"])
+    assert r.exit_code == 0, r.output
+    assert data["kind"] == "lora-adapter" and data["assessment"]["usable"] is True
+    assert data["adapter"]["saved_by"] == "PaddleFormers 1.2.0"
+    assert data["assessment"]["library"] == "paddleformers"
+    assert "peft_model.safetensors.index.json" in data["summary"]
+    flat = " ".join(cli("inspect", formers_models[f"{arch}_lora"]).stdout.split())
+    assert "saved by PaddleFormers 1.2.0" in flat and "next: paddle-scorer classify" in flat
+
+
+def test_moe_is_refused_on_cpu_before_loading(formers_models, copy_of):
+    """The refusal comes from the plan: a copy whose tensors are all NaN is refused with the same sentence (if
+    any weight were read, the NaN check would speak first)."""
+    folder = copy_of(formers_models["ernie4_5_moe"])
+    shard = folder / "model-00001-of-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header:] = b"\xff" * (len(raw) - header)  # every float32 a NaN
+    shard.write_bytes(bytes(raw))
+    for command in (["classify", "--labels", "a,b", "--prompt", "x"], ["generate", "--prompt", "x"]):
+        r = cli(command[0], "--model", folder, *command[1:], "--device", "cpu")
+        assert r.exit_code == 4, r.output
+        line = one_sentence(r.stderr)
+        assert "Ernie4_5_MoeForCausalLM cannot run on CPU" in line and "GPU-only kernel" in line
+        assert "--device gpu" in line
+    # smoke (a CPU preflight for a GPU job) checks what it can and says the scores are left to the GPU run
+    r = cli("smoke", "--model", formers_models["ernie4_5_moe"], "--lora", formers_models["ernie4_5_moe_lora"],
+            "--labels", "a,b", "--json")
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["CPU run"]["status"] == "WARN" and "cannot run on CPU" in checks["CPU run"]["detail"]
+    assert checks["score"]["status"] == "SKIP" and checks["adapter fits base"]["status"] == "PASS"
+    assert checks["tokenizer"]["status"] == "PASS" and checks["prompts"]["status"] == "PASS" and r.exit_code == 0
+    r, data = inspect_json(formers_models["ernie4_5_moe"])
+    assert r.exit_code == 0 and "cannot run on CPU" in data["assessment"]["gpu_only"]
+    assert "cannot run on CPU" in " ".join(cli("inspect", formers_models["ernie4_5_moe"]).stdout.split())
+
+
+def test_unknown_architecture_is_one_sentence_naming_what_each_library_builds(formers_models, copy_of):
+    folder = copy_of(formers_models["llama"])
+    edit_config(folder, architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    r, data = inspect_json(folder)
+    assert r.exit_code != 0 and data["assessment"]["usable"] is False
+    msg = data["assessment"]["refusal"]
+    assert "Qwen3ForCausalLM" in msg and "tried paddlenlp, paddleformers" in msg
+    assert "paddlenlp builds LlamaForCausalLM, Qwen2ForCausalLM" in msg
+    assert "paddleformers builds LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM" in msg
+    r = cli("inspect", folder)
+    assert r.exit_code != 0 and "next:" not in r.stdout and "Traceback" not in r.output
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 4 and one_sentence(r.stderr) == "error: " + msg
+
+
+def test_architecture_of_the_other_library_names_the_environment_to_create(formers_models, copy_of):
+    folder = copy_of(formers_models["llama"])
+    edit_config(folder, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    r, data = inspect_json(folder)
+    assert r.exit_code != 0 and data["assessment"]["library"] == "paddlenlp"
+    assert data["assessment"]["library_installed"] is False
+    assert "built by paddlenlp, which is not installed" in data["assessment"]["refusal"]
+    assert "pip install -e '.[cpu,nlp]'" in data["assessment"]["refusal"]
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 4 and "built by paddlenlp, which is not installed" in one_sentence(r.stderr)
+
+
+@pytest.fixture(scope="module")
+def square(tmp_path_factory):
+    """A Llama whose every 2-D weight is square: hidden = intermediate = vocab = 512, 4 heads = 4 KV heads of 128
+    (q/k/v/o, gate/up/down, embedding and LM head all 512 x 512). Transposing any of them would still fit."""
+    root = tmp_path_factory.mktemp("square")
+    model = fb.build_model("llama", seed=9, scale=2.0, hidden_size=512, intermediate_size=512, vocab_size=512,
+                           num_attention_heads=4, num_key_value_heads=4, head_dim=128)
+    folder = fb.save_model(model, root / "square")
+    lora = fb.save_lora(model, root / "square_lora", base_ref=str(folder), seed=3, std=0.05)
+    shapes = {v.shape for v in fb.read_safetensors(folder).values() if v.ndim == 2}
+    assert shapes == {(512, 512)}
+    return model, folder, lora
+
+
+def test_square_matrices_come_out_right(square, pf, deltas):
+    model, folder, lora = square
+    from paddle_scorer.layout import orientation_from_shapes
+    from paddle_scorer.weights import index_files
+
+    shapes = {n: r.shape for n, r in index_files([folder / "model-00001-of-00001.safetensors"]).items()}
+    assert orientation_from_shapes(shapes, json.loads((folder / "config.json").read_text()))[0] is None
+    ids = [5, 17, 42, 99, 7, 150, 3, 64, 300]
+    got = backend_for(load(folder, device="cpu")).position_logprobs(ids)
+    want = pf.logprobs(model, ids)
+    assert deltas.record("formers env: square-matrix Llama (PF-saved) vs PF forward", np.abs(got - want).max()) <= TOL
+    attached = backend_for(load(folder, lora, device="cpu")).position_logprobs(ids)
+    want = pf.logprobs(fb.load_lora_model(model, lora), ids)
+    assert deltas.record("formers env: square-matrix Llama + PF LoRA vs PF LoRAModel",
+                         np.abs(attached - want).max()) <= TOL
+    # what a wrong (transposed) reading would give: far off, so the check above has teeth
+    assert np.abs(got - pf.logprobs(model, ids[::-1])[::-1]).max() > 1e-2
+
+
+def test_square_model_without_a_declared_layout_is_refused(square, copy_of):
+    _, folder, _ = square
+    folder = copy_of(folder)
+    edit_config(folder, paddleformers_version=None, torch_dtype=None)
+    r, data = inspect_json(folder)
+    assert r.exit_code == 4 and data["assessment"]["usable"] is False
+    msg = data["assessment"]["refusal"]
+    assert "cannot tell whether the linear weights are stored [in, out] (Paddle) or [out, in] (HF)" in msg
+    assert "all square" in msg and "paddleformers_version" in msg
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 4 and one_sentence(r.stderr) == "error: " + msg
+
+
+def test_tensor_parallel_settings_in_the_configs_are_single_process_here(formers_models, copy_of, pf, deltas):
+    """A run with tensor parallelism saves tensor_model_parallel_size > 1 in config.json and lora_config.json, but
+    flex-checkpoint files hold full tensors; we build non-parallel layers (as LoRAModel.from_pretrained does for the
+    safetensors adapter) and score the same."""
+    base = copy_of(formers_models["ernie4_5"])
+    lora = copy_of(formers_models["ernie4_5_lora"])
+    edit_config(base, tensor_model_parallel_size=2)
+    cfg = json.loads((lora / "lora_config.json").read_text())
+    cfg["tensor_model_parallel_size"] = 2
+    cfg["base_model_name_or_path"] = str(base)
+    (lora / "lora_config.json").write_text(json.dumps(cfg))
+    ids = [5, 17, 42, 99, 7, 150, 3, 64]
+    got = backend_for(load(base, lora, device="cpu")).position_logprobs(ids)
+    want = pf.logprobs(pf.model("ernie4_5", "lora"), ids)
+    assert deltas.record("formers env: ERNIE + LoRA saved with tensor_model_parallel_size 2",
+                         np.abs(got - want).max()) <= TOL
