@@ -283,6 +283,37 @@ class Backend:
             return log_softmax(pd, logits).numpy()[0]
 
 
+    # ================================================================== serve: batched decoding
+    # Added on branch `serve` for `paddle-scorer serve` (serve/engine.py), which falls back to
+    # start()/step() per sequence when these are absent. Several sequences share one KV cache:
+    # prompts right-padded (the pad slots stay in the cache, masked out by the 2-D attention mask),
+    # every row with its own position ids. Finished rows are dropped with decode_keep(). The same
+    # forward and float32 log-softmax as start()/step(); results equal them within float32 noise.
+
+    def decode_start(self, prompts: list[list[int]]):
+        """Prompt pass with cache for several sequences: ``(logprobs [B, V], state)``."""
+        with self.pd.no_grad():
+            rows, past, lens, mask = self._prompt_pass(prompts, use_cache=True)
+            return self._logprobs(rows), (past, mask, np.array(lens, dtype=np.int64))
+
+    def decode_step(self, tokens: list[int], state):
+        """One token per row (in the state's row order): ``(logprobs [B, V], state)``."""
+        pd = self.pd
+        past, mask, nxt = state
+        mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=mask.dtype)], axis=1)
+        with pd.no_grad():
+            ids = pd.to_tensor(np.array(tokens, dtype=np.int64)[:, None])
+            hidden, past = self._run_body(ids, pd.to_tensor(mask), pd.to_tensor(nxt[:, None]), past=past, use_cache=True)
+            return self._logprobs(hidden[:, -1, :]), (past, mask, nxt + 1)
+
+    def decode_keep(self, state, rows: list[int]):
+        """The state with only ``rows`` (indices into its current rows), in that order."""
+        past, mask, nxt = state
+        index = self.pd.to_tensor(np.array(rows, dtype=np.int64))
+        past = [tuple(self.pd.index_select(t, index, axis=0) for t in layer) for layer in past]
+        return past, mask[rows], nxt[rows]
+
+
 def backend_for(loaded) -> Backend:
     """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer)."""
     pid = getattr(loaded.tokenizer, "pad_token_id", None)
