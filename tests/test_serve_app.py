@@ -340,3 +340,31 @@ def test_chat_uses_the_tokenizers_template(chat_loaded):
         default = c.post("/v1/chat/completions", json={"messages": msgs, "temperature": 0}).json()
         assert ch["finish_reason"] == "length" and default["choices"][0]["finish_reason"] == "stop"  # no cap: up to EOS
         assert default["choices"][0]["message"]["content"].startswith(ch["message"]["content"])
+
+
+@pytest.mark.parametrize("base, lora", [("llama", "llama_lora"), ("qwen2", "qwen2_lora")])
+def test_batched_decoding_equals_one_sequence_at_a_time(models, base, lora):
+    """Backend.decode_start/step/keep (right-padded prompts, one KV cache) against start/step per sequence."""
+    loaded = load(models[base], models[lora], device="cpu")
+    b = backend_for(loaded)
+    prompts = [loaded.tokenizer(t)["input_ids"] for t in ("what is the price of cabbage", "hi", "how do I renew it?")]
+    steps = 5
+    ref = []
+    for p in prompts:
+        lp, state = b.start(p)
+        rows, toks = [lp], []
+        for _ in range(steps):
+            toks.append(int(np.argmax(lp)))
+            lp, state = b.step(toks[-1], state)
+            rows.append(lp)
+        ref.append((toks, rows))
+    lp, state = b.decode_start(prompts)
+    live = [0, 1, 2]
+    for i in range(steps + 1):
+        for r, k in enumerate(live):
+            np.testing.assert_allclose(lp[r], ref[k][1][i], atol=ATOL, rtol=1e-6)
+        if i == steps:
+            break
+        if i == 2:  # the middle sequence finishes: its row leaves the cache
+            state, live, lp = b.decode_keep(state, [0, 2]), [0, 2], lp[[0, 2]]
+        lp, state = b.decode_step([ref[k][0][i] for k in live], state)
