@@ -1,6 +1,6 @@
 """lm-eval multiple-choice throughput through `paddle-scorer serve` vs `classify`, same prompts, same model.
 
-    python benchmarks/bench_serve.py [--quick] [--models demo,big] [--n 150] [--n-big 64] [--out benchmarks/RESULTS-serve.md]
+    python benchmarks/bench_serve.py [--quick] [--models demo,big] [--n 150] [--n-big 32] [--reps 3] [--reps-big 1] [--out benchmarks/RESULTS-serve.md]
 
 For each model: `classify` (the Classifier, batch 8, in this process) scores the demo queries with the
 labels goods/life; then `serve` runs in a child process on a loopback port and lm-evaluation-harness'
@@ -93,7 +93,6 @@ def bench_model(name: str, model: Path, lora: Path, n: int, reps: int) -> dict:
         "next_token_logprobs (LM head at the last position only)": per(
             lambda: [backend.next_token_logprobs([s]) for s in seqs]),
     }
-    del loaded, clf, backend
 
     proc, url = start_server(model, lora)
     try:
@@ -181,13 +180,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="few prompts, one repetition: checks the script")
     ap.add_argument("--models", default="demo,big", help="demo and/or big (the generated ~58M Llama)")
     ap.add_argument("--n", type=int, default=150, help="prompts for the demo model (it has 150 queries)")
-    ap.add_argument("--n-big", type=int, default=64, help="prompts for the ~58M model")
+    ap.add_argument("--n-big", type=int, default=32, help="prompts for the ~58M model")
+    ap.add_argument("--reps-big", type=int, default=1, help="repetitions for the ~58M model (after a warm-up)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "RESULTS-serve.md"))
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.n_big, args.reps = 16, 8, 1
+        args.n, args.n_big, args.reps, args.reps_big = 16, 8, 1, 1
     import importlib.metadata
 
     t0 = time.time()
@@ -201,7 +201,8 @@ def main():
         else:
             model, lora = common.build_big()
             label = "~58M generated (vocab 32000)"
-        results.append(bench_model(label, model, lora, args.n if name == "demo" else args.n_big, args.reps))
+        big = name != "demo"
+        results.append(bench_model(label, model, lora, args.n_big if big else args.n, args.reps_big if big else args.reps))
     meta["load_end"] = common.loadavg()
     meta["minutes"] = (time.time() - t0) / 60
     Path(args.out).write_text(markdown(results, meta))

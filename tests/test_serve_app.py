@@ -3,7 +3,6 @@ classify, generate and plain forwards; batching; chat; tokenizer routes; errors;
 
 import asyncio
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ Examples:
 
   paddle-scorer serve --model checkpoints/demo-base --lora checkpoints/demo-lora --port 8000
 
-  # lm-evaluation-harness against it (needs `pip install lm-eval[api]`; the server's tokenizer is used)
+  # lm-evaluation-harness against it (needs `pip install lm-eval\\[api]`; the server's tokenizer is used)
   lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,max_length=256 \\
       --tasks demo_goods_life --include_path tests/lm_eval
 

@@ -134,9 +134,9 @@ class Service:
         proto.check_model(req.model, self.name)
         if not self.codec.has_chat:
             raise ProtocolError(
-                f"the model's tokenizer has no chat template, so chat messages cannot be turned into a prompt the "
-                f"way it was trained; use /v1/completions with your own prompt text, or serve a tokenizer that has "
-                f"a chat template (--tokenizer).", "messages", code="no_chat_template")
+                "the model's tokenizer has no chat template, so chat messages cannot be turned into a prompt the "
+                "way it was trained; use /v1/completions with your own prompt text, or serve a tokenizer that has "
+                "a chat template (--tokenizer).", "messages", code="no_chat_template")
         try:
             text = self.codec.apply_chat(req.messages)
         except ProtocolError:
