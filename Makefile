@@ -26,7 +26,7 @@ $(VENV)/.ok-cpu: $(VENV)/.ok-python pyproject.toml
 	@touch $@
 
 $(VENV)/.ok-test: $(VENV)/.ok-cpu
-	$(PIP) install -e '.[cpu,nlp,test]'
+	$(PIP) install -e '.[cpu,nlp,test,test-serve]'
 	@touch $@
 
 venv: $(VENV)/.ok-cpu

@@ -103,3 +103,12 @@ def make_pickle_bomb(path: Path, marker: Path) -> Path:
     with open(path, "wb") as fh:
         pickle.dump({"llama.embed_tokens.weight": Payload()}, fh, protocol=4)
     return path
+
+
+def plain_logprobs(loaded, ids) -> np.ndarray:
+    """The reference path of the tests: the library's own full forward over one whole sequence and a
+    float64 log-softmax, ``[len(ids), vocab]`` (row i: the distribution after ``ids[:i + 1]``)."""
+    pd = paddle()
+    with pd.no_grad():
+        logits = loaded.model(pd.to_tensor([list(ids)]), return_dict=True).logits.numpy()[0].astype(np.float64)
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)

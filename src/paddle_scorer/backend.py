@@ -192,6 +192,18 @@ def unpack(packed: Packed, lp: np.ndarray) -> list[list[ContinuationScore]]:
     return results
 
 
+def top_k(lp: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values of each row, largest first (ties: lower index first).
+    ``argpartition`` then a sort of the ``k`` winners: a full sort of every 32000-wide row was half of
+    ``sequence_logprobs``' time (serve's echo requests; measured 331 vs 177 ms on the ~58M model)."""
+    if k == 1:
+        return np.argmax(lp, axis=1)[:, None]
+    part = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(lp, part, axis=1)
+    order = np.lexsort((part, -vals), axis=-1)
+    return np.take_along_axis(part, order, axis=1)
+
+
 def padded(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded ids, 2-D mask and positions for plain sequences."""
     width = max(len(s) for s in seqs)
@@ -266,7 +278,7 @@ class Backend:
                     tok[1:] = lp[np.arange(len(s) - 1), np.asarray(s[1:])]
                 k = min(top_n, lp.shape[1])
                 if k:
-                    top = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+                    top = top_k(lp, k)
                     top_lp = np.take_along_axis(lp, top, axis=1)
                 else:
                     top = np.zeros((len(s), 0), dtype=np.int64)

@@ -33,6 +33,7 @@ def _root(
 from paddle_scorer.cli import classify_cmd, gather_cmd, generate_cmd, inspect_cmd  # noqa: E402
 from paddle_scorer.cli import merge_cmd  # noqa: E402
 from paddle_scorer.cli import doctor_cmd, report_cmd, smoke_cmd  # noqa: E402
+from paddle_scorer.cli import serve_cmd  # noqa: E402
 
 inspect_cmd.register(app)
 merge_cmd.register(app)
@@ -42,6 +43,7 @@ gather_cmd.register(app)
 smoke_cmd.register(app)
 doctor_cmd.register(app)
 report_cmd.register(app)
+serve_cmd.register(app)
 
 
 def _sigterm_as_interrupt() -> None:

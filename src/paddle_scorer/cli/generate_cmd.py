@@ -57,10 +57,9 @@ def register(app: typer.Typer) -> None:
         allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter", help="Generate with an adapter that changes nothing instead of refusing it."),
         coerce_fields: bool = typer.Option(False, "--coerce-fields", help="Fill null/number/list/object fields into the template as str(value)."),
     ):
-        from paddle_scorer.cli.options import check_numbers, plan_from
+        from paddle_scorer.cli.options import check_numbers, plan_in_ram
         from paddle_scorer.generation import GenerateOptions, Generator, check_options
         from paddle_scorer.identity import generate_identity
-        from paddle_scorer.memory import MemoryBudgetError, fmt_bytes
         from paddle_scorer.outputs import fingerprint
         from paddle_scorer.prompts import check_template
         from paddle_scorer.runs import execute
@@ -77,14 +76,7 @@ def register(app: typer.Typer) -> None:
         check_options(opts)
         rows = read_rows(prompt, input, id_field, limit)
         lopts = load_options(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, "in-ram")
-        try:
-            plan = plan_from(lopts)
-        except MemoryBudgetError as exc:
-            raise UsageError(
-                f"generate needs the whole model in memory: about {fmt_bytes(exc.need)} (float32 weights + the "
-                f"interpreter), but the budget is {fmt_bytes(exc.budget)} ({exc.source}); run it on a GPU or a bigger "
-                "machine (classify streams models that do not fit: it scores labels layer by layer)."
-            ) from None
+        plan = plan_in_ram(lopts, "generate")
         loaded = loaded_from(lopts, plan)
         gen = Generator(loaded, opts)
         items = []

@@ -45,6 +45,24 @@ def plan_from(o: LoadOptions):
                      memory_limit=limit, allow_noop_adapter=o.allow_noop_adapter, execution=o.execution)
 
 
+def plan_in_ram(o: LoadOptions, what: str):
+    """The plan for a command that needs the whole model in memory (generate, serve): a model that does
+    not fit the budget is refused before loading, with the numbers and what does stream."""
+    import dataclasses
+
+    from paddle_scorer.errors import UsageError
+    from paddle_scorer.memory import MemoryBudgetError, fmt_bytes
+
+    try:
+        return plan_from(dataclasses.replace(o, execution="in-ram"))
+    except MemoryBudgetError as exc:
+        raise UsageError(
+            f"{what} needs the whole model in memory: about {fmt_bytes(exc.need)} (float32 weights + the "
+            f"interpreter), but the budget is {fmt_bytes(exc.budget)} ({exc.source}); run it on a GPU or a bigger "
+            "machine (classify streams models that do not fit: it scores labels layer by layer)."
+        ) from None
+
+
 def loaded_from(o: LoadOptions, plan=None):
     from paddle_scorer.loader import load_plan
 

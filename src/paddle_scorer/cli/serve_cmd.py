@@ -1,0 +1,168 @@
+"""`paddle-scorer serve`: an OpenAI-compatible completions server (FastAPI + uvicorn) over one loaded model."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
+from paddle_scorer.cli.options import load_options, loaded_from, plan_in_ram
+from paddle_scorer.errors import UsageError
+
+EXAMPLES = """
+Examples:
+
+  paddle-scorer serve --model checkpoints/demo-base --lora checkpoints/demo-lora --port 8000
+
+  # lm-evaluation-harness against it (needs `pip install lm-eval\\[api]`; the server's tokenizer is used)
+  lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,max_length=256 \\
+      --tasks demo_goods_life --include_path tests/lm_eval
+
+  # reachable from other machines: bind all interfaces, and require a key
+  PADDLE_SCORER_API_KEY=secret paddle-scorer serve -m BASE -l ADAPTER --host 0.0.0.0
+"""
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class _Terminated(Exception):
+    """SIGTERM: stop the way Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def parse_bytes(text: str) -> int:
+    from paddle_scorer.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except UsageError:
+        raise UsageError(f"--max-body {text!r} is not a size; write it like 8MB or 512KB.") from None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Reserve the address before the (slow) model load: a taken port is an error in a second, not a minute."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host!r} is not an address this machine can listen on ({exc.strerror}).") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        why = "the port is in use" if exc.errno == 98 else exc.strerror
+        raise UsageError(f"cannot listen on {host}:{port} ({why}); pick another --port (0: any free port) or stop "
+                         "the program that holds it.") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def default_name(model: Path | None, lora: Path | None, loaded) -> str:
+    folder = lora or model or Path(loaded.facts.model_path)
+    return Path(folder).resolve().name
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve", help="Serve the model over HTTP, OpenAI-compatible (/v1/completions with echo + logprobs, "
+                               "/v1/chat/completions), for lm-evaluation-harness, the openai client and scripts."
+                               + EXAMPLES)
+    @cli_errors
+    def serve(
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder. Optional when the adapter's lora_config.json names a local base."),
+        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only; 0.0.0.0 for all interfaces)."),
+        port: int = typer.Option(8000, "--port", help="Port (0: any free port; the URL is printed)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PADDLE_SCORER_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health (also from $PADDLE_SCORER_API_KEY)."),
+        model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients send and /v1/models lists (default: the adapter's folder name, else the model's)."),
+        max_batch: int = typer.Option(32, "--max-batch", help="Most sequences in one forward (requests that arrive together share forwards)."),
+        batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", help="How long the first request of a batch waits for others (ms; 0: no wait)."),
+        max_tokens_cap: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens a request may ask for."),
+        max_logprobs: int = typer.Option(20, "--max-logprobs", help="Largest logprobs / top_logprobs a request may ask for."),
+        max_body: str = typer.Option("8MB", "--max-body", help="Largest request body (e.g. 8MB)."),
+        mode: str = typer.Option("attach", "--mode", help="attach | merge."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (CPU: float32 only)."),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none (or to serve another chat template)."),
+        log_level: str = typer.Option("warning", "--log-level", help="Server log level: " + " | ".join(LOG_LEVELS) + "."),
+        access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
+    ):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        sock = None
+        try:
+            opts = _check(port, max_batch, batch_window_ms, max_tokens_cap, max_logprobs, max_body, log_level)
+            sock = bind(host, port)
+            _serve(sock, model, lora, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level,
+                   access_log)
+        except (KeyboardInterrupt, _Terminated) as exc:
+            what = "SIGTERM" if isinstance(exc, _Terminated) else "interrupted"
+            err.print(f"{what}: the server stopped.", highlight=False)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if sock is not None:
+                sock.close()
+
+
+def _check(port, max_batch, window_ms, max_tokens_cap, max_logprobs, max_body, log_level) -> dict:
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a port number (0-65535).")
+    if max_batch < 1:
+        raise UsageError("--max-batch must be at least 1.")
+    if window_ms < 0:
+        raise UsageError("--batch-window-ms must be 0 or more.")
+    if max_tokens_cap < 1:
+        raise UsageError("--max-tokens must be at least 1.")
+    if max_logprobs < 0:
+        raise UsageError("--max-logprobs must be 0 or more.")
+    if log_level not in LOG_LEVELS:
+        raise UsageError(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}.")
+    body = parse_bytes(max_body)
+    if body < 1024:
+        raise UsageError("--max-body must be at least 1KB.")
+    return {"max_batch": max_batch, "window_ms": window_ms, "max_tokens": max_tokens_cap,
+            "max_logprobs": max_logprobs, "max_body_bytes": body}
+
+
+def _serve(sock, model, lora, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level, access_log):
+    import logging
+
+    import uvicorn
+
+    from paddle_scorer.backend import backend_for
+    from paddle_scorer.serve.app import create_app
+    from paddle_scorer.serve.service import ServeOptions, Service
+
+    lopts = load_options(model, lora, mode, device, dtype, tokenizer)
+    loaded = loaded_from(lopts, plan_in_ram(lopts, "serve"))
+    name = model_name or default_name(model, lora, loaded)
+    service = Service(loaded, backend_for(loaded), ServeOptions(model_name=name, **opts))
+    app = create_app(service, api_key=api_key)
+    logging.getLogger("paddle_scorer.serve").setLevel(log_level.upper())
+    url = url_of(sock)
+    sock.listen(2048)  # from here on clients queue until uvicorn accepts them, never "connection refused"
+    p = loaded.facts.policy
+    out.print(f"serving {name} ({p['device']}, {p['dtype']}) on {url}", highlight=False)
+    out.print(f"  OpenAI base_url: {url}/v1   lm-eval: --model local-completions --model_args "
+              f"base_url={url}/v1/completions,max_length={service.limits.context}", highlight=False, soft_wrap=True)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(styled(f"[yellow]warning:[/] listening on {escape(host)} without --api-key: anyone who can reach "
+                         "this machine can use the model."))
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn catches SIGINT/SIGTERM, finishes the requests in flight, stops the engine (lifespan), then
+    # re-raises the signal: KeyboardInterrupt or _Terminated, caught by the caller.
+    server.run(sockets=[sock])
+    err.print("the server stopped.", highlight=False)

@@ -1,0 +1,145 @@
+"""The HTTP edge (FastAPI): routes, API key, body limit, and OpenAI-shaped errors for everything.
+
+No request can take the server down or get a traceback: bad requests are 4xx with OpenAI's error
+shape, unknown routes 404, wrong methods 405, a body over the limit 413, a missing or wrong key 401;
+anything unexpected is logged on the server's stderr and answered with a 500 that says so in one
+sentence. The engine thread starts with the app and stops with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from paddle_scorer.serve.engine import EngineStopped
+from paddle_scorer.serve.protocol import COMPLETION_FIELDS, CHAT_FIELDS, ProtocolError, error_body, parse_json, unknown_fields
+from paddle_scorer.serve.service import Service
+
+log = logging.getLogger("paddle_scorer.serve")
+OPEN_PATHS = frozenset({"/health"})
+
+
+def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.engine.start()
+        try:
+            yield
+        finally:
+            service.engine.stop()
+
+    app = FastAPI(title="paddle-scorer serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.service = service
+    warned: set[str] = set()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None and request.url.path not in OPEN_PATHS and not _authorized(request, api_key):
+            return _error(401, "a valid API key is needed: send the header `Authorization: Bearer KEY` with the "
+                               "key the server was started with (--api-key).", code="invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return await call_next(request)
+        except ProtocolError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        except EngineStopped as exc:
+            return _error(503, str(exc), type="server_error", code="shutting_down")
+        except FloatingPointError as exc:
+            return _error(500, str(exc), type="server_error", code="non_finite")
+        except Exception as exc:  # never a traceback to the client; the server keeps serving
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return _error(500, f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
+                          type="server_error", code="internal_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            msg = (f"no route {request.method} {request.url.path}; this server has POST /v1/completions, "
+                   "POST /v1/chat/completions, GET /v1/models, GET /health, GET /tokenizer_info, POST /tokenize, "
+                   "POST /detokenize.")
+            return _error(404, msg, code="not_found")
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(400, f"invalid request: {exc.errors()[:1]}")
+
+    async def body_of(request: Request, fields: set[str] | None = None) -> dict:
+        limit = service.options.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        body = parse_json(b"".join(chunks))
+        if fields is not None:
+            extra = [f for f in unknown_fields(body, fields) if f not in warned]
+            if extra:
+                warned.update(extra)
+                log.warning("ignoring request field(s) this server does not know: %s", ", ".join(extra))
+        return body
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != service.name:
+            raise ProtocolError(f"the model {model_id!r} is not served here; this server serves {service.name!r}.",
+                                "model", status=404, code="model_not_found")
+        return service.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return JSONResponse(await service.completions(await body_of(request, COMPLETION_FIELDS)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return JSONResponse(await service.chat(await body_of(request, CHAT_FIELDS)))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return service.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return service.tokenize(await body_of(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return service.detokenize(await body_of(request))
+
+    return app
+
+
+def _authorized(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+def _too_large(limit: int) -> ProtocolError:
+    return ProtocolError(f"the request body is larger than this server's limit of {limit} bytes (--max-body); "
+                         "send fewer prompts per request.", status=413, code="request_too_large")
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, None, code), status_code=status, headers=headers)
