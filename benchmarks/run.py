@@ -218,6 +218,12 @@ def render(r: dict) -> str:
     for name, x in mg["load"].items():
         a(f"| {name} | {x['load_s']:.2f}s | {x['import_s']:.1f}s | {gb(x['rss_after_bytes'])} |")
     a("")
+    for key, title in (("realsize_md", "7. Real-size models"), ("serve_md", "8. `serve` + lm-evaluation-harness")):
+        if r.get(key):
+            body = r[key].split("\n", 1)[1]  # the section's own title line is replaced by a numbered one
+            body = body.replace("\n## ", "\n### ")
+            a(f"## {title}\n")
+            a(body)
     return "\n".join(L) + "\n"
 
 
@@ -228,6 +234,9 @@ def main():
     ap.add_argument("--wait-max", type=float, default=1200)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--render-only", action="store_true", help="rewrite --out from the last run's .cache/results.json")
+    ap.add_argument("--no-realsize", action="store_true", help="skip the real-size rows (0.9B/1.5B/7B generated checkpoints)")
+    ap.add_argument("--skip-7b", action="store_true", help="skip the 7B-shaped row (13.5 GB checkpoint)")
+    ap.add_argument("--no-serve", action="store_true", help="skip serve + lm-evaluation-harness vs classify")
     args = ap.parse_args()
     if args.render_only:
         Path(args.out).write_text(render(json.loads((HERE / ".cache" / "results.json").read_text())))
@@ -257,6 +266,18 @@ def main():
             res["flops"][key] = child("bench_flops.py", [*n, *reps] + (["--torch-peak"] if key == "mkl5_t2" else []),
                                       tmp / f"flops-{key}.json", env={"MKL_DEBUG_CPU_TYPE": mkl, "OMP_NUM_THREADS": thr})
         res["merge"] = child("bench_merge.py", ["--reps", "1" if q else "3"], tmp / "merge.json")
+    for key, script, extra, skip in (
+            ("realsize", "run_realsize.py", (["--quick"] if q else []) + (["--skip-7b"] if args.skip_7b else []),
+             args.no_realsize),
+            ("serve", "bench_serve.py", ["--quick"] if q else [], args.no_serve)):
+        if skip:
+            continue
+        md = HERE / ".cache" / f"{key}.md"
+        t1 = time.perf_counter()
+        subprocess.run([PY, "-W", "ignore", str(HERE / script), *extra, "--out", str(md)], check=True,
+                       stdout=subprocess.DEVNULL)
+        print(f"  {script}: {time.perf_counter() - t1:.0f}s", flush=True)
+        res[key + "_md"] = md.read_text()
     res["load_after"] = common.loadavg()
     res["seconds"] = time.time() - t0
     (HERE / ".cache").mkdir(exist_ok=True)
