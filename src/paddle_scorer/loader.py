@@ -34,7 +34,8 @@ from paddle_scorer.plan import (  # noqa: F401 - re-exported: the loader's publi
     resolve_paths,
     validate_adapter,
 )
-from paddle_scorer.weights import BFLOAT16, dtype_name
+from paddle_scorer.plan import count_nonfinite
+from paddle_scorer.weights import BFLOAT16, dtype_name, read_tensor, read_tensors
 
 READ_CHUNK_BYTES = 256 * 1024**2  # tensors read per batch of preads while materialising
 
@@ -121,6 +122,16 @@ def _cast_pool():
     return pool()
 
 
+def _slices(arr: np.ndarray) -> list[slice]:
+    workers = _cast_pool()._max_workers
+    step = -(-arr.shape[0] // workers)
+    return [slice(i, i + step) for i in range(0, arr.shape[0], step)]
+
+
+def _parallel(arr: np.ndarray) -> bool:
+    return arr.size >= PARALLEL_CAST_ELEMENTS and arr.ndim > 0 and arr.shape[0] >= 2
+
+
 def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
     """``arr`` in ``dtype`` (non-floating arrays unchanged). Big arrays are cast in row slices on all cores:
     numpy's float16 -> float32 loop is single-threaded and releases the GIL, so this scales with cores."""
@@ -129,15 +140,33 @@ def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
     target = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     if arr.dtype == target:
         return arr
-    if not parallel or arr.size < PARALLEL_CAST_ELEMENTS or arr.ndim == 0 or arr.shape[0] < 2:
+    if not parallel or not _parallel(arr):
         return arr.astype(target)
     out = np.empty(arr.shape, dtype=target)
-    pool = _cast_pool()
-    workers = pool._max_workers
-    step = -(-arr.shape[0] // workers)
-    list(pool.map(lambda i: np.copyto(out[i:i + step], arr[i:i + step], casting="unsafe"),
-                  range(0, arr.shape[0], step)))
+    list(_cast_pool().map(lambda sl: np.copyto(out[sl], arr[sl], casting="unsafe"), _slices(arr)))
     return out
+
+
+def cast_checked(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
+    """``to_dtype`` plus "is every value finite?", both done slice by slice on every core. The check runs
+    on the cast result, so a value that overflows the target dtype (float32 -> float16) is caught too."""
+    floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16
+    if not floating:
+        return arr, True
+    target = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    if not _parallel(arr):
+        with np.errstate(over="ignore"):  # overflow is reported below as a non-finite value
+            out = arr if arr.dtype == target else arr.astype(target)
+        return out, count_nonfinite(out) == 0
+    out = arr if arr.dtype == target else np.empty(arr.shape, dtype=target)
+
+    def work(sl):
+        if out is not arr:
+            with np.errstate(over="ignore"):
+                np.copyto(out[sl], arr[sl], casting="unsafe")
+        return count_nonfinite(out[sl]) == 0
+
+    return out, all(_cast_pool().map(work, _slices(arr)))
 
 
 def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, np.ndarray]], scaling: float,
@@ -253,15 +282,42 @@ def materialise(param, value: np.ndarray, on_cpu: bool) -> None:
         param.set_value(value)
 
 
+def read_cast(plan: LoadPlan, name: str, dtype: str, scratch: np.ndarray | None, where: str) -> np.ndarray:
+    """The runtime tensor ``name`` in the compute dtype, NaN/inf refused. A tensor that will be cast is read
+    into ``scratch`` (no fresh pages to fault in for bytes that live a moment); the cast and the finite
+    check run slice by slice on every core."""
+    mp = plan.model
+    recipe = mp.conversion.tensors[name]
+    src = mp.refs[recipe.sources[0]]
+    target = "bfloat16" if dtype == "bfloat16" else dtype
+    if len(recipe.parts) == 1 and scratch is not None and src.dtype != target and src.nbytes <= scratch.nbytes:
+        arr = recipe.build({src.name: read_tensor(src, scratch)})
+    else:
+        arr = recipe.build(read_tensors([mp.refs[s] for s in recipe.sources]))
+    out, finite = cast_checked(arr, dtype)
+    if not finite:
+        raise WeightMismatchError(
+            f"{where}: the model weights contain NaN/inf, so every score would be meaningless:",
+            [f"{name}: {count_nonfinite(out)} NaN/inf value(s)" + (" (after the cast to " + dtype + ")"
+                                                                   if out.dtype != arr.dtype else "")],
+            "Re-export the checkpoint from a healthy training step.",
+        )
+    return out
+
+
 def set_params(plan: LoadPlan, params: dict[str, Any], names: list[str], dtype: str, merge_pairs=None) -> None:
-    """Read ``names`` (runtime names), cast, merge deltas if given, and materialise the parameters."""
+    """Read ``names`` (runtime names) one tensor at a time in file order, cast, merge deltas if given, and
+    materialise the parameters: peak memory is the parameters plus one tensor in flight."""
     where = str(plan.model_dir)
     on_cpu = plan.policy.device == "cpu"
+    mp = plan.model
+    biggest = max((mp.refs[mp.conversion.tensors[n].sources[0]].nbytes for n in names), default=0)
+    scratch = np.empty(biggest, dtype=np.uint8) if biggest else None
     for chunk in _chunks(names, plan):
-        arrays = plan.model.read(chunk, where=where)
-        if merge_pairs:
-            merge_lora(arrays, merge_pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype=dtype)
         for name in chunk:
+            arrays = {name: read_cast(plan, name, dtype, scratch, where)}
+            if merge_pairs:
+                merge_lora(arrays, merge_pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype=dtype)
             materialise(params[name], to_paddle_array(arrays.pop(name), dtype), on_cpu)
 
 
