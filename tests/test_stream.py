@@ -39,6 +39,39 @@ def logprobs(recs):
     return np.array([[v for v in r["logprobs"].values()] for r in recs])
 
 
+@pytest.mark.parametrize("call_tokens", [1, 200])
+def test_layer_calls_cut_differently_from_batches_give_the_same_scores(models, tmp_path, monkeypatch, call_tokens):
+    """A block's records are re-cut into layer calls of ~CALL_TOKENS padded tokens; scores must not depend
+    on the cut (1 token: every record alone; 200: a few records of mixed lengths padded together)."""
+    from paddle_scorer import stream
+
+    common = ["--model", models["llama"], "--lora", models["llama_lora"], "--labels", "goods and things,life",
+              "--template", TEMPLATE, "--input", builders.DEMO_QUERIES, "--limit", 12, "--batch-size", 3]
+    ram, _, _ = classify(tmp_path, "ram", *common, "--execution", "in-ram")
+    calls = []
+    original = stream.pack
+    monkeypatch.setattr(stream, "pack", lambda *a: calls.append(len(a[0])) or original(*a))
+    monkeypatch.setattr(stream, "CALL_TOKENS", call_tokens)
+    streamed, _, _ = classify(tmp_path, "streamed", *common, "--execution", "streamed")
+    np.testing.assert_allclose(logprobs(streamed), logprobs(ram), atol=1e-5)
+    assert sum(calls) == 12
+    if call_tokens == 1:
+        assert calls == [1] * 12
+    else:
+        assert 1 < len(calls) < 12 and max(calls) > 3  # not the batches of 3 it was given
+
+
+def test_regroup_cuts_by_padded_tokens_in_order():
+    from paddle_scorer.stream import regroup
+
+    items = [([1] * 10, [[5]]), ([1] * 9, [[5]]), ([1] * 9, [[5]]), ([1] * 4, [[5]]), ([1] * 30, [[5]])]
+    assert regroup(items, 30) == [[0, 1, 2], [3], [4]]  # 3 x 10 fits; then 4 x 10 would not; 30 alone
+    assert regroup(items, 1000) == [[0, 1, 2, 3, 4]]
+    # multi-token labels widen every row by the other tokens of each label
+    multi = [([1] * 4, [[5, 6, 7], [8]]), ([1] * 4, [[5, 6, 7], [8]])]
+    assert regroup(multi, 12) == [[0, 1]] and regroup(multi, 11) == [[0], [1]]
+
+
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     """A Qwen2 whose LM head is its embedding table (tied), with an adapter."""

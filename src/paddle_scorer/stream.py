@@ -66,6 +66,31 @@ def record_bytes(width: int, hidden: int, heads: int) -> int:
     return 4 * width * (2 * hidden + width * 2) + 8 * width + 4 * heads * width * width
 
 
+CALL_TOKENS = 1024
+"""Padded tokens per layer call within a block. A block's batches are re-cut to about this many tokens:
+matmuls with few rows run at half speed on CPU ([264, 4096] x [4096, 11008]: 39 GFLOP/s here; >= 528
+rows: 70), and classify's batches of 8 short prompts are ~260 rows."""
+
+
+def regroup(items: list[tuple[list[int], list[list[int]]]], tokens: int = CALL_TOKENS) -> list[list[int]]:
+    """Indices of ``(prompt, continuations)`` items cut, in order, into groups of at most ``tokens`` padded
+    tokens (a longer item goes alone). Items are expected sorted by length, so little padding is added."""
+    multi = any(len(c) > 1 for _, conts in items for c in conts)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    widest = 0
+    for i, (prompt, conts) in enumerate(items):
+        width = len(prompt) + (sum(len(c) - 1 for c in conts) if multi else 0)
+        if current and (len(current) + 1) * max(widest, width) > tokens:
+            groups.append(current)
+            current, widest = [], 0
+        current.append(i)
+        widest = max(widest, width)
+    if current:
+        groups.append(current)
+    return groups
+
+
 def block_size(state_budget: int, width: int, hidden: int, heads: int, total: int) -> int:
     """Records per block within ``state_budget`` bytes (at least 1; the plan already refused less)."""
     per = record_bytes(width, hidden, heads)
@@ -290,7 +315,9 @@ class StreamedBackend:
 
         m = self.plan.memory
         # measured now that paddle is imported and the template built: the interpreter's real share
-        fixed = current_rss() + 2 * m.largest_layer + m.largest_outside
+        inter = int(getattr(self.config, "intermediate_size", 4 * int(self.config.hidden_size)))
+        # + one layer call's MLP activations (gate, up, their product; float32) at CALL_TOKENS rows
+        fixed = current_rss() + 2 * m.largest_layer + m.largest_outside + 12 * CALL_TOKENS * inter
         budget = max(0, (m.budget or 0) - fixed)
         hidden = int(self.config.hidden_size)
         heads = int(getattr(self.config, "num_attention_heads", 1))
@@ -304,12 +331,21 @@ class StreamedBackend:
     # ------------------------------------------------------------------ the backend interface
 
     def score_many(self, batches: list[tuple[list[list[int]], list[list[list[int]]]]]):
-        """Score every batch of a block in one streamed pass; per batch, what :meth:`Backend.score` returns."""
-        packs = [pack(prompts, conts, self.pad_id) for prompts, conts in batches]
+        """Score every batch of a block in one streamed pass; per batch, what :meth:`Backend.score` returns.
+        The block's records are re-cut into layer calls of about ``CALL_TOKENS`` tokens (see there); the
+        results do not depend on how records are grouped (each row attends only to its own record)."""
+        items = [(p, c) for prompts, conts in batches for p, c in zip(prompts, conts, strict=True)]
+        groups = regroup(items, CALL_TOKENS)
+        packs = [pack([items[i][0] for i in g], [items[i][1] for i in g], self.pad_id) for g in groups]
         lps = self._run_block(packs, lambda p: p.rows)
-        self.stats.records += sum(len(b[0]) for b in batches)
-        self.stats.block_records.append(sum(len(b[0]) for b in batches))
-        return [unpack(p, lp) for p, lp in zip(packs, lps)]
+        flat = [score for p, lp in zip(packs, lps) for score in unpack(p, lp)]
+        self.stats.records += len(items)
+        self.stats.block_records.append(len(items))
+        out, start = [], 0
+        for prompts, _ in batches:
+            out.append(flat[start:start + len(prompts)])
+            start += len(prompts)
+        return out
 
     def score(self, prompts, continuations):
         return self.score_many([(prompts, continuations)])[0]
