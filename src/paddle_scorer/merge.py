@@ -266,8 +266,12 @@ def merge_shard(shard: dict[str, np.ndarray], p: MergePlan, deltas: dict[str, tu
             if module not in cache:
                 a, b = p.pairs[module]
                 cache[module] = rt.split(lora_delta(a, b, p.settings.scaling))
+            delta = cache[module].pop(name)
+            if not cache[module]:  # every source of this module is merged: free its delta now, not at the
+                del cache[module]  # end of the shard (kept, the deltas were as big as the adapted weights)
             w = shard[name]
-            value = w.astype(np.float32) + cache[module][name]
+            value = w.astype(np.float32) + delta
+            del delta
             if not np.isfinite(value).all():
                 bad.append(f"{name}: merged weight has NaN/inf")
                 continue
