@@ -112,16 +112,37 @@ def test_batched_equals_one_at_a_time(models, tmp_path):
     qs = ["short", "a medium length query about cabbage", "x y", "what is the price of bread and milk today in town?"]
     data.write_text("".join(json.dumps({"id": f"r{i}", "query": q}) + "\n" for i, q in enumerate(qs * 2)))
     outs = {}
-    for bs in (1, 3, 8):
+    for bs in (1, 3, 8, None):  # None: the default, batches cut by padded tokens
         out = tmp_path / f"b{bs}.jsonl"
         res = cli("classify", "--model", models["llama"], "--lora", models["llama_lora"], "--labels", ",".join(MULTI),
-                  "--input", data, "--output", out, "--batch-size", bs)
+                  "--input", data, "--output", out, *(["--batch-size", bs] if bs else []))
         assert res.exit_code == 0, res.output
         outs[bs] = read_jsonl(out)
-    for bs in (3, 8):
+    for bs in (3, 8, None):
         for a, b in zip(outs[1], outs[bs], strict=True):
             assert a["id"] == b["id"] and a["prompt_token_ids"] == b["prompt_token_ids"]
             np.testing.assert_allclose(list(a["logprobs"].values()), list(b["logprobs"].values()), atol=1e-5)
+
+
+def test_default_batches_are_cut_by_padded_tokens(tiny, monkeypatch):
+    """Without --batch-size, length-sorted prompts share a forward up to CALL_TOKENS padded tokens."""
+    from paddle_scorer import backend
+
+    clf = Classifier(tiny, ClassifyOptions(labels=["goods", "life"], template="Q: {query}\nA:"))
+    qs = ["a much longer question about the price of things", "short one", "mid size query here", "hm", "ok then"]
+    preps = [clf.prepare({"query": q}, i, f"#{i}") for i, q in enumerate(qs)]
+    widths = sorted((len(p.context) for p in preps), reverse=True)
+    seen = []
+    monkeypatch.setattr(clf.backend, "score_many", lambda batches: seen.extend(len(b[0]) for b in batches) or
+                        [[None] * len(b[0]) for b in batches])
+    clf._score_prepared(preps)
+    assert seen == [5]  # all five in one forward: 5 x widest << 1024
+    seen.clear()
+    monkeypatch.setattr(backend, "CALL_TOKENS", 2 * widths[0])
+    clf._score_prepared(preps)
+    assert seen[0] == 2 and sum(seen) == 5  # the two longest fill 2 x widest; the rest are shorter
+    assert clf.records_per_flush(preps) >= 8
+    assert Classifier(tiny, ClassifyOptions(labels=["goods"], batch_size=3)).records_per_flush(preps) == 3
 
 
 def test_attach_equals_merge_through_the_cli(tmp_path):

@@ -204,6 +204,31 @@ def top_k(lp: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+CALL_TOKENS = 1024
+"""Padded tokens per forward (in RAM: classify's default batches) or per layer call (streamed). Matmuls
+with few rows run at half speed on CPU ([264, 4096] x [4096, 11008]: 39 GFLOP/s on the 2-core box of
+benchmarks/RESULTS.md; >= 528 rows: 70), and a fixed 8 short prompts are ~260 rows."""
+
+
+def regroup(items: list[tuple[list[int], list[list[int]]]], tokens: int = CALL_TOKENS) -> list[list[int]]:
+    """Indices of ``(prompt, continuations)`` items cut, in order, into groups of at most ``tokens`` padded
+    tokens (a longer item goes alone). Items are expected sorted by length, so little padding is added."""
+    multi = any(len(c) > 1 for _, conts in items for c in conts)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    widest = 0
+    for i, (prompt, conts) in enumerate(items):
+        width = len(prompt) + (sum(len(c) - 1 for c in conts) if multi else 0)
+        if current and (len(current) + 1) * max(widest, width) > tokens:
+            groups.append(current)
+            current, widest = [], 0
+        current.append(i)
+        widest = max(widest, width)
+    if current:
+        groups.append(current)
+    return groups
+
+
 def padded(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded ids, 2-D mask and positions for plain sequences."""
     width = max(len(s) for s in seqs)

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from paddle_scorer.backend import backend_for
+from paddle_scorer import backend as backend_module
+from paddle_scorer.backend import backend_for, regroup
 from paddle_scorer.errors import ScorerError, UsageError
 from paddle_scorer.prompts import PromptOptions, Prompter, encode_pair, resolve_prefix, template_fields
 
@@ -36,7 +37,7 @@ class ClassifyOptions:
     calibration: str = "none"
     content_free: list[str] = field(default_factory=lambda: list(DEFAULT_CONTENT_FREE))
     pmi_domain: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None: length-sorted batches of up to backend.CALL_TOKENS padded tokens
     max_length: int | None = None
     truncate: str = "error"  # error | left
     gold_field: str = "label"
@@ -83,7 +84,7 @@ class LabelEncoder:
     record before loading anything."""
 
     def __init__(self, tokenizer, options: "ClassifyOptions", context_length: int | None):
-        if options.batch_size < 1:
+        if options.batch_size is not None and options.batch_size < 1:
             raise UsageError("--batch-size must be at least 1.")
         check_gold_not_in_template(options)
         self.tok = tokenizer
@@ -209,13 +210,25 @@ class Classifier:
         out: list = [None] * len(preps)
         order = sorted(range(len(preps)), key=lambda i: len(preps[i].context), reverse=True)
         bs = self.opts.batch_size
-        groups = [order[start:start + bs] for start in range(0, len(order), bs)]
+        if bs is None:  # by tokens: a few long prompts or many short ones per forward
+            cut = regroup([(preps[i].context, preps[i].label_ids) for i in order], backend_module.CALL_TOKENS)
+            groups = [[order[k] for k in g] for g in cut]
+        else:
+            groups = [order[start:start + bs] for start in range(0, len(order), bs)]
         results = self.backend.score_many([([preps[i].context for i in idx], [preps[i].label_ids for i in idx])
                                            for idx in groups])
         for idx, res in zip(groups, results, strict=True):
             for k, i in enumerate(idx):
                 out[i] = (None, res[k])
         return out
+
+    def records_per_flush(self, preps: list[Prepared]) -> int:
+        """Records scored between two flushes of the output (what ``--resume`` can lose to a kill): the
+        batch size when one is given, else about four default batches of these records' mean length."""
+        if self.opts.batch_size is not None:
+            return self.opts.batch_size
+        mean = sum(len(p.context) + sum(len(x) - 1 for x in p.label_ids) for p in preps) / max(1, len(preps))
+        return int(min(256, max(8, 4 * backend_module.CALL_TOKENS // max(1, mean))))
 
     def _label_scores(self, result) -> np.ndarray:
         _, conts = result

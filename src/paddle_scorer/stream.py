@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_scorer.backend import Packed, log_softmax, pack, padded, unpack
+from paddle_scorer.backend import CALL_TOKENS, Packed, log_softmax, pack, padded, regroup, unpack  # noqa: F401
 from paddle_scorer.errors import CheckpointError
 from paddle_scorer.layout import layer_index
 from paddle_scorer.runtime import paddle
@@ -64,31 +64,6 @@ def record_bytes(width: int, hidden: int, heads: int) -> int:
     """Memory one record of packed width ``width`` holds between layers (hidden state, the body's
     expanded additive mask, positions) plus its share of one layer's activations."""
     return 4 * width * (2 * hidden + width * 2) + 8 * width + 4 * heads * width * width
-
-
-CALL_TOKENS = 1024
-"""Padded tokens per layer call within a block. A block's batches are re-cut to about this many tokens:
-matmuls with few rows run at half speed on CPU ([264, 4096] x [4096, 11008]: 39 GFLOP/s here; >= 528
-rows: 70), and classify's batches of 8 short prompts are ~260 rows."""
-
-
-def regroup(items: list[tuple[list[int], list[list[int]]]], tokens: int = CALL_TOKENS) -> list[list[int]]:
-    """Indices of ``(prompt, continuations)`` items cut, in order, into groups of at most ``tokens`` padded
-    tokens (a longer item goes alone). Items are expected sorted by length, so little padding is added."""
-    multi = any(len(c) > 1 for _, conts in items for c in conts)
-    groups: list[list[int]] = []
-    current: list[int] = []
-    widest = 0
-    for i, (prompt, conts) in enumerate(items):
-        width = len(prompt) + (sum(len(c) - 1 for c in conts) if multi else 0)
-        if current and (len(current) + 1) * max(widest, width) > tokens:
-            groups.append(current)
-            current, widest = [], 0
-        current.append(i)
-        widest = max(widest, width)
-    if current:
-        groups.append(current)
-    return groups
 
 
 def block_size(state_budget: int, width: int, hidden: int, heads: int, total: int) -> int:

@@ -56,7 +56,9 @@ def register(app: typer.Typer) -> None:
         pmi_domain: Optional[str] = typer.Option(None, "--pmi-domain", help="Domain premise for PMI (default: the template's text after its last placeholder)."),
         id_field: str = typer.Option("id", "--id-field", help="Record field holding the id (default: id; else the 0-based line index)."),
         gold_field: str = typer.Option("label", "--gold-field", help="Record field holding the gold label, for metrics."),
-        batch_size: int = typer.Option(8, "--batch-size", "-b", help="Prompts per forward pass (sorted by length, order restored)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", show_default="up to 1024 tokens",
+                                                 help="Prompts per forward pass (sorted by length, order restored). "
+                                                      "Default: as many as fit in 1024 padded tokens."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit for prompt + label (default: the model's context)."),
         truncate: str = typer.Option("error", "--truncate", help="error | left: what to do with a prompt longer than the context."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N records."),
@@ -112,7 +114,7 @@ def register(app: typer.Typer) -> None:
         calib = clf.calibrate()
         identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field,
                                      limit=limit)
-        block = opts.batch_size
+        block = clf.records_per_flush(preps)
         execution_info = {"execution": loaded.facts.execution["execution"]}
         if loaded.streamed:
             block = stream_block_records or clf.backend.block_size(preps)
