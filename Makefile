@@ -64,12 +64,13 @@ test-formers: $(FORMERS_VENV)/.ok-test
 	$(FPY) -m pytest -q tests/formers
 
 $(VENV)/.ok-bench: $(VENV)/.ok-cpu
-	$(PIP) install -e '.[cpu,nlp,bench]'
+	$(PIP) install -e '.[cpu,nlp,bench,test-serve]'
 	@touch $@
 
-# Benchmarks (PyTorch for comparison only): writes benchmarks/RESULTS.md. ~30-35 min on 2 cores; it
-# first waits (up to 20 min) for the load average to drop below 1.0. `make bench BENCH_ARGS=--quick`
-# checks the scripts in a few minutes (numbers are noise).
+# Benchmarks (PyTorch for comparison only; lm-eval for serve): writes benchmarks/RESULTS.md. ~75 min on
+# 2 cores, ~18 GB of generated checkpoints in benchmarks/.cache; it first waits (up to 20 min) for the
+# load average to drop below 1.0. `make bench BENCH_ARGS=--quick` checks the scripts in a few minutes
+# (numbers are noise); BENCH_ARGS="--skip-7b --no-serve" leaves out the 7B row and serve.
 bench: $(VENV)/.ok-bench
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 

@@ -206,7 +206,8 @@ def run_classify(name: str, records: int, execution: str, memory_limit: str | No
     for p in (out, out.with_name(out.name + ".meta.json")):
         p.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "paddle_scorer", "classify", "--model", str(folder(name)), "--labels", "goods,life",
-           "--template", common.demo_template(), "--input", str(data), "--output", str(out), "--execution", execution]
+           "--template", common.demo_template(), "--input", str(data), "--output", str(out), "--execution", execution,
+           "--overwrite"]  # a killed earlier run leaves an in-progress file; start over
     if memory_limit:
         cmd += ["--memory-limit", memory_limit]
     if block:

@@ -88,7 +88,8 @@ def render(r: dict) -> str:
       "Prompts: the demo queries in the demo template "
       f"(mean {big_old['mean_prompt_tokens']:.0f} tokens, demo tokenizer); labels `goods,life` (one token each) "
       "unless stated; multi-token labels are category words of 4-8 tokens each.")
-    a("- **Defaults of `classify`:** batch size 8, length-sorted batches, MKL_DEBUG_CPU_TYPE=5 and OMP_NUM_THREADS=cores "
+    a("- **`classify` in sections 1-6:** length-sorted batches of 8 prompts (`--batch-size 8`; without the option the CLI "
+      "cuts batches at 1024 padded tokens, which section 7 uses), MKL_DEBUG_CPU_TYPE=5 and OMP_NUM_THREADS=cores "
       "set by paddle-scorer (runtime.py).\n")
 
     a("## Targets\n")
