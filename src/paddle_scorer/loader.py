@@ -28,16 +28,15 @@ from paddle_scorer.lora import lora_delta
 from paddle_scorer.plan import (  # noqa: F401 - re-exported: the loader's public helpers live in plan
     LoadPlan,
     adapter_sha256,
+    count_nonfinite,
     dominant_dtype,
     make_plan,
     nonfinite,
     resolve_paths,
     validate_adapter,
 )
-from paddle_scorer.plan import count_nonfinite
 from paddle_scorer.weights import BFLOAT16, dtype_name, read_tensor, read_tensors
 
-READ_CHUNK_BYTES = 256 * 1024**2  # tensors read per batch of preads while materialising
 
 
 @dataclass
@@ -141,9 +140,15 @@ def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
     if arr.dtype == target:
         return arr
     if not parallel or not _parallel(arr):
-        return arr.astype(target)
+        with np.errstate(over="ignore"):  # callers check finiteness and refuse with a sentence, not a warning
+            return arr.astype(target)
     out = np.empty(arr.shape, dtype=target)
-    list(_cast_pool().map(lambda sl: np.copyto(out[sl], arr[sl], casting="unsafe"), _slices(arr)))
+
+    def work(sl):
+        with np.errstate(over="ignore"):
+            np.copyto(out[sl], arr[sl], casting="unsafe")
+
+    list(_cast_pool().map(work, _slices(arr)))
     return out
 
 
@@ -245,8 +250,8 @@ def check_names(plan: LoadPlan, model, where: str, only_layers: set | None = Non
     return params
 
 
-def _chunks(names: list[str], plan: LoadPlan) -> list[list[str]]:
-    """Names in file order, in groups of about READ_CHUNK_BYTES (sequential reads, bounded memory)."""
+def _file_order(names: list[str], plan: LoadPlan) -> list[str]:
+    """Runtime names sorted by where their (first) source tensor lies: sequential reads."""
     recipes = plan.model.conversion.tensors
     refs = plan.model.refs
 
@@ -254,17 +259,7 @@ def _chunks(names: list[str], plan: LoadPlan) -> list[list[str]]:
         first = refs[recipes[n].sources[0]]
         return (str(first.file), first.offset)
 
-    out, cur, size = [], [], 0
-    for n in sorted(names, key=order):
-        nb = sum(refs[s].nbytes for s in recipes[n].sources)
-        if cur and size + nb > READ_CHUNK_BYTES:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(n)
-        size += nb
-    if cur:
-        out.append(cur)
-    return out
+    return sorted(names, key=order)
 
 
 def materialise(param, value: np.ndarray, on_cpu: bool) -> None:
@@ -289,8 +284,7 @@ def read_cast(plan: LoadPlan, name: str, dtype: str, scratch: np.ndarray | None,
     mp = plan.model
     recipe = mp.conversion.tensors[name]
     src = mp.refs[recipe.sources[0]]
-    target = "bfloat16" if dtype == "bfloat16" else dtype
-    if len(recipe.parts) == 1 and scratch is not None and src.dtype != target and src.nbytes <= scratch.nbytes:
+    if len(recipe.parts) == 1 and scratch is not None and src.dtype != dtype and src.nbytes <= scratch.nbytes:
         arr = recipe.build({src.name: read_tensor(src, scratch)})
     else:
         arr = recipe.build(read_tensors([mp.refs[s] for s in recipe.sources]))
@@ -313,12 +307,11 @@ def set_params(plan: LoadPlan, params: dict[str, Any], names: list[str], dtype: 
     mp = plan.model
     biggest = max((mp.refs[mp.conversion.tensors[n].sources[0]].nbytes for n in names), default=0)
     scratch = np.empty(biggest, dtype=np.uint8) if biggest else None
-    for chunk in _chunks(names, plan):
-        for name in chunk:
-            arrays = {name: read_cast(plan, name, dtype, scratch, where)}
-            if merge_pairs:
-                merge_lora(arrays, merge_pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype=dtype)
-            materialise(params[name], to_paddle_array(arrays.pop(name), dtype), on_cpu)
+    for name in _file_order(names, plan):
+        arrays = {name: read_cast(plan, name, dtype, scratch, where)}
+        if merge_pairs:
+            merge_lora(arrays, merge_pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype=dtype)
+        materialise(params[name], to_paddle_array(arrays.pop(name), dtype), on_cpu)
 
 
 def build_model(plan: LoadPlan, num_layers: int | None = None):
