@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +20,11 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.backend import backend_for
+from recorded_forward import FIXTURES, max_delta, recorded
 from paddle_scorer.cli.app import app
 from paddle_scorer.loader import load
 
 runner = CliRunner()
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PF_BASE, PF_LORA = FIXTURES / "formers-llama", FIXTURES / "formers-llama-lora"
 NLP_BASE, NLP_LORA = FIXTURES / "nlp-trainer" / "checkpoint-1", FIXTURES / "nlp-trainer-lora" / "checkpoint-1"
 TOL = 1e-5
@@ -33,21 +32,6 @@ TOL = 1e-5
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def recorded(name: str):
-    data = np.load(FIXTURES / name)
-    return json.loads(str(data["sequences"])), data
-
-
-def max_delta(loaded, reference: str, prefix: str) -> float:
-    """Our per-position log-probs and last-row distribution vs a library's recorded forward."""
-    seqs, ref = recorded(reference)
-    worst = 0.0
-    for i, s in enumerate(backend_for(loaded).sequence_logprobs(seqs)):
-        worst = max(worst, float(np.nanmax(np.abs(s.token_logprobs - ref[f"{prefix}_token_{i}"]))),
-                    float(np.abs(s.next_logprobs - ref[f"{prefix}_last_{i}"]).max()))
-    return worst
 
 
 # ---------------------------------------------------------------- PaddleFormers-saved, on PaddleNLP

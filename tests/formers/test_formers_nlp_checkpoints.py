@@ -14,29 +14,15 @@ from typer.testing import CliRunner
 
 from formers import builders as fb
 from paddle_scorer.backend import backend_for
+from recorded_forward import FIXTURES, max_delta, recorded
 from paddle_scorer.cli.app import app
 from paddle_scorer.loader import load
 
 runner = CliRunner()
-FIXTURES = fb.REPO / "tests" / "fixtures"
 DEMO_BASE, DEMO_LORA = fb.REPO / "checkpoints" / "demo-base", fb.REPO / "checkpoints" / "demo-lora"
 NLP_BASE, NLP_LORA = FIXTURES / "nlp-trainer" / "checkpoint-1", FIXTURES / "nlp-trainer-lora" / "checkpoint-1"
 PF_BASE, PF_LORA = FIXTURES / "formers-llama", FIXTURES / "formers-llama-lora"
 TOL = 1e-5
-
-
-def recorded(name: str):
-    data = np.load(FIXTURES / name)
-    return json.loads(str(data["sequences"])), data
-
-
-def max_delta(loaded, reference: str, prefix: str) -> float:
-    seqs, ref = recorded(reference)
-    worst = 0.0
-    for i, s in enumerate(backend_for(loaded).sequence_logprobs(seqs)):
-        worst = max(worst, float(np.nanmax(np.abs(s.token_logprobs - ref[f"{prefix}_token_{i}"]))),
-                    float(np.abs(s.next_logprobs - ref[f"{prefix}_last_{i}"]).max()))
-    return worst
 
 
 CASES = [
