@@ -93,12 +93,17 @@ def test_merge_of_a_paddleformers_adapter_here_keeps_its_layout(tmp_path, deltas
                          max_delta(load(out, device="cpu"), "formers-reference.npz", "merged")) <= TOL
 
 
-def test_ernie_needs_the_paddleformers_environment(tmp_path):
-    folder = tmp_path / "ernie"
+def relabelled(folder, architecture: str, model_type: str):
+    """A copy of the PaddleFormers Llama whose config.json names another architecture."""
     shutil.copytree(PF_BASE, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5")
+    cfg.update(architectures=[architecture], model_type=model_type)
     (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_ernie_needs_the_paddleformers_environment(tmp_path):
+    folder = relabelled(tmp_path / "ernie", "Ernie4_5ForCausalLM", "ernie4_5")
     r = cli("inspect", folder, "--json")
     a = json.loads(r.stdout)["assessment"]
     assert r.exit_code == 4 and a["library"] == "paddleformers" and a["library_installed"] is False
@@ -153,11 +158,7 @@ def test_unified_checkpoint_equals_paddlenlp_forward(lora, mode, prefix, deltas)
 
 
 def test_unknown_architecture_names_the_libraries_tried(tmp_path):
-    folder = tmp_path / "qwen3"
-    shutil.copytree(PF_BASE, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = relabelled(tmp_path / "qwen3", "Qwen3ForCausalLM", "qwen3")
     r = cli("inspect", folder, "--json")
     a = json.loads(r.stdout)["assessment"]
     assert r.exit_code == 4 and a["usable"] is False and a["library"] is None
