@@ -166,7 +166,7 @@ def child_readcast(name: str) -> dict:
     core), keeping the results (the weights have to end up in memory) and nothing else: the floor any
     loader of these files pays."""
     from paddle_scorer.checkpoint import describe
-    from paddle_scorer.loader import to_dtype
+    from paddle_scorer.arrays import to_dtype
     from paddle_scorer.weights import read_tensor
 
     info = describe(folder(name))

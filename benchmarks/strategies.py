@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paddle_scorer.backend import ContinuationScore, padded
+from paddle_scorer.packing import ContinuationScore, padded
 
 
 def kv_cache_strategy(backend, prompts, continuations):

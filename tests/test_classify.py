@@ -126,7 +126,7 @@ def test_batched_equals_one_at_a_time(models, tmp_path):
 
 def test_default_batches_are_cut_by_padded_tokens(tiny, monkeypatch):
     """Without --batch-size, length-sorted prompts share a forward up to CALL_TOKENS padded tokens."""
-    from paddle_scorer import backend
+    from paddle_scorer import packing
 
     clf = Classifier(tiny, ClassifyOptions(labels=["goods", "life"], template="Q: {query}\nA:"))
     qs = ["a much longer question about the price of things", "short one", "mid size query here", "hm", "ok then"]
@@ -138,7 +138,7 @@ def test_default_batches_are_cut_by_padded_tokens(tiny, monkeypatch):
     clf._score_prepared(preps)
     assert seen == [5]  # all five in one forward: 5 x widest << 1024
     seen.clear()
-    monkeypatch.setattr(backend, "CALL_TOKENS", 2 * widths[0])
+    monkeypatch.setattr(packing, "CALL_TOKENS", 2 * widths[0])
     clf._score_prepared(preps)
     assert seen[0] == 2 and sum(seen) == 5  # the two longest fill 2 x widest; the rest are shorter
     assert clf.records_per_flush(preps) >= 8

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import builders
-from paddle_scorer.backend import backend_for, log_softmax
+from paddle_scorer.backend import log_softmax
+from paddle_scorer.execution import backend_for
 from paddle_scorer.loader import load
 from paddle_scorer.runtime import paddle
 

@@ -17,7 +17,8 @@ from paddle_scorer import checkpoint as ckpt
 from paddle_scorer import merge as merging
 from paddle_scorer.cli.app import app
 from paddle_scorer.errors import WeightMismatchError
-from paddle_scorer.loader import adapter_sha256, load
+from paddle_scorer.fingerprints import adapter_sha256
+from paddle_scorer.loader import load
 from paddle_scorer.runtime import paddle
 from paddle_scorer.weights import BFLOAT16, read_files, read_pdparams, write_pdparams, write_safetensors
 

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import builders
-from paddle_scorer.backend import backend_for
+from paddle_scorer.execution import backend_for
 from recorded_forward import FIXTURES, max_delta, recorded
 from paddle_scorer.cli.app import app
 from paddle_scorer.loader import load

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import builders
-from paddle_scorer.backend import backend_for
+from paddle_scorer.execution import backend_for
 from paddle_scorer.generation import GenerateOptions, Generator
 from paddle_scorer.loader import load
 from paddle_scorer.scoring import Classifier, ClassifyOptions

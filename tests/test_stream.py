@@ -62,7 +62,7 @@ def test_layer_calls_cut_differently_from_batches_give_the_same_scores(models, t
 
 
 def test_regroup_cuts_by_padded_tokens_in_order():
-    from paddle_scorer.stream import regroup
+    from paddle_scorer.packing import regroup
 
     items = [([1] * 10, [[5]]), ([1] * 9, [[5]]), ([1] * 9, [[5]]), ([1] * 4, [[5]]), ([1] * 30, [[5]])]
     assert regroup(items, 30) == [[0, 1, 2], [3], [4]]  # 3 x 10 fits; then 4 x 10 would not; 30 alone

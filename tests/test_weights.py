@@ -413,12 +413,12 @@ def test_a_crafted_dtype_cannot_rewrite_numpys_shared_dtypes(tmp_path):
 
 
 def test_the_walker_stops_after_a_bounded_number_of_opcodes(tmp_path, monkeypatch):
-    from paddle_scorer import weights
+    from paddle_scorer import unpickle
 
     path = tmp_path / "many.pdparams"
     write_pdparams({f"t{i}": np.zeros(1, np.float32) for i in range(10)}, path)
     assert len(index_file(path)) == 10
-    monkeypatch.setattr(weights, "_MAX_OPS", 100)  # the real cap (8M) allows ~270,000 tensors
+    monkeypatch.setattr(unpickle, "_MAX_OPS", 100)  # the real cap (8M) allows ~270,000 tensors
     with pytest.raises(CheckpointError, match=r"more than 100 pickle opcodes.*corrupt or crafted"):
         index_file(path)
 

@@ -13,8 +13,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from paddle_scorer.errors import CheckpointError, NotACheckpointError
+from paddle_scorer.errors import NotACheckpointError
 from paddle_scorer.lora import LoraSettings, is_lora_key, read_lora_config
+from paddle_scorer.sidecars import _ARCH_FIELDS, MERGE_RECORD, config_problem, read_json, read_scorer_defaults
 from paddle_scorer.weights import TensorMeta, TensorRef, index_files, shard_files
 
 # Kinds of folder
@@ -24,8 +25,6 @@ LORA_ADAPTER = "lora-adapter"
 RENAMED_ADAPTER = "renamed-lora-adapter"
 NOT_A_CHECKPOINT = "not-a-checkpoint"
 
-MERGE_RECORD = "paddle_scorer_merge.json"  # written by `paddle-scorer merge`
-SCORER_DEFAULTS = "scorer.json"  # optional: template and labels a fine-tune was trained with
 
 _MODEL_SINGLE = ["model_state.pdparams", "model.safetensors"]
 _MODEL_INDEX = ["model_state.pdparams.index.json", "model.safetensors.index.json"]
@@ -179,47 +178,6 @@ def _same_bytes(a: Path, others: list[Path]) -> bool:
                 return True
 
 
-_POSITIVE_INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-
-
-def config_problem(cfg: dict) -> str | None:
-    """A config value of the wrong type or out of range (the library would fail with an assertion, or worse,
-    build something else), as one phrase; None when the config is sound."""
-    problems = []
-    archs = cfg.get("architectures")
-    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
-        problems.append(f"`architectures` must be a list of class names, found {archs!r}")
-    for k in (*_POSITIVE_INT_FIELDS, "num_key_value_heads", "max_position_embeddings"):
-        v = cfg.get(k)
-        if v is None and k not in _POSITIVE_INT_FIELDS:
-            continue
-        if v is None:
-            continue  # absent: the library's default applies
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"`{k}` must be a positive integer, found {v!r}")
-    h, n, kv = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
-    if not problems and isinstance(h, int) and isinstance(n, int) and cfg.get("head_dim") is None and h % n:
-        problems.append(f"hidden_size {h} is not divisible by num_attention_heads {n}")
-    if not problems and isinstance(n, int) and isinstance(kv, int) and n % kv:
-        problems.append(f"num_attention_heads {n} is not divisible by num_key_value_heads {kv}")
-    tie = cfg.get("tie_word_embeddings")
-    if tie is not None and not isinstance(tie, bool):
-        problems.append(f"`tie_word_embeddings` must be true or false, found {tie!r}")
-    return "; ".join(problems) + "; fix config.json (it does not describe the saved weights)" if problems else None
-
-
-def architecture_difference(a: Path, b: Path) -> str | None:
-    """How two model folders' architectures differ (model type, sizes), or None when they agree."""
-    try:
-        ca, cb = read_json(a / "config.json"), read_json(b / "config.json")
-    except CheckpointError:
-        return None
-    fields = ["model_type", "architectures", *_ARCH_FIELDS]
-    diffs = [f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in fields
-             if k != "max_position_embeddings" and k != "rope_theta" and ca.get(k) != cb.get(k)]
-    return ", ".join(diffs[:3]) if diffs else None
-
-
 def _label(ws: WeightSet) -> str:
     return Path(ws.index).name if ws.index else Path(ws.files[0]).name if len(ws.files) == 1 else \
         f"{Path(ws.files[0]).name} ... ({len(ws.files)} files)"
@@ -261,101 +219,6 @@ def _summarise(ws: WeightSet, metas: dict[str, TensorMeta]) -> None:
     ws.dtypes = dict(counts.most_common())
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-create it.") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; fix or re-create it.")
-    return data
-
-
-SCORER_KEYS = {"template": "a string with {field} placeholders", "labels": "a list of label strings",
-               "label_prefix": "a string"}
-
-
-def _json_kind(value) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def scorer_defaults(model: Path | None, lora: Path | None) -> dict:
-    """Template/labels a fine-tune was trained with (scorer.json in the adapter, else the model). A
-    scorer.json that is not valid JSON or has values of the wrong type is refused, naming the file."""
-    for folder in (lora, model):
-        if folder is not None and Path(folder).is_dir():
-            data = read_scorer_defaults(folder)
-            if data is not None:
-                return data
-    return {}
-
-
-def read_scorer_defaults(folder: str | Path) -> dict | None:
-    """``scorer.json`` of ``folder`` (None when there is none), typed: refused, naming the file, when it is
-    not a JSON object of ``template`` (string), ``labels`` (list of strings) and ``label_prefix`` (string).
-    An unknown key is refused too: a misspelt ``label_prefix`` would silently score with the default."""
-    path = Path(folder) / SCORER_DEFAULTS
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    problems = []
-    unknown = sorted(set(data) - set(SCORER_KEYS))
-    if unknown:
-        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(SCORER_KEYS)})")
-    for key in ("template", "label_prefix"):
-        if key in data and not isinstance(data[key], str):
-            problems.append(f"{key} must be {SCORER_KEYS[key]}, not {_json_kind(data[key])}")
-    labels = data.get("labels")
-    if "labels" in data and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        what = _json_kind(labels) if not isinstance(labels, list) else "a list holding " + ", ".join(
-            sorted({_json_kind(x) for x in labels if not isinstance(x, str)}))
-        problems.append(f"labels must be {SCORER_KEYS['labels']}, not {what}")
-    if problems:
-        raise CheckpointError(f"{path}: {'; '.join(problems)}; fix the file (or delete it and pass --labels and "
-                              "--template).")
-    return data
-
-
-_TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.json")
-
-
-def tokenizer_problem(folder: str | Path) -> str | None:
-    """What would stop the tokenizer in ``folder`` from loading, found without importing paddle: a JSON file of
-    it that does not parse, or a chat template that is not valid Jinja. None when nothing is found (rendering
-    errors of a valid template only show on a prompt: see :func:`paddle_scorer.prompts.apply_chat`)."""
-    folder = Path(folder)
-    templates = []
-    for name in _TOKENIZER_JSON:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            return f"{name} is not valid JSON: {' '.join(str(exc).split())[:120]}"
-        if name in ("tokenizer_config.json", "chat_template.json") and isinstance(data, dict):
-            templates.append((name, data.get("chat_template")))
-    if (folder / "chat_template.jinja").is_file():
-        templates.append(("chat_template.jinja", (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")))
-    for name, tpl in templates:
-        if isinstance(tpl, list):  # named templates: [{"name": ..., "template": ...}]
-            sources = [t.get("template") for t in tpl if isinstance(t, dict)]
-        else:
-            sources = [tpl]
-        for src in (x for x in sources if isinstance(x, str)):
-            try:
-                import jinja2
-            except ImportError:  # pragma: no cover - a dependency of paddlenlp
-                return None
-            try:
-                jinja2.Environment().parse(src)
-            except jinja2.TemplateSyntaxError as exc:
-                return f"the chat template in {name} is not valid Jinja ({' '.join(str(exc).split())[:120]})"
-    return None
-
-
 def resolve_base(adapter_dir: Path, ref: str | None) -> Path | None:
     """Find the base model an adapter names: as given, relative to the adapter, or next to it."""
     if not ref:
@@ -370,12 +233,6 @@ def resolve_base(adapter_dir: Path, ref: str | None) -> Path | None:
         if (c / "config.json").is_file() and model_weight_files(c) is not None:
             return c.resolve()
     return None
-
-
-_ARCH_FIELDS = [
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
-]
 
 
 def key_prefix(names) -> str | None:
@@ -406,20 +263,48 @@ def describe(path: str | Path) -> CheckpointInfo:
             f"{path} is a file; pass the folder that contains it (checkpoints are folders with config.json)."
         )
     info = CheckpointInfo(path=str(path), kind=NOT_A_CHECKPOINT, summary="")
+    _read_config(info, folder)
+    _read_side_files(info, folder)
+    found = _read_weights(info, folder)
+    _classify(info, folder, found)
+    _sizes_and_warnings(info, found.settings)
+    info.next_command = _next_command(info)
+    return info
 
+
+@dataclass
+class _Found:
+    """The weight sets of a folder and what they say about its kind."""
+
+    model: WeightSet | None
+    adapter: WeightSet | None
+    lora_in_model: list[str]
+    settings: LoraSettings | None
+
+    @property
+    def renamed(self) -> bool:
+        """The model weights hold only LoRA tensors: a renamed adapter file."""
+        return self.model is not None and bool(self.lora_in_model) and len(self.lora_in_model) == self.model.num_tensors
+
+
+def _read_config(info: CheckpointInfo, folder: Path) -> None:
     config_path = folder / "config.json"
-    if config_path.is_file():
-        info.config_path_exists = True
-        cfg = read_json(config_path)
-        info.raw_config = cfg
-        archs = cfg.get("architectures") or []
-        info.architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
-        info.model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None
-        info.config = {k: cfg[k] for k in _ARCH_FIELDS if k in cfg}
-        dt = cfg.get("dtype") or cfg.get("torch_dtype")
-        info.config_dtype = dt if isinstance(dt, str) else None
-        info.config_problem = config_problem(cfg)
+    if not config_path.is_file():
+        return
+    info.config_path_exists = True
+    cfg = read_json(config_path)
+    info.raw_config = cfg
+    archs = cfg.get("architectures") or []
+    info.architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    info.model_type = cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None
+    info.config = {k: cfg[k] for k in _ARCH_FIELDS if k in cfg}
+    dt = cfg.get("dtype") or cfg.get("torch_dtype")
+    info.config_dtype = dt if isinstance(dt, str) else None
+    info.config_problem = config_problem(cfg)
 
+
+def _read_side_files(info: CheckpointInfo, folder: Path) -> None:
+    """Tokenizer files and chat template, scorer.json, the merge record."""
     info.tokenizer_files = [n for n in _TOKENIZER_FILES if (folder / n).is_file()]
     tok_cfg = {}
     if (folder / "tokenizer_config.json").is_file():
@@ -432,14 +317,15 @@ def describe(path: str | Path) -> CheckpointInfo:
     if (folder / MERGE_RECORD).is_file():
         info.merged_from = read_json(folder / MERGE_RECORD)
 
+
+def _read_weights(info: CheckpointInfo, folder: Path) -> _Found:
+    """Index both roles' weight files (no tensor bytes read), note ambiguities, describe the adapter."""
     model_found = _candidates(folder, _MODEL_SINGLE, _MODEL_INDEX, _TP_MODEL)
     adapter_found = _candidates(folder, _ADAPTER_SINGLE, _ADAPTER_INDEX, _TP_ADAPTER)
     info.model_ambiguity = _ambiguity(model_found, "model")
     info.adapter_ambiguity = _ambiguity(adapter_found, "adapter")
     model_ws = model_found[0] if model_found else None
     adapter_ws = adapter_found[0] if adapter_found else None
-    has_lora_config = (folder / "lora_config.json").is_file()
-
     model_metas: dict[str, TensorMeta] = {}
     if model_ws is not None:
         info.tensors = index_files([Path(f) for f in model_ws.files])
@@ -454,14 +340,9 @@ def describe(path: str | Path) -> CheckpointInfo:
         _summarise(adapter_ws, adapter_metas)
         adapter_ws.metadata = _st_metadata(adapter_ws)
         info.adapter_weights = adapter_ws
-
-    lora_in_model = [n for n in model_metas if is_lora_key(n)]
-    settings: LoraSettings | None = None
-    if has_lora_config:
-        settings = read_lora_config(folder)
-
-    renamed = model_ws is not None and bool(lora_in_model) and len(lora_in_model) == len(model_metas)
-    if renamed and adapter_ws is not None:
+    settings = read_lora_config(folder) if (folder / "lora_config.json").is_file() else None
+    found = _Found(model_ws, adapter_ws, [n for n in model_metas if is_lora_key(n)], settings)
+    if found.renamed and adapter_ws is not None:
         same = _same_bytes(Path(model_ws.files[0]), [Path(f) for f in adapter_ws.files])
         info.adapter_ambiguity = (
             f"the folder holds both {_label(adapter_ws)} and {Path(model_ws.files[0]).name}, which also holds only LoRA "
@@ -470,21 +351,26 @@ def describe(path: str | Path) -> CheckpointInfo:
                "ambiguous: keep the right one and delete ")
             + f"{Path(model_ws.files[0]).name}."
         )
-    if settings is not None or adapter_ws is not None or renamed:
-        info.adapter = _adapter_info(folder, settings, adapter_metas or {n: model_metas[n] for n in lora_in_model})
+    if settings is not None or adapter_ws is not None or found.renamed:
+        metas = adapter_metas or {n: model_metas[n] for n in found.lora_in_model}
+        info.adapter = _adapter_info(folder, settings, metas)
         info.adapter.saved_by, info.adapter.saved_by_evidence = adapter_saved_by(
             settings.raw if settings is not None else {}, info.raw_config)
+    return found
 
-    # ---- kind and summary --------------------------------------------------------------------
-    if renamed and adapter_ws is not None:
+
+def _classify(info: CheckpointInfo, folder: Path, found: _Found) -> None:
+    """The folder's kind and the one-paragraph summary ``inspect`` prints."""
+    model_ws, adapter_ws, settings = found.model, found.adapter, found.settings
+    if found.renamed and adapter_ws is not None:
         info.kind = LORA_ADAPTER
         info.weights = None  # the stale file holds adapter tensors, not model weights
         info.summary = "This is a LoRA adapter folder with a stale second copy of the adapter: " + info.adapter_ambiguity
-    elif renamed:
+    elif found.renamed:
         info.kind = RENAMED_ADAPTER
         name = Path(model_ws.files[0]).name
         info.summary = (
-            f"TRAP: {name} holds only LoRA adapter tensors ({len(lora_in_model)} keys ending in "
+            f"TRAP: {name} holds only LoRA adapter tensors ({len(found.lora_in_model)} keys ending in "
             "lora_A/lora_B), not model weights: it is a renamed lora_model_state.pdparams. Loading it "
             "as a model would score with randomly initialised weights."
         )
@@ -495,49 +381,47 @@ def describe(path: str | Path) -> CheckpointInfo:
         what = "a merged model (base + LoRA)" if info.merged_from else "a full model"
         fmt = f"{model_ws.format}, {'sharded into ' + str(len(model_ws.files)) + ' files' if model_ws.sharded else 'one file'}"
         info.summary = f"This is {what} ({info.architecture or 'unknown architecture'}; {fmt})."
-        if lora_in_model:
+        if found.lora_in_model:
             info.warnings.append(
-                f"{len(lora_in_model)} tensors in the model weights are LoRA matrices (lora_A/lora_B): "
+                f"{len(found.lora_in_model)} tensors in the model weights are LoRA matrices (lora_A/lora_B): "
                 "the adapter was saved inside the model instead of merged; merge it or save it separately."
             )
         if adapter_ws is not None:
             info.summary += " It also holds a LoRA adapter (see below)."
-    elif adapter_ws is not None or has_lora_config:
+    elif adapter_ws is not None or settings is not None:
         info.kind = LORA_ADAPTER
-        ref = settings.base_model_name_or_path if settings else None
-        base = info.adapter.base_found if info.adapter else None
-        if adapter_ws is None:
-            info.summary = (
-                "This is a LoRA adapter folder (lora_config.json) but its weights file "
-                "(lora_model_state.pdparams or peft_model*.safetensors) is missing: copy it from the "
-                "training output."
-            )
-        else:
-            info.summary = (
-                f"This is a LoRA adapter, not a model: it has adapter weights ({_label(adapter_ws)}) "
-                "but no model weights (no model_state.pdparams), so it must be loaded on top of its base model "
-                f"({ref or 'not recorded in lora_config.json'}"
-                + (f", found at {_rel(Path(base))}" if base else ", not found on this machine")
-                + ")."
-            )
+        info.summary = _adapter_summary(info, adapter_ws, settings)
     else:
-        foreign = [desc for name, desc in _FOREIGN.items() if (folder / name).is_file()]
-        if foreign:
-            info.summary = (
-                f"This looks like {foreign[0]}, not a PaddleNLP checkpoint; convert it to PaddleNLP "
-                "format (model_state.pdparams or model.safetensors with Paddle key names) first."
-            )
-        elif config_path.is_file():
-            info.summary = (
-                "This folder has config.json but no weights (model_state.pdparams, model.safetensors "
-                "or a shard index); copy the weights next to it."
-            )
-        else:
-            info.summary = (
-                "This is not a checkpoint: no config.json, no model weights and no LoRA adapter files."
-            )
+        info.summary = _not_a_checkpoint_summary(folder)
 
-    # ---- sizes and dtypes --------------------------------------------------------------------
+
+def _adapter_summary(info: CheckpointInfo, adapter_ws: WeightSet | None, settings: LoraSettings | None) -> str:
+    if adapter_ws is None:
+        return ("This is a LoRA adapter folder (lora_config.json) but its weights file "
+                "(lora_model_state.pdparams or peft_model*.safetensors) is missing: copy it from the training output.")
+    ref = settings.base_model_name_or_path if settings else None
+    base = info.adapter.base_found if info.adapter else None
+    return (
+        f"This is a LoRA adapter, not a model: it has adapter weights ({_label(adapter_ws)}) "
+        "but no model weights (no model_state.pdparams), so it must be loaded on top of its base model "
+        f"({ref or 'not recorded in lora_config.json'}"
+        + (f", found at {_rel(Path(base))}" if base else ", not found on this machine")
+        + ")."
+    )
+
+
+def _not_a_checkpoint_summary(folder: Path) -> str:
+    foreign = [desc for name, desc in _FOREIGN.items() if (folder / name).is_file()]
+    if foreign:
+        return (f"This looks like {foreign[0]}, not a PaddleNLP checkpoint; convert it to PaddleNLP "
+                "format (model_state.pdparams or model.safetensors with Paddle key names) first.")
+    if (folder / "config.json").is_file():
+        return ("This folder has config.json but no weights (model_state.pdparams, model.safetensors "
+                "or a shard index); copy the weights next to it.")
+    return "This is not a checkpoint: no config.json, no model weights and no LoRA adapter files."
+
+
+def _sizes_and_warnings(info: CheckpointInfo, settings: LoraSettings | None) -> None:
     if info.weights is not None and info.kind != RENAMED_ADAPTER:
         n = info.weights.num_params
         info.memory = {"float32": 4 * n, "float16": 2 * n, "bfloat16": 2 * n}
@@ -556,8 +440,6 @@ def describe(path: str | Path) -> CheckpointInfo:
         info.warnings += settings.notes
     if info.kind in (FULL_MODEL, MERGED_MODEL) and not info.tokenizer_files:
         info.warnings.append("No tokenizer files here: pass a folder that has them with --tokenizer.")
-    info.next_command = _next_command(info)
-    return info
 
 
 def _adapter_info(folder: Path, settings: LoraSettings | None, metas: dict[str, TensorMeta]) -> AdapterInfo:

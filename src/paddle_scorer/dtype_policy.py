@@ -135,3 +135,14 @@ def probe_gpu() -> GpuInfo:
         cap = (props.major, props.minor)
         name = props.name
     return GpuInfo(compiled, count, cap, name)
+
+
+def plan_policy(device: str, dtype: str, stored: str, config_dtype: str | None, gpu: GpuInfo | None = None) -> Policy:
+    """Decide device and dtype (the launcher's GPU for this worker, when it gave one); refuses impossible
+    requests before any weights are read."""
+    from paddle_scorer.launcher import worker_from_env
+
+    dtype = normalise_dtype(dtype)
+    if gpu is None:
+        gpu = GpuInfo(False, 0) if device == "cpu" else probe_gpu()
+    return resolve_policy(resolve_device(device, gpu, worker_from_env().selected_gpu), dtype, stored, gpu, config_dtype)

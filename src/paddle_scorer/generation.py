@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from paddle_scorer.backend import backend_for
+from paddle_scorer.execution import backend_for
 from paddle_scorer.errors import UsageError
 from paddle_scorer.prompts import PromptOptions, Prompter
 from paddle_scorer.scoring import ScoringError

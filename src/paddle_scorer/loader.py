@@ -24,18 +24,9 @@ import numpy as np
 
 from paddle_scorer import libraries
 from paddle_scorer.errors import CheckpointError, WeightMismatchError
-from paddle_scorer.lora import lora_delta
-from paddle_scorer.plan import (  # noqa: F401 - re-exported: the loader's public helpers live in plan
-    LoadPlan,
-    adapter_sha256,
-    count_nonfinite,
-    dominant_dtype,
-    make_plan,
-    nonfinite,
-    resolve_paths,
-    validate_adapter,
-)
-from paddle_scorer.weights import BFLOAT16, dtype_name, read_tensor, read_tensors
+from paddle_scorer.arrays import cast_checked, count_nonfinite, merge_lora, to_paddle_array
+from paddle_scorer.plan import LoadPlan, make_plan
+from paddle_scorer.weights import read_tensor, read_tensors
 
 
 
@@ -89,7 +80,8 @@ class Loaded:
 
     @property
     def streamed(self) -> bool:
-        return self.model is None
+        """The plan's decision (:mod:`paddle_scorer.memory`): layers are read while scoring, no model object."""
+        return self.plan is not None and self.plan.streamed
 
     @property
     def context_length(self) -> int | None:
@@ -98,109 +90,6 @@ class Loaded:
             v = self.plan.model.info.config.get("max_position_embeddings")
             return v if isinstance(v, int) else None
         return getattr(self.config, "max_position_embeddings", None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Casting and merging (numpy)
-# --------------------------------------------------------------------------------------------------
-
-
-PARALLEL_CAST_ELEMENTS = 1 << 20  # arrays this big are cast in slices on every core
-
-
-def _cast_pool():
-    from concurrent.futures import ThreadPoolExecutor
-    from functools import lru_cache
-
-    @lru_cache(maxsize=1)
-    def pool():
-        from paddle_scorer.runtime import usable_cores
-
-        return ThreadPoolExecutor(max_workers=max(1, usable_cores()), thread_name_prefix="paddle-scorer-cast")
-
-    return pool()
-
-
-def _slices(arr: np.ndarray) -> list[slice]:
-    workers = _cast_pool()._max_workers
-    step = -(-arr.shape[0] // workers)
-    return [slice(i, i + step) for i in range(0, arr.shape[0], step)]
-
-
-def _parallel(arr: np.ndarray) -> bool:
-    return arr.size >= PARALLEL_CAST_ELEMENTS and arr.ndim > 0 and arr.shape[0] >= 2
-
-
-def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
-    """``arr`` in ``dtype`` (non-floating arrays unchanged). Big arrays are cast in row slices on all cores:
-    numpy's float16 -> float32 loop is single-threaded and releases the GIL, so this scales with cores."""
-    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != BFLOAT16:
-        return arr
-    target = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
-    if arr.dtype == target:
-        return arr
-    if not parallel or not _parallel(arr):
-        with np.errstate(over="ignore"):  # callers check finiteness and refuse with a sentence, not a warning
-            return arr.astype(target)
-    out = np.empty(arr.shape, dtype=target)
-
-    def work(sl):
-        with np.errstate(over="ignore"):
-            np.copyto(out[sl], arr[sl], casting="unsafe")
-
-    list(_cast_pool().map(work, _slices(arr)))
-    return out
-
-
-def cast_checked(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
-    """``to_dtype`` plus "is every value finite?", both done slice by slice on every core. The check runs
-    on the cast result, so a value that overflows the target dtype (float32 -> float16) is caught too."""
-    floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16
-    if not floating:
-        return arr, True
-    target = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
-    if not _parallel(arr):
-        with np.errstate(over="ignore"):  # overflow is reported below as a non-finite value
-            out = arr if arr.dtype == target else arr.astype(target)
-        return out, count_nonfinite(out) == 0
-    out = arr if arr.dtype == target else np.empty(arr.shape, dtype=target)
-
-    def work(sl):
-        if out is not arr:
-            with np.errstate(over="ignore"):
-                np.copyto(out[sl], arr[sl], casting="unsafe")
-        return count_nonfinite(out[sl]) == 0
-
-    return out, all(_cast_pool().map(work, _slices(arr)))
-
-
-def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, np.ndarray]], scaling: float,
-               where: str, out_dtype: str | None = None) -> None:
-    """``W += A @ B * scaling`` in float32, cast back to ``out_dtype`` (default: W's dtype), for the
-    modules whose weight is in ``base``. In place; non-finite results are refused."""
-    bad = []
-    for module, (a, b) in pairs.items():
-        key = module + ".weight"
-        if key not in base:
-            continue
-        w = base[key]
-        with np.errstate(over="ignore", invalid="ignore"):
-            merged = w.astype(np.float32) + lora_delta(a, b, scaling)
-        if not np.isfinite(merged).all():
-            bad.append(f"{key}: merged weight has NaN/inf")
-            continue
-        base[key] = to_dtype(merged, out_dtype or dtype_name(w.dtype))
-        if not np.isfinite(base[key].astype(np.float32)).all():
-            bad.append(f"{key}: merged weight overflows {out_dtype or dtype_name(w.dtype)}")
-    if bad:
-        raise WeightMismatchError(f"{where}: merging the adapter produced non-finite weights:", bad,
-                                  "The adapter is unusable with this base; check its training run.")
-
-
-def to_paddle_array(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
-    """numpy value for ``param.set_value``: paddle takes bfloat16 as uint16 bits."""
-    arr = to_dtype(arr, dtype, parallel)
-    return arr.view(np.uint16) if arr.dtype == BFLOAT16 else arr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +262,7 @@ def load_tokenizer(plan: LoadPlan):
 
 
 def facts_for(plan: LoadPlan, tok) -> LoadFacts:
-    from paddle_scorer.plan import model_fingerprint
+    from paddle_scorer.fingerprints import model_fingerprint
     from paddle_scorer.runtime import versions
 
     mp, ap = plan.model, plan.adapter

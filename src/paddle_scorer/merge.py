@@ -33,10 +33,13 @@ import numpy as np
 from paddle_scorer import __version__
 from paddle_scorer import checkpoint as ckpt
 from paddle_scorer import plan as planning
+from paddle_scorer import sidecars
+from paddle_scorer.folders import resolve_paths
 from paddle_scorer.dtype_policy import DTYPES, normalise_dtype
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
+from paddle_scorer.arrays import add_delta, merge_refusal, nonfinite, to_dtype
 from paddle_scorer.lora import LoraSettings, lora_delta
-from paddle_scorer.weights import TensorMeta, dtype_name, dtype_size, read_tensors, write_pdparams, write_safetensors
+from paddle_scorer.weights import TensorMeta, dtype_size, read_tensors, write_pdparams, write_safetensors
 
 FORMATS = ("safetensors", "pdparams")
 
@@ -206,7 +209,7 @@ def plan(
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; use safetensors or pdparams.")
-    base_dir, lora_dir = planning.resolve_paths(model, lora)
+    base_dir, lora_dir = resolve_paths(model, lora)
     out = Path(out)
     check_output(out, base_dir, lora_dir, force)
 
@@ -260,49 +263,37 @@ def merge_shard(shard: dict[str, np.ndarray], p: MergePlan, deltas: dict[str, tu
     Returns the merged source tensors."""
     merged, bad, cache = [], [], {}
     out_dtype = None if p.dtype == "auto" else p.dtype
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and reported below, not warned
-        for name in [n for n in shard if n in deltas]:
-            module, rt = deltas[name]
-            if module not in cache:
-                a, b = p.pairs[module]
-                cache[module] = rt.split(lora_delta(a, b, p.settings.scaling))
-            delta = cache[module].pop(name)
-            if not cache[module]:  # every source of this module is merged: free its delta now, not at the
-                del cache[module]  # end of the shard (kept, the deltas were as big as the adapted weights)
-            w = shard[name]
-            value = w.astype(np.float32) + delta
-            del delta
-            if not np.isfinite(value).all():
-                bad.append(f"{name}: merged weight has NaN/inf")
-                continue
-            target = out_dtype or dtype_name(w.dtype)
-            shard[name] = _cast(value, target)
-            if not np.isfinite(shard[name].astype(np.float32)).all():
-                bad.append(f"{name}: merged weight overflows {target}")
-            merged.append(name)
+    for name in [n for n in shard if n in deltas]:
+        module, rt = deltas[name]
+        if module not in cache:
+            a, b = p.pairs[module]
+            cache[module] = rt.split(lora_delta(a, b, p.settings.scaling))
+        delta = cache[module].pop(name)
+        if not cache[module]:  # every source of this module is merged: free its delta now, not at the
+            del cache[module]  # end of the shard (kept, the deltas were as big as the adapted weights)
+        value, problem = add_delta(name, shard[name], delta, out_dtype)
+        del delta
+        if problem:
+            bad.append(problem)
+            continue
+        shard[name] = value
+        merged.append(name)
     if bad:
-        raise WeightMismatchError(f"{where}: merging the adapter produced non-finite weights:", bad,
-                                  "The adapter is unusable with this base; check its training run.")
+        raise merge_refusal(where, bad)
     if out_dtype is not None:
         narrowed = []
         for name in list(shard):
             before = shard[name].dtype
-            shard[name] = _cast(shard.pop(name), out_dtype)
+            shard[name] = to_dtype(shard.pop(name), out_dtype)
             if shard[name].dtype != before and shard[name].itemsize < before.itemsize:
                 narrowed.append(name)
-        bad = planning.nonfinite({n: shard[n] for n in narrowed})
+        bad = nonfinite({n: shard[n] for n in narrowed})
         if bad:
             raise WeightMismatchError(
                 f"--dtype {out_dtype}: some base weights exceed {out_dtype}'s range and would become inf:", bad,
                 "Keep the stored dtype with --dtype auto, or use --dtype bfloat16 (float32's range).",
             )
     return merged
-
-
-def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
-    from paddle_scorer.loader import to_dtype
-
-    return to_dtype(arr, dtype)
 
 
 def _umask() -> int:
@@ -342,7 +333,7 @@ def write_weights(p: MergePlan, folder: Path) -> tuple[list[str], int]:
         by_file.setdefault(str(ref.file), []).append(ref)
     for src, name in zip(files, names, strict=True):
         shard = read_tensors(sorted(by_file.get(str(src), []), key=lambda r: r.offset))
-        bad = planning.nonfinite(shard)
+        bad = nonfinite(shard)
         if bad:
             raise WeightMismatchError(f"{p.base}: the model weights contain NaN/inf, so every score would be meaningless:",
                                       bad, "Re-export the checkpoint from a healthy training step.")
@@ -392,7 +383,7 @@ def merge_record(p: MergePlan, merged_modules: int) -> dict:
 def write_side_files(p: MergePlan, folder: Path, record: dict) -> list[str]:
     """config.json (with the output dtype), generation config, tokenizer, chat template, scorer.json, record."""
     written = []
-    config = ckpt.read_json(p.base / "config.json")
+    config = sidecars.read_json(p.base / "config.json")
     config["dtype"] = p.out_dtype
     if "torch_dtype" in config:
         config["torch_dtype"] = p.out_dtype
@@ -401,7 +392,7 @@ def write_side_files(p: MergePlan, folder: Path, record: dict) -> list[str]:
     copies = [(p.base, n) for n in _BASE_EXTRA_FILES]
     if p.tokenizer_source is not None:
         copies += [(p.tokenizer_source, n) for n in ckpt._TOKENIZER_FILES + list(_CHAT_TEMPLATE_FILES)]
-    copies.append((p.adapter, ckpt.SCORER_DEFAULTS))
+    copies.append((p.adapter, sidecars.SCORER_DEFAULTS))
     for src, name in copies:
         if (src / name).is_file() and not (folder / name).exists():
             shutil.copyfile(src / name, folder / name)
@@ -557,7 +548,7 @@ def tolerance(out_dtype: str, logit_scale: float) -> float:
 
 
 def _logprobs(loaded, ids: list[int]) -> np.ndarray:
-    from paddle_scorer.backend import backend_for
+    from paddle_scorer.execution import backend_for
 
     return backend_for(loaded).position_logprobs(ids).astype(np.float64)
 

@@ -144,7 +144,8 @@ def execute(
 ) -> Outcome:
     """One scoring job, single-process or as one worker of ``paddle.distributed.launch``."""
     from paddle_scorer.errors import UsageError
-    from paddle_scorer.sharding import check_no_foreign_parts, gather, part_path, shard, worker_from_env
+    from paddle_scorer.launcher import worker_from_env
+    from paddle_scorer.sharding import check_no_foreign_parts, gather, part_path, shard
 
     worker = worker_from_env()
     if not worker.distributed:

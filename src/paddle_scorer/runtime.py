@@ -15,6 +15,8 @@ import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 
+from paddle_scorer.launcher import under_launcher, workers_on_host
+
 _SET_BY_US: dict[str, str] = {}
 
 
@@ -49,18 +51,9 @@ def thread_count(environ, cores: int | None = None) -> int | None:
     if explicit and explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
     current = environ.get("OMP_NUM_THREADS")
-    under_launcher = "PADDLE_LOCAL_SIZE" in environ or "PADDLE_TRAINERS_NUM" in environ
-    if current is None or (under_launcher and current == "1"):
-        return max(1, cores // local_workers_from(environ))
+    if current is None or (under_launcher(environ) and current == "1"):
+        return max(1, cores // workers_on_host(environ))
     return None
-
-
-def local_workers_from(environ) -> int:
-    for var in ("PADDLE_LOCAL_SIZE", "PADDLE_TRAINERS_NUM"):
-        v = environ.get(var)
-        if v and v.isdigit() and int(v) > 0:
-            return int(v)
-    return 1
 
 
 def configure_env(environ=os.environ) -> dict[str, str]:

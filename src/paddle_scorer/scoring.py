@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from paddle_scorer import backend as backend_module
-from paddle_scorer.backend import backend_for, regroup
+from paddle_scorer import packing
+from paddle_scorer.execution import backend_for
 from paddle_scorer.errors import ScorerError, UsageError
 from paddle_scorer.prompts import PromptOptions, Prompter, encode_pair, resolve_prefix, template_fields
 
@@ -37,7 +37,7 @@ class ClassifyOptions:
     calibration: str = "none"
     content_free: list[str] = field(default_factory=lambda: list(DEFAULT_CONTENT_FREE))
     pmi_domain: str | None = None
-    batch_size: int | None = None  # None: length-sorted batches of up to backend.CALL_TOKENS padded tokens
+    batch_size: int | None = None  # None: length-sorted batches of up to packing.CALL_TOKENS padded tokens
     max_length: int | None = None
     truncate: str = "error"  # error | left
     gold_field: str = "label"
@@ -211,7 +211,7 @@ class Classifier:
         order = sorted(range(len(preps)), key=lambda i: len(preps[i].context), reverse=True)
         bs = self.opts.batch_size
         if bs is None:  # by tokens: a few long prompts or many short ones per forward
-            cut = regroup([(preps[i].context, preps[i].label_ids) for i in order], backend_module.CALL_TOKENS)
+            cut = packing.regroup([(preps[i].context, preps[i].label_ids) for i in order], packing.CALL_TOKENS)
             groups = [[order[k] for k in g] for g in cut]
         else:
             groups = [order[start:start + bs] for start in range(0, len(order), bs)]
@@ -228,7 +228,7 @@ class Classifier:
         if self.opts.batch_size is not None:
             return self.opts.batch_size
         mean = sum(len(p.context) + sum(len(x) - 1 for x in p.label_ids) for p in preps) / max(1, len(preps))
-        return int(min(256, max(8, 4 * backend_module.CALL_TOKENS // max(1, mean))))
+        return int(min(256, max(8, 4 * packing.CALL_TOKENS // max(1, mean))))
 
     def _label_scores(self, result) -> np.ndarray:
         _, conts = result

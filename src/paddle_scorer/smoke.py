@@ -29,6 +29,7 @@ import numpy as np
 
 from paddle_scorer import checkpoint as ckpt
 from paddle_scorer import estimates, memory
+from paddle_scorer import folders, sidecars
 from paddle_scorer import plan as planning
 from paddle_scorer.dtype_policy import resolve_policy
 from paddle_scorer.errors import ScorerError, UsageError
@@ -133,7 +134,7 @@ def _attempt(r: SmokeResult, name: str, fn, ok=None):
 def run(opts: SmokeOptions) -> SmokeResult:
     if opts.limit < 1:
         raise UsageError("--limit must be at least 1.")
-    model_dir, lora_dir = planning.resolve_paths(opts.model, opts.lora)
+    model_dir, lora_dir = folders.resolve_paths(opts.model, opts.lora)
     r = SmokeResult(opts, model_dir, lora_dir)
 
     # 1. the plan: the loader's own checks, one at a time so each failure is named
@@ -193,7 +194,7 @@ def run(opts: SmokeOptions) -> SmokeResult:
 
 def _adapter_folder(lora_dir: Path):
     info = ckpt.describe(lora_dir)
-    return info, planning.check_adapter_folder(info)
+    return info, folders.check_adapter_folder(info)
 
 
 def _tokenizer(r: SmokeResult, plan):
@@ -212,7 +213,7 @@ def _tokenizer(r: SmokeResult, plan):
 
 
 def _defaults(mp, lora_dir) -> dict:
-    return ckpt.scorer_defaults(mp.folder if mp else None, lora_dir)
+    return sidecars.scorer_defaults(mp.folder if mp else None, lora_dir)
 
 
 def _data(r: SmokeResult, opts: SmokeOptions, mp, lora_dir, tok, plan):
@@ -380,7 +381,7 @@ class _Scorer:
     """The real Classifier (with labels) or the real backend's next-token distribution (without)."""
 
     def __init__(self, loaded, labels, items):
-        from paddle_scorer.backend import backend_for
+        from paddle_scorer.execution import backend_for
         from paddle_scorer.scoring import Classifier, ClassifyOptions
 
         self.labels = labels

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_scorer.backend import CALL_TOKENS, Packed, log_softmax, pack, padded, regroup, unpack  # noqa: F401
+from paddle_scorer.backend import log_softmax
+from paddle_scorer.packing import CALL_TOKENS, Packed, pack, padded, regroup, unpack
 from paddle_scorer.errors import CheckpointError
 from paddle_scorer.layout import layer_index
+from paddle_scorer.memory import records_per_block
 from paddle_scorer.runtime import paddle
 
 class _Captured(Exception):
@@ -58,18 +60,6 @@ class StreamStats:
         return {"blocks": self.blocks, "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 3),
                 "wait_seconds": round(self.wait_seconds, 3), "compute_seconds": round(self.compute_seconds, 3),
                 "records": self.records, "layer_passes": self.layer_passes}
-
-
-def record_bytes(width: int, hidden: int, heads: int) -> int:
-    """Memory one record of packed width ``width`` holds between layers (hidden state, the body's
-    expanded additive mask, positions) plus its share of one layer's activations."""
-    return 4 * width * (2 * hidden + width * 2) + 8 * width + 4 * heads * width * width
-
-
-def block_size(state_budget: int, width: int, hidden: int, heads: int, total: int) -> int:
-    """Records per block within ``state_budget`` bytes (at least 1; the plan already refused less)."""
-    per = record_bytes(width, hidden, heads)
-    return max(1, min(total, state_budget // max(per, 1)))
 
 
 class StreamedBackend:
@@ -162,7 +152,7 @@ class StreamedBackend:
 
     def _read(self, names: list[str], layer: int | None = None) -> dict[str, np.ndarray]:
         """Runtime arrays ``names`` in the compute dtype (adapter merged in when mode is merge); template names."""
-        from paddle_scorer.loader import merge_lora, to_paddle_array
+        from paddle_scorer.arrays import merge_lora, to_paddle_array
 
         t0 = time.perf_counter()
         arrays = self.plan.model.read(names)
@@ -285,18 +275,8 @@ class StreamedBackend:
     # ------------------------------------------------------------------ block sizing
 
     def block_size_for(self, width: int, total: int) -> int:
-        """Records per block for packed rows of ``width`` tokens, within what the memory plan left for states."""
-        from paddle_scorer.memory import current_rss
-
-        m = self.plan.memory
-        # measured now that paddle is imported and the template built: the interpreter's real share
-        inter = int(getattr(self.config, "intermediate_size", 4 * int(self.config.hidden_size)))
-        # + one layer call's MLP activations (gate, up, their product; float32) at CALL_TOKENS rows
-        fixed = current_rss() + 2 * m.largest_layer + m.largest_outside + 12 * CALL_TOKENS * inter
-        budget = max(0, (m.budget or 0) - fixed)
-        hidden = int(self.config.hidden_size)
-        heads = int(getattr(self.config, "num_attention_heads", 1))
-        return block_size(budget, width, hidden, heads, total)
+        """Records per block for packed rows of ``width`` tokens (:func:`paddle_scorer.memory.records_per_block`)."""
+        return records_per_block(self.plan.memory, width, total)
 
     def block_size(self, preps: list) -> int:
         """Records per block for prepared classify records (their widest packed row decides)."""

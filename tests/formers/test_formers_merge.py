@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from formers import builders as fb
-from paddle_scorer.backend import backend_for
+from paddle_scorer.execution import backend_for
 from paddle_scorer.cli.app import app
 from paddle_scorer.loader import load
 

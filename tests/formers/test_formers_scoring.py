@@ -154,7 +154,7 @@ def test_kv_cache_strategy_selects_rows_of_a_dynamic_cache(arch, formers_models,
     of the prompt's cache: PaddleFormers' DynamicCache, not tuples (libraries.select_cache_rows)."""
     import sys
 
-    from paddle_scorer.backend import backend_for
+    from paddle_scorer.execution import backend_for
     from paddle_scorer.loader import load
 
     sys.path.insert(0, str(fb.REPO / "benchmarks"))

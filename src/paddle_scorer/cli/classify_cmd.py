@@ -20,8 +20,8 @@ from paddle_scorer.cli.options import (
     loaded_from,
     progress_bar,
     read_rows,
-    scorer_defaults,
 )
+from paddle_scorer.sidecars import scorer_defaults
 
 EXAMPLES = """
 Examples:

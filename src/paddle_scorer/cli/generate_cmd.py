@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import (check_io, load_options, loaded_from, progress_bar, read_rows, resume_line,
-                                        scorer_defaults)
+from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, resume_line
+from paddle_scorer.sidecars import scorer_defaults
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """

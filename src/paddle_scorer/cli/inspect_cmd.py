@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
 
         Example: paddle-scorer inspect checkpoints/demo-lora
         """
-        from paddle_scorer.plan import assess
+        from paddle_scorer.assess import assess
 
         info = describe(path)
         a = assess(info)

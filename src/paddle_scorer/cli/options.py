@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paddle_scorer.cli.common import err
-from paddle_scorer.checkpoint import scorer_defaults  # noqa: F401 - re-exported for the commands
 
 
 @dataclass
@@ -29,18 +28,11 @@ def load_options(model, lora, mode, device, dtype, tokenizer, memory_limit=None,
 
 
 def plan_from(o: LoadOptions):
-    """The load plan (every check; nothing loaded). ``--memory-limit`` is divided between the launcher's
-    workers on this host when it is the default (each would otherwise count all free RAM as its own)."""
-    from paddle_scorer.memory import default_budget, parse_size
+    """The load plan (every check; nothing loaded; the memory budget decided by :mod:`paddle_scorer.memory`)."""
+    from paddle_scorer.memory import parse_size
     from paddle_scorer.plan import make_plan
-    from paddle_scorer.runtime import local_workers_from
-
-    import os
 
     limit = parse_size(o.memory_limit) if o.memory_limit is not None else None
-    workers = local_workers_from(os.environ)
-    if limit is None and workers > 1:
-        limit = default_budget() // workers
     return make_plan(o.model, o.lora, device=o.device, dtype=o.dtype, mode=o.mode, tokenizer=o.tokenizer,
                      memory_limit=limit, allow_noop_adapter=o.allow_noop_adapter, execution=o.execution)
 

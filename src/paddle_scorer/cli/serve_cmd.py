@@ -140,7 +140,7 @@ def _serve(sock, model, lora, host, api_key, model_name, opts, mode, device, dty
 
     import uvicorn
 
-    from paddle_scorer.backend import backend_for
+    from paddle_scorer.execution import backend_for
     from paddle_scorer.serve.app import create_app
     from paddle_scorer.serve.service import ServeOptions, Service
 
