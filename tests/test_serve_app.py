@@ -256,6 +256,9 @@ def test_http_level_errors(demo, client):
     assert client.post("/v1/completions", content=b"[]").status_code == 400
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    for route in ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
+                  "POST /tokenize", "POST /detokenize", "GET /tokenizer_info"):  # the list is built from the app
+        assert route in r.json()["error"]["message"]
     r = client.get("/v1/completions")
     assert r.status_code == 405 and "error" in r.json()
     assert client.get("/v1/models/other").status_code == 404

@@ -78,19 +78,11 @@ class Generator:
         self.loaded = loaded
         self.tok = loaded.tokenizer
         self.opts = options
-        if getattr(loaded, "streamed", False):
+        if loaded.streamed:
             raise UsageError("generate needs the whole model in memory (a layer-streamed model would be re-read for every "
                              "token); use a machine or GPU that fits it, or classify, which streams.")
         self.backend = backend_for(loaded)
-        eos = getattr(self.tok, "eos_token_id", None)
-        cfg_eos = getattr(loaded.config, "eos_token_id", None)
-        ids = set()
-        for e in (eos, cfg_eos):
-            if isinstance(e, int):
-                ids.add(e)
-            elif isinstance(e, (list, tuple)):
-                ids.update(int(x) for x in e)
-        self.eos_ids = ids
+        self.eos_ids = loaded.eos_ids
         self.max_length = loaded.context_length
         self.prompter = prompter_for(self.tok, options, self.max_length)
 

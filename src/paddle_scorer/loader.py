@@ -84,6 +84,19 @@ class Loaded:
         return self.plan is not None and self.plan.streamed
 
     @property
+    def eos_ids(self) -> set[int]:
+        """EOS token ids from the tokenizer and the model config: where ``generate`` and ``serve`` stop."""
+        cfg_eos = (self.plan.model.info.raw_config.get("eos_token_id") if self.plan is not None
+                   else getattr(self.config, "eos_token_id", None))
+        ids: set[int] = set()
+        for e in (getattr(self.tokenizer, "eos_token_id", None), cfg_eos):
+            if isinstance(e, int) and not isinstance(e, bool):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(x) for x in e if isinstance(x, int) and not isinstance(x, bool))
+        return ids
+
+    @property
     def context_length(self) -> int | None:
         """The model's context (max_position_embeddings), from config.json."""
         if self.plan is not None:

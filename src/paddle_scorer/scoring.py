@@ -16,7 +16,7 @@ import numpy as np
 from paddle_scorer import packing
 from paddle_scorer.execution import backend_for
 from paddle_scorer.errors import ScorerError, UsageError
-from paddle_scorer.prompts import PromptOptions, Prompter, encode_pair, resolve_prefix, template_fields
+from paddle_scorer.prompts import PromptOptions, Prompter, check_template, encode_pair, resolve_prefix, template_fields
 
 LENGTH_NORMS = ("none", "per-token")
 CALIBRATIONS = ("none", "contextual", "pmi")
@@ -78,15 +78,28 @@ def check_gold_not_in_template(options: "ClassifyOptions") -> None:
         )
 
 
+def check_options(opts: "ClassifyOptions") -> None:
+    """Every check of classify's options that needs no model: the CLI calls it before loading anything, and the
+    Python API through :class:`LabelEncoder` (so ``Classifier`` and ``smoke`` get the same sentences)."""
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1.")
+    if opts.length_norm not in LENGTH_NORMS:
+        raise UsageError(f"--length-norm {opts.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
+    if opts.calibration not in CALIBRATIONS:
+        raise UsageError(f"--calibration {opts.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
+    if opts.truncate not in ("error", "left"):
+        raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
+    check_template(opts.template)
+    check_gold_not_in_template(opts)
+
+
 class LabelEncoder:
     """Records -> :class:`Prepared` (prompt ids and label ids), without the model: the prompt path
     (:class:`~paddle_scorer.prompts.Prompter`) plus the prompt/label boundary. ``smoke`` runs it over every
     record before loading anything."""
 
     def __init__(self, tokenizer, options: "ClassifyOptions", context_length: int | None):
-        if options.batch_size is not None and options.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1.")
-        check_gold_not_in_template(options)
+        check_options(options)
         self.tok = tokenizer
         self.opts = options
         self.prompter = Prompter(tokenizer, PromptOptions(
@@ -140,10 +153,6 @@ class LabelEncoder:
 
 class Classifier:
     def __init__(self, loaded, options: ClassifyOptions):
-        if options.length_norm not in LENGTH_NORMS:
-            raise UsageError(f"--length-norm {options.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
-        if options.calibration not in CALIBRATIONS:
-            raise UsageError(f"--calibration {options.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
         self.loaded = loaded
         self.tok = loaded.tokenizer
         self.opts = options

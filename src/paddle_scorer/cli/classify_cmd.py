@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
+from paddle_scorer.cli import flags
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import (
     resume_line,
-    check_classify_options,
     check_io,
     check_numbers,
     load_options,
@@ -38,40 +37,40 @@ def register(app: typer.Typer) -> None:
     @app.command("classify", help="Exact, calibrated P(label | prompt) for any labels (teacher forcing)." + EXAMPLES)
     @cli_errors
     def classify(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder. Optional when the adapter's lora_config.json names a local base."),
-        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder (lora_config.json + weights)."),
-        labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated candidate labels (default: the adapter's scorer.json)."),
-        prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt to score (repeatable). Filled into --template as {query}."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL file, one object per line (fields for the template, optional id and gold label)."),
-        template: Optional[str] = typer.Option(None, "--template", "-t", help="Prompt template with {field} placeholders (default: scorer.json's, else the record's query/prompt/text)."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL results here (+ .meta.json provenance)."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSONL results to stdout."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --output: skip ids already written."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output."),
-        label_prefix: Optional[str] = typer.Option(None, "--label-prefix", help="Text put before each label, e.g. ' ' (default: scorer.json's, else ' '; 'auto': a space unless the prompt ends with whitespace)."),
-        chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: on when it has one)."),
+        model: flags.Model = None,
+        lora: flags.Lora = None,
+        labels: flags.Labels = None,
+        prompt: flags.Prompt = None,
+        input: flags.Input = None,
+        template: flags.Template = None,
+        output: flags.Output = None,
+        as_json: flags.Json = False,
+        resume: flags.Resume = False,
+        overwrite: flags.Overwrite = False,
+        label_prefix: flags.LabelPrefix = None,
+        chat_template: flags.ChatTemplate = None,
         length_norm: str = typer.Option("none", "--length-norm", help="none | per-token (mean log-prob per label token)."),
         calibration: str = typer.Option("none", "--calibration", help="none | contextual (Zhao et al. 2021) | pmi (Holtzman et al. 2021)."),
         content_free: Optional[list[str]] = typer.Option(None, "--content-free", help="Content-free inputs for contextual calibration (repeatable; default N/A, '', [MASK])."),
         pmi_domain: Optional[str] = typer.Option(None, "--pmi-domain", help="Domain premise for PMI (default: the template's text after its last placeholder)."),
-        id_field: str = typer.Option("id", "--id-field", help="Record field holding the id (default: id; else the 0-based line index)."),
+        id_field: flags.IdField = "id",
         gold_field: str = typer.Option("label", "--gold-field", help="Record field holding the gold label, for metrics."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", show_default="up to 1024 tokens",
                                                  help="Prompts per forward pass (sorted by length, order restored). "
                                                       "Default: as many as fit in 1024 padded tokens."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit for prompt + label (default: the model's context)."),
-        truncate: str = typer.Option("error", "--truncate", help="error | left: what to do with a prompt longer than the context."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N records."),
+        truncate: flags.Truncate = "error",
+        limit: flags.Limit = None,
         show: int = typer.Option(5, "--show", help="With --output: print this many records after the summary."),
-        mode: str = typer.Option("attach", "--mode", help="attach (LoRA layers kept separate) | merge (merged into the weights on load)."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (CPU: float32 only)."),
-        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none."),
-        memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="RAM this run may use, e.g. 16GB (default: the available RAM minus a margin). A model that does not fit is scored layer by layer (streamed)."),
-        execution: str = typer.Option("auto", "--execution", help="auto | in-ram | streamed: where the weights live while scoring (auto: in RAM when they fit the memory limit)."),
+        mode: flags.Mode = "attach",
+        device: flags.Device = "auto",
+        dtype: flags.Dtype = "auto",
+        tokenizer: flags.Tokenizer = None,
+        memory_limit: flags.MemoryLimit = None,
+        execution: flags.Execution = "auto",
         stream_block_records: Optional[int] = typer.Option(None, "--stream-block-records", help="Streamed: records per block (default: as many as the memory limit allows; each block reads every layer once)."),
-        allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter", help="Score with an adapter that changes nothing (all-zero lora_B or lora_alpha 0) instead of refusing it."),
-        coerce_fields: bool = typer.Option(False, "--coerce-fields", help="Fill null/number/list/object fields into the template as str(value) instead of refusing them."),
+        allow_noop_adapter: flags.AllowNoopAdapter = False,
+        coerce_fields: flags.CoerceFields = False,
         force_max_length: bool = typer.Option(False, "--force-max-length", help="Allow --max-length beyond the model's context (recorded in the output)."),
     ):
         from paddle_scorer.identity import classify_identity
@@ -79,7 +78,7 @@ def register(app: typer.Typer) -> None:
         from paddle_scorer.outputs import fingerprint
         from paddle_scorer.prompts import parse_labels
         from paddle_scorer.runs import execute
-        from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
+        from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions, check_options
 
         check_io(prompt, input, output, resume, overwrite, limit)
         check_numbers(batch_size=batch_size, max_length=max_length, show=show, stream_block_records=stream_block_records)
@@ -100,7 +99,7 @@ def register(app: typer.Typer) -> None:
             coerce_fields=coerce_fields,
             force_max_length=force_max_length,
         )
-        check_classify_options(opts)
+        check_options(opts)
         rows = read_rows(prompt, input, id_field, limit)
 
         loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer, memory_limit,

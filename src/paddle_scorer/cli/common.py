@@ -58,13 +58,21 @@ def _not_utf8(value) -> bool:
 
 
 def _flag_names(fn) -> dict[str, str]:
-    """Parameter name -> its first command-line flag (``--output``) or ARGUMENT, from typer's declarations."""
+    """Parameter name -> its first command-line flag (``--output``) or ARGUMENT, from typer's declarations
+    (``name: str = typer.Option(...)`` or ``name: Annotated[str, typer.Option(...)]``)."""
     import inspect
+    import typing
 
     names = {}
+    hints = typing.get_type_hints(fn, include_extras=True)
     for name, param in inspect.signature(fn).parameters.items():
-        decls = [d for d in (getattr(param.default, "param_decls", None) or ()) if d.startswith("--")]
-        names[name] = decls[0] if decls else name.upper()
+        infos = [param.default] + list(getattr(hints.get(name), "__metadata__", ()))
+        decls = []
+        for info in infos:
+            first = getattr(info, "default", None)  # in an Annotated declaration typer keeps the first flag here
+            decls += [d for d in [first, *(getattr(info, "param_decls", None) or ())]
+                      if isinstance(d, str) and d.startswith("--")]
+        names[name] = decls[0].split("/")[0] if decls else name.upper()
     return names
 
 
@@ -135,15 +143,6 @@ def cli_errors(fn):
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
-
-
-def human_bytes(n: int | float) -> str:
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def human_count(n: int) -> str:

@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, human_bytes, out, styled
+from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli.common import cli_errors, out, styled
 
 EXAMPLES = """
 Examples:
@@ -45,7 +46,7 @@ def render(facts: dict) -> None:
         if pd.get("compiled_with_cuda"):
             _row(t, "visible GPUs", f"{pd.get('device_count', 0)} (CUDA_VISIBLE_DEVICES={pd.get('cuda_visible_devices')!r})")
             for d in pd.get("devices", []):
-                mem = f", {human_bytes(d['memory_bytes'])}" if d.get("memory_bytes") else ""
+                mem = f", {fmt_bytes(d['memory_bytes'])}" if d.get("memory_bytes") else ""
                 _row(t, f"  gpu:{d['index']}", f"{escape(d['name'])}, compute capability {d['compute_capability']}{mem}, "
                                                  f"float16 {'yes' if d['float16'] else 'no'}, "
                                                  f"bfloat16 {'yes' if d['bfloat16'] else 'no'}")
@@ -71,9 +72,9 @@ def render(facts: dict) -> None:
             ("set by you" if s["value"] is not None else "unset")
         _row(t, f"  {var}", f"{s['value'] if s['value'] is not None else '-'} ({who})")
     mem = facts["memory"]
-    _row(t, "RAM", f"{human_bytes(mem['available'])} free of {human_bytes(mem['total'])}")
+    _row(t, "RAM", f"{fmt_bytes(mem['available'])} free of {fmt_bytes(mem['total'])}")
     for d in facts["disk"]:
-        _row(t, f"disk ({d['what']})", f"{human_bytes(d['free'])} free of {human_bytes(d['total'])} at {escape(d['path'])}")
+        _row(t, f"disk ({d['what']})", f"{fmt_bytes(d['free'])} free of {fmt_bytes(d['total'])} at {escape(d['path'])}")
     out.print(t)
     for f in facts["findings"]:
         colour = "bold red" if f["level"] == "error" else "yellow"

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
+from paddle_scorer.cli import flags
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, resume_line
 from paddle_scorer.sidecars import scorer_defaults
@@ -29,33 +28,33 @@ def register(app: typer.Typer) -> None:
     @app.command("generate", help="Generate and record, per step, the raw softmax: chosen token, prob, entropy, top-k." + EXAMPLES)
     @cli_errors
     def generate(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder."),
-        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder."),
-        prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable); filled into --template as {query}."),
-        input: Optional[Path] = typer.Option(None, "--input", "-i", help="JSONL file, one object per line."),
-        template: Optional[str] = typer.Option(None, "--template", "-t", help="Prompt template with {field} placeholders (default: scorer.json's)."),
+        model: flags.Model = None,
+        lora: flags.Lora = None,
+        prompt: flags.Prompt = None,
+        input: flags.Input = None,
+        template: flags.Template = None,
         raw: bool = typer.Option(False, "--raw", help="Use prompts as given: no template from scorer.json."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSONL traces here (+ .meta.json)."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSONL traces to stdout."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted --output."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output."),
+        output: flags.Output = None,
+        as_json: flags.Json = False,
+        resume: flags.Resume = False,
+        overwrite: flags.Overwrite = False,
         max_new_tokens: int = typer.Option(20, "--max-new-tokens", "-n", help="Stop after this many tokens (or at EOS)."),
         top_k: int = typer.Option(5, "--top-k", "-k", help="Top-k tokens recorded per step (raw softmax)."),
         sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
         temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (recorded probabilities stay raw)."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed (per record)."),
         renormalize_top_k: bool = typer.Option(False, "--renormalize-top-k", help="Also record the OLD method's renormalised top-k, labelled as such."),
-        chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: on when present)."),
-        id_field: str = typer.Option("id", "--id-field"),
-        truncate: str = typer.Option("error", "--truncate", help="error | left."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N records."),
-        mode: str = typer.Option("attach", "--mode", help="attach | merge."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
-        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder."),
-        memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="RAM this run may use, e.g. 16GB (default: the available RAM minus a margin); a model that does not fit is refused before loading."),
-        allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter", help="Generate with an adapter that changes nothing instead of refusing it."),
-        coerce_fields: bool = typer.Option(False, "--coerce-fields", help="Fill null/number/list/object fields into the template as str(value)."),
+        chat_template: flags.ChatTemplate = None,
+        id_field: flags.IdField = "id",
+        truncate: flags.Truncate = "error",
+        limit: flags.Limit = None,
+        mode: flags.Mode = "attach",
+        device: flags.Device = "auto",
+        dtype: flags.Dtype = "auto",
+        tokenizer: flags.Tokenizer = None,
+        memory_limit: flags.MemoryLimit = None,
+        allow_noop_adapter: flags.AllowNoopAdapter = False,
+        coerce_fields: flags.CoerceFields = False,
     ):
         from paddle_scorer.cli.options import check_numbers, plan_in_ram
         from paddle_scorer.generation import GenerateOptions, Generator, check_options

@@ -17,7 +17,8 @@ from paddle_scorer.checkpoint import (
     CheckpointInfo,
     describe,
 )
-from paddle_scorer.cli.common import cli_errors, err, escape, human_bytes, human_count, out, styled
+from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli.common import cli_errors, err, escape, human_count, out, styled
 from rich.text import Text
 
 _KIND_TITLE = {
@@ -58,8 +59,8 @@ def render(info: CheckpointInfo, a=None) -> None:
         t.add_row("parameters", f"{human_count(w.num_params)} ({w.num_params:,}) in {w.num_tensors} tensors")
         t.add_row("stored dtype", _dtypes(w.dtypes) + (f" (config.json says {info.config_dtype})" if info.config_dtype else ""))
         t.add_row("memory to load",
-                  f"float32 {human_bytes(info.memory['float32'])} (CPU), float16/bfloat16 "
-                  f"{human_bytes(info.memory['float16'])} (GPU); weights only, activations extra")
+                  f"float32 {fmt_bytes(info.memory['float32'])} (CPU), float16/bfloat16 "
+                  f"{fmt_bytes(info.memory['float16'])} (GPU); weights only, activations extra")
     if a is not None and a.layout:
         lay = a.layout
         t.add_row("layout", lay["description"] + (f"; saved by {lay['saved_by']}" if lay.get("saved_by") else "")
@@ -74,11 +75,11 @@ def render(info: CheckpointInfo, a=None) -> None:
     if a is not None and a.memory and not a.gpu_only:
         m = a.memory
         if m.get("execution") == "in-ram":
-            t.add_row("this machine", f"fits in RAM as float32 (about {human_bytes(m['need'])} <= "
-                                      f"{human_bytes(m['budget'])}, {m['budget_source']})")
+            t.add_row("this machine", f"fits in RAM as float32 (about {fmt_bytes(m['need'])} <= "
+                                      f"{fmt_bytes(m['budget'])}, {m['budget_source']})")
         elif m.get("execution") == "streamed":
-            t.add_row("this machine", f"does NOT fit in RAM as float32 (about {human_bytes(m['need'])} > "
-                                      f"{human_bytes(m['budget'])}, {m['budget_source']}): classify streams it layer by "
+            t.add_row("this machine", f"does NOT fit in RAM as float32 (about {fmt_bytes(m['need'])} > "
+                                      f"{fmt_bytes(m['budget'])}, {m['budget_source']}): classify streams it layer by "
                                       f"layer, about {m['records_per_block']:,} records of {m['assumed_tokens']} tokens "
                                       "per block (each block reads the weights once); generate needs a bigger machine "
                                       "or a GPU")

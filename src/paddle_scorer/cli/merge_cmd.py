@@ -9,7 +9,9 @@ from pathlib import Path
 
 import typer
 
-from paddle_scorer.cli.common import cli_errors, err, escape, human_bytes, out, styled
+from paddle_scorer.cli import flags
+from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 
 
 @contextmanager
@@ -39,11 +41,11 @@ def render(result) -> None:
     out.print(f"  scaling  {r.scaling:g} ({r.scaling_formula})", highlight=False)
     weights = [f for f in r.files if f.endswith((".safetensors", ".pdparams"))]
     shown = ", ".join(weights) if len(weights) <= 3 else f"{weights[0]} ... {weights[-1]} ({len(weights)} shards)"
-    out.print(f"  output   {r.format}, {r.out_dtype}, {human_bytes(r.out_bytes)}: {shown}", highlight=False)
+    out.print(f"  output   {r.format}, {r.out_dtype}, {fmt_bytes(r.out_bytes)}: {shown}", highlight=False)
     # Below ~64 MB of weights a ratio would only measure the Python interpreter (~50 MB).
     vs = (f" = {r.peak_rss_bytes / r.base_bytes:.2f}x the base's" if r.base_bytes >= 64 * 1024**2 else " for")
     out.print(
-        f"  memory   peak RSS {human_bytes(r.peak_rss_bytes)}{vs} {human_bytes(r.base_bytes)} of weights "
+        f"  memory   peak RSS {fmt_bytes(r.peak_rss_bytes)}{vs} {fmt_bytes(r.base_bytes)} of weights "
         "(before --verify; includes ~50 MB for Python itself)",
         highlight=False,
     )
@@ -63,8 +65,8 @@ def register(app: typer.Typer) -> None:
     @app.command("merge")
     @cli_errors
     def merge(
-        model: Path = typer.Option(None, "--model", help="Base model folder (default: the base the adapter names, if local)."),
-        lora: Path = typer.Option(..., "--lora", help="LoRA adapter folder (lora_config.json + weights)."),
+        model: flags.Model = None,
+        lora: flags.Lora = ...,
         out_dir: Path = typer.Option(..., "--out", help="New folder for the merged model."),
         dtype: str = typer.Option("auto", "--dtype",
                                   help="auto (keep the stored dtype), float32, float16 or bfloat16."),
@@ -72,9 +74,7 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify",
                                     help="Before finishing, check merged logits == base + attached adapter (loads paddle)."),
         force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
-        allow_noop_adapter: bool = typer.Option(False, "--allow-noop-adapter",
-                                                help="Merge an adapter that changes nothing (all-zero lora_B or "
-                                                     "lora_alpha 0) instead of refusing it."),
+        allow_noop_adapter: flags.AllowNoopAdapter = False,
     ):
         """Merge a LoRA adapter into its base: W + A @ B * scaling, tensor by tensor.
 

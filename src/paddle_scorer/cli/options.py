@@ -132,21 +132,6 @@ def check_numbers(**values) -> None:
             raise UsageError(f"{flag} must be at least {low}, got {value}.")
 
 
-def check_classify_options(opts) -> None:
-    from paddle_scorer.errors import UsageError
-    from paddle_scorer.prompts import check_template
-    from paddle_scorer.scoring import CALIBRATIONS, LENGTH_NORMS, check_gold_not_in_template
-
-    if opts.length_norm not in LENGTH_NORMS:
-        raise UsageError(f"--length-norm {opts.length_norm!r} is not one of {', '.join(LENGTH_NORMS)}.")
-    if opts.calibration not in CALIBRATIONS:
-        raise UsageError(f"--calibration {opts.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
-    if opts.truncate not in ("error", "left"):
-        raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
-    check_template(opts.template)
-    check_gold_not_in_template(opts)
-
-
 def resume_line(con, stats) -> None:
     """After --resume: what was done with the previous results when the input had changed since."""
     r = stats.resume

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from paddle_scorer.cli import flags
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import load_options, loaded_from, plan_in_ram
 from paddle_scorer.errors import UsageError
@@ -81,8 +82,8 @@ def register(app: typer.Typer) -> None:
                                + EXAMPLES)
     @cli_errors
     def serve(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder. Optional when the adapter's lora_config.json names a local base."),
-        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder."),
+        model: flags.Model = None,
+        lora: flags.Lora = None,
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only; 0.0.0.0 for all interfaces)."),
         port: int = typer.Option(8000, "--port", help="Port (0: any free port; the URL is printed)."),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PADDLE_SCORER_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health (also from $PADDLE_SCORER_API_KEY)."),
@@ -92,10 +93,10 @@ def register(app: typer.Typer) -> None:
         max_tokens_cap: int = typer.Option(2048, "--max-tokens", help="Largest max_tokens a request may ask for."),
         max_logprobs: int = typer.Option(20, "--max-logprobs", help="Largest logprobs / top_logprobs a request may ask for."),
         max_body: str = typer.Option("8MB", "--max-body", help="Largest request body (e.g. 8MB)."),
-        mode: str = typer.Option("attach", "--mode", help="attach | merge."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | gpu | gpu:N."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (CPU: float32 only)."),
-        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none (or to serve another chat template)."),
+        mode: flags.Mode = "attach",
+        device: flags.Device = "auto",
+        dtype: flags.Dtype = "auto",
+        tokenizer: flags.Tokenizer = None,
         log_level: str = typer.Option("warning", "--log-level", help="Server log level: " + " | ".join(LOG_LEVELS) + "."),
         access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
     ):

@@ -11,7 +11,9 @@ import typer
 from rich.text import Text
 from rich.table import Table
 
-from paddle_scorer.cli.common import cli_errors, err, human_bytes, out
+from paddle_scorer.cli import flags
+from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli.common import cli_errors, err, out
 
 EXAMPLES = """
 Examples:
@@ -56,8 +58,8 @@ def _memory_table(rows) -> Table:
             verdict = Text("fits", style="green") if r.fits else Text("streams", style="yellow")
         else:
             verdict = Text("fits", style="green") if r.fits else Text("does not fit", style="bold red")
-        have = human_bytes(r.available) if r.available is not None else "pass --gpu-memory"
-        t.add_row(r.device, r.dtype, human_bytes(r.weights), human_bytes(r.needed), have, verdict)
+        have = fmt_bytes(r.available) if r.available is not None else "pass --gpu-memory"
+        t.add_row(r.device, r.dtype, fmt_bytes(r.weights), fmt_bytes(r.needed), have, verdict)
     return t
 
 
@@ -67,18 +69,18 @@ def register(app: typer.Typer) -> None:
                                "fit in RAM), attach vs merge, projected time." + EXAMPLES)
     @cli_errors
     def smoke(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base (or merged) model folder. Optional when the adapter's lora_config.json names a local base."),
-        lora: Optional[Path] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder."),
-        labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels (default: scorer.json's; without any, the next-token distribution is checked)."),
-        template: Optional[str] = typer.Option(None, "--template", "-t", help="Prompt template with {field} placeholders (default: scorer.json's)."),
-        label_prefix: Optional[str] = typer.Option(None, "--label-prefix", help="Text put before each label (default: scorer.json's, else ' ')."),
+        model: flags.Model = None,
+        lora: flags.Lora = None,
+        labels: flags.Labels = None,
+        template: flags.Template = None,
+        label_prefix: flags.LabelPrefix = None,
         input: Optional[Path] = typer.Option(None, "--input", "-i", help="The JSONL dataset of the GPU job: every record is checked, --limit of them scored."),
         limit: int = typer.Option(5, "--limit", help="Records to score on CPU."),
         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of the GPU the job will run on, e.g. 80GB, 24GB."),
-        memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="RAM this check may use (e.g. 2GB; default: the available RAM minus a margin). A model that does not fit is streamed layer by layer."),
-        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, when the model folder has none."),
-        id_field: str = typer.Option("id", "--id-field", help="Record field holding the id."),
-        as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+        memory_limit: flags.MemoryLimit = None,
+        tokenizer: flags.Tokenizer = None,
+        id_field: flags.IdField = "id",
+        as_json: flags.Json = False,
     ):
         from paddle_scorer import smoke as sm
         from paddle_scorer.memory import parse_size

@@ -60,9 +60,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            msg = (f"no route {request.method} {request.url.path}; this server has POST /v1/completions, "
-                   "POST /v1/chat/completions, GET /v1/models, GET /health, GET /tokenizer_info, POST /tokenize, "
-                   "POST /detokenize.")
+            msg = f"no route {request.method} {request.url.path}; this server has {route_list(app)}."
             return _error(404, msg, code="not_found")
         if exc.status_code == 405:
             return _error(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
@@ -127,6 +125,17 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return service.detokenize(await body_of(request))
 
     return app
+
+
+def route_list(app: FastAPI) -> str:
+    """The routes this app serves, as ``METHOD /path`` phrases (built from the app, so it never drifts)."""
+    shown = []
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or ())
+        path = getattr(route, "path", None)
+        if path and methods:
+            shown += [f"{m} {path}" for m in methods if m != "HEAD"]
+    return ", ".join(shown)
 
 
 def _authorized(request: Request, key: str) -> bool:

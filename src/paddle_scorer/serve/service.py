@@ -39,17 +39,6 @@ class ServeOptions:
         return asdict(self)
 
 
-def eos_ids(loaded) -> set[int]:
-    """EOS ids from the tokenizer and the model config (as ``generate`` stops on)."""
-    ids: set[int] = set()
-    for e in (getattr(loaded.tokenizer, "eos_token_id", None), getattr(loaded.config, "eos_token_id", None)):
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return ids
-
-
 class Service:
     def __init__(self, loaded, backend, options: ServeOptions):
         self.loaded = loaded
@@ -57,7 +46,7 @@ class Service:
         self.name = options.model_name
         cfg = loaded.config
         vocab = int(getattr(cfg, "vocab_size", None) or len(loaded.tokenizer))
-        eos = eos_ids(loaded)
+        eos = loaded.eos_ids
         self.codec = Codec(loaded.tokenizer, vocab, loaded.facts.tokenizer_path, eos)
         context = int(getattr(cfg, "max_position_embeddings", None) or getattr(loaded.tokenizer, "model_max_length", 2048))
         self.limits = proto.Limits(context=context, vocab=self.codec.vocab, max_tokens=options.max_tokens,
