@@ -118,3 +118,16 @@ def test_no_module_is_too_long_without_saying_why():
             if "one module because" not in doc.lower():
                 long.append(f"{name} ({text.count(chr(10))} lines)")
     assert not long, "modules over ~600 lines without a reason in their docstring: " + ", ".join(long)
+
+
+def test_docs_layout_names_every_module_and_only_real_ones():
+    """docs/layout.md has one row per module: a new module must be described there, a removed one dropped."""
+    import re
+
+    doc = (SRC.parent / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"`((?:cli/|serve/)?[a-z_*]+\.py)`", doc))
+    files = {str(p.relative_to(SRC / PKG)) for p in (SRC / PKG).rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    covered = {f for f in files if f in named or (f.startswith("cli/") and f.endswith("_cmd.py") and "cli/*_cmd.py" in named)}
+    assert files - covered == set(), f"modules missing from docs/layout.md: {sorted(files - covered)}"
+    stale = {n for n in named if "*" not in n and n not in files}
+    assert not stale, f"docs/layout.md names modules that do not exist: {sorted(stale)}"
