@@ -1,11 +1,23 @@
-"""Which executor scores a loaded model: the model in memory (:class:`~paddle_scorer.backend.Backend`), or
-layer by layer from disk (:class:`~paddle_scorer.stream.StreamedBackend`) when the load plan says the model
-does not fit the memory budget. The decision itself is :mod:`paddle_scorer.memory`'s, taken once in the plan.
+"""Which executor scores a loaded model, decided once per load and recorded in its provenance
+(``facts.compute``):
+
+* streamed (the load plan's decision, :mod:`paddle_scorer.memory`): :class:`~paddle_scorer.stream.StreamedBackend`,
+  layer by layer from disk;
+* in RAM on CPU: the :mod:`paddle_scorer.decoder` forward (:class:`~paddle_scorer.cpu_runner.NumpyRunner`) on the
+  GEMM kernel :mod:`paddle_scorer.kernels` measured fastest, when the architecture is one it computes; else,
+  with the reason recorded, the library's forward (:class:`~paddle_scorer.backend.ModelRunner`);
+* on GPU: the library's forward.
+
+``PADDLE_SCORER_CPU_FORWARD=library`` forces the library's forward on CPU (for A/B checks and benchmarks).
 """
 
 from __future__ import annotations
 
+import os
+
 from paddle_scorer.backend import Backend, ModelRunner, Strategy
+
+FORWARD_ENV = "PADDLE_SCORER_CPU_FORWARD"
 
 
 def pad_id_of(tokenizer) -> int:
@@ -13,10 +25,35 @@ def pad_id_of(tokenizer) -> int:
     return int(pid) if pid is not None else 0
 
 
+def cpu_runner(loaded):
+    """``(runner, compute facts)``: the CPU decoder forward over the loaded model, or ``(None, facts)`` saying
+    why the library's forward runs."""
+    from paddle_scorer import cpu_runner as cr
+
+    if loaded.device != "cpu" or loaded.dtype != "float32":
+        return None, {"forward": "library", "why": f"{loaded.device}, {loaded.dtype}"}
+    if os.environ.get(FORWARD_ENV, "").strip().lower() == "library":
+        return None, {"forward": "library", "why": f"{FORWARD_ENV}=library"}
+    mp = loaded.plan.model
+    arch = mp.library.arch_for(mp.info).architecture
+    runner, why = cr.runner_for(loaded.model, mp.library.name, arch, loaded.config)
+    if runner is None:
+        return None, {"forward": "library", "why": why}
+    from paddle_scorer import kernels
+
+    _, choice = kernels.gemm(runner.f.spec.hidden, max(l.down.w.shape[0] for l in runner.layers))
+    return runner, {"forward": "paddle-scorer decoder", "gemm": choice.to_dict()}
+
+
 def backend_for(loaded, strategy: Strategy | None = None):
     """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer)."""
+    pad = pad_id_of(loaded.tokenizer)
     if loaded.streamed:
         from paddle_scorer.stream import StreamedBackend  # imports the model library's layer code
 
-        return StreamedBackend(loaded, pad_id=pad_id_of(loaded.tokenizer))
-    return Backend(ModelRunner(loaded.model), pad_id=pad_id_of(loaded.tokenizer), strategy=strategy)
+        backend = StreamedBackend(loaded, pad_id=pad)
+        loaded.facts.compute = backend.compute
+        return backend
+    runner, facts = cpu_runner(loaded) if loaded.plan is not None else (None, {"forward": "library"})
+    loaded.facts.compute = facts
+    return Backend(runner or ModelRunner(loaded.model), pad_id=pad, strategy=strategy)

@@ -54,6 +54,7 @@ class LoadFacts:
     library_version: str | None = None
     layout: dict | None = None
     execution: dict | None = None
+    compute: dict | None = None  # which forward and GEMM kernel ran (execution.backend_for)
     model_fingerprint: str | None = None
     noop_adapter_allowed: bool = False
     notes: list[str] = field(default_factory=list)

@@ -73,6 +73,7 @@ class StreamedBackend:
         self.plan = plan = loaded.plan
         self.pad_id = pad_id
         self.stats = StreamStats()
+        self.compute = {"forward": "library", "why": "streamed"}
         self.dtype = plan.policy.dtype
         mp = plan.model
         self.num_layers = mp.num_layers

@@ -140,6 +140,9 @@ def square(tmp_path_factory):
     return model, folder, lora
 
 
+F32_ROWS = 5e-5  # two independent float32 forwards, whole vocabulary rows of an ill-conditioned model (see below)
+
+
 def test_square_matrices_come_out_right(square, pf, deltas):
     model, folder, lora = square
     from paddle_scorer.layout import orientation_from_shapes
@@ -150,11 +153,13 @@ def test_square_matrices_come_out_right(square, pf, deltas):
     ids = [5, 17, 42, 99, 7, 150, 3, 64, 300]
     got = backend_for(load(folder, device="cpu")).position_logprobs(ids)
     want = pf.logprobs(model, ids)
-    assert deltas.record("formers env: square-matrix Llama (PF-saved) vs PF forward", np.abs(got - want).max()) <= TOL
+    # Whole rows of a scale-2 model: PaddleFormers' own float32 forward is 2.9e-5 from a float64 evaluation of the same
+    # weights here (ours 3.8e-5), so two float32 forwards agree to ~3e-5, not 1e-5; a transposed read is off by > 1e-2.
+    assert deltas.record("formers env: square-matrix Llama (PF-saved) vs PF forward", np.abs(got - want).max()) <= F32_ROWS
     attached = backend_for(load(folder, lora, device="cpu")).position_logprobs(ids)
     want = pf.logprobs(fb.load_lora_model(model, lora), ids)
     assert deltas.record("formers env: square-matrix Llama + PF LoRA vs PF LoRAModel",
-                         np.abs(attached - want).max()) <= TOL
+                         np.abs(attached - want).max()) <= F32_ROWS
     # what a wrong (transposed) reading would give: far off, so the check above has teeth
     assert np.abs(got - pf.logprobs(model, ids[::-1])[::-1]).max() > 1e-2
 

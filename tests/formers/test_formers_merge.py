@@ -19,6 +19,7 @@ from paddle_scorer.loader import load
 runner = CliRunner()
 PROBE = [[5, 17, 42, 99, 7, 150, 3, 64, 300, 301], [90, 75, 317, 326, 321, 367, 278]]
 TOL = 1e-5
+ROWS_TOL = 3e-5  # whole log-prob rows, two independent float32 forwards (see the merged-folder test)
 
 
 def merge(base, lora, out):
@@ -51,9 +52,11 @@ def test_merged_folder_loads_here_and_in_paddleformers(arch, formers_models, pf,
         d_theirs = max(d_theirs, np.abs(pf.logprobs(theirs, ids) - ours_lp).max())
         d_ref = max(d_ref, np.abs(pf.logprobs(ref_merged, ids) - ours_lp).max())
         d_att = max(d_att, np.abs(att - ours_lp).max())
+    # Whole vocabulary rows (|log-prob| up to ~25) through two independent float32 forwards (PaddleFormers' and
+    # paddle-scorer's CPU decoder): 1.5-1.6e-5 measured on the Llama, so 3e-5 (a wrong merge is off by > 1e-2)
     assert deltas.record(f"formers env: merge {arch}: our merged folder in PF from_pretrained vs our loader",
-                         d_theirs) <= TOL
-    assert deltas.record(f"formers env: merge {arch}: merged folder vs PF LoRAModel.merge()", d_ref) <= TOL
+                         d_theirs) <= ROWS_TOL
+    assert deltas.record(f"formers env: merge {arch}: merged folder vs PF LoRAModel.merge()", d_ref) <= ROWS_TOL
     # merged (x (W + AB)) and attached (xW + xAB) are different float32 sums: ~1e-5 over the whole vocabulary
     # row at |log-prob| ~15 is rounding (PEFT's merge test allows 1e-4); the 1e-5 checks are the two above
     assert deltas.record(f"formers env: merge {arch}: merged vs attached (whole rows)", d_att) <= 1e-4

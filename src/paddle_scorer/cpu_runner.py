@@ -1,0 +1,144 @@
+"""The CPU runner: :mod:`paddle_scorer.decoder`'s forward over a model loaded in RAM, behind the same seam as
+:class:`~paddle_scorer.backend.ModelRunner` (``hidden`` / ``logprobs`` / ``gather`` / ``select_cache``), so the
+:class:`~paddle_scorer.backend.Backend` algorithms (packed labels, echo, batched decoding) run on it unchanged.
+
+The weights are the loaded model's own parameters, viewed as numpy without a copy (an attached LoRA's
+``lora_A``/``lora_B`` too, with the scaling its layers hold). :func:`runner_for` returns ``None`` with the reason
+when the model is not one the CPU forward computes; the library's forward is used then.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paddle_scorer import decoder, kernels
+from paddle_scorer.decoder import KV, Attend, Forward, Outside, Rope, UnsupportedWeights, keep_from_mask, make_layer
+from paddle_scorer.layout import layer_index
+
+
+def _outside(spec, named: dict, tied: bool) -> Outside:
+    p = spec.prefix
+    embed = named[f"{p}.embed_tokens.weight"]
+    head = named.get("lm_head.weight", embed)
+    # PaddleNLP's untied head is [hidden, vocab]; PaddleFormers' (and any tied head) is [vocab, hidden]
+    transposed = spec.head_out_in or tied or head is embed
+    bias = named.get("lm_head.bias")
+    return Outside(embed.np, named[f"{p}.norm.weight"].np, head, transposed, bias.np if bias is not None else None)
+
+
+def split_named(spec, named: dict) -> tuple[dict[int, dict], dict]:
+    """Runtime tensor names -> per-layer dicts keyed by suffix (``self_attn.q_proj.weight``) and the rest."""
+    layers: dict[int, dict] = {}
+    rest = {}
+    for name, value in named.items():
+        i = layer_index(name)
+        if i is None:
+            rest[name] = value
+            continue
+        suffix = name.split(f".layers.{i}.", 1)[1]
+        layers.setdefault(i, {})[suffix] = value
+    return layers, rest
+
+
+class NumpyRunner:
+    """A loaded in-RAM model run by the CPU forward (see the module docstring)."""
+
+    def __init__(self, forward: Forward, layers: list, outside: Outside):
+        self.f = forward
+        self.layers = layers
+        self.outside = outside
+
+    # the ModelRunner seam ------------------------------------------------------------------------
+
+    def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KV | None = None,
+               use_cache: bool = False):
+        """Final-normed hidden states ``[B, T, H]`` (the body's output, as the library returns it) and the
+        cache extended by these tokens when ``use_cache``."""
+        B, T = ids.shape
+        past = cache.length if cache is not None else 0
+        keep, past_keep = keep_from_mask(np.asarray(mask), T, past)
+        attend = Attend(keep, past_keep)
+        cos, sin = self.f.rope(np.asarray(positions).reshape(-1))
+        h = self.f.embed(self.outside, ids)
+        new = KV() if use_cache else None
+        for i, layer in enumerate(self.layers):
+            pk = (cache.keys[i], cache.values[i]) if past else None
+            h, kv = self.f.layer(layer, h, (B, T), cos, sin, attend, pk, keep_kv=use_cache)
+            if use_cache:
+                k, v = kv
+                if past:
+                    k = np.concatenate([cache.keys[i], k], axis=2)
+                    v = np.concatenate([cache.values[i], v], axis=2)
+                new.keys.append(k)
+                new.values.append(v)
+        if use_cache:
+            tail = np.asarray(mask).astype(bool)[:, -T:] if np.asarray(mask).ndim == 2 else np.ones((B, T), bool)
+            new.keep = tail if not past else np.concatenate([cache.keep, tail], axis=1)
+        normed = decoder.rms_norm(h, self.outside.norm, self.f.spec.eps)
+        return normed.reshape(B, T, -1), new
+
+    def logprobs(self, rows: np.ndarray) -> np.ndarray:
+        return self.f.logprobs(self.outside, np.ascontiguousarray(rows, dtype=np.float32), normed=True)
+
+    def gather(self, hidden: np.ndarray, rows: list[tuple[int, int]]) -> np.ndarray:
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        return hidden[idx[:, 0], idx[:, 1]]
+
+    def select_cache(self, cache: KV, index: list[int]) -> KV:
+        return cache.rows(index)
+
+
+def gemm_for(spec, intermediate: int):
+    return kernels.gemm(spec.hidden, intermediate)
+
+
+def runner_for(model, library: str, architecture: str, config) -> tuple[NumpyRunner | None, str | None]:
+    """A CPU runner over a loaded (float32, CPU) model, or ``(None, why not)``."""
+    from paddle_scorer.libraries import body_and_head
+
+    net, body, head = body_and_head(model)
+    prefix = getattr(net, "base_model_prefix", None) or "model"
+    spec, why = decoder.spec_for(library, architecture, prefix, config)
+    if spec is None:
+        return None, why
+    rotary = decoder.find_rotary(body)
+    if rotary is None:
+        return None, "no rotary-embedding module found"
+    state = net.state_dict()
+    if any(str(t.dtype) not in ("paddle.float32",) for t in state.values()):
+        return None, "weights are not float32"
+    named = {}
+    seen: dict[int, kernels.Mat] = {}
+    for name, t in state.items():
+        key = id(t)
+        if key not in seen:
+            seen[key] = kernels.Mat.of_tensor(t)
+        named[name] = seen[key]
+    tied = "lm_head.weight" in named and named["lm_head.weight"] is named.get(f"{prefix}.embed_tokens.weight")
+    scalings = {name: float(sub.scaling) for name, sub in net.named_sublayers() if hasattr(sub, "lora_A")}
+    per_layer, rest = split_named(spec, named)
+    try:
+        layers = []
+        for i in range(len(per_layer)):
+            tensors = dict(per_layer[i])
+            lora = {}
+            for suffix in [s for s in tensors if s.endswith(".lora_A")]:
+                module = suffix[: -len(".lora_A")]
+                full = f"{prefix}.layers.{i}.{module}"
+                lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"), scalings.get(full, 1.0))
+            layer = make_layer(tensors)
+            for module, (a, b, s) in lora.items():
+                role = decoder._LINEARS.get(module)
+                if role is None:
+                    raise UnsupportedWeights(f"a LoRA pair on {module!r}")
+                getattr(layer, role).lora = (a, b, s)
+            layers.append(layer)
+        unknown = set(rest) - {f"{prefix}.embed_tokens.weight", f"{prefix}.norm.weight", "lm_head.weight", "lm_head.bias"}
+        if unknown:
+            raise UnsupportedWeights(f"the tensor {sorted(unknown)[0]!r}")
+        outside = _outside(spec, rest, tied)
+    except (UnsupportedWeights, KeyError) as exc:
+        return None, f"unsupported weights ({exc})"
+    inter = max((l.down.w.shape[0] for l in layers), default=spec.hidden)
+    kernel, _ = gemm_for(spec, inter)
+    return NumpyRunner(Forward(spec, kernel, Rope(library, rotary)), layers, outside), None

@@ -1,0 +1,444 @@
+"""The decoder's float32 CPU forward, written out: RMSNorm, rotary embeddings, attention over packed (tree-masked)
+batches with an optional KV cache, SwiGLU MLP, LoRA; the matrix products on the kernel :mod:`paddle_scorer.kernels`
+chose. The math of PaddleNLP's Llama / Qwen2 and PaddleFormers' Llama / ERNIE 4.5 (dense), as those libraries
+compute it in eval mode (read in their sources and checked against their forward: the tests hold every
+reference to 1e-5), without their eager overheads: measured on a ~58M Llama, a packed batch of 800 tokens took
+1.23 s through PaddleNLP's forward and 0.38 s here, RMSNorm's ``pow`` alone was 15 % of it there
+(benchmarks/RESULTS.md, the profile).
+
+What the libraries own stays theirs: the rotary tables come from the model's own rotary module (every RoPE
+variant and its float32 rounding), the weights are the model's own parameters (zero-copy views) or the
+streamed executor's arrays. An architecture or setting this forward does not implement is reported by
+:func:`spec_for` with the reason, and the library's own forward runs instead.
+
+Per architecture (``ArchSpec``): the rotation layout (Llama's halves, ERNIE's interleaved pairs), where
+``1/sqrt(head_dim)`` is applied (PaddleNLP Llama multiplies q, Qwen2 divides q, PaddleFormers scales the
+scores), the LM head's layout, fused ``qkv_proj`` (columns grouped per KV head: ``[q_g..., k_g, v_g]``) and
+``up_gate_proj`` (``[gate | up]``), PaddleFormers Llama's zero embedding of ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from paddle_scorer.kernels import Kernel, Mat
+
+MASKED = np.finfo(np.float32).min  # what the libraries add at masked positions (not -inf: no NaN rows)
+ATTENTION_ROWS = 512  # query rows per attention block: scores stay ~heads x 512 x keys floats
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    library: str
+    architecture: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    rotation: str  # "half" | "interleaved"
+    qk_scale: str  # "multiply-q" | "divide-q" | "scores"
+    head_out_in: bool  # the LM head weight is [vocab, hidden]: logits = h @ W.T
+    prefix: str  # the decoder body's name prefix ("llama", "qwen2", "model")
+    zero_embedding_id: int | None = None
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def spec_for(library: str, architecture: str, prefix: str, config) -> tuple[ArchSpec | None, str | None]:
+    """The spec of a model this forward computes exactly, or ``(None, why not)``."""
+    get = lambda k, d=None: getattr(config, k, d)  # noqa: E731
+    known = {("paddlenlp", "LlamaForCausalLM"), ("paddlenlp", "Qwen2ForCausalLM"),
+             ("paddleformers", "LlamaForCausalLM"), ("paddleformers", "Ernie4_5ForCausalLM")}
+    if (library, architecture) not in known:
+        return None, f"{architecture} ({library}) has no CPU fast path"
+    if get("alibi", False):
+        return None, "alibi position bias"
+    if get("use_long_sequence_strategies", False):
+        return None, "use_long_sequence_strategies (another rotary class)"
+    act = get("hidden_act", "silu")
+    if library == "paddleformers" and act not in ("silu", "swish"):
+        return None, f"hidden_act {act!r} (the fast path computes SiLU)"
+    if get("use_fused_head_and_loss_fn", False):
+        return None, "use_fused_head_and_loss_fn"
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    kv = int(get("num_key_value_heads", None) or heads)
+    if library == "paddleformers":
+        head_dim = int(get("head_dim", None) or hidden // heads)
+    else:
+        head_dim = hidden // heads
+    if heads % kv:
+        return None, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+    scale = {"LlamaForCausalLM": "multiply-q", "Qwen2ForCausalLM": "divide-q"}[architecture] \
+        if library == "paddlenlp" else "scores"
+    zero = None
+    if library == "paddleformers" and architecture == "LlamaForCausalLM":
+        pad = get("pad_token_id", None)
+        zero = int(pad) if isinstance(pad, int) and not isinstance(pad, bool) else None
+    return ArchSpec(
+        library=library, architecture=architecture, hidden=hidden, heads=heads, kv_heads=kv, head_dim=head_dim,
+        eps=float(get("rms_norm_eps", 1e-6)), rotation="interleaved" if architecture == "Ernie4_5ForCausalLM" else "half",
+        qk_scale=scale, head_out_in=library == "paddleformers", prefix=prefix, zero_embedding_id=zero,
+    ), None
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Linear:
+    w: Mat  # [in, out] (Paddle's layout)
+    b: np.ndarray | None = None
+    lora: tuple[Mat, Mat, float] | None = None  # (A [in, r], B [r, out], scaling)
+
+
+@dataclass
+class Layer:
+    ln1: np.ndarray
+    ln2: np.ndarray
+    q: Linear | None = None
+    k: Linear | None = None
+    v: Linear | None = None
+    qkv: Linear | None = None  # fused, columns grouped per KV head
+    o: Linear | None = None
+    gate: Linear | None = None
+    up: Linear | None = None
+    gate_up: Linear | None = None  # fused [gate | up]
+    down: Linear | None = None
+
+
+@dataclass
+class Outside:
+    embed: np.ndarray  # [vocab, hidden]
+    norm: np.ndarray  # [hidden]
+    head: Mat  # [hidden, vocab], or [vocab, hidden] when spec.head_out_in or tied
+    head_transposed: bool
+    head_bias: np.ndarray | None = None
+
+
+_LINEARS = {
+    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+    "self_attn.qkv_proj": "qkv", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+    "mlp.up_gate_proj": "gate_up", "mlp.gate_up_fused_proj": "gate_up",
+}
+_NORMS = {"input_layernorm.weight": "ln1", "post_attention_layernorm.weight": "ln2"}
+
+
+class UnsupportedWeights(ValueError):
+    """A tensor this forward has no place for: the library's forward is used instead."""
+
+
+def _as_mat(a) -> Mat:
+    return a if isinstance(a, Mat) else Mat(np.asarray(a))
+
+
+def _vec(a) -> np.ndarray:
+    return a.np if isinstance(a, Mat) else np.asarray(a)
+
+
+def make_layer(tensors: dict, lora: dict | None = None, scaling: float = 1.0) -> Layer:
+    """A decoder layer from its tensors named by suffix (``self_attn.q_proj.weight``, ...: numpy arrays or
+    :class:`Mat`) and, optionally, LoRA pairs ``{module suffix: (A, B)}`` with their scaling."""
+    parts: dict[str, dict[str, object]] = {}
+    norms = {}
+    for name, value in tensors.items():
+        if name in _NORMS:
+            norms[_NORMS[name]] = _vec(value)
+            continue
+        module, _, kind = name.rpartition(".")
+        role = _LINEARS.get(module)
+        if role is None or kind not in ("weight", "bias", "lora_A", "lora_B"):
+            raise UnsupportedWeights(f"the layer tensor {name!r}")
+        parts.setdefault(role, {})[kind] = value
+    for module, (a, b) in (lora or {}).items():
+        role = _LINEARS.get(module)
+        if role is None:
+            raise UnsupportedWeights(f"a LoRA pair on {module!r}")
+        parts.setdefault(role, {}).update(lora_A=a, lora_B=b)
+    if set(norms) != {"ln1", "ln2"}:
+        raise UnsupportedWeights("a layer without input_layernorm and post_attention_layernorm")
+    layer = Layer(norms["ln1"], norms["ln2"])
+    for role, p in parts.items():
+        if "weight" not in p:
+            raise UnsupportedWeights(f"{role} without a weight")
+        pair = None
+        if "lora_A" in p or "lora_B" in p:
+            if not ("lora_A" in p and "lora_B" in p):
+                raise UnsupportedWeights(f"{role}: half a LoRA pair")
+            pair = (_as_mat(p["lora_A"]), _as_mat(p["lora_B"]), float(p.get("scaling", scaling)))
+        setattr(layer, role, Linear(_as_mat(p["weight"]), _vec(p["bias"]) if "bias" in p else None, pair))
+    attn_ok = layer.qkv is not None or all(getattr(layer, r) is not None for r in "qkv")
+    mlp_ok = layer.gate_up is not None or (layer.gate is not None and layer.up is not None)
+    if not (attn_ok and layer.o is not None and mlp_ok and layer.down is not None):
+        raise UnsupportedWeights("a layer without q/k/v/o and gate/up/down projections")
+    return layer
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary tables from the library's own module
+# --------------------------------------------------------------------------------------------------
+
+
+class Rope:
+    """cos/sin rows ``[N, head_dim]`` for position ids, read from the model's rotary module (its table or its
+    per-position formula) and kept as a growing table."""
+
+    def __init__(self, library: str, module):
+        self.library = library
+        self.module = module
+        self.cos = np.zeros((0, 0), np.float32)
+        self.sin = np.zeros((0, 0), np.float32)
+
+    def _extend(self, n: int) -> None:
+        from paddle_scorer.kernels import to_numpy
+        from paddle_scorer.runtime import paddle
+
+        pd = paddle()
+        x = pd.zeros([1], dtype="float32")
+        with pd.no_grad():
+            if self.library == "paddlenlp":
+                cos, sin = self.module(x, seq_len=n)
+            else:
+                cos, sin = self.module(x, pd.arange(n, dtype="int64").unsqueeze(0))
+        cos = to_numpy(cos.astype("float32")).reshape(-1, cos.shape[-1]).copy()
+        sin = to_numpy(sin.astype("float32")).reshape(-1, sin.shape[-1]).copy()
+        if cos.shape[0] < n:
+            raise ValueError(f"position {n - 1} is beyond the model's rotary table ({cos.shape[0]} positions)")
+        self.cos, self.sin = cos, sin
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        top = int(positions.max()) + 1 if positions.size else 1
+        if top > self.cos.shape[0]:
+            self._extend(max(top, 2 * self.cos.shape[0], 64))
+        return self.cos[positions], self.sin[positions]
+
+
+def find_rotary(body):
+    """The rotary-embedding module of a decoder body (PaddleFormers: the body's; PaddleNLP: layer 0's attention)."""
+    mod = getattr(body, "rotary_emb", None)
+    if mod is None and hasattr(body, "layers") and len(body.layers):
+        mod = getattr(body.layers[0].self_attn, "rotary_emb", None)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------------
+# The forward
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Attend:
+    """What the new tokens of one call may see. ``B`` rows of ``T`` new tokens each:
+
+    * ``keep[b, i, j]``: new token ``i`` sees new token ``j`` (causal / tree / padding), ``[B, T, T]`` bool;
+    * ``past``: per-row cached keys/values of earlier tokens, ``K, V [B, kv_heads, S, d]`` per layer, with
+      ``past_keep [B, S]`` (pad slots of the cache are False).
+    """
+
+    keep: np.ndarray
+    past_keep: np.ndarray | None = None
+
+
+@dataclass
+class KV:
+    """Per-layer keys and values ``[B, kv_heads, S, head_dim]`` (after RoPE) and which slots are real."""
+
+    keys: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    keep: np.ndarray | None = None  # [B, S]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keep is None else self.keep.shape[1]
+
+    def rows(self, index) -> "KV":
+        idx = np.asarray(index, dtype=np.int64)
+        return KV([k[idx] for k in self.keys], [v[idx] for v in self.values], None if self.keep is None else self.keep[idx])
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x^2) + eps) * w``; the mean of squares accumulated in float64 (more exact than the
+    libraries' float32 reduction, at the cost of one pass over ``x``)."""
+    var = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
+    scale = (1.0 / np.sqrt(var + eps)).astype(np.float32)
+    out = x * scale[:, None]
+    out *= w
+    return out
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
+    """x ``[N, heads, d]``; cos/sin ``[N, d]`` as the library builds them (``[freqs, freqs]``)."""
+    d = x.shape[-1]
+    h = d // 2
+    if layout == "half":
+        c, s = cos[:, None, :], sin[:, None, :]
+        rot = np.empty_like(x)
+        np.negative(x[..., h:], out=rot[..., :h])
+        rot[..., h:] = x[..., :h]
+    else:  # ERNIE: pairs (2j, 2j+1) rotate by freq j
+        c = np.repeat(cos[:, :h], 2, axis=-1)[:, None, :]
+        s = np.repeat(sin[:, :h], 2, axis=-1)[:, None, :]
+        rot = np.empty_like(x)
+        np.negative(x[..., 1::2], out=rot[..., 0::2])
+        rot[..., 1::2] = x[..., 0::2]
+    out = x * c
+    rot *= s
+    out += rot
+    return out
+
+
+def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` as ``gate / (1 + exp(-gate)) * up``, in place on ``gate``."""
+    t = np.negative(gate)
+    np.exp(t, out=t)
+    t += np.float32(1.0)
+    np.divide(gate, t, out=gate)
+    gate *= up
+    return gate
+
+
+class Forward:
+    """One model's decoder math on a kernel. Stateless between calls; every array is float32."""
+
+    def __init__(self, spec: ArchSpec, kernel: Kernel, rope: Rope):
+        self.spec = spec
+        self.k = kernel
+        self.rope = rope
+
+    # ---------------------------------------------------------------- pieces
+
+    def linear(self, lin: Linear, x: np.ndarray) -> np.ndarray:
+        y = self.k.mm(x, lin.w)
+        if lin.b is not None:
+            y += lin.b
+        if lin.lora is not None:
+            a, b, s = lin.lora
+            y += self.k.mm(self.k.mm(x, a), b) * np.float32(s)
+        return y
+
+    def embed(self, out: Outside, ids: np.ndarray) -> np.ndarray:
+        flat = ids.reshape(-1)
+        h = out.embed[flat].astype(np.float32, copy=True)
+        if self.spec.zero_embedding_id is not None:
+            h[flat == self.spec.zero_embedding_id] = 0.0
+        return h
+
+    def logprobs(self, out: Outside, rows: np.ndarray, normed: bool = False) -> np.ndarray:
+        """Final norm (unless ``normed``) + LM head + float32 log-softmax on hidden rows ``[N, H]``."""
+        x = rows if normed else rms_norm(np.ascontiguousarray(rows, dtype=np.float32), out.norm, self.spec.eps)
+        logits = self.k.mm(np.ascontiguousarray(x), out.head, trans_w=out.head_transposed)
+        if out.head_bias is not None:
+            logits += out.head_bias
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits are refused by the caller, by record
+            m = logits.max(axis=-1, keepdims=True)
+            z = logits - m
+            lse = np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float32))
+            z -= lse
+        return z
+
+    def _qkv(self, layer: Layer, x: np.ndarray):
+        sp = self.spec
+        n, d = x.shape[0], sp.head_dim
+        if layer.qkv is not None:
+            y = self.linear(layer.qkv, x).reshape(n, sp.kv_heads, sp.group + 2, d)
+            q = y[:, :, : sp.group].reshape(n, sp.heads, d)
+            return q, y[:, :, sp.group], y[:, :, sp.group + 1]
+        q = self.linear(layer.q, x).reshape(n, sp.heads, d)
+        k = self.linear(layer.k, x).reshape(n, sp.kv_heads, d)
+        v = self.linear(layer.v, x).reshape(n, sp.kv_heads, d)
+        return q, k, v
+
+    def _mlp(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+        if layer.gate_up is not None:
+            gu = self.linear(layer.gate_up, x)
+            inter = gu.shape[1] // 2
+            act = _silu_mul(np.ascontiguousarray(gu[:, :inter]), gu[:, inter:])
+        else:
+            act = _silu_mul(self.linear(layer.gate, x), self.linear(layer.up, x))
+        return self.linear(layer.down, act)
+
+    # ---------------------------------------------------------------- attention
+
+    def attention(self, q, k, v, attend: Attend, past_k=None, past_v=None) -> np.ndarray:
+        """q ``[B, T, heads, d]``, k/v ``[B, T, kv, d]`` of the new tokens; ``past_k/v [B, kv, S, d]``.
+        Returns ``[B*T, heads*d]``."""
+        sp = self.spec
+        B, T = q.shape[0], q.shape[1]
+        G, d = sp.group, sp.head_dim
+        # [B, kv, G*T, d]: query heads of one KV head side by side (head h uses KV head h // G)
+        qh = q.reshape(B, T, sp.kv_heads, G, d).transpose(0, 2, 3, 1, 4).reshape(B, sp.kv_heads, G * T, d)
+        if sp.qk_scale == "multiply-q":
+            qh = qh * np.float32(1.0 / np.sqrt(d))
+        elif sp.qk_scale == "divide-q":
+            qh = qh / np.float32(np.sqrt(d))
+        else:
+            qh = np.ascontiguousarray(qh)
+        kh = k.transpose(0, 2, 1, 3)  # [B, kv, T, d]
+        vh = v.transpose(0, 2, 1, 3)
+        if past_k is not None and past_k.shape[2]:
+            keys = np.concatenate([past_k, kh], axis=2)
+            vals = np.concatenate([past_v, vh], axis=2)
+            keep = np.concatenate([np.broadcast_to(attend.past_keep[:, None, :], (B, T, past_k.shape[2])),
+                                   attend.keep], axis=2)
+        else:
+            keys, vals, keep = kh, vh, attend.keep
+        kt = np.ascontiguousarray(keys.transpose(0, 1, 3, 2))  # [B, kv, d, S]
+        vals = np.ascontiguousarray(vals)
+        out = np.empty((B, sp.kv_heads, G * T, d), dtype=np.float32)
+        step = max(1, ATTENTION_ROWS // max(1, G)) if T > ATTENTION_ROWS else T
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            rows = qh.reshape(B, sp.kv_heads, G, T, d)[:, :, :, t0:t1].reshape(B, sp.kv_heads, G * (t1 - t0), d)
+            s = self.k.bmm(np.ascontiguousarray(rows), kt)  # [B, kv, G*t, S]
+            s = s.reshape(B, sp.kv_heads, G, t1 - t0, -1)
+            if sp.qk_scale == "scores":
+                s *= np.float32(d ** -0.5)
+            s = np.where(keep[:, None, None, t0:t1, :], s, MASKED)
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            o = self.k.bmm(s.reshape(B, sp.kv_heads, G * (t1 - t0), -1), vals)  # [B, kv, G*t, d]
+            out.reshape(B, sp.kv_heads, G, T, d)[:, :, :, t0:t1] = o.reshape(B, sp.kv_heads, G, t1 - t0, d)
+        # -> [B, T, heads, d] -> [B*T, heads*d]
+        return np.ascontiguousarray(out.reshape(B, sp.kv_heads, G, T, d).transpose(0, 3, 1, 2, 4)).reshape(B * T, -1)
+
+    # ---------------------------------------------------------------- a layer
+
+    def layer(self, layer: Layer, h: np.ndarray, shape: tuple[int, int], cos: np.ndarray, sin: np.ndarray,
+              attend: Attend, past: tuple[np.ndarray, np.ndarray] | None = None,
+              keep_kv: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """One decoder layer on ``h [B*T, H]`` (updated and returned); with ``keep_kv`` also this call's
+        ``(K, V) [B, kv, T, d]`` for a cache."""
+        sp = self.spec
+        B, T = shape
+        x = rms_norm(h, layer.ln1, sp.eps)
+        q, k, v = self._qkv(layer, x)
+        q = _rotate(q, cos, sin, sp.rotation)
+        k = _rotate(k, cos, sin, sp.rotation)
+        q4 = q.reshape(B, T, sp.heads, sp.head_dim)
+        k4 = k.reshape(B, T, sp.kv_heads, sp.head_dim)
+        v4 = v.reshape(B, T, sp.kv_heads, sp.head_dim)
+        o = self.attention(q4, k4, v4, attend, *(past or (None, None)))
+        h += self.linear(layer.o, o)
+        x = rms_norm(h, layer.ln2, sp.eps)
+        h += self._mlp(layer, x)
+        new = (np.ascontiguousarray(k4.transpose(0, 2, 1, 3)), np.ascontiguousarray(v4.transpose(0, 2, 1, 3))) \
+            if keep_kv else None
+        return h, new
+
+
+def keep_from_mask(mask: np.ndarray, T: int, past: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The runner's masks as ``(keep [B, T, T], past_keep [B, past])``: a 4-D ``[B, 1, T, T]`` keep-mask is used
+    as given (tree/causal already in it); a 2-D ``[B, past + T]`` padding mask becomes padding AND causal."""
+    if mask.ndim == 4:
+        return mask[:, 0].astype(bool), None
+    m = mask.astype(bool)
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    keep = m[:, None, past:] & causal[None]
+    return keep, (m[:, :past] if past else None)
