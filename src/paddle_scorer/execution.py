@@ -17,7 +17,7 @@ import os
 
 from paddle_scorer.backend import Backend, ModelRunner, Strategy
 
-FORWARD_ENV = "PADDLE_SCORER_CPU_FORWARD"
+from paddle_scorer.kernels import FORWARD_ENV
 
 
 def pad_id_of(tokenizer) -> int:

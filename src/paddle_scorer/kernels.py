@@ -28,6 +28,7 @@ import numpy as np
 
 CANDIDATES = ("paddle", "numpy")
 ENV = "PADDLE_SCORER_GEMM"
+FORWARD_ENV = "PADDLE_SCORER_CPU_FORWARD"  # =library: the library's own forward on CPU (A/B checks, benchmarks)
 CHECK_TOLERANCE = 1e-5
 
 

@@ -11,10 +11,12 @@ many as the memory budget allows, usually the whole input) is processed as:
    through it, and keep the hidden states;
 3. the final norm and the LM head, only at the rows whose next-token distribution is needed.
 
-The layer math is the library's own decoder layer, run on a one-layer "template" model whose
-parameters are overwritten per layer; the body's own preprocessing (mask expansion, rotary
-positions) is captured once per batch from the template's first layer call. So a streamed score is
-the in-RAM score computed in another order: equal within float32 noise (tests: 1e-5).
+The layer math is :mod:`paddle_scorer.decoder`'s CPU forward (the one the in-RAM runner uses, on the
+same GEMM kernel), fed each layer's arrays as they are read. When that forward does not apply (another
+architecture or dtype), the library's own decoder layer runs instead, on a one-layer "template" model
+whose parameters are overwritten per layer, with the body's preprocessing (mask expansion, rotary
+positions) captured once per batch from the template's first layer call. Either way a streamed score
+is the in-RAM score computed in another order: equal within float32 noise (tests: 1e-5).
 
 ``StreamedBackend`` offers the backend's labelled-scoring interface (``score_many``/``score``,
 ``next_token_logprobs``); generation re-reads the model per token and is refused instead.
@@ -121,19 +123,20 @@ class StreamedBackend:
             raise WeightMismatchError(f"{mp.folder}: the weights do not match the model built from config.json:",
                                       problems, "Check that config.json and the weights come from the same model.")
         self.attach = plan.adapter is not None and plan.mode == "attach"
-        if self.attach:
+        if self.attach and any(layer_index(m + ".") is None for m in plan.adapter.pairs):
+            outside_pairs = [m for m in plan.adapter.pairs if layer_index(m + ".") is None]
+            raise CheckpointError(f"{plan.lora_dir}: adapters outside the decoder layers ({outside_pairs[0]}) "
+                                  "cannot be streamed attached; pass --mode merge.")
+        self.fast = self._fast_forward(model)
+        if self.attach and self.fast is None:
             # LoRA layers on the template layer's modules that any layer adapts (the same projections in each)
             modules = sorted({to_template(m + ".", layer_index(m + ".")).rstrip(".") for m in plan.adapter.pairs
                               if layer_index(m + ".") is not None})
-            outside_pairs = [m for m in plan.adapter.pairs if layer_index(m + ".") is None]
-            if outside_pairs:
-                raise CheckpointError(f"{plan.lora_dir}: adapters outside the decoder layers ({outside_pairs[0]}) "
-                                      "cannot be streamed attached; pass --mode merge.")
             model = libraries.attach_lora(mp.library, model, modules, plan.adapter.settings, self.dtype)
         from paddle_scorer.libraries import body_and_head
 
         self.net, self.body, self.head = body_and_head(model)
-        self.params = (model.model if self.attach else model).state_dict()
+        self.params = (model.model if self.attach and self.fast is None else model).state_dict()
         self.layer0 = self.body.layers[0]
         self.final_norm = getattr(self.body, "norm", None) or getattr(self.body, "final_layernorm", None)
         if self.final_norm is None:
@@ -147,7 +150,38 @@ class StreamedBackend:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-scorer-read")
         self._lock = threading.Lock()
         # the final norm is tiny: keep it resident
-        self._set(self._read(self.norm_names))
+        norms = self._read(self.norm_names)
+        self.norm_array = next(iter(norms.values())) if norms else None
+        self._set(norms)
+
+    def _fast_forward(self, model):
+        """The CPU decoder forward for this model (None, with ``compute`` saying why, when it does not apply)."""
+        import os
+
+        from paddle_scorer import decoder, kernels
+        from paddle_scorer.libraries import body_and_head
+
+        mp = self.plan.model
+        net, body, _ = body_and_head(model)
+        arch = mp.library.arch_for(mp.info).architecture
+        prefix = getattr(net, "base_model_prefix", None) or "model"
+        if self.dtype != "float32":
+            spec, why = None, f"compute dtype {self.dtype}"
+        elif os.environ.get(kernels.FORWARD_ENV, "").strip().lower() == "library":
+            spec, why = None, f"{kernels.FORWARD_ENV}=library"
+        else:
+            spec, why = decoder.spec_for(mp.library.name, arch, prefix, self.config)
+        rotary = decoder.find_rotary(body) if spec is not None else None
+        if spec is not None and rotary is None:
+            spec, why = None, "no rotary-embedding module found"
+        if spec is None:
+            self.compute = {"forward": "library", "why": why}
+            return None
+        inter = int(getattr(self.config, "intermediate_size", 4 * spec.hidden))
+        kernel, choice = kernels.gemm(spec.hidden, inter)
+        self.compute = {"forward": "paddle-scorer decoder", "gemm": choice.to_dict()}
+        self.layer_prefix = f"{prefix}.layers.0."
+        return decoder.Forward(spec, kernel, decoder.Rope(mp.library.name, rotary))
 
     # ------------------------------------------------------------------ reading
 
@@ -228,6 +262,68 @@ class StreamedBackend:
 
     def _run_block(self, packs: list[Packed], rows_fn) -> list[np.ndarray]:
         """Every batch of the block through every layer; returns, per batch, log-probs at ``rows_fn(packed)``."""
+        if self.fast is not None:
+            return self._run_block_fast(packs, rows_fn)
+        return self._run_block_library(packs, rows_fn)
+
+    def _layers(self):
+        """Each layer's arrays in turn, the next one read in the background while this one computes."""
+        future = self._pool.submit(self._read, self.layer_names[0], 0)
+        for i in range(self.num_layers):
+            t0 = time.perf_counter()
+            arrays = future.result()
+            self.stats.wait_seconds += time.perf_counter() - t0
+            if i + 1 < self.num_layers:
+                future = self._pool.submit(self._read, self.layer_names[i + 1], i + 1)
+            yield i, arrays
+            self.stats.layer_passes += 1
+
+    def _run_block_fast(self, packs: list[Packed], rows_fn) -> list[np.ndarray]:
+        """The block through the CPU decoder forward: hidden states as numpy, each layer built from its arrays."""
+        from paddle_scorer import decoder
+        from paddle_scorer.kernels import Mat
+
+        f = self.fast
+        t_start = time.perf_counter()
+        embed = self._read([self.embed_name])[self.embed_name]
+        states = []
+        for p in packs:
+            B, T = p.ids.shape
+            keep, _ = decoder.keep_from_mask(p.mask, T, 0)
+            cos, sin = f.rope(p.positions.reshape(-1))
+            h = f.embed(decoder.Outside(embed, None, None, False), p.ids)
+            states.append([h, (B, T), cos, sin, decoder.Attend(keep)])
+        del embed
+        scaling = self.plan.adapter.scaling if self.attach else 1.0
+        n = len(self.layer_prefix)
+        for _, arrays in self._layers():
+            tensors = {name[n:]: arr for name, arr in arrays.items()}
+            lora = {}
+            for suffix in [x for x in tensors if x.endswith(".lora_A")]:
+                module = suffix[: -len(".lora_A")]
+                lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
+            layer = decoder.make_layer(tensors, lora, scaling)
+            del arrays, tensors, lora
+            for st in states:
+                st[0], _ = f.layer(layer, st[0], st[1], st[2], st[3], st[4])
+            del layer
+        head = self._read(self.head_names or [self.embed_name])
+        weight = head.get("lm_head.weight", head.get(self.embed_name))
+        # a tied head (no lm_head tensor, or one the model shares with the embedding) is laid out [vocab, hidden]
+        tied = not self.head_names or any("lm_head.weight" in g for g in self.tied.values())
+        outside = decoder.Outside(None, self.norm_array, Mat(weight), f.spec.head_out_in or tied, head.get("lm_head.bias"))
+        results = []
+        for p, st in zip(packs, states):
+            B, T = st[1]
+            idx = np.asarray(rows_fn(p), dtype=np.int64).reshape(-1, 2)
+            rows = st[0].reshape(B, T, -1)[idx[:, 0], idx[:, 1]]
+            results.append(f.logprobs(outside, rows))
+        self.stats.blocks += 1
+        self.stats.compute_seconds += time.perf_counter() - t_start
+        return results
+
+    def _run_block_library(self, packs: list[Packed], rows_fn) -> list[np.ndarray]:
+        """The block through the library's own decoder layer (a template layer whose weights are swapped)."""
         pd = self.pd
         t_start = time.perf_counter()
         embed = self._read([self.embed_name])[self.embed_name]
