@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from paddle_scorer import decoder, kernels
-from paddle_scorer.decoder import KV, Attend, Forward, Outside, Rope, UnsupportedWeights, keep_from_mask, make_layer
+from paddle_scorer.decoder import KV, Batch, Forward, Outside, Rope, UnsupportedWeights, make_layer
 from paddle_scorer.layout import layer_index
 
 
@@ -51,19 +51,19 @@ class NumpyRunner:
     # the ModelRunner seam ------------------------------------------------------------------------
 
     def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KV | None = None,
-               use_cache: bool = False):
-        """Final-normed hidden states ``[B, T, H]`` (the body's output, as the library returns it) and the
-        cache extended by these tokens when ``use_cache``."""
+               use_cache: bool = False, lengths=None):
+        """Final-normed hidden states ``[B, T, H]`` (the body's output, as the library returns it; padding slots
+        zero) and the cache extended by these tokens when ``use_cache``."""
         B, T = ids.shape
         past = cache.length if cache is not None else 0
-        keep, past_keep = keep_from_mask(np.asarray(mask), T, past)
-        attend = Attend(keep, past_keep)
-        cos, sin = self.f.rope(np.asarray(positions).reshape(-1))
-        h = self.f.embed(self.outside, ids)
+        mask = np.asarray(mask)
+        batch = Batch.from_mask(mask, T, past, lengths)
+        cos, sin = self.f.rope(batch.pick(np.asarray(positions)))
+        h = self.f.embed(self.outside, batch.pick(ids))
         new = KV() if use_cache else None
         for i, layer in enumerate(self.layers):
             pk = (cache.keys[i], cache.values[i]) if past else None
-            h, kv = self.f.layer(layer, h, (B, T), cos, sin, attend, pk, keep_kv=use_cache)
+            h, kv = self.f.layer(layer, h, batch, cos, sin, pk, keep_kv=use_cache)
             if use_cache:
                 k, v = kv
                 if past:
@@ -72,10 +72,10 @@ class NumpyRunner:
                 new.keys.append(k)
                 new.values.append(v)
         if use_cache:
-            tail = np.asarray(mask).astype(bool)[:, -T:] if np.asarray(mask).ndim == 2 else np.ones((B, T), bool)
+            tail = batch.spread(np.ones(batch.size, dtype=bool))
             new.keep = tail if not past else np.concatenate([cache.keep, tail], axis=1)
         normed = decoder.rms_norm(h, self.outside.norm, self.f.spec.eps)
-        return normed.reshape(B, T, -1), new
+        return batch.spread(normed), new
 
     def logprobs(self, rows: np.ndarray) -> np.ndarray:
         return self.f.logprobs(self.outside, np.ascontiguousarray(rows, dtype=np.float32), normed=True)

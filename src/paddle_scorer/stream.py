@@ -288,11 +288,10 @@ class StreamedBackend:
         embed = self._read([self.embed_name])[self.embed_name]
         states = []
         for p in packs:
-            B, T = p.ids.shape
-            keep, _ = decoder.keep_from_mask(p.mask, T, 0)
-            cos, sin = f.rope(p.positions.reshape(-1))
-            h = f.embed(decoder.Outside(embed, None, None, False), p.ids)
-            states.append([h, (B, T), cos, sin, decoder.Attend(keep)])
+            batch = decoder.Batch.from_mask(p.mask, p.ids.shape[1])
+            cos, sin = f.rope(batch.pick(p.positions))
+            h = f.embed(decoder.Outside(embed, None, None, False), batch.pick(p.ids))
+            states.append([h, batch, cos, sin])
         del embed
         scaling = self.plan.adapter.scaling if self.attach else 1.0
         n = len(self.layer_prefix)
@@ -305,7 +304,7 @@ class StreamedBackend:
             layer = decoder.make_layer(tensors, lora, scaling)
             del arrays, tensors, lora
             for st in states:
-                st[0], _ = f.layer(layer, st[0], st[1], st[2], st[3], st[4])
+                st[0], _ = f.layer(layer, st[0], st[1], st[2], st[3])
             del layer
         head = self._read(self.head_names or [self.embed_name])
         weight = head.get("lm_head.weight", head.get(self.embed_name))
@@ -314,9 +313,8 @@ class StreamedBackend:
         outside = decoder.Outside(None, self.norm_array, Mat(weight), f.spec.head_out_in or tied, head.get("lm_head.bias"))
         results = []
         for p, st in zip(packs, states):
-            B, T = st[1]
             idx = np.asarray(rows_fn(p), dtype=np.int64).reshape(-1, 2)
-            rows = st[0].reshape(B, T, -1)[idx[:, 0], idx[:, 1]]
+            rows = st[1].spread(st[0])[idx[:, 0], idx[:, 1]]
             results.append(f.logprobs(outside, rows))
         self.stats.blocks += 1
         self.stats.compute_seconds += time.perf_counter() - t_start
