@@ -108,7 +108,7 @@ def test_doctor_json_reports_the_installed_versions(doctor_json):
     assert libs["paddleformers"]["installed"] is False and "Ernie4_5ForCausalLM" in libs["paddleformers"]["architectures"]
     assert doctor_json["ok"] is True and not codes_of(doctor_json, "error")
     assert doctor_json["memory"]["available"] > 0 and doctor_json["disk"][0]["free"] > 0
-    assert set(doctor_json["cpu"]["settings"]) == {"MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS"}
+    assert set(doctor_json["cpu"]["settings"]) == {"MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
 
 
 def codes_of(data, level):

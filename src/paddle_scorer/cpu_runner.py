@@ -74,7 +74,8 @@ class NumpyRunner:
         if use_cache:
             tail = batch.spread(np.ones(batch.size, dtype=bool))
             new.keep = tail if not past else np.concatenate([cache.keep, tail], axis=1)
-        normed = decoder.rms_norm(h, self.outside.norm, self.f.spec.eps)
+        with np.errstate(over="ignore", invalid="ignore"):
+            normed = decoder.rms_norm(h, self.outside.norm, self.f.spec.eps)
         return batch.spread(normed), new
 
     def logprobs(self, rows: np.ndarray) -> np.ndarray:
@@ -139,6 +140,5 @@ def runner_for(model, library: str, architecture: str, config) -> tuple[NumpyRun
         outside = _outside(spec, rest, tied)
     except (UnsupportedWeights, KeyError) as exc:
         return None, f"unsupported weights ({exc})"
-    inter = max((l.down.w.shape[0] for l in layers), default=spec.hidden)
-    kernel, _ = gemm_for(spec, inter)
+    kernel, _ = gemm_for(spec, int(getattr(config, "intermediate_size", None) or 4 * spec.hidden))
     return NumpyRunner(Forward(spec, kernel, Rope(library, rotary)), layers, outside), None

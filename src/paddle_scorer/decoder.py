@@ -444,11 +444,11 @@ class Forward:
 
     def logprobs(self, out: Outside, rows: np.ndarray, normed: bool = False) -> np.ndarray:
         """Final norm (unless ``normed``) + LM head + float32 log-softmax on hidden rows ``[N, H]``."""
-        x = rows if normed else rms_norm(np.ascontiguousarray(rows, dtype=np.float32), out.norm, self.spec.eps)
-        logits = self.k.mm(np.ascontiguousarray(x), out.head, trans_w=out.head_transposed)
-        if out.head_bias is not None:
-            logits += out.head_bias
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits are refused by the caller, by record
+            x = rows if normed else rms_norm(np.ascontiguousarray(rows, dtype=np.float32), out.norm, self.spec.eps)
+            logits = self.k.mm(np.ascontiguousarray(x), out.head, trans_w=out.head_transposed)
+            if out.head_bias is not None:
+                logits += out.head_bias
             m = logits.max(axis=-1, keepdims=True)
             z = logits - m
             lse = np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float32))
@@ -529,7 +529,12 @@ class Forward:
               past: tuple[np.ndarray, np.ndarray] | None = None,
               keep_kv: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         """One decoder layer on the real tokens' hidden states ``h [N, H]`` (updated in place and returned); with
-        ``keep_kv`` also this call's ``(K, V) [B, kv, T, d]`` (padding slots zero) for a cache."""
+        ``keep_kv`` also this call's ``(K, V) [B, kv, T, d]`` (padding slots zero) for a cache. Overflow gives
+        inf/NaN silently here: the scores' finite checks refuse such records with a sentence."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._layer(layer, h, batch, cos, sin, past, keep_kv)
+
+    def _layer(self, layer, h, batch, cos, sin, past, keep_kv):
         sp = self.spec
         x = rms_norm(h, layer.ln1, sp.eps)
         q, k, v = self._qkv(layer, x)

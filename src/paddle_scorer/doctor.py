@@ -21,7 +21,10 @@ from pathlib import Path
 PACKAGES = (
     "paddle-scorer", "paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "paddleformers", "aistudio-sdk",
     "pyarrow", "datasets", "numpy", "typer", "rich", "safetensors", "psutil", "ml-dtypes", "matplotlib",
+    "fastapi", "uvicorn",  # the serve extra
 )
+OPTIONAL = ("paddleformers", "paddlenlp", "aistudio-sdk", "paddlepaddle-gpu", "paddlepaddle", "fastapi", "uvicorn")
+GEMM_PROBE = (2048, 5504)  # hidden, intermediate of the shape doctor times (a ~0.9B Llama's MLP over 256 rows)
 
 ERROR, WARNING = "error", "warning"
 
@@ -137,6 +140,11 @@ def runtime_findings(facts: dict) -> list[Finding]:
                              f"AMD CPU with MKL_DEBUG_CPU_TYPE={mkl!r}: Paddle's MKL takes its slow code path "
                              "(2.6x slower matmuls measured); unset it (paddle-scorer then sets 5) or `export "
                              "MKL_DEBUG_CPU_TYPE=5`."))
+    for name, why in ((cpu.get("gemm") or {}).get("excluded") or {}).items():
+        if not why.startswith("unavailable"):
+            found.append(Finding(WARNING, f"gemm-{name}",
+                                 f"the {name} float32 GEMM kernel failed its start-up check and is not used ({why}); "
+                                 "scores use the other kernel; report this with `paddle-scorer doctor --json`."))
     threads = (cpu.get("settings") or {}).get("OMP_NUM_THREADS", {}).get("value")
     cores = cpu.get("usable_cores")
     if threads and threads.isdigit() and cores and int(threads) > cores:
@@ -179,6 +187,17 @@ def _paddle_facts() -> dict:
     facts["devices"] = devices
     facts["cpu_half_precision"] = False  # no float16/bfloat16 CPU kernels in paddle (FIELD-NOTES)
     return facts
+
+
+def _gemm_facts() -> dict:
+    """Which float32 GEMM kernel CPU scoring uses here and how fast each candidate ran (:mod:`paddle_scorer.kernels`)."""
+    from paddle_scorer import kernels
+
+    try:
+        _, choice = kernels.choose(kernels.probe_shape(*GEMM_PROBE))
+    except Exception as exc:  # no kernel passed: the finding says so
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return choice.to_dict()
 
 
 def _library_facts() -> dict:
@@ -232,6 +251,7 @@ def collect() -> dict:
             "settings": settings,
             "mkl_debug_cpu_type_set_by_us": settings["MKL_DEBUG_CPU_TYPE"]["set_by"] == "paddle-scorer"
             and settings["MKL_DEBUG_CPU_TYPE"]["value"] is not None,
+            "gemm": _gemm_facts() if not paddle_facts.get("error") else None,
         },
         "memory": {"total": vm.total, "available": vm.available},
         "disk": disks,

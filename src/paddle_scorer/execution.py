@@ -39,9 +39,7 @@ def cpu_runner(loaded):
     runner, why = cr.runner_for(loaded.model, mp.library.name, arch, loaded.config)
     if runner is None:
         return None, {"forward": "library", "why": why}
-    from paddle_scorer import kernels
-
-    _, choice = kernels.gemm(runner.f.spec.hidden, max(l.down.w.shape[0] for l in runner.layers))
+    _, choice = cr.gemm_for(runner.f.spec, int(getattr(loaded.config, "intermediate_size", None) or 4 * runner.f.spec.hidden))
     return runner, {"forward": "paddle-scorer decoder", "gemm": choice.to_dict()}
 
 

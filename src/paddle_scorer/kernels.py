@@ -194,14 +194,14 @@ def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
     return 256, k, n
 
 
-def choose(shape: tuple[int, int, int], environ=None) -> tuple[Kernel, GemmChoice]:
+def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = None) -> tuple[Kernel, GemmChoice]:
     environ = os.environ if environ is None else environ
     forced = environ.get(ENV, "").strip().lower() or None
     notes: list[str] = []
     if forced is not None and forced not in CANDIDATES:
         notes.append(f"{ENV}={forced!r} is not one of {', '.join(CANDIDATES)}; choosing by measurement")
         forced = None
-    names = [forced] if forced else list(CANDIDATES)
+    names = names or ([forced] if forced else list(CANDIDATES))
     kernels, excluded, measured = {}, {}, {}
     for name in names:
         try:
@@ -217,9 +217,9 @@ def choose(shape: tuple[int, int, int], environ=None) -> tuple[Kernel, GemmChoic
         kernels[name] = k
         measured[name] = round(measure(k, shape), 1)
     if not kernels:
-        if forced:  # the forced kernel failed its check: fall back to measuring the others
-            notes.append(f"{ENV}={forced} failed its self-check; choosing among the others")
-            k, c = choose(shape, {})
+        others = [n for n in CANDIDATES if n not in excluded]
+        if forced and others:  # the forced kernel failed its check: choose among the others
+            k, c = choose(shape, {}, others)
             c.notes = notes + c.notes
             c.excluded.update(excluded)
             return k, c

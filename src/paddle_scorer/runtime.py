@@ -57,7 +57,9 @@ def thread_count(environ, cores: int | None = None) -> int | None:
 
 
 def configure_env(environ=os.environ) -> dict[str, str]:
-    """Set the CPU speed knobs the user has not set. Returns what was set."""
+    """Set the CPU speed knobs the user has not set. Returns what was set. ``OPENBLAS_NUM_THREADS`` follows the
+    thread count too (numpy's BLAS is one of the CPU GEMM kernels, :mod:`paddle_scorer.kernels`); it is read when
+    numpy loads, so the CLI calls :func:`prepare` before importing numpy."""
     done = {}
     if "MKL_DEBUG_CPU_TYPE" not in environ and cpu_vendor() == "AuthenticAMD":
         environ["MKL_DEBUG_CPU_TYPE"] = "5"
@@ -66,6 +68,9 @@ def configure_env(environ=os.environ) -> dict[str, str]:
     if threads is not None:
         environ["OMP_NUM_THREADS"] = str(threads)
         done["OMP_NUM_THREADS"] = str(threads)
+    if "OPENBLAS_NUM_THREADS" not in environ and environ.get("OMP_NUM_THREADS"):
+        environ["OPENBLAS_NUM_THREADS"] = environ["OMP_NUM_THREADS"]
+        done["OPENBLAS_NUM_THREADS"] = environ["OMP_NUM_THREADS"]
     # Never reach for a model hub: everything is local.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if var not in environ:
@@ -73,10 +78,22 @@ def configure_env(environ=os.environ) -> dict[str, str]:
     return done
 
 
+def prepare() -> None:
+    """Set the process's CPU knobs once, before paddle (and, from the CLI, numpy) is imported."""
+    import sys
+
+    if not _PREPARED and "paddle" not in sys.modules:
+        _SET_BY_US.update(configure_env())
+    _PREPARED.append(True)
+
+
+_PREPARED: list[bool] = []
+
+
 def settings() -> dict[str, dict[str, str | None]]:
     return {
         var: {"value": os.environ.get(var), "set_by": "paddle-scorer" if var in _SET_BY_US else "user"}
-        for var in ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS")
+        for var in ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     }
 
 
@@ -103,8 +120,7 @@ def _signal_handlers_kept():
 @lru_cache(maxsize=1)
 def paddle():
     """Import paddle (and quiet paddlenlp) once, after the environment is set."""
-    if "paddle" not in __import__("sys").modules:
-        _SET_BY_US.update(configure_env())
+    prepare()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import contextlib

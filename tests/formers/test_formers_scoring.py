@@ -172,3 +172,25 @@ def test_kv_cache_strategy_selects_rows_of_a_dynamic_cache(arch, formers_models,
             want = pf.label_logprob(ref, p, c)
             worst = max(worst, abs(x.logprob - want), abs(y.logprob - want))
     assert deltas.record(f"formers env: packed and KV-cache strategies ({arch}) vs PF LoRAModel", worst) <= TOL
+
+
+@pytest.mark.parametrize("arch,mode,execution", [("llama", "attach", "in-ram"), ("ernie4_5", "attach", "in-ram"),
+                                                 ("ernie4_5", "merge", "streamed"), ("llama", "merge", "streamed")])
+def test_cpu_decoder_equals_paddleformers_own_layers(arch, mode, execution, formers_models, tmp_path, deltas):
+    """paddle-scorer's CPU decoder (ERNIE's interleaved RoPE, per-KV-group qkv_proj, [gate | up]) against the same
+    checkpoint run through PaddleFormers' own modules (PADDLE_SCORER_CPU_FORWARD=library)."""
+    common = ["classify", "--model", formers_models[arch], "--lora", formers_models[f"{arch}_lora"], "--labels", LABELS,
+              "--input", QUERIES, "--limit", 6, "--mode", mode, "--execution", execution]
+    got = {}
+    for forward in ("decoder", "library"):
+        out = tmp_path / f"{forward}.jsonl"
+        env = {"PADDLE_SCORER_CPU_FORWARD": "library"} if forward == "library" else None
+        r = runner.invoke(app, [str(a) for a in [*common, "--output", out]], env=env)
+        assert r.exit_code == 0, r.output
+        meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+        assert meta["model"]["compute"]["forward"] == ("library" if forward == "library" else "paddle-scorer decoder")
+        got[forward] = [json.loads(x) for x in open(out)]
+    worst = max(abs(a["logprobs"][lab] - b["logprobs"][lab]) / len(toks)
+                for a, b in zip(got["decoder"], got["library"]) for lab, toks in a["label_token_ids"].items())
+    assert deltas.record(f"formers env: CPU decoder vs PaddleFormers layers ({arch}, {mode}, {execution}), per token",
+                         worst) <= TOL

@@ -3,9 +3,13 @@ so `--help` and `inspect` never import paddle."""
 
 from __future__ import annotations
 
-import typer
+from paddle_scorer import runtime
 
-from paddle_scorer import __version__
+runtime.prepare()  # thread counts before numpy's BLAS and paddle load (the command modules import numpy)
+
+import typer  # noqa: E402
+
+from paddle_scorer import __version__  # noqa: E402
 
 app = typer.Typer(
     name="paddle-scorer",

@@ -61,8 +61,10 @@ def render(facts: dict) -> None:
         else:
             _row(t, f"model library {name}", f"{escape(lib['version'])}, [bold red]import fails[/]: "
                                              f"{escape(lib.get('error') or '')}")
+    from paddle_scorer.doctor import OPTIONAL
+
     for name, version in facts["packages"].items():
-        if name in ("paddleformers", "paddlenlp", "aistudio-sdk", "paddlepaddle-gpu", "paddlepaddle") and version is None:
+        if name in OPTIONAL and version is None:
             continue
         _row(t, f"  {name}", _v(version))
     cpu = facts["cpu"]
@@ -71,6 +73,16 @@ def render(facts: dict) -> None:
         who = "set by paddle-scorer" if (s["value"] is not None and s["set_by"] == "paddle-scorer") else \
             ("set by you" if s["value"] is not None else "unset")
         _row(t, f"  {var}", f"{s['value'] if s['value'] is not None else '-'} ({who})")
+    gemm = cpu.get("gemm") or {}
+    if gemm.get("path"):
+        others = ", ".join(f"{n} {g:.0f}" for n, g in gemm["measured"].items() if n != gemm["path"])
+        m, k, n = gemm["shape"]
+        _row(t, "  float32 GEMM", f"{gemm['path']} {gemm['gflops']:.0f} GFLOP/s" + (f" (also measured: {others})" if others else "")
+             + f" on [{m}x{k}] x [{k}x{n}]; chosen per run (PADDLE_SCORER_GEMM=paddle|numpy forces one)")
+        for name, why in (gemm.get("excluded") or {}).items():
+            _row(t, f"  {name} GEMM", f"[yellow]not used[/]: {escape(why)}")
+    elif gemm.get("error"):
+        _row(t, "  float32 GEMM", f"[bold red]no kernel passed its check[/]: {escape(gemm['error'])}")
     mem = facts["memory"]
     _row(t, "RAM", f"{fmt_bytes(mem['available'])} free of {fmt_bytes(mem['total'])}")
     for d in facts["disk"]:
