@@ -132,7 +132,7 @@ def runner_for(model, library: str, architecture: str, config) -> tuple[NumpyRun
                 role = decoder._LINEARS.get(module)
                 if role is None:
                     raise UnsupportedWeights(f"a LoRA pair on {module!r}")
-                getattr(layer, role).lora = (a, b, s)
+                getattr(layer, role).set_lora(a, b, s)
             layers.append(layer)
         unknown = set(rest) - {f"{prefix}.embed_tokens.weight", f"{prefix}.norm.weight", "lm_head.weight", "lm_head.bias"}
         if unknown:

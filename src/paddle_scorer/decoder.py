@@ -122,7 +122,15 @@ def spec_for(library: str, architecture: str, prefix: str, config) -> tuple[Arch
 class Linear:
     w: Mat  # [in, out] (Paddle's layout)
     b: np.ndarray | None = None
-    lora: tuple[Mat, Mat, float] | None = None  # (A [in, r], B [r, out], scaling)
+    lora: tuple[Mat, Mat] | None = None  # (A [in, r], B * scaling [r, out]): y += (x @ A) @ (B * scaling)
+
+    def set_lora(self, a, b, scaling: float) -> None:
+        """Attach a LoRA pair; the scaling is folded into a copy of B once (B is rank x out: small), so the
+        forward adds one product instead of scaling a whole activation."""
+        b = _as_mat(b)
+        if scaling != 1.0:
+            b = Mat(b.np * np.float32(scaling))
+        self.lora = (_as_mat(a), b)
 
 
 @dataclass
@@ -194,12 +202,12 @@ def make_layer(tensors: dict, lora: dict | None = None, scaling: float = 1.0) ->
     for role, p in parts.items():
         if "weight" not in p:
             raise UnsupportedWeights(f"{role} without a weight")
-        pair = None
+        lin = Linear(_as_mat(p["weight"]), _vec(p["bias"]) if "bias" in p else None)
         if "lora_A" in p or "lora_B" in p:
             if not ("lora_A" in p and "lora_B" in p):
                 raise UnsupportedWeights(f"{role}: half a LoRA pair")
-            pair = (_as_mat(p["lora_A"]), _as_mat(p["lora_B"]), float(p.get("scaling", scaling)))
-        setattr(layer, role, Linear(_as_mat(p["weight"]), _vec(p["bias"]) if "bias" in p else None, pair))
+            lin.set_lora(p["lora_A"], p["lora_B"], scaling)
+        setattr(layer, role, lin)
     attn_ok = layer.qkv is not None or all(getattr(layer, r) is not None for r in "qkv")
     mlp_ok = layer.gate_up is not None or (layer.gate is not None and layer.up is not None)
     if not (attn_ok and layer.o is not None and mlp_ok and layer.down is not None):
@@ -431,8 +439,8 @@ class Forward:
         if lin.b is not None:
             y += lin.b
         if lin.lora is not None:
-            a, b, s = lin.lora
-            y += self.k.mm(self.k.mm(x, a), b) * np.float32(s)
+            a, b = lin.lora
+            y += self.k.mm(self.k.mm(x, a), b)
         return y
 
     def embed(self, out: Outside, ids: np.ndarray) -> np.ndarray:
