@@ -219,12 +219,57 @@ def render(r: dict) -> str:
     for name, x in mg["load"].items():
         a(f"| {name} | {x['load_s']:.2f}s | {x['import_s']:.1f}s | {gb(x['rss_after_bytes'])} |")
     a("")
+    if r.get("cpu"):
+        a(render_cpu(r["cpu"], r.get("profile_md", "")))
     for key, title in (("realsize_md", "7. Real-size models"), ("serve_md", "8. `serve` + lm-evaluation-harness")):
         if r.get(key):
             body = r[key].split("\n", 1)[1]  # the section's own title line is replaced by a numbered one
             body = body.replace("\n## ", "\n### ")
             a(f"## {title}\n")
             a(body)
+    return "\n".join(L) + "\n"
+
+
+def render_cpu(c: dict, profile_md: str) -> str:
+    """Section 9: the CPU decoder, its GEMM kernel, the hardware peak and the peers (bench_cpu.py, profile_forward.py)."""
+    g = c["gemm"]
+    peak = g["best_fp32_peak"]
+    L = ["## 9. CPU scoring against the hardware's peak (issue 18)\n"]
+    a = L.append
+    m, k, n = g["shape"]
+    env = g["env"]
+    a(f"GEMM peak, float32 `[{m}, {k}] x [{k}, {n}]`, best of 4, three interleaved rounds in one run (GFLOP/s per "
+      f"round). This machine's environment: OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')!r}, "
+      f"OPENBLAS_L2_SIZE={env.get('OPENBLAS_L2_SIZE')!r}; the \"unset\" row runs numpy in a child process with both "
+      "removed (as a user's machine has them); the product never changes them.\n")
+    a("| kernel | GFLOP/s (rounds) | best | max rel. error vs float64 |")
+    a("|---|---|---:|---:|")
+    for name, x in g["rows"].items():
+        rounds = ", ".join(f"{v:.0f}" for v in x["gflops_rounds"])
+        err = "n/a" if x["rel_err"] is None else f"{x['rel_err']:.1e}"
+        a(f"| {name} | {rounds} | {x['gflops']:.0f} | {err} |")
+    ch = g["choice"]
+    a(f"\nBest exact float32 peak: **{peak:.0f} GFLOP/s**. paddle-scorer's choice on this shape: `{ch['path']}` "
+      f"(measured {', '.join(f'{kk} {v:.0f}' for kk, v in ch['measured'].items())}).\n")
+    a("`classify` scoring (the same prompts and batches for every column: demo queries in the demo template, labels "
+      "goods/life, length-sorted batches cut at ~1024 tokens; medians of interleaved repetitions). Useful GFLOP/s as "
+      "in section 5 (decoder on real tokens, attention, one LM-head row per prompt); *before* = the library's eager "
+      "forward (`PADDLE_SCORER_CPU_FORWARD=library`, what `classify` ran before), *now* = the CPU decoder, "
+      "*PyTorch* = a tuned exact scorer on the same weights (HF Llama, SDPA, one padded forward per batch, LM head at "
+      "the last position only; adapters merged).\n")
+    a("| model | prompts (tokens) | before prompts/s | now prompts/s | PyTorch prompts/s | now / before | now / PyTorch | "
+      "now GFLOP/s (of peak) | before (of peak) | PyTorch (of peak) | max abs diff now vs before / vs PyTorch |")
+    a("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for x in c["classify"]:
+        p, fr, gf = x["pps"], x["fraction_of_peak"], x["gflops"]
+        a(f"| {x['model']} | {x['prompts']} ({x['tokens']}) | {p['library']:.2f} | {p['decoder']:.2f} | {p['torch']:.2f} | "
+          f"**{x['decoder_vs_library']:.2f}x** | **{x['decoder_vs_torch']:.2f}x** | {gf['decoder']:.0f} (**{fr['decoder']:.0%}**) | "
+          f"{gf['library']:.0f} ({fr['library']:.0%}) | {gf['torch']:.0f} ({fr['torch']:.0%}) | "
+          f"{x['max_abs_diff']['decoder_vs_library']:.1e} / {x['max_abs_diff']['decoder_vs_torch']:.1e} |")
+    a("")
+    if profile_md:
+        a("### Profile: where a forward's time goes, before and now (`benchmarks/profile_forward.py`)\n")
+        a(profile_md)
     return "\n".join(L) + "\n"
 
 
@@ -267,6 +312,12 @@ def main():
             res["flops"][key] = child("bench_flops.py", [*n, *reps] + (["--torch-peak"] if key == "mkl5_t2" else []),
                                       tmp / f"flops-{key}.json", env={"MKL_DEBUG_CPU_TYPE": mkl, "OMP_NUM_THREADS": thr})
         res["merge"] = child("bench_merge.py", ["--reps", "1" if q else "3"], tmp / "merge.json")
+        res["cpu"] = child("bench_cpu.py", ["--models", "demo" if q else "58m,0.9b", "--n", "32" if q else "256",
+                                            "--n-big", "64", "--reps", "1" if q else "3"], tmp / "cpu.json")
+        prof = tmp / "profile.md"
+        subprocess.run([PY, "-W", "ignore", str(HERE / "profile_forward.py"), "--models", "demo" if q else "58m,0.9b",
+                        "--md", str(prof)], check=True, stdout=subprocess.DEVNULL)
+        res["profile_md"] = prof.read_text()
     for key, script, extra, skip in (
             ("realsize", "run_realsize.py", (["--quick"] if q else []) + (["--skip-7b"] if args.skip_7b else []),
              args.no_realsize),

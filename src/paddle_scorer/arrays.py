@@ -105,14 +105,32 @@ def cast_checked(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
             out = arr if arr.dtype == target else arr.astype(target)
         return out, count_nonfinite(out) == 0
     out = arr if arr.dtype == target else np.empty(arr.shape, dtype=target)
+    # a widening cast (half -> float32) cannot overflow: check the half source's bits, half the bytes of the result
+    widening = out is not arr and target.itemsize > arr.dtype.itemsize and target == np.float32
 
     def work(sl):
+        if widening:
+            ok = count_nonfinite(arr[sl]) == 0
         if out is not arr:
             with np.errstate(over="ignore"):
                 np.copyto(out[sl], arr[sl], casting="unsafe")
-        return count_nonfinite(out[sl]) == 0
+        return ok if widening else count_nonfinite(out[sl]) == 0
 
     return out, all(cast_pool().map(work, _slices(arr)))
+
+
+def cast_or_refuse(name: str, arr: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """``arr`` in ``dtype`` (cast and checked on every core); NaN/inf, stored or made by the cast (a float64 1e300
+    is inf in float32), refused naming the tensor: the one check of in-RAM loading and streaming."""
+    out, finite = cast_checked(arr, dtype)
+    if not finite:
+        raise WeightMismatchError(
+            f"{where}: the model weights contain NaN/inf, so every score would be meaningless:",
+            [f"{name}: {count_nonfinite(out)} NaN/inf value(s)" + (f" (after the cast to {dtype})"
+                                                                   if out.dtype != arr.dtype else "")],
+            "Re-export the checkpoint from a healthy training step.",
+        )
+    return out
 
 
 def to_paddle_array(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:

@@ -99,11 +99,25 @@ def packed_strategy(backend: "Backend", prompts: list[list[int]], continuations:
 
 
 class Backend:
-    def __init__(self, runner: ModelRunner, pad_id: int = 0, strategy: Strategy | None = None):
+    def __init__(self, runner: ModelRunner, pad_id: int = 0, strategy: Strategy | None = None,
+                 prefix_reuse: bool = True, prefix_cache_bytes: int | None = None):
+        """``prefix_reuse``: compute shared prompt prefixes once (:mod:`paddle_scorer.reuse`) when the runner can
+        continue a computed prefix (the CPU decoder) and no strategy replaces the scoring."""
         self.pd = paddle()
         self.runner = runner
         self.pad_id = pad_id
         self.strategy = strategy or packed_strategy
+        self.reuse = None
+        if prefix_reuse and strategy is None and getattr(runner, "supports_prefix", False):
+            from paddle_scorer.reuse import DEFAULT_CACHE_BYTES, Reuse
+
+            self.reuse = Reuse(runner, pad_id, DEFAULT_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes)
+
+    def reuse_stats(self) -> dict:
+        """What prefix reuse did (provenance)."""
+        if self.reuse is None:
+            return {"enabled": False}
+        return self.reuse.stats.to_dict(self.reuse.cache)
 
     def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[ContinuationScore]]:
         """Teacher-forced log-probs of every continuation of every prompt (one batch): per prompt, one
@@ -112,11 +126,24 @@ class Backend:
             return self.strategy(self, prompts, continuations)
 
     def score_many(self, batches: list[tuple[list[list[int]], list[list[list[int]]]]]):
-        """:meth:`score` for each ``(prompts, continuations)`` batch (the streamed backend runs them as one block)."""
-        return [self.score(prompts, conts) for prompts, conts in batches]
+        """:meth:`score` for each ``(prompts, continuations)`` batch (the streamed backend runs them as one block;
+        with prefix reuse the batches are one pool, re-cut around the prefixes they share)."""
+        if self.reuse is None:
+            return [self.score(prompts, conts) for prompts, conts in batches]
+        items = [(p, c) for prompts, conts in batches for p, c in zip(prompts, conts, strict=True)]
+        with self.pd.no_grad():
+            flat = self.reuse.score(items)
+        out, start = [], 0
+        for prompts, _ in batches:
+            out.append(flat[start:start + len(prompts)])
+            start += len(prompts)
+        return out
 
     def next_token_logprobs(self, prompts: list[list[int]]) -> np.ndarray:
         """log P(next token | prompt) for each prompt: ``[len(prompts), vocab]`` float32."""
+        if self.reuse is not None:
+            with self.pd.no_grad():
+                return self.reuse.next_token(prompts)
         ids, mask, pos = padded(prompts, self.pad_id)
         with self.pd.no_grad():
             hidden, _ = self.runner.hidden(ids, mask, pos)
@@ -131,8 +158,18 @@ class Backend:
 
     def sequence_logprobs(self, seqs: list[list[int]], top_n: int = 0) -> list[SequenceLogprobs]:
         """Log-probs at every position of each sequence (one batched forward). See :class:`SequenceLogprobs`."""
+        return self.sequence_logprobs_cached(seqs, top_n)[0]
+
+    def sequence_logprobs_cached(self, seqs: list[list[int]], top_n: int = 0) -> tuple[list[SequenceLogprobs], list[int]]:
+        """:meth:`sequence_logprobs` and, per sequence, how many of its tokens a computed prefix supplied."""
         if not seqs or min(len(s) for s in seqs) < 1:
             raise ValueError("empty sequence")
+        if self.reuse is not None:
+            with self.pd.no_grad():
+                return self.reuse.sequences(seqs, top_n)
+        return self._sequence_logprobs(seqs, top_n), [0] * len(seqs)
+
+    def _sequence_logprobs(self, seqs: list[list[int]], top_n: int = 0) -> list[SequenceLogprobs]:
         ids, mask, pos = padded(seqs, self.pad_id)
         out = []
         with self.pd.no_grad():

@@ -14,6 +14,7 @@ import numpy as np
 from paddle_scorer import decoder, kernels
 from paddle_scorer.decoder import KV, Batch, Forward, Outside, Rope, UnsupportedWeights, make_layer
 from paddle_scorer.layout import layer_index
+from paddle_scorer.prefixes import Prefix
 
 
 def _outside(spec, named: dict, tied: bool) -> Outside:
@@ -50,20 +51,26 @@ class NumpyRunner:
 
     # the ModelRunner seam ------------------------------------------------------------------------
 
+    supports_prefix = True
+
     def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KV | None = None,
-               use_cache: bool = False, lengths=None):
+               use_cache: bool = False, lengths=None, prefix: Prefix | None = None):
         """Final-normed hidden states ``[B, T, H]`` (the body's output, as the library returns it; padding slots
-        zero) and the cache extended by these tokens when ``use_cache``."""
+        zero) and the cache extended by these tokens when ``use_cache``. ``prefix``: a computed prefix every row
+        continues (positions count from its end; a cache made here keeps it for the next steps)."""
         B, T = ids.shape
+        if cache is not None and cache.prefix is not None:
+            prefix = cache.prefix
         past = cache.length if cache is not None else 0
         mask = np.asarray(mask)
         batch = Batch.from_mask(mask, T, past, lengths)
         cos, sin = self.f.rope(batch.pick(np.asarray(positions)))
         h = self.f.embed(self.outside, batch.pick(ids))
-        new = KV() if use_cache else None
+        new = KV(prefix=prefix) if use_cache else None
         for i, layer in enumerate(self.layers):
             pk = (cache.keys[i], cache.values[i]) if past else None
-            h, kv = self.f.layer(layer, h, batch, cos, sin, pk, keep_kv=use_cache)
+            h, kv = self.f.layer(layer, h, batch, cos, sin, pk, keep_kv=use_cache,
+                                 prefix=prefix.layer(i) if prefix is not None else None)
             if use_cache:
                 k, v = kv
                 if past:
@@ -78,6 +85,23 @@ class NumpyRunner:
             normed = decoder.rms_norm(h, self.outside.norm, self.f.spec.eps)
         return batch.spread(normed), new
 
+    def extend(self, prefix: Prefix | None, tokens) -> Prefix:
+        """``prefix`` (None: nothing) followed by ``tokens``, computed as one row on top of it."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        start = prefix.length if prefix is not None else 0
+        n = len(tokens) - start
+        ids = tokens[start:][None]
+        hidden, kv = self.hidden(ids, np.ones((1, n), dtype=np.int64), np.arange(start, start + n)[None],
+                                 use_cache=True, prefix=prefix)
+        keys = [k[0] for k in kv.keys]
+        values = [v[0] for v in kv.values]
+        rows = hidden[0]
+        if prefix is not None:
+            keys = [np.concatenate([pk, k], axis=1) for pk, k in zip(prefix.keys, keys)]
+            values = [np.concatenate([pv, v], axis=1) for pv, v in zip(prefix.values, values)]
+            rows = np.concatenate([prefix.hidden, rows]) if prefix.hidden is not None else None
+        return Prefix(tokens, keys, values, rows)
+
     def logprobs(self, rows: np.ndarray) -> np.ndarray:
         return self.f.logprobs(self.outside, np.ascontiguousarray(rows, dtype=np.float32), normed=True)
 
@@ -86,7 +110,7 @@ class NumpyRunner:
         return hidden[idx[:, 0], idx[:, 1]]
 
     def select_cache(self, cache: KV, index: list[int]) -> KV:
-        return cache.rows(index)
+        return cache.rows(index)  # the shared prefix, if any, stays with it
 
 
 def gemm_for(spec, intermediate: int):

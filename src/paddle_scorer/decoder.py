@@ -358,6 +358,7 @@ class KV:
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
     keep: np.ndarray | None = None  # [B, S]
+    prefix: object = None  # a prefixes.Prefix every row continues (not copied per row)
 
     @property
     def length(self) -> int:
@@ -365,7 +366,8 @@ class KV:
 
     def rows(self, index) -> "KV":
         idx = np.asarray(index, dtype=np.int64)
-        return KV([k[idx] for k in self.keys], [v[idx] for v in self.values], None if self.keep is None else self.keep[idx])
+        return KV([k[idx] for k in self.keys], [v[idx] for v in self.values], None if self.keep is None else self.keep[idx],
+                  self.prefix)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -486,9 +488,10 @@ class Forward:
 
     # ---------------------------------------------------------------- attention
 
-    def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None) -> np.ndarray:
-        """q ``[N, heads, d]``, k/v ``[N, kv, d]`` of the new (real) tokens; ``past_k/v [B, kv, S, d]``. Returns
-        ``[N, heads*d]``."""
+    def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None, prefix=None) -> np.ndarray:
+        """q ``[N, heads, d]``, k/v ``[N, kv, d]`` of the new (real) tokens; ``past_k/v [B, kv, S, d]`` (per row);
+        ``prefix``: ``(K, V) [kv, P, d]`` of a prefix every row continues (seen by every query, computed once, never
+        copied per row: its scores are one product over all rows). Returns ``[N, heads*d]``."""
         sp = self.spec
         B, T = batch.B, batch.T
         G, d, kv = sp.group, sp.head_dim, sp.kv_heads
@@ -505,26 +508,47 @@ class Forward:
             vals = np.concatenate([past_v, vals], axis=2)
         kt = np.ascontiguousarray(keys.transpose(0, 1, 3, 2))  # [B, kv, d, S+T]
         vals = np.ascontiguousarray(vals)
+        if prefix is not None:
+            pk_t = np.ascontiguousarray(prefix[0].transpose(0, 2, 1))  # [kv, d, P]
+            pv = np.ascontiguousarray(prefix[1])  # [kv, P, d]
         bias = batch.bias()  # [B, T, S+T]
         out = np.empty((B, kv, G, T, d), dtype=np.float32)
         rows = max(1, ATTENTION_ROWS // G)
+        scale = np.float32(d ** -0.5) if sp.qk_scale == "scores" else None
         for t0, t1, end in batch.blocks(rows):
             n = t1 - t0
             qb = np.ascontiguousarray(qh[:, :, :, t0:t1]).reshape(B, kv, G * n, d)
             s = self.k.bmm(qb, np.ascontiguousarray(kt[..., :end])).reshape(B, kv, G, n, end)
             total = np.empty((B, kv, G, n, 1), dtype=np.float32)
+            sp_ = None
+            if prefix is not None:  # [kv, B*G*n, P]: every row's queries against the one prefix
+                qp = np.ascontiguousarray(qb.transpose(1, 0, 2, 3)).reshape(kv, B * G * n, d)
+                sp_ = self.k.bmm(qp, pk_t).reshape(kv, B, G, n, -1)
 
-            def softmax_rows(sl, s=s, t0=t0, end=end, total=total):  # unnormalised: the output is divided
+            def softmax_rows(sl, s=s, sp_=sp_, t0=t0, end=end, total=total):  # unnormalised: the output is divided
                 part = s[:, :, :, sl]
-                if sp.qk_scale == "scores":
-                    part *= np.float32(d ** -0.5)
+                if scale is not None:
+                    part *= scale
                 part += bias[:, None, None, t0 + sl.start:t0 + sl.stop, :end]
-                part -= part.max(axis=-1, keepdims=True)
+                top = part.max(axis=-1, keepdims=True)
+                if sp_ is not None:
+                    pre = sp_[:, :, :, sl]
+                    if scale is not None:
+                        pre *= scale
+                    top = np.maximum(top, pre.max(axis=-1, keepdims=True).transpose(1, 0, 2, 3, 4))
+                    pre -= top.transpose(1, 0, 2, 3, 4)
+                    np.exp(pre, out=pre)
+                part -= top
                 np.exp(part, out=part)
                 np.sum(part, axis=-1, keepdims=True, out=total[:, :, :, sl])
+                if sp_ is not None:
+                    total[:, :, :, sl] += pre.sum(axis=-1, keepdims=True).transpose(1, 0, 2, 3, 4)
 
-            parallel_rows(softmax_rows, n, s.size)
+            parallel_rows(softmax_rows, n, s.size + (sp_.size if sp_ is not None else 0))
             o = self.k.bmm(s.reshape(B, kv, G * n, end), vals[:, :, :end]).reshape(B, kv, G, n, d)
+            if sp_ is not None:
+                op = self.k.bmm(sp_.reshape(kv, B * G * n, -1), pv).reshape(kv, B, G, n, d)
+                o += op.transpose(1, 0, 2, 3, 4)
             o /= total
             out[:, :, :, t0:t1] = o
         # [B, kv, G, T, d] -> [B, T, heads, d] -> the real tokens [N, heads*d]
@@ -534,21 +558,22 @@ class Forward:
     # ---------------------------------------------------------------- a layer
 
     def layer(self, layer: Layer, h: np.ndarray, batch: Batch, cos: np.ndarray, sin: np.ndarray,
-              past: tuple[np.ndarray, np.ndarray] | None = None,
-              keep_kv: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+              past: tuple[np.ndarray, np.ndarray] | None = None, keep_kv: bool = False,
+              prefix: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, tuple | None]:
         """One decoder layer on the real tokens' hidden states ``h [N, H]`` (updated in place and returned); with
-        ``keep_kv`` also this call's ``(K, V) [B, kv, T, d]`` (padding slots zero) for a cache. Overflow gives
-        inf/NaN silently here: the scores' finite checks refuse such records with a sentence."""
+        ``keep_kv`` also this call's ``(K, V) [B, kv, T, d]`` (padding slots zero) for a cache; ``prefix``: this
+        layer's ``(K, V) [kv, P, d]`` of a prefix shared by every row. Overflow gives inf/NaN silently here: the
+        scores' finite checks refuse such records with a sentence."""
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._layer(layer, h, batch, cos, sin, past, keep_kv)
+            return self._layer(layer, h, batch, cos, sin, past, keep_kv, prefix)
 
-    def _layer(self, layer, h, batch, cos, sin, past, keep_kv):
+    def _layer(self, layer, h, batch, cos, sin, past, keep_kv, prefix=None):
         sp = self.spec
         x = rms_norm(h, layer.ln1, sp.eps)
         q, k, v = self._qkv(layer, x)
         q = _rotate(q, cos, sin, sp.rotation)
         k = _rotate(k, cos, sin, sp.rotation)
-        o = self.attention(q, k, v, batch, *(past or (None, None)))
+        o = self.attention(q, k, v, batch, *(past or (None, None)), prefix=prefix)
         h += self.linear(layer.o, o)
         x = rms_norm(h, layer.ln2, sp.eps)
         h += self._mlp(layer, x)

@@ -24,7 +24,7 @@ import numpy as np
 
 from paddle_scorer import libraries
 from paddle_scorer.errors import CheckpointError, WeightMismatchError
-from paddle_scorer.arrays import cast_checked, count_nonfinite, merge_lora, to_paddle_array
+from paddle_scorer.arrays import cast_or_refuse, merge_lora, to_paddle_array
 from paddle_scorer.plan import LoadPlan, make_plan
 from paddle_scorer.weights import read_tensor, read_tensors
 
@@ -191,15 +191,7 @@ def read_cast(plan: LoadPlan, name: str, dtype: str, scratch: np.ndarray | None,
         arr = recipe.build({src.name: read_tensor(src, scratch)})
     else:
         arr = recipe.build(read_tensors([mp.refs[s] for s in recipe.sources]))
-    out, finite = cast_checked(arr, dtype)
-    if not finite:
-        raise WeightMismatchError(
-            f"{where}: the model weights contain NaN/inf, so every score would be meaningless:",
-            [f"{name}: {count_nonfinite(out)} NaN/inf value(s)" + (" (after the cast to " + dtype + ")"
-                                                                   if out.dtype != arr.dtype else "")],
-            "Re-export the checkpoint from a healthy training step.",
-        )
-    return out
+    return cast_or_refuse(name, arr, dtype, where)
 
 
 def set_params(plan: LoadPlan, params: dict[str, Any], names: list[str], dtype: str, merge_pairs=None) -> None:

@@ -59,8 +59,9 @@ class Packed:
     continuations: list[list[list[int]]]
 
 
-def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int) -> Packed:
-    """Prompts and every label's tokens in one forward, with a per-row tree attention mask."""
+def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int, offset: int = 0) -> Packed:
+    """Prompts and every label's tokens in one forward, with a per-row tree attention mask. ``offset``: the prompts
+    continue a shared prefix of that many tokens (position ids start there; the prefix is not in the mask)."""
     multi = any(len(c) > 1 for conts in continuations for c in conts)
     layout = []  # per prompt: token ids, position ids, segment id per position, start of each label
     for p, conts in zip(prompts, continuations):
@@ -81,6 +82,8 @@ def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id:
         mask = np.zeros((n, 1, width, width), dtype=bool)
     else:
         mask = np.zeros((n, width), dtype=np.int64)
+    if offset:
+        layout = [(i, [x + offset for x in p], sg, st) for i, p, sg, st in layout]
     for b, (r_ids, r_pos, r_seg, _) in enumerate(layout):
         m = len(r_ids)
         ids[b, :m] = r_ids
@@ -92,7 +95,7 @@ def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id:
             mask[b, 0, :m, :m] = causal & same
             mask[b, 0, np.arange(m, width), np.arange(m, width)] = True  # pad rows see themselves (no NaN)
         else:
-            pos[b, m:] = np.arange(m, width)
+            pos[b, m:] = np.arange(m, width) + offset
             mask[b, :m] = 1
     rows, targets = [], []
     for b, ((_, _, _, starts), p, conts) in enumerate(zip(layout, prompts, continuations)):
@@ -158,13 +161,13 @@ def regroup(items: list[tuple[list[int], list[list[int]]]], tokens: int = CALL_T
     return groups
 
 
-def padded(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-padded ids, 2-D mask and positions for plain sequences."""
+def padded(seqs: list[list[int]], pad_id: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded ids, 2-D mask and positions for plain sequences (continuing ``offset`` shared tokens)."""
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
-    pos = np.tile(np.arange(width, dtype=np.int64), (len(seqs), 1))
+    pos = np.tile(np.arange(offset, offset + width, dtype=np.int64), (len(seqs), 1))
     return ids, mask, pos

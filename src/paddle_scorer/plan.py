@@ -96,12 +96,13 @@ class ModelPlan:
         sizes = [int(np.prod(t.shape)) * dtype_size for n, t in self.conversion.tensors.items() if layer_index(n) is None]
         return max(sizes, default=0)
 
-    def read(self, names: list[str], where: str | None = None) -> dict[str, np.ndarray]:
-        """The runtime arrays ``names`` (converted to the runtime layout, stored dtype), NaN/inf refused."""
+    def read(self, names: list[str], where: str | None = None, check: bool = True) -> dict[str, np.ndarray]:
+        """The runtime arrays ``names`` (converted to the runtime layout, stored dtype), NaN/inf refused (unless
+        ``check`` is False: the caller checks after its cast, see :func:`paddle_scorer.arrays.cast_or_refuse`)."""
         recipes = [self.conversion.tensors[n] for n in names]
         sources = [self.refs[s] for r in recipes for s in r.sources]
         arrays = read_tensors(sources)
-        bad = nonfinite(arrays)
+        bad = nonfinite(arrays) if check else []
         if bad:
             raise WeightMismatchError(
                 f"{where or self.folder}: the model weights contain NaN/inf, so every score would be meaningless:", bad,

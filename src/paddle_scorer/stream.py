@@ -187,28 +187,40 @@ class StreamedBackend:
 
     def _read(self, names: list[str], layer: int | None = None) -> dict[str, np.ndarray]:
         """Runtime arrays ``names`` in the compute dtype (adapter merged in when mode is merge); template names."""
-        from paddle_scorer.arrays import merge_lora, to_paddle_array
+        return self._prepare(self._fetch(names), layer)
 
+    def _fetch(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The background reader's part: the stored bytes only (I/O releases the GIL and takes little CPU), so
+        the layer computing on every core is not slowed by a cast running beside it."""
         t0 = time.perf_counter()
-        arrays = self.plan.model.read(names)
+        arrays = self.plan.model.read(names, check=False)
         nbytes = sum(self.plan.model.refs[s].nbytes for n in names for s in self.plan.model.conversion.tensors[n].sources)
+        with self._lock:
+            self.stats.bytes_read += nbytes
+            self.stats.read_seconds += time.perf_counter() - t0
+        return arrays
+
+    def _prepare(self, arrays: dict[str, np.ndarray], layer: int | None) -> dict[str, np.ndarray]:
+        """Cast to the compute dtype and check (every core), merge the adapter (mode merge), add its pairs
+        (attach); in the computing thread, between layers."""
+        from paddle_scorer.arrays import cast_or_refuse, merge_lora, to_paddle_array
+
+        where = str(self.plan.model_dir)
+        for n in list(arrays):
+            arrays[n] = cast_or_refuse(n, arrays[n], self.dtype, where)
         if self.plan.adapter is not None and self.plan.mode == "merge":
             pairs = {m: ab for m, ab in self.plan.adapter.pairs.items() if m + ".weight" in arrays}
             merge_lora(arrays, pairs, self.plan.adapter.scaling, str(self.plan.lora_dir), out_dtype=self.dtype)
         out = {}
         for n in list(arrays):
             key = n if layer is None else to_template(n, layer)
-            # one core: the reader runs beside the layer computing on every core (it must not slow it down)
-            out[key] = to_paddle_array(arrays.pop(n), self.dtype, parallel=False)
+            out[key] = to_paddle_array(arrays.pop(n), self.dtype)
         if self.attach and layer is not None:
             for m, (a, b) in self.plan.adapter.pairs.items():
                 if layer_index(m + ".") == layer:
                     t = to_template(m + ".", layer).rstrip(".")
                     out[t + ".lora_A"] = to_paddle_array(a, self.dtype)
                     out[t + ".lora_B"] = to_paddle_array(b, self.dtype)
-        with self._lock:
-            self.stats.bytes_read += nbytes
-            self.stats.read_seconds += time.perf_counter() - t0
         return out
 
     def _set(self, arrays: dict[str, np.ndarray]) -> None:
@@ -268,13 +280,15 @@ class StreamedBackend:
 
     def _layers(self):
         """Each layer's arrays in turn, the next one read in the background while this one computes."""
-        future = self._pool.submit(self._read, self.layer_names[0], 0)
+        future = self._pool.submit(self._fetch, self.layer_names[0])
         for i in range(self.num_layers):
             t0 = time.perf_counter()
-            arrays = future.result()
+            raw = future.result()
             self.stats.wait_seconds += time.perf_counter() - t0
             if i + 1 < self.num_layers:
-                future = self._pool.submit(self._read, self.layer_names[i + 1], i + 1)
+                future = self._pool.submit(self._fetch, self.layer_names[i + 1])
+            arrays = self._prepare(raw, i)
+            del raw
             yield i, arrays
             self.stats.layer_passes += 1
 
@@ -332,13 +346,7 @@ class StreamedBackend:
         inputs = [self._layer_inputs(p, embed) for p in packs]
         del embed
         states = [self._hidden_of(a, k) for a, k in inputs]
-        future = self._pool.submit(self._read, self.layer_names[0], 0)
-        for i in range(self.num_layers):
-            t0 = time.perf_counter()
-            arrays = future.result()
-            self.stats.wait_seconds += time.perf_counter() - t0
-            if i + 1 < self.num_layers:
-                future = self._pool.submit(self._read, self.layer_names[i + 1], i + 1)
+        for i, arrays in self._layers():
             self._set(arrays)
             del arrays
             with pd.no_grad():
@@ -346,7 +354,6 @@ class StreamedBackend:
                     a, k = self._with_hidden(args, kwargs, states[b])
                     out = self.layer0(*a, **k)
                     states[b] = out[0] if isinstance(out, (tuple, list)) else out
-            self.stats.layer_passes += 1
         self._free([n for n in self.params if layer_index(n) == 0])  # the last layer's weights
         head = self._read(self.head_names or [self.embed_name])
         if not self.head_names:  # tied: the head is the embedding table
