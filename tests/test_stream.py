@@ -50,7 +50,7 @@ def test_layer_calls_cut_differently_from_batches_give_the_same_scores(models, t
     ram, _, _ = classify(tmp_path, "ram", *common, "--execution", "in-ram")
     calls = []
     original = stream.pack
-    monkeypatch.setattr(stream, "pack", lambda *a: calls.append(len(a[0])) or original(*a))
+    monkeypatch.setattr(stream, "pack", lambda *a, **kw: calls.append(len(a[0])) or original(*a, **kw))
     monkeypatch.setattr(stream, "CALL_TOKENS", call_tokens)
     streamed, _, _ = classify(tmp_path, "streamed", *common, "--execution", "streamed")
     np.testing.assert_allclose(logprobs(streamed), logprobs(ram), atol=1e-5)

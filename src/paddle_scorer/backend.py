@@ -122,6 +122,8 @@ class Backend:
     def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[ContinuationScore]]:
         """Teacher-forced log-probs of every continuation of every prompt (one batch): per prompt, one
         :class:`ContinuationScore` per continuation."""
+        if self.reuse is not None:
+            return self.score_many([(prompts, continuations)])[0]
         with self.pd.no_grad():
             return self.strategy(self, prompts, continuations)
 
@@ -193,6 +195,9 @@ class Backend:
 
     def start(self, prompt: list[int]):
         """Prompt pass with cache for step-by-step decoding: returns (logprobs [V], state)."""
+        if self.reuse is not None:
+            lp, (cache, mask, lens) = self.decode_start([prompt])
+            return lp[0], (cache, len(prompt))
         ids, mask, pos = padded([prompt], self.pad_id)
         with self.pd.no_grad():
             hidden, cache = self.runner.hidden(ids, mask, pos, use_cache=True)
@@ -201,7 +206,8 @@ class Backend:
     def step(self, token: int, state):
         cache, n = state
         with self.pd.no_grad():
-            hidden, cache = self.runner.hidden(np.array([[token]], dtype=np.int64), np.ones((1, n + 1), dtype=np.int64),
+            hidden, cache = self.runner.hidden(np.array([[token]], dtype=np.int64),
+                                               np.ones((1, n + 1 - _shared(cache)), dtype=np.int64),
                                                np.array([[n]], dtype=np.int64), cache=cache, use_cache=True)
             return self.runner.logprobs(hidden[:, -1, :])[0], (cache, n + 1)
 
@@ -212,13 +218,16 @@ class Backend:
     # decode_keep(). The same forward and float32 log-softmax as start()/step(): equal within float32 noise.
 
     def decode_start(self, prompts: list[list[int]]):
-        """Prompt pass with cache for several sequences: ``(logprobs [B, V], state)``."""
-        ids, mask, pos = padded(prompts, self.pad_id)
+        """Prompt pass with cache for several sequences: ``(logprobs [B, V], state)``. With prefix reuse the
+        prefix the prompts share is computed once (or found in the cache) and kept in the state, not per row."""
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        prefix, depth = self.reuse.start(prompts) if self.reuse is not None else (None, 0)
+        ids, mask, pos = padded([p[depth:] for p in prompts], self.pad_id, depth)
+        lens = lens - depth
         with self.pd.no_grad():
-            hidden, cache = self.runner.hidden(ids, mask, pos, use_cache=True)
+            hidden, cache = self.runner.hidden(ids, mask, pos, use_cache=True, **({"prefix": prefix} if prefix else {}))
             lp = self.runner.logprobs(self.runner.gather(hidden, [(i, n - 1) for i, n in enumerate(lens)]))
-        return lp, (cache, mask, lens)
+        return lp, (cache, mask, lens + depth)  # the next positions count the shared prefix
 
     def decode_step(self, tokens: list[int], state):
         """One token per row (in the state's row order): ``(logprobs [B, V], state)``."""
@@ -233,3 +242,9 @@ class Backend:
         """The state with only ``rows`` (indices into its current rows), in that order."""
         cache, mask, nxt = state
         return self.runner.select_cache(cache, rows), mask[rows], nxt[rows]
+
+
+def _shared(cache) -> int:
+    """Tokens of a shared prefix a KV cache continues (the CPU decoder's caches; the library's have none)."""
+    prefix = getattr(cache, "prefix", None)
+    return prefix.length if prefix is not None else 0

@@ -43,15 +43,19 @@ def cpu_runner(loaded):
     return runner, {"forward": "paddle-scorer decoder", "gemm": choice.to_dict()}
 
 
-def backend_for(loaded, strategy: Strategy | None = None):
-    """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer)."""
+def backend_for(loaded, strategy: Strategy | None = None, prefix_reuse: bool = True,
+                prefix_cache_bytes: int | None = None):
+    """The scoring backend for a :func:`paddle_scorer.loader.load` result (pad id from its tokenizer).
+    ``prefix_reuse``: shared prompt prefixes computed once (CPU decoder, in RAM and streamed; ``--no-prefix-reuse``
+    turns it off for A/B checks); ``prefix_cache_bytes``: the bound of the cache that keeps them across batches."""
     pad = pad_id_of(loaded.tokenizer)
     if loaded.streamed:
         from paddle_scorer.stream import StreamedBackend  # imports the model library's layer code
 
-        backend = StreamedBackend(loaded, pad_id=pad)
+        backend = StreamedBackend(loaded, pad_id=pad, prefix_reuse=prefix_reuse)
         loaded.facts.compute = backend.compute
         return backend
     runner, facts = cpu_runner(loaded) if loaded.plan is not None else (None, {"forward": "library"})
     loaded.facts.compute = facts
-    return Backend(runner or ModelRunner(loaded.model), pad_id=pad, strategy=strategy)
+    return Backend(runner or ModelRunner(loaded.model), pad_id=pad, strategy=strategy, prefix_reuse=prefix_reuse,
+                   prefix_cache_bytes=prefix_cache_bytes)

@@ -31,6 +31,7 @@ class GenerateOptions:
     stop_at_eos: bool = True
     truncate: str = "error"
     coerce_fields: bool = False
+    prefix_reuse: bool = True  # a prompt prefix shared with earlier records is not recomputed (same results)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +82,7 @@ class Generator:
         if loaded.streamed:
             raise UsageError("generate needs the whole model in memory (a layer-streamed model would be re-read for every "
                              "token); use a machine or GPU that fits it, or classify, which streams.")
-        self.backend = backend_for(loaded)
+        self.backend = backend_for(loaded, prefix_reuse=options.prefix_reuse)
         self.eos_ids = loaded.eos_ids
         self.max_length = loaded.context_length
         self.prompter = prompter_for(self.tok, options, self.max_length)

@@ -66,16 +66,18 @@ class Reuse:
         return done, from_cache
 
     def _visit(self, root: prefixes.Node, fn) -> None:
-        """``fn(members, depth, prefix)`` for every node with members, parents computed before children."""
-        def walk(node, prefix):
+        """``fn(members, depth, prefix, from_cache)`` for every node with members, parents computed before
+        children; ``from_cache``: how many of the prefix's tokens were computed before this call."""
+        def walk(node, prefix, cached):
             if not node.is_root:
-                prefix, _ = self.prefix_for(node.tokens, prefix)
+                prefix, got = self.prefix_for(node.tokens, prefix)
+                cached = max(cached, got)
             if node.members:
-                fn(node.members, node.depth, prefix)
+                fn(node.members, node.depth, prefix, cached)
             for child in node.children:
-                walk(child, prefix)
+                walk(child, prefix, cached)
 
-        walk(root, None)
+        walk(root, None, 0)
 
     # ------------------------------------------------------------------ labelled scoring
 
@@ -86,7 +88,7 @@ class Reuse:
         self.stats.savings.add(root, prompts)
         results: list = [None] * len(items)
 
-        def members(idx, depth, prefix):
+        def members(idx, depth, prefix, _cached):
             order = sorted(idx, key=lambda i: -len(items[i][0]))
             sub = [(items[i][0][depth:], items[i][1]) for i in order]
             for g in regroup(sub, CALL_TOKENS):
@@ -105,7 +107,7 @@ class Reuse:
         self.stats.savings.add(root, prompts)
         out: list = [None] * len(prompts)
 
-        def members(idx, depth, prefix):
+        def members(idx, depth, prefix, _cached):
             for g in _chunks(sorted(idx, key=lambda i: -len(prompts[i])), prompts, depth):
                 ids, mask, pos = padded([prompts[i][depth:] for i in g], self.pad_id, depth)
                 hidden, _ = self.runner.hidden(ids, mask, pos, prefix=prefix)
@@ -141,13 +143,13 @@ class Reuse:
 
     def sequences(self, seqs: list[list[int]], top_n: int) -> tuple[list[SequenceLogprobs], list[int]]:
         """:meth:`Backend.sequence_logprobs` with reuse; also, per sequence, how many of its tokens came from
-        the cache (``usage.prompt_tokens_details.cached_tokens``)."""
+        prefixes computed before this call (``usage.prompt_tokens_details.cached_tokens``)."""
         root = prefixes.plan(seqs)
         self.stats.savings.add(root, seqs)
         out: list = [None] * len(seqs)
         cached = [0] * len(seqs)
 
-        def members(idx, depth, prefix):
+        def members(idx, depth, prefix, from_cache):
             pre = self._prefix_rows(prefix, top_n) if prefix is not None else None
             for g in _chunks(sorted(idx, key=lambda i: -len(seqs[i])), seqs, depth):
                 ids, mask, pos = padded([seqs[i][depth:] for i in g], self.pad_id, depth)
@@ -156,7 +158,7 @@ class Reuse:
                     s = np.asarray(seqs[i])
                     lp = self.runner.logprobs(hidden[k, : len(s) - depth])  # rows depth .. n-1
                     out[i] = _assemble(s, depth, pre, lp, top_n)
-                    cached[i] = depth if prefix is not None else 0
+                    cached[i] = from_cache
 
         self._visit(root, members)
         return out, cached

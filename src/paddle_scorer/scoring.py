@@ -43,6 +43,7 @@ class ClassifyOptions:
     gold_field: str = "label"
     coerce_fields: bool = False
     force_max_length: bool = False
+    prefix_reuse: bool = True  # compute shared prompt prefixes once (not in the identity: results are equal)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,7 +160,7 @@ class Classifier:
         self.encoder = LabelEncoder(loaded.tokenizer, options, loaded.context_length)
         self.use_chat = self.encoder.use_chat
         self.max_length = self.encoder.max_length
-        self.backend = backend_for(loaded)
+        self.backend = backend_for(loaded, prefix_reuse=options.prefix_reuse)
         self.calibration_info: dict = {"method": options.calibration}
         self._cf_probs: np.ndarray | None = None
         self._domain_scores: np.ndarray | None = None

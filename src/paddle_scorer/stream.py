@@ -35,6 +35,7 @@ from paddle_scorer.backend import log_softmax
 from paddle_scorer.packing import CALL_TOKENS, Packed, pack, padded, regroup, unpack
 from paddle_scorer.errors import CheckpointError
 from paddle_scorer.layout import layer_index
+from paddle_scorer import prefixes
 from paddle_scorer.memory import records_per_block
 from paddle_scorer.runtime import paddle
 
@@ -67,7 +68,7 @@ class StreamStats:
 class StreamedBackend:
     """Labelled scoring of a model that is never fully in memory (see the module docstring)."""
 
-    def __init__(self, loaded, pad_id: int = 0):
+    def __init__(self, loaded, pad_id: int = 0, prefix_reuse: bool = True):
         from paddle_scorer import libraries
 
         self.pd = paddle()
@@ -75,6 +76,8 @@ class StreamedBackend:
         self.plan = plan = loaded.plan
         self.pad_id = pad_id
         self.stats = StreamStats()
+        self.savings = prefixes.Savings()
+        self.reuse = prefix_reuse
         self.compute = {"forward": "library", "why": "streamed"}
         self.dtype = plan.policy.dtype
         mp = plan.model
@@ -176,6 +179,7 @@ class StreamedBackend:
             spec, why = None, "no rotary-embedding module found"
         if spec is None:
             self.compute = {"forward": "library", "why": why}
+            self.reuse = False  # the library's template layer cannot continue a prefix
             return None
         inter = int(getattr(self.config, "intermediate_size", 4 * spec.hidden))
         kernel, choice = kernels.gemm(spec.hidden, inter)
@@ -272,10 +276,11 @@ class StreamedBackend:
     def _hidden_of(args, kwargs):
         return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    def _run_block(self, packs: list[Packed], rows_fn) -> list[np.ndarray]:
-        """Every batch of the block through every layer; returns, per batch, log-probs at ``rows_fn(packed)``."""
+    def _run_block(self, packs: list[Packed], rows_fn, nodes=None, node_of=None) -> list[np.ndarray]:
+        """Every batch of the block through every layer; returns, per batch, log-probs at ``rows_fn(packed)``.
+        ``nodes``: shared prefixes (parents first) computed once per layer; ``node_of[k]``: pack k's prefix."""
         if self.fast is not None:
-            return self._run_block_fast(packs, rows_fn)
+            return self._run_block_fast(packs, rows_fn, nodes or [], node_of or [None] * len(packs))
         return self._run_block_library(packs, rows_fn)
 
     def _layers(self):
@@ -292,21 +297,29 @@ class StreamedBackend:
             yield i, arrays
             self.stats.layer_passes += 1
 
-    def _run_block_fast(self, packs: list[Packed], rows_fn) -> list[np.ndarray]:
-        """The block through the CPU decoder forward: hidden states as numpy, each layer built from its arrays."""
+    def _run_block_fast(self, packs: list[Packed], rows_fn, nodes: list, node_of: list) -> list[np.ndarray]:
+        """The block through the CPU decoder forward: hidden states as numpy, each layer built from its arrays.
+        A shared prefix (``nodes``) goes through each layer once, before the records that continue it: its keys
+        and values for that layer are what those records attend to, and are freed with the layer."""
         from paddle_scorer import decoder
         from paddle_scorer.kernels import Mat
 
         f = self.fast
         t_start = time.perf_counter()
         embed = self._read([self.embed_name])[self.embed_name]
+        table = decoder.Outside(embed, None, None, False)
         states = []
         for p in packs:
             batch = decoder.Batch.from_mask(p.mask, p.ids.shape[1])
             cos, sin = f.rope(batch.pick(p.positions))
-            h = f.embed(decoder.Outside(embed, None, None, False), batch.pick(p.ids))
-            states.append([h, batch, cos, sin])
-        del embed
+            states.append([f.embed(table, batch.pick(p.ids)), batch, cos, sin])
+        node_states = {}
+        for node in nodes:  # each prefix's own tokens: one row, causal, continuing its parent's positions
+            own = np.asarray(node.tokens[node.parent.depth:], dtype=np.int64)[None]
+            batch = decoder.Batch.from_mask(np.ones_like(own), own.shape[1])
+            cos, sin = f.rope(np.arange(node.parent.depth, node.depth))
+            node_states[id(node)] = [f.embed(table, own), batch, cos, sin]
+        del embed, table
         scaling = self.plan.adapter.scaling if self.attach else 1.0
         n = len(self.layer_prefix)
         for _, arrays in self._layers():
@@ -317,9 +330,18 @@ class StreamedBackend:
                 lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
             layer = decoder.make_layer(tensors, lora, scaling)
             del arrays, tensors, lora
-            for st in states:
-                st[0], _ = f.layer(layer, st[0], st[1], st[2], st[3])
-            del layer
+            kv = {}
+            for node in nodes:
+                st = node_states[id(node)]
+                parent = kv.get(id(node.parent))
+                st[0], (k, v) = f.layer(layer, st[0], st[1], st[2], st[3], keep_kv=True, prefix=parent)
+                k, v = k[0], v[0]  # [kv, own tokens, d]
+                if parent is not None:
+                    k, v = np.concatenate([parent[0], k], axis=1), np.concatenate([parent[1], v], axis=1)
+                kv[id(node)] = (k, v)
+            for st, node in zip(states, node_of):
+                st[0], _ = f.layer(layer, st[0], st[1], st[2], st[3], prefix=kv.get(id(node)) if node else None)
+            del layer, kv
         head = self._read(self.head_names or [self.embed_name])
         weight = head.get("lm_head.weight", head.get(self.embed_name))
         # a tied head (no lm_head tensor, or one the model shares with the embedding) is laid out [vocab, hidden]
@@ -389,13 +411,29 @@ class StreamedBackend:
 
     def score_many(self, batches: list[tuple[list[list[int]], list[list[list[int]]]]]):
         """Score every batch of a block in one streamed pass; per batch, what :meth:`Backend.score` returns.
-        The block's records are re-cut into layer calls of about ``CALL_TOKENS`` tokens (see there); the
-        results do not depend on how records are grouped (each row attends only to its own record)."""
+        The block's records are re-cut into layer calls of about ``CALL_TOKENS`` tokens (see there), around the
+        prefixes they share (:mod:`paddle_scorer.prefixes`, computed once per layer); the results do not depend
+        on how records are grouped (each row attends only to its own record and its prefix)."""
         items = [(p, c) for prompts, conts in batches for p, c in zip(prompts, conts, strict=True)]
-        groups = regroup(items, CALL_TOKENS)
-        packs = [pack([items[i][0] for i in g], [items[i][1] for i in g], self.pad_id) for g in groups]
-        lps = self._run_block(packs, lambda p: p.rows)
-        flat = [score for p, lp in zip(packs, lps) for score in unpack(p, lp)]
+        root = prefixes.plan([p for p, _ in items]) if self.reuse else prefixes.Node(0, members=list(range(len(items))))
+        if self.reuse:
+            self.savings.add(root, [p for p, _ in items])
+        packs, order, node_of = [], [], []
+        for node in root.walk():
+            if not node.members:
+                continue
+            idx = sorted(node.members, key=lambda i: -len(items[i][0]))
+            sub = [(items[i][0][node.depth:], items[i][1]) for i in idx]
+            for g in regroup(sub, CALL_TOKENS):
+                packs.append(pack([sub[k][0] for k in g], [sub[k][1] for k in g], self.pad_id, offset=node.depth))
+                order.append([idx[k] for k in g])
+                node_of.append(None if node.is_root else node)
+        nodes = [n for n in root.walk() if not n.is_root]
+        lps = self._run_block(packs, lambda p: p.rows, nodes, node_of)
+        flat: list = [None] * len(items)
+        for p, lp, idx in zip(packs, lps, order):
+            for i, score in zip(idx, unpack(p, lp)):
+                flat[i] = score
         self.stats.records += len(items)
         self.stats.block_records.append(len(items))
         out, start = [], 0
@@ -411,6 +449,12 @@ class StreamedBackend:
         ids, mask, pos = padded(prompts, self.pad_id)
         p = Packed(ids, pos, mask, [(i, len(x) - 1) for i, x in enumerate(prompts)], [], [])
         return self._run_block([p], lambda q: q.rows)[0]
+
+    def reuse_stats(self) -> dict:
+        """What prefix reuse did (provenance): every shared prefix is computed once per block."""
+        if not self.reuse:
+            return {"enabled": False}
+        return {"enabled": True, **self.savings.to_dict()}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

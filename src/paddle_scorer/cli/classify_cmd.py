@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
         stream_block_records: Optional[int] = typer.Option(None, "--stream-block-records", help="Streamed: records per block (default: as many as the memory limit allows; each block reads every layer once)."),
         allow_noop_adapter: flags.AllowNoopAdapter = False,
         coerce_fields: flags.CoerceFields = False,
+        prefix_reuse: flags.PrefixReuse = True,
         force_max_length: bool = typer.Option(False, "--force-max-length", help="Allow --max-length beyond the model's context (recorded in the output)."),
     ):
         from paddle_scorer.identity import classify_identity
@@ -98,6 +99,7 @@ def register(app: typer.Typer) -> None:
             gold_field=gold_field,
             coerce_fields=coerce_fields,
             force_max_length=force_max_length,
+            prefix_reuse=prefix_reuse,
         )
         check_options(opts)
         rows = read_rows(prompt, input, id_field, limit)
@@ -128,7 +130,8 @@ def register(app: typer.Typer) -> None:
                                           "argv": sys.argv[1:], "calibration": calib, "forced": forced,
                                           "run_config": identity, **execution_info},
                               metrics_fn=evaluate, labels=opts.labels,
-                              finish_extra=(lambda: {"streaming": clf.backend.stats.to_dict()}) if loaded.streamed else None)
+                              finish_extra=lambda: {"prefix_reuse": clf.backend.reuse_stats(),
+                                                    **({"streaming": clf.backend.stats.to_dict()} if loaded.streamed else {})})
         stats = outcome.stats
         stats.records = outcome.records
         if outcome.worker.distributed and not outcome.assembled:

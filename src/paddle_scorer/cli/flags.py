@@ -32,6 +32,9 @@ MemoryLimit = Annotated[Optional[str], typer.Option(
 Execution = Annotated[str, typer.Option(
     "--execution", help="auto | in-ram | streamed: where the weights live while scoring (auto: in RAM when they fit "
                         "the memory limit).")]
+PrefixReuse = Annotated[bool, typer.Option(
+    "--prefix-reuse/--no-prefix-reuse", help="Compute a prompt prefix that records share (few-shot examples, a system "
+                                            "prompt) once and reuse it (same results; --no-prefix-reuse for A/B checks).")]
 AllowNoopAdapter = Annotated[bool, typer.Option(
     "--allow-noop-adapter", help="Use an adapter that changes nothing (all-zero lora_B or lora_alpha 0) instead of "
                                  "refusing it.")]

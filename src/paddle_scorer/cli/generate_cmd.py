@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         memory_limit: flags.MemoryLimit = None,
         allow_noop_adapter: flags.AllowNoopAdapter = False,
         coerce_fields: flags.CoerceFields = False,
+        prefix_reuse: flags.PrefixReuse = True,
     ):
         from paddle_scorer.cli.options import check_numbers, plan_in_ram
         from paddle_scorer.generation import GenerateOptions, Generator, check_options
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
             template = scorer_defaults(model, lora).get("template")
         check_template(template)
         opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template,
-                               chat_template, truncate=truncate, coerce_fields=coerce_fields)
+                               chat_template, truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse)
         check_options(opts)
         rows = read_rows(prompt, input, id_field, limit)
         lopts = load_options(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, "in-ram")
@@ -93,7 +94,8 @@ def register(app: typer.Typer) -> None:
             outcome = execute("generate", items, score_block, 1, output=output, resume=resume, overwrite=overwrite,
                               identity=identity, loaded=loaded, advance=advance,
                               meta_extra={"input": str(input) if input else None, "argv": sys.argv[1:],
-                                          "options": opts.to_dict(), "run_config": identity})
+                                          "options": opts.to_dict(), "run_config": identity},
+                              finish_extra=lambda: {"prefix_reuse": gen.backend.reuse_stats()})
         stats = outcome.stats
         stats.records = outcome.records
         if as_json:
