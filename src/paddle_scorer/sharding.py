@@ -221,7 +221,8 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
             "output_sha256": sha,
             "workers": [{"rank": s["rank"], "host": s["meta"].get("worker", {}).get("host"),
                          "counts": s["meta"].get("counts"), "seconds": s["meta"].get("seconds"),
-                         "started": s["meta"].get("started"), "finished": s["meta"].get("finished")} for s in status],
+                         "started": s["meta"].get("started"), "finished": s["meta"].get("finished"),
+                         "prefix_reuse": s["meta"].get("prefix_reuse")} for s in status],
             "started": min(s["meta"].get("started", "") for s in status),
             "finished": max(s["meta"].get("finished", "") for s in status),
         })

@@ -1,0 +1,175 @@
+"""Prefix reuse (prefixes.py, reuse.py, the streamed executor): a shared prompt prefix is computed once and the
+results equal the computation without reuse (1e-5) through the real CLI: few-shot classify with single- and
+multi-token labels, attach and merge, in RAM and streamed, Llama and Qwen2, two templates in one input, generate,
+two launcher workers; the radix planner and the bounded cache on their own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import builders
+from paddle_scorer import prefixes
+from paddle_scorer.cli.app import app
+
+runner = CliRunner()
+SHOTS = "".join(f"Query: {q}\nAnswer: {a}\n" for q, a in [
+    ("how much are tomatoes", "goods"), ("my landlord raised the rent", "life"), ("price of a new phone", "goods"),
+    ("where to go on holiday", "life"), ("cheap winter boots", "goods"), ("my cat is sick", "life")])
+FEW_SHOT = SHOTS + "Query: {query}\nAnswer:"
+OTHER = "Decide: is this about goods or life?\n" * 3 + "Text: {query}\nAnswer:"
+LABELS = "goods,life,goods and things"
+
+
+def run(*args, env=None):
+    r = runner.invoke(app, [str(a) for a in args], env=env)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def classify(tmp_path, name, *args):
+    out = tmp_path / f"{name}.jsonl"
+    run("classify", *args, "--output", out)
+    return [json.loads(x) for x in open(out)], json.loads(out.with_name(out.name + ".meta.json").read_text())
+
+
+def lp(recs):
+    return np.array([list(r["logprobs"].values()) for r in recs])
+
+
+@pytest.fixture(scope="module")
+def two_templates(tmp_path_factory):
+    """Demo queries under two different few-shot templates, interleaved in one input file."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = [json.loads(x) for x in open(builders.DEMO_QUERIES)][:16]
+    path = folder / "mixed.jsonl"
+    with open(path, "w") as fh:
+        for i, r in enumerate(rows):
+            t = FEW_SHOT if i % 2 else OTHER
+            fh.write(json.dumps({"id": r["id"], "text": t.replace("{query}", r["query"]), "label": r.get("label")}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("arch,mode,execution", [("llama", "attach", "in-ram"), ("llama", "merge", "streamed"),
+                                                 ("qwen2", "attach", "streamed"), ("qwen2", "merge", "in-ram")])
+def test_few_shot_classify_equals_the_computation_without_reuse(models, tmp_path, arch, mode, execution, deltas):
+    common = ["--model", models[arch], "--lora", models[f"{arch}_lora"], "--mode", mode, "--labels", LABELS,
+              "--template", FEW_SHOT, "--input", builders.DEMO_QUERIES, "--limit", 12, "--execution", execution]
+    reused, meta = classify(tmp_path, "reuse", *common)
+    plain, plain_meta = classify(tmp_path, "plain", *common, "--no-prefix-reuse")
+    d = deltas.record(f"nlp env: prefix reuse vs none ({arch}, {mode}, {execution})", np.abs(lp(reused) - lp(plain)).max())
+    assert d <= 1e-5
+    assert [r["prompt_token_ids"] for r in reused] == [r["prompt_token_ids"] for r in plain]
+    pr = meta["prefix_reuse"]
+    assert pr["enabled"] and pr["shared_prefixes"] >= 1 and pr["longest_shared_prefix"] >= 90
+    assert pr["tokens_saved"] >= 11 * 90 and pr["computed_tokens"] < pr["prompt_tokens"] / 3
+    assert plain_meta["prefix_reuse"] == {"enabled": False}
+
+
+def test_two_templates_share_what_they_really_share(models, tmp_path, two_templates):
+    common = ["--model", models["llama"], "--lora", models["llama_lora"], "--labels", LABELS, "--template", "{text}",
+              "--input", two_templates]
+    reused, meta = classify(tmp_path, "reuse", *common)
+    plain, _ = classify(tmp_path, "plain", *common, "--no-prefix-reuse")
+    np.testing.assert_allclose(lp(reused), lp(plain), atol=1e-5)
+    assert meta["prefix_reuse"]["shared_prefixes"] >= 2  # one per template (and not one for the whole input)
+
+
+def test_generate_with_a_shared_prefix_equals_without(models, tmp_path):
+    prompts = [FEW_SHOT.replace("{query}", q) for q in ("the price of cabbage", "my rent is too high")]
+    args = ["generate", "--model", models["qwen2"], "--lora", models["qwen2_lora"], "--max-new-tokens", 5, "--json",
+            "--raw", *[x for p in prompts for x in ("--prompt", p)]]
+    a = [json.loads(x) for x in run(*args).stdout.splitlines() if x.startswith("{")]
+    b = [json.loads(x) for x in run(*args, "--no-prefix-reuse").stdout.splitlines() if x.startswith("{")]
+    for x, y in zip(a, b, strict=True):
+        assert [s["token_id"] for s in x["steps"]] == [s["token_id"] for s in y["steps"]]
+        assert max(abs(s["logprob"] - t["logprob"]) for s, t in zip(x["steps"], y["steps"])) <= 1e-5
+
+
+def test_two_launcher_workers_each_compute_the_prefix_once(tmp_path):
+    from test_distributed import DEMO, launch, read
+
+    common = ["classify", *DEMO, "--template", FEW_SHOT, "--input", builders.DEMO_QUERIES, "--limit", 20]
+    single = tmp_path / "single.jsonl"
+    run(*common, "--output", single)
+    dist = tmp_path / "dist.jsonl"
+    code, log = launch(tmp_path, *common, "--output", dist)
+    assert code == 0, log
+    for x, y in zip(read(single), read(dist), strict=True):
+        assert x["id"] == y["id"]
+        np.testing.assert_allclose(list(x["logprobs"].values()), list(y["logprobs"].values()), atol=1e-5)
+    workers = json.loads(dist.with_name("dist.jsonl.meta.json").read_text())["workers"]
+    assert len(workers) == 2 and all(w["prefix_reuse"]["shared_prefixes"] == 1 for w in workers)
+
+
+# ------------------------------------------------------------------------------------------------ the planner
+
+
+def test_plan_finds_the_shared_prefix_and_leaves_each_record_a_token():
+    shared = list(range(100, 140))
+    seqs = [shared + [1, 2, 3], shared + [4, 5], shared + [6], list(range(40)) + [9]]
+    root = prefixes.plan(seqs)
+    (node,) = root.children
+    assert node.depth == 40 and node.tokens == tuple(shared) and sorted(node.members) == [0, 1, 2]
+    assert root.members == [3]  # shares nothing worth computing
+    short = prefixes.plan([shared, shared])  # identical: each keeps its last token for its own distribution
+    assert short.children[0].depth == 39
+
+
+def test_plan_nests_prefixes_and_folds_short_steps():
+    header = list(range(1000, 1030))
+    a = header + list(range(2000, 2020))
+    b = header + list(range(3000, 3020))
+    seqs = [a + [1], a + [2], b + [3], b + [4], header + [5, 5, 5]]
+    root = prefixes.plan(seqs)
+    (h,) = root.children
+    assert h.depth == 30 and h.members == [4]
+    assert sorted(c.depth for c in h.children) == [50, 50]
+    assert sorted(m for c in h.children for m in c.members) == [0, 1, 2, 3]
+    # a step shorter than MIN_TOKENS is folded into its children
+    seqs2 = [header + [7, 8] + list(range(50, 70)) + [1], header + [7, 8] + list(range(50, 70)) + [2],
+             header + [9] * 30]
+    (h2,) = prefixes.plan(seqs2).children
+    assert h2.depth == 30 and [c.depth for c in h2.children] == [52]
+
+
+def test_plan_decides_on_token_ids_not_text(models):
+    """Two prompts whose template text is the same but whose ids differ at the boundary share only the ids."""
+    from paddle_scorer.loader import load
+
+    tok = load(models["llama"], device="cpu").tokenizer
+    a = tok("Answer the question carefully please:x")["input_ids"]
+    b = tok("Answer the question carefully please: x")["input_ids"]
+    root = prefixes.plan([a, b], min_tokens=1)
+    assert root.children and root.children[0].depth == prefixes.common_length(a, b) < min(len(a), len(b))
+
+
+def test_savings_count_what_was_not_recomputed():
+    shared = list(range(64))
+    seqs = [shared + [i, i + 1] for i in range(10)]
+    s = prefixes.Savings()
+    s.add(prefixes.plan(seqs), seqs)
+    d = s.to_dict()
+    assert d["prompt_tokens"] == 660 and d["computed_tokens"] == 64 + 10 * 2 and d["tokens_saved"] == 660 - 84
+
+
+def test_cache_keeps_the_longest_match_within_its_bound_per_owner():
+    def pre(tokens, nbytes=100):
+        k = np.zeros((1, len(tokens), nbytes // (8 * max(1, len(tokens)))), np.float32)
+        return prefixes.Prefix(np.asarray(tokens), [k], [k.copy()])
+
+    c = prefixes.PrefixCache(max_bytes=10_000)
+    c.put("a", pre(list(range(50)), 800))
+    c.put("b", pre(list(range(50)), 800))
+    entry, m = c.longest("a", list(range(30)) + [99])
+    assert m == 30 and entry.head(m).length == 30 and entry.head(m).keys[0].shape[1] == 30
+    assert c.longest("c", list(range(30)))[1] == 0  # another adapter's keys are never used
+    for i in range(40):
+        c.put("a", pre([1000 + i] * 20, 800))
+    assert c.bytes <= c.max_bytes and c.longest("a", list(range(50)))[1] == 0  # the oldest were evicted
+    assert c.longest("a", [1039] * 20)[1] == 20
+    c.put("a", pre([1039] * 30, 800))  # a longer entry replaces its own head
+    assert sum(1 for _ in c._entries.values() if _[1].tokens[0] == 1039) == 1
