@@ -115,25 +115,29 @@ def test_plan_finds_the_shared_prefix_and_leaves_each_record_a_token():
     (node,) = root.children
     assert node.depth == 40 and node.tokens == tuple(shared) and sorted(node.members) == [0, 1, 2]
     assert root.members == [3]  # shares nothing worth computing
-    short = prefixes.plan([shared, shared])  # identical: each keeps its last token for its own distribution
+    short = prefixes.plan([shared, shared, shared])  # identical: each keeps its last token for its own distribution
     assert short.children[0].depth == 39
 
 
 def test_plan_nests_prefixes_and_folds_short_steps():
     header = list(range(1000, 1030))
-    a = header + list(range(2000, 2020))
-    b = header + list(range(3000, 3020))
+    a = header + list(range(2000, 2080))
+    b = header + list(range(3000, 3080))
     seqs = [a + [1], a + [2], b + [3], b + [4], header + [5, 5, 5]]
     root = prefixes.plan(seqs)
     (h,) = root.children
     assert h.depth == 30 and h.members == [4]
-    assert sorted(c.depth for c in h.children) == [50, 50]
+    assert sorted(c.depth for c in h.children) == [110, 110]
     assert sorted(m for c in h.children for m in c.members) == [0, 1, 2, 3]
     # a step shorter than MIN_TOKENS is folded into its children
-    seqs2 = [header + [7, 8] + list(range(50, 70)) + [1], header + [7, 8] + list(range(50, 70)) + [2],
-             header + [9] * 30]
+    tail, header2 = list(range(50, 130)), list(range(1000, 1040))
+    seqs2 = [header2 + [7, 8] + tail + [1], header2 + [7, 8] + tail + [2], header2 + [9] * 90]
     (h2,) = prefixes.plan(seqs2).children
-    assert h2.depth == 30 and [c.depth for c in h2.children] == [52]
+    assert h2.depth == 40 and [c.depth for c in h2.children] == [122]
+    # a prefix that saves less than MIN_SAVED token computations is not worth a forward of its own
+    pair = [list(range(40)) + [1], list(range(40)) + [2]]
+    assert prefixes.plan(pair).children == [] and sorted(prefixes.plan(pair).members) == [0, 1]
+    assert prefixes.plan(pair + [list(range(40)) + [3]] * 2).children[0].depth == 40  # 3 x 40 saved
 
 
 def test_plan_decides_on_token_ids_not_text(models):
@@ -143,7 +147,7 @@ def test_plan_decides_on_token_ids_not_text(models):
     tok = load(models["llama"], device="cpu").tokenizer
     a = tok("Answer the question carefully please:x")["input_ids"]
     b = tok("Answer the question carefully please: x")["input_ids"]
-    root = prefixes.plan([a, b], min_tokens=1)
+    root = prefixes.plan([a, b], min_tokens=1, min_saved=1)
     assert root.children and root.children[0].depth == prefixes.common_length(a, b) < min(len(a), len(b))
 
 

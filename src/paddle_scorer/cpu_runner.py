@@ -86,21 +86,31 @@ class NumpyRunner:
         return batch.spread(normed), new
 
     def extend(self, prefix: Prefix | None, tokens) -> Prefix:
-        """``prefix`` (None: nothing) followed by ``tokens``, computed as one row on top of it."""
-        tokens = np.asarray(tokens, dtype=np.int64)
+        """``prefix`` (None: nothing) followed by ``tokens`` (the whole sequence, the prefix's tokens first)."""
+        return self.extend_many(prefix, [tokens])[0]
+
+    def extend_many(self, prefix: Prefix | None, sequences: list) -> list[Prefix]:
+        """Several continuations of one prefix (siblings in a radix plan), computed as rows of one batch."""
+        from paddle_scorer.packing import padded
+
         start = prefix.length if prefix is not None else 0
-        n = len(tokens) - start
-        ids = tokens[start:][None]
-        hidden, kv = self.hidden(ids, np.ones((1, n), dtype=np.int64), np.arange(start, start + n)[None],
-                                 use_cache=True, prefix=prefix)
-        keys = [k[0] for k in kv.keys]
-        values = [v[0] for v in kv.values]
-        rows = hidden[0]
-        if prefix is not None:
-            keys = [np.concatenate([pk, k], axis=1) for pk, k in zip(prefix.keys, keys)]
-            values = [np.concatenate([pv, v], axis=1) for pv, v in zip(prefix.values, values)]
-            rows = np.concatenate([prefix.hidden, rows]) if prefix.hidden is not None else None
-        return Prefix(tokens, keys, values, rows)
+        seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+        ids, mask, pos = padded([s[start:].tolist() for s in seqs], 0, start)
+        hidden, kv = self.hidden(ids, mask, pos, use_cache=True, prefix=prefix)
+        out = []
+        for b, s in enumerate(seqs):
+            n = len(s) - start
+            keys = [k[b, :, :n] for k in kv.keys]
+            values = [v[b, :, :n] for v in kv.values]
+            rows = hidden[b, :n]
+            if prefix is not None:
+                keys = [np.concatenate([pk, k], axis=1) for pk, k in zip(prefix.keys, keys)]
+                values = [np.concatenate([pv, v], axis=1) for pv, v in zip(prefix.values, values)]
+                rows = np.concatenate([prefix.hidden, rows]) if prefix.hidden is not None else None
+            else:
+                keys, values, rows = [k.copy() for k in keys], [v.copy() for v in values], rows.copy()
+            out.append(Prefix(s, keys, values, rows))
+        return out
 
     def logprobs(self, rows: np.ndarray) -> np.ndarray:
         return self.f.logprobs(self.outside, np.ascontiguousarray(rows, dtype=np.float32), normed=True)

@@ -9,6 +9,9 @@ position's distribution is what it needs). Sharing is decided on the ids of each
 on template text, so a BPE merge across the template/query boundary cannot change a result: two records share
 exactly the ids they really share.
 
+A node is also kept only when the work it saves, ``(records under it - 1) x its own tokens``, reaches
+:data:`MIN_SAVED` tokens: two duplicate 30-token queries are cheaper recomputed than given a prefix of their own.
+
 The executors compute each kept node once (from its parent's KV), then every record's remaining tokens (and its
 labels, tree-packed) on top of it.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MIN_TOKENS = 16  # a node is kept only when it adds at least this many tokens to its parent
+MIN_SAVED = 64  # ... and saves at least this many token computations (members - 1 shared edges)
 
 
 @dataclass
@@ -76,13 +80,14 @@ def _build(seqs, idx: list[int], depth: int, parent: Node) -> None:
         _build(seqs, g, d, node)
 
 
-def _prune(node: Node, min_tokens: int) -> None:
+def _prune(node: Node, min_tokens: int, min_saved: int) -> None:
     """Fold nodes that share too little into their parent (recursively, children first)."""
     for c in list(node.children):
-        _prune(c, min_tokens)
+        _prune(c, min_tokens, min_saved)
     for c in list(node.children):
-        shared = len(c.subtree_members()) >= 2
-        if not shared or c.depth - node.depth < min_tokens:
+        n = len(c.subtree_members())
+        edge = c.depth - node.depth
+        if n < 2 or edge < min_tokens or (n - 1) * edge < min_saved:
             node.children.remove(c)
             node.children.extend(c.children)
             for g in c.children:
@@ -90,13 +95,13 @@ def _prune(node: Node, min_tokens: int) -> None:
             node.members.extend(c.members)
 
 
-def plan(seqs: list[list[int]], min_tokens: int = MIN_TOKENS) -> Node:
+def plan(seqs: list[list[int]], min_tokens: int = MIN_TOKENS, min_saved: int = MIN_SAVED) -> Node:
     """The radix plan of ``seqs``: a root (no prefix) whose kept descendants are shared prefixes."""
     tup = [tuple(s) for s in seqs]
     root = Node(0)
     if tup:
         _build(tup, list(range(len(tup))), 0, root)
-    _prune(root, min_tokens)
+    _prune(root, min_tokens, min_saved)
     for n in root.walk():  # a node's direct members in input order (the executors batch them by length later)
         n.members.sort()
     return root

@@ -65,17 +65,33 @@ class Reuse:
         self.stats.cached_tokens += from_cache
         return done, from_cache
 
+    def _children(self, node: prefixes.Node, prefix: Prefix | None) -> list[tuple[prefixes.Node, Prefix, int]]:
+        """The computed prefixes of ``node``'s children: from the cache when it holds more of one than ``prefix``,
+        the others as rows of one batch per ~CALL_TOKENS tokens (siblings share ``prefix``)."""
+        base = prefix.length if prefix is not None else 0
+        done, todo = [], []
+        for child in node.children:
+            entry, m = self.cache.longest(self.owner, child.tokens)
+            if entry is not None and m > base:
+                p, got = self.prefix_for(child.tokens, prefix)
+                done.append((child, p, got))
+            else:
+                todo.append(child)
+        for g in regroup([(list(c.tokens[base:]), []) for c in todo], CALL_TOKENS):
+            group = [todo[k] for k in g]
+            for child, p in zip(group, self.runner.extend_many(prefix, [c.tokens for c in group])):
+                self.cache.put(self.owner, p)
+                done.append((child, p, 0))
+        return done
+
     def _visit(self, root: prefixes.Node, fn) -> None:
         """``fn(members, depth, prefix, from_cache)`` for every node with members, parents computed before
         children; ``from_cache``: how many of the prefix's tokens were computed before this call."""
         def walk(node, prefix, cached):
-            if not node.is_root:
-                prefix, got = self.prefix_for(node.tokens, prefix)
-                cached = max(cached, got)
             if node.members:
                 fn(node.members, node.depth, prefix, cached)
-            for child in node.children:
-                walk(child, prefix, cached)
+            for child, p, got in self._children(node, prefix):
+                walk(child, p, max(cached, got))
 
         walk(root, None, 0)
 
