@@ -231,7 +231,13 @@ BAD = [
     ("/v1/completions", {"prompt": [[1, 2], [600]]}, 400),
     ("/v1/completions", {"prompt": "word " * 300, "max_tokens": 1}, 400),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404),
-    ("/v1/completions", {"prompt": "x", "stream": True}, 400),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e-320}, 400),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400),  # a lone surrogate (raw JSON: clients cannot encode it)
+    ("/tokenize", b'{"prompt": "a\\ud800b"}', 400),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', 400),  # beyond a float: inf
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400),  # nested 100k deep
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400),  # no chat template
     ("/v1/chat/completions", {"messages": "hi"}, 400),
     ("/tokenize", {"prompt": 5}, 400),
@@ -242,7 +248,7 @@ BAD = [
 
 @pytest.mark.parametrize("path, body, status", BAD)
 def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(client, path, body, status):
-    r = client.post(path, json=body)
+    r = client.post(path, content=body) if isinstance(body, bytes) else client.post(path, json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"

@@ -221,7 +221,7 @@ class Backend:
         """Prompt pass with cache for several sequences: ``(logprobs [B, V], state)``. With prefix reuse the
         prefix the prompts share is computed once (or found in the cache) and kept in the state, not per row."""
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
-        prefix, depth = self.reuse.start(prompts) if self.reuse is not None else (None, 0)
+        prefix, depth, self.last_start_cached = self.reuse.start(prompts) if self.reuse is not None else (None, 0, 0)
         ids, mask, pos = padded([p[depth:] for p in prompts], self.pad_id, depth)
         lens = lens - depth
         with self.pd.no_grad():

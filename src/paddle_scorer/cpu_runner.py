@@ -112,6 +112,29 @@ class NumpyRunner:
             out.append(Prefix(s, keys, values, rows))
         return out
 
+    def with_adapter(self, pairs: dict, scaling: float) -> "NumpyRunner":
+        """The same base weights (shared, not copied) with another LoRA adapter attached: ``pairs`` maps runtime
+        module names (``llama.layers.0.self_attn.q_proj``) to ``(A, B)``. For serving several adapters on one base."""
+        import copy
+
+        spec = self.f.spec
+        layers = []
+        for layer in self.layers:
+            c = copy.copy(layer)
+            for role in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"):
+                lin = getattr(layer, role)
+                if lin is not None:
+                    setattr(c, role, decoder.Linear(lin.w, lin.b))
+            layers.append(c)
+        for module, (a, b) in pairs.items():
+            i = layer_index(module + ".")
+            suffix = module.split(f".layers.{i}.", 1)[1] if i is not None else None
+            role = decoder._LINEARS.get(suffix) if suffix else None
+            if role is None or not module.startswith(f"{spec.prefix}.layers."):
+                raise UnsupportedWeights(f"a LoRA pair on {module!r} (outside the decoder layers' projections)")
+            getattr(layers[i], role).set_lora(a.astype(np.float32), b.astype(np.float32), scaling)
+        return NumpyRunner(self.f, layers, self.outside)
+
     def logprobs(self, rows: np.ndarray) -> np.ndarray:
         return self.f.logprobs(self.outside, np.ascontiguousarray(rows, dtype=np.float32), normed=True)
 

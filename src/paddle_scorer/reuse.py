@@ -157,9 +157,29 @@ class Reuse:
             rows["top_lp"] = np.concatenate([rows["top_lp"][:-1], rows["last"][top][None]])
         return rows
 
+    def _extend_rows(self, base: Prefix, p: Prefix, top_n: int) -> dict:
+        """``p``'s position results, reusing those of ``base`` (a head of ``p`` whose rows are known): only the
+        rows from the position where ``p`` leaves ``base`` on go through the LM head."""
+        rows = base.rows
+        if not rows or rows["k"] < top_n or base.length < 1:
+            return self._prefix_rows(p, top_n)
+        m, k = base.length, rows["k"]
+        lp = self.runner.logprobs(p.hidden[m - 1:])  # rows m-1 .. P-1
+        top = top_k(lp, k) if k else np.zeros((len(lp), 0), dtype=np.int64)
+        p.rows = {"k": k,
+                  "token": np.concatenate([rows["token"][: m - 1], lp[np.arange(len(lp) - 1), p.tokens[m:]]]),
+                  "top_ids": np.concatenate([rows["top_ids"][: m - 1], top]),
+                  "top_lp": np.concatenate([rows["top_lp"][: m - 1], np.take_along_axis(lp, top, axis=1)]),
+                  "last": lp[-1].copy()}
+        return p.rows
+
     def sequences(self, seqs: list[list[int]], top_n: int) -> tuple[list[SequenceLogprobs], list[int]]:
         """:meth:`Backend.sequence_logprobs` with reuse; also, per sequence, how many of its tokens came from
-        prefixes computed before this call (``usage.prompt_tokens_details.cached_tokens``)."""
+        prefixes computed before this call (``usage.prompt_tokens_details.cached_tokens``).
+
+        Sequences that share a prefix with each other go through the radix plan. The others (typically one
+        request's one sequence) are looked up in the cache, and kept in it for the requests that follow: lm-eval
+        sends one request per answer choice with the same context, and the second finds the first's."""
         root = prefixes.plan(seqs)
         self.stats.savings.add(root, seqs)
         out: list = [None] * len(seqs)
@@ -176,29 +196,55 @@ class Reuse:
                     out[i] = _assemble(s, depth, pre, lp, top_n)
                     cached[i] = from_cache
 
+        alone, root.members = root.members, []
         self._visit(root, members)
+        fresh = []
+        for i in alone:
+            entry, m = self.cache.longest(self.owner, seqs[i])
+            m = min(m, len(seqs[i]) - 1)
+            if entry is None or m < prefixes.MIN_TOKENS:
+                fresh.append(i)
+                continue
+            base = entry.head(m)
+            p = self.runner.extend(base, seqs[i])
+            self.cache.put(self.owner, p)
+            out[i] = _from_rows(p, self._extend_rows(base, p, top_n), top_n)
+            cached[i] = m
+            self.stats.cached_tokens += m
+        for g in _chunks(sorted(fresh, key=lambda i: -len(seqs[i])), seqs, 0):
+            for i, p in zip(g, self.runner.extend_many(None, [seqs[i] for i in g])):
+                self.cache.put(self.owner, p)
+                out[i] = _from_rows(p, self._prefix_rows(p, top_n), top_n)
         return out, cached
 
     # ------------------------------------------------------------------ decoding
 
-    def start(self, prompts: list[list[int]]) -> tuple[Prefix | None, int]:
+    def start(self, prompts: list[list[int]]) -> tuple[Prefix | None, int, int]:
         """The prefix all ``prompts`` share (their longest common head, computed or from the cache; None when they
-        share fewer than MIN_TOKENS tokens), and its length."""
+        share fewer than MIN_TOKENS tokens), its length, and how many of its tokens came from the cache."""
         n = min(len(p) for p in prompts) - 1
         depth = n
         for p in prompts[1:]:
             depth = min(depth, prefixes.common_length(prompts[0][:n], p))
         if depth < prefixes.MIN_TOKENS:
-            return None, 0
-        prefix, _ = self.prefix_for(prompts[0][:depth])
+            return None, 0, 0
+        prefix, got = self.prefix_for(prompts[0][:depth])
         self.stats.savings.prefixes.append(depth)
-        return prefix, depth
+        return prefix, depth, got
 
 
 def _chunks(order: list[int], seqs, depth: int):
     """``order`` cut into groups of about CALL_TOKENS padded tokens (suffix lengths)."""
     groups = regroup([(seqs[i][depth:], []) for i in order], CALL_TOKENS)
     return [[order[k] for k in g] for g in groups]
+
+
+def _from_rows(p: Prefix, rows: dict, top_n: int) -> SequenceLogprobs:
+    """A whole sequence's SequenceLogprobs from its computed prefix's position results."""
+    tok = np.full(p.length, np.nan, dtype=np.float32)
+    tok[1:] = rows["token"]
+    return SequenceLogprobs(tok, rows["top_ids"][:, :top_n], rows["top_lp"][:, :top_n].astype(np.float32),
+                            rows["last"].copy())
 
 
 def _assemble(s: np.ndarray, depth: int, pre: dict | None, lp: np.ndarray, top_n: int) -> SequenceLogprobs:

@@ -153,14 +153,18 @@ class LabelEncoder:
 
 
 class Classifier:
-    def __init__(self, loaded, options: ClassifyOptions):
+    """``backend``: the scoring backend to use (default: one for ``loaded``); ``serve`` passes ``None`` with
+    ``score=False`` and runs the forwards in its engine thread (:meth:`calibration_preps`, :meth:`set_calibration`,
+    :meth:`record`)."""
+
+    def __init__(self, loaded, options: ClassifyOptions, score: bool = True):
         self.loaded = loaded
         self.tok = loaded.tokenizer
         self.opts = options
         self.encoder = LabelEncoder(loaded.tokenizer, options, loaded.context_length)
         self.use_chat = self.encoder.use_chat
         self.max_length = self.encoder.max_length
-        self.backend = backend_for(loaded, prefix_reuse=options.prefix_reuse)
+        self.backend = backend_for(loaded, prefix_reuse=options.prefix_reuse) if score else None
         self.calibration_info: dict = {"method": options.calibration}
         self._cf_probs: np.ndarray | None = None
         self._domain_scores: np.ndarray | None = None
@@ -180,6 +184,11 @@ class Classifier:
 
     def calibrate(self) -> dict:
         """Compute what the chosen calibration needs (once, before the data). Returns its record."""
+        preps = self.calibration_preps()
+        return self.set_calibration(self._score_prepared(preps) if preps else [])
+
+    def calibration_preps(self) -> list[Prepared]:
+        """The inputs the chosen calibration scores: the content-free inputs (contextual), the domain premise (pmi)."""
         method = self.opts.calibration
         if method == "contextual":
             fields = template_fields(self.opts.template) if self.opts.template else ["query"]
@@ -188,20 +197,32 @@ class Classifier:
                 record = {f: cf for f in fields}
                 preps.append(self.encode(self.prompt_text(record, f"content-free input {cf!r}"),
                                          f"content-free input {cf!r}"))
-            raw = [self._label_scores(r) for r in self._score_prepared(preps)]
+            return preps
+        if method == "pmi":
+            domain = self.pmi_domain()
+            return [self.encode(domain, "the PMI domain premise")]
+        return []
+
+    def pmi_domain(self) -> str:
+        domain = self.opts.pmi_domain if self.opts.pmi_domain is not None else self.default_domain()
+        if not domain:
+            raise UsageError("--calibration pmi needs a domain premise (the text just before the answer); pass --pmi-domain TEXT.")
+        return domain
+
+    def set_calibration(self, results: list) -> dict:
+        """The calibration constants from the scored :meth:`calibration_preps` (``(None, [ContinuationScore])`` each)."""
+        method = self.opts.calibration
+        if method == "contextual":
+            raw = [self._label_scores(r) for r in results]
             probs = np.mean([softmax(s) for s in raw], axis=0)
             self._cf_probs = probs
             self.calibration_info = {"method": method, "content_free": list(self.opts.content_free),
                                      "content_free_probs": dict(zip(self.opts.labels, map(float, probs)))}
         elif method == "pmi":
-            domain = self.opts.pmi_domain if self.opts.pmi_domain is not None else self.default_domain()
-            if not domain:
-                raise UsageError("--calibration pmi needs a domain premise (the text just before the answer); pass --pmi-domain TEXT.")
-            prep = self.encode(domain, "the PMI domain premise")
-            result = self._score_prepared([prep])[0]
+            result = results[0]
             lp = np.array([s.logprob for s in result[1]])
             self._domain_scores = self._label_scores(result)  # same length normalisation as the records'
-            self.calibration_info = {"method": method, "domain_premise": domain,
+            self.calibration_info = {"method": method, "domain_premise": self.pmi_domain(),
                                      "domain_logprobs": dict(zip(self.opts.labels, map(float, lp)))}
         return self.calibration_info
 
@@ -253,6 +274,10 @@ class Classifier:
         for prep, result in zip(preps, self._score_prepared(preps), strict=True):
             records.append(self._record(prep, result))
         return records
+
+    def record(self, prep: Prepared, conts: list) -> dict:
+        """The output record of one prepared input from its label scores (one ContinuationScore per label)."""
+        return self._record(prep, (None, conts))
 
     def _record(self, prep: Prepared, result) -> dict:
         _, conts = result

@@ -38,13 +38,31 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--max-body") -> int:
     from paddle_scorer.memory import parse_size
 
     try:
         return parse_size(text)
     except UsageError:
-        raise UsageError(f"--max-body {text!r} is not a size; write it like 8MB or 512KB.") from None
+        raise UsageError(f"{flag} {text!r} is not a size; write it like 8MB or 512KB.") from None
+
+
+def parse_adapters(values: list[str]) -> list[tuple[str | None, Path]]:
+    """``--lora`` values: ``FOLDER`` or ``NAME=FOLDER`` -> ``[(name or None, folder)]``; names must differ."""
+    out: list[tuple[str | None, Path]] = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and not Path(v).exists():
+            if not name or not path:
+                raise UsageError(f"--lora {v!r}: write NAME=FOLDER (or just FOLDER).")
+            out.append((name, Path(path)))
+        else:
+            out.append((None, Path(v)))
+    names = [n or p.resolve().name for n, p in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError(f"--lora: the name {dup[0]!r} is given to two adapters; name them NAME=FOLDER.")
+    return out
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -83,7 +101,7 @@ def register(app: typer.Typer) -> None:
     @cli_errors
     def serve(
         model: flags.Model = None,
-        lora: flags.Lora = None,
+        lora: Optional[list[str]] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder; repeat as NAME=FOLDER to serve several adapters on one base (the request's model picks one; the base is served too, as --model-name)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only; 0.0.0.0 for all interfaces)."),
         port: int = typer.Option(8000, "--port", help="Port (0: any free port; the URL is printed)."),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PADDLE_SCORER_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health (also from $PADDLE_SCORER_API_KEY)."),
@@ -99,14 +117,21 @@ def register(app: typer.Typer) -> None:
         tokenizer: flags.Tokenizer = None,
         log_level: str = typer.Option("warning", "--log-level", help="Server log level: " + " | ".join(LOG_LEVELS) + "."),
         access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
+        prefix_cache: Optional[str] = typer.Option(None, "--prefix-cache", help="Memory for computed prompt prefixes that later requests reuse (e.g. 2GB; 0: none kept; default: half of what the memory budget leaves after the model, at most 2GB), least recently used evicted first, per served model."),
+        prefix_reuse: flags.PrefixReuse = True,
     ):
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         sock = None
         try:
             opts = _check(port, max_batch, batch_window_ms, max_tokens_cap, max_logprobs, max_body, log_level)
+            if api_key is not None and not api_key.strip():
+                raise UsageError("--api-key is empty (is PADDLE_SCORER_API_KEY set to nothing?): give a key, or leave "
+                                 "the option and the variable out to serve without one.")
+            cache = None if prefix_cache is None else (0 if prefix_cache.strip() in ("0", "0B") else parse_bytes(prefix_cache, "--prefix-cache"))
+            adapters = parse_adapters(lora or [])
             sock = bind(host, port)
-            _serve(sock, model, lora, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level,
-                   access_log)
+            _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level,
+                   access_log, cache, prefix_reuse)
         except (KeyboardInterrupt, _Terminated) as exc:
             what = "SIGTERM" if isinstance(exc, _Terminated) else "interrupted"
             err.print(f"{what}: the server stopped.", highlight=False)
@@ -136,25 +161,48 @@ def _check(port, max_batch, window_ms, max_tokens_cap, max_logprobs, max_body, l
             "max_logprobs": max_logprobs, "max_body_bytes": body}
 
 
-def _serve(sock, model, lora, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level, access_log):
+def _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level, access_log,
+           cache_bytes, prefix_reuse):
     import logging
+    import sys
 
     import uvicorn
 
-    from paddle_scorer.execution import backend_for
     from paddle_scorer.serve.app import create_app
     from paddle_scorer.serve.service import ServeOptions, Service
 
-    lopts = load_options(model, lora, mode, device, dtype, tokenizer)
-    loaded = loaded_from(lopts, plan_in_ram(lopts, "serve"))
-    name = model_name or default_name(model, lora, loaded)
-    service = Service(loaded, backend_for(loaded), ServeOptions(model_name=name, **opts))
+    several = len(adapters) > 1 or any(n is not None for n, _ in adapters)
+    lora = adapters[0][1] if (adapters and not several) else None
+    lopts = load_options(model, lora if not several else None, mode, device, dtype, tokenizer)
+    if several and model is None:  # the base the first adapter names
+        from paddle_scorer.folders import resolve_paths
+
+        lopts.model = resolve_paths(None, adapters[0][1])[0]
+    plan = plan_in_ram(lopts, "serve")
+    loaded = loaded_from(lopts, plan)
+    if cache_bytes is None:  # half of what the budget leaves after the model, at most 2 GiB
+        m = plan.memory
+        cache_bytes = min(2 * 1024**3, max(0, ((m.budget or 0) - m.in_ram_need) // 2)) if m.budget else 2 * 1024**3
+    name = model_name or default_name(model if several else model, lora, loaded)
+    backends, defaults, adapter_dirs = _backends(loaded, plan, adapters if several else [], name, cache_bytes,
+                                                 prefix_reuse, mode)
+    from paddle_scorer.sidecars import scorer_defaults
+
+    defaults.setdefault(name, scorer_defaults(plan.model_dir, plan.lora_dir))
+    service = Service(loaded, None, ServeOptions(model_name=name, prefix_cache_bytes=cache_bytes, adapters=adapter_dirs,
+                                                 **opts), backends=backends, defaults=defaults)
     app = create_app(service, api_key=api_key)
-    logging.getLogger("paddle_scorer.serve").setLevel(log_level.upper())
+    log = logging.getLogger("paddle_scorer.serve")
+    log.setLevel(log_level.upper())
+    handler = logging.StreamHandler(sys.stderr)  # our own: never a handler a library import left on a captured stream
+    handler.setFormatter(logging.Formatter("%(levelname)s paddle-scorer serve: %(message)s"))
+    log.handlers = [handler]
+    log.propagate = False
     url = url_of(sock)
     sock.listen(2048)  # from here on clients queue until uvicorn accepts them, never "connection refused"
     p = loaded.facts.policy
-    out.print(f"serving {name} ({p['device']}, {p['dtype']}) on {url}", highlight=False)
+    served = ", ".join(backends)
+    out.print(f"serving {served} ({p['device']}, {p['dtype']}) on {url}", highlight=False)
     out.print(f"  OpenAI base_url: {url}/v1   lm-eval: --model local-completions --model_args "
               f"base_url={url}/v1/completions,max_length={service.limits.context}", highlight=False, soft_wrap=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -167,3 +215,40 @@ def _serve(sock, model, lora, host, api_key, model_name, opts, mode, device, dty
     # re-raises the signal: KeyboardInterrupt or _Terminated, caught by the caller.
     server.run(sockets=[sock])
     err.print("the server stopped.", highlight=False)
+
+
+def _backends(loaded, plan, adapters, name: str, cache_bytes: int, prefix_reuse: bool, mode: str):
+    """``{served name: backend}``: the loaded model alone, or the base plus one backend per adapter sharing its weights
+    (each adapter validated against the base with the loader's checks before the server starts)."""
+    from paddle_scorer.execution import backend_for, cpu_runner, pad_id_of
+
+    share = max(1, len(adapters) + 1)
+    if not adapters:
+        return {name: backend_for(loaded, prefix_reuse=prefix_reuse, prefix_cache_bytes=cache_bytes)}, {}, {}
+    from paddle_scorer.backend import Backend
+    from paddle_scorer.plan import plan_adapter
+    from paddle_scorer.sidecars import scorer_defaults
+
+    if mode != "attach":
+        raise UsageError("several adapters on one base are served attached (each request picks one); drop --mode merge.")
+    runner, facts = cpu_runner(loaded)
+    if runner is None:
+        raise UsageError(f"several adapters on one base need paddle-scorer's CPU decoder ({facts.get('why')}); start one "
+                         "server per adapter (--lora FOLDER) instead.")
+    loaded.facts.compute = facts
+    pad = pad_id_of(loaded.tokenizer)
+    backends = {name: Backend(runner, pad, prefix_reuse=prefix_reuse, prefix_cache_bytes=cache_bytes // share)}
+    defaults, dirs = {}, {}
+    for adapter_name, folder in adapters:
+        adapter_name = adapter_name or folder.resolve().name
+        if adapter_name in backends:
+            raise UsageError(f"--lora: {adapter_name!r} is also the base model's name; pick another name or --model-name.")
+        ap = plan_adapter(folder, plan.model)  # the loader's checks and sentences
+        backends[adapter_name] = Backend(runner.with_adapter(ap.pairs, ap.scaling), pad, prefix_reuse=prefix_reuse,
+                                         prefix_cache_bytes=cache_bytes // share)
+        defaults[adapter_name] = scorer_defaults(None, folder)
+        dirs[adapter_name] = str(folder)
+        for note in [ap.mapping_note, ap.base_note]:
+            if note:
+                err.print(f"note: {adapter_name}: {note}.", highlight=False, markup=False)
+    return backends, defaults, dirs

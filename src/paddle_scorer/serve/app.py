@@ -14,12 +14,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from paddle_scorer.serve.engine import EngineStopped
-from paddle_scorer.serve.protocol import COMPLETION_FIELDS, CHAT_FIELDS, ProtocolError, error_body, parse_json, unknown_fields
-from paddle_scorer.serve.service import Service
+from paddle_scorer.serve.engine import Cancelled, EngineStopped
+from paddle_scorer.serve.protocol import (
+    CHAT_FIELDS,
+    CLASSIFY_FIELDS,
+    COMPLETION_FIELDS,
+    ProtocolError,
+    error_body,
+    parse_json,
+    unknown_fields,
+)
+from paddle_scorer.serve.service import ClientGone, Service
 
 log = logging.getLogger("paddle_scorer.serve")
 OPEN_PATHS = frozenset({"/health"})
@@ -33,6 +41,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             yield
         finally:
             service.engine.stop()
+            service.close()
 
     app = FastAPI(title="paddle-scorer serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service
@@ -50,6 +59,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             return JSONResponse(exc.body(), status_code=exc.status)
         except EngineStopped as exc:
             return _error(503, str(exc), type="server_error", code="shutting_down")
+        except (ClientGone, Cancelled):  # nobody is listening; the work was cancelled
+            return Response(status_code=499)
         except FloatingPointError as exc:
             return _error(500, str(exc), type="server_error", code="non_finite")
         except Exception as exc:  # never a traceback to the client; the server keeps serving
@@ -81,7 +92,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             if size > limit:
                 raise _too_large(limit)
             chunks.append(chunk)
-        body = parse_json(b"".join(chunks))
+        body = await service.off(parse_json, b"".join(chunks))  # a large body is parsed off the event loop
         if fields is not None:
             extra = [f for f in unknown_fields(body, fields) if f not in warned]
             if extra:
@@ -99,18 +110,19 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != service.name:
-            raise ProtocolError(f"the model {model_id!r} is not served here; this server serves {service.name!r}.",
-                                "model", status=404, code="model_not_found")
-        return service.model_card()
+        return service.model_card(service.resolve(model_id))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return JSONResponse(await service.completions(await body_of(request, COMPLETION_FIELDS)))
+        return _answer(await service.completions(await body_of(request, COMPLETION_FIELDS), request))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return JSONResponse(await service.chat(await body_of(request, CHAT_FIELDS)))
+        return _answer(await service.chat(await body_of(request, CHAT_FIELDS), request))
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        return _answer(await service.classify(await body_of(request, CLASSIFY_FIELDS), request))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -118,13 +130,21 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return service.tokenize(await body_of(request))
+        return await service.tokenize(await body_of(request))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return service.detokenize(await body_of(request))
+        return await service.detokenize(await body_of(request))
 
     return app
+
+
+def _answer(result):
+    """Bytes already encoded off the event loop, or a stream of server-sent events."""
+    if isinstance(result, (bytes, bytearray)):
+        return Response(content=bytes(result), media_type="application/json")
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def route_list(app: FastAPI) -> str:

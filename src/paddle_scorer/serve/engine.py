@@ -55,6 +55,10 @@ class Work:
     prompt: list[int]
     score_top: int | None = None  # echo: log-probs at every prompt position, with this many top entries
     gen: GenSpec | None = None
+    adapter: str | None = None  # which of the served models (None: the only one / the base)
+    labels: list[list[int]] | None = None  # /v1/classify: token ids of each label, scored after the prompt
+    on_token: object = None  # streaming: called in the engine thread with the Decoding after each token
+    sample: int = 0  # n > 1: which sample of its prompt (its own random stream)
 
 
 @dataclass
@@ -74,6 +78,8 @@ class Generation:
 class Outcome:
     scored: object | None  # backend.SequenceLogprobs, top entries trimmed to the work's score_top
     generation: Generation | None
+    labels: list | None = None  # /v1/classify: one ContinuationScore per label
+    cached: int = 0  # prompt tokens a prefix computed by an earlier request supplied
 
 
 def choose(lp: np.ndarray, sampling: Sampling, rng) -> int:
@@ -112,7 +118,9 @@ class Decoding:
         self.codec = codec
         self.eos = eos_ids
         s = self.spec.sampling
-        self.rng = np.random.default_rng(s.seed) if s.temperature > 0 else None
+        seed = s.seed if (s.seed is None or work.sample == 0) else [s.seed, work.sample]
+        self.rng = np.random.default_rng(seed) if s.temperature > 0 else None
+        self.work = work
         self.stream = TextStream(codec, work.prompt)  # the prompt's tail is decoding context only
         self.ids: list[int] = []
         self.lps: list[float] = []
@@ -131,6 +139,33 @@ class Decoding:
         return self.ids[-1]
 
     def push(self, lp: np.ndarray) -> None:
+        self._push(lp)
+        if self.work.on_token is not None:
+            self.work.on_token("token", self)
+
+    def partial(self) -> Generation:
+        """What is generated so far (the text not cut by a stop string yet; tokens still waiting for their text
+        have an empty piece): for streaming the settled tokens, whose pieces are final."""
+        return Generation(ids=list(self.ids), logprobs=list(self.lps), top_ids=[t[0] for t in self.tops],
+                          top_logprobs=[t[1] for t in self.tops], token_text=list(self.stream.pieces),
+                          offsets=self.stream.offsets(), text=self.stream.text, finish_reason=None,
+                          generated=len(self.ids))
+
+    def settled(self) -> int:
+        """Tokens whose text and log-prob are final (what a stream may send): the ones before any token still
+        waiting for its text (an incomplete character), and before the last ``longest stop - 1`` characters
+        that a stop string could still cut (all of them once the generation is done)."""
+        if self.done:
+            return len(self.result().ids)
+        n = len(self.ids) - len(self.stream._pending)
+        if self._longest_stop > 1:
+            safe = len(self.stream.text) - (self._longest_stop - 1)
+            offsets = self.stream.offsets()
+            while n > 0 and offsets[n - 1] + len(self.stream.pieces[n - 1]) > safe:
+                n -= 1
+        return n
+
+    def _push(self, lp: np.ndarray) -> None:
         tok = choose(lp, self.spec.sampling, self.rng)
         self.ids.append(tok)
         self.lps.append(lp[tok])
@@ -150,6 +185,14 @@ class Decoding:
             self.finish = "length"
 
     def result(self) -> Generation:
+        if self.done and getattr(self, "_result", None) is not None:
+            return self._result
+        g = self._make_result()
+        if self.done:
+            self._result = g
+        return g
+
+    def _make_result(self) -> Generation:
         n = len(self.ids) - (1 if self.on_eos else 0)
         if self.cut is None:
             self.stream.finish()
@@ -171,20 +214,28 @@ class Decoding:
                           finish_reason=self.finish or "length", generated=len(self.ids))
 
 
+class Cancelled(Exception):
+    """The client went away: the rest of its request was not computed."""
+
+
 class _Job:
     def __init__(self, works: list[Work], future: Future):
         self.works = works
         self.future = future
         self.scored: list = [None] * len(works)
         self.generated: list = [None] * len(works)
+        self.labelled: list = [None] * len(works)
+        self.cached = [0] * len(works)
         self.quick = all(w.gen is None or w.gen.max_tokens <= 1 for w in works)
+        self.cancelled = False
 
     def ready(self) -> bool:
         return all((w.score_top is None or s is not None) and (w.gen is None or g is not None)
-                   for w, s, g in zip(self.works, self.scored, self.generated))
+                   and (w.labels is None or lab is not None)
+                   for w, s, g, lab in zip(self.works, self.scored, self.generated, self.labelled))
 
     def outcomes(self) -> list[Outcome]:
-        return [Outcome(s, g) for s, g in zip(self.scored, self.generated)]
+        return [Outcome(s, g, lab, c) for s, g, lab, c in zip(self.scored, self.generated, self.labelled, self.cached)]
 
 
 _STOP = object()
@@ -196,19 +247,29 @@ def _chunks(items: list, n: int):
 
 
 class Engine:
-    def __init__(self, backend, codec: Codec, eos_ids=(), max_batch: int = 32, window: float = 0.002):
-        self.backend = backend
+    """The model thread. ``backends``: one backend, or ``{model name: backend}`` when several adapters share one
+    base (each job's works name theirs; works of different adapters never share a forward)."""
+
+    def __init__(self, backends, codec: Codec, eos_ids=(), max_batch: int = 32, window: float = 0.002):
+        self.backends = backends if isinstance(backends, dict) else {None: backends}
+        self.default = next(iter(self.backends))
         self.codec = codec
         self.eos = frozenset(int(e) for e in eos_ids)
         self.max_batch = max(1, int(max_batch))
         self.window = max(0.0, float(window))
-        self.batched_decode = all(hasattr(backend, m) for m in ("decode_start", "decode_step", "decode_keep"))
+        self.batched_decode = all(hasattr(b, m) for b in self.backends.values()
+                                  for m in ("decode_start", "decode_step", "decode_keep"))
         self._q: queue.Queue = queue.Queue()
         self._held: list[_Job] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"requests": 0, "sequences": 0, "score_passes": 0, "largest_score_pass": 0,
-                      "next_token_passes": 0, "decode_steps": 0, "largest_decode_step": 0, "failed_batches": 0}
+                      "next_token_passes": 0, "decode_steps": 0, "largest_decode_step": 0, "failed_batches": 0,
+                      "failed_requests": 0, "cancelled_requests": 0, "label_passes": 0}
+
+    @property
+    def backend(self):
+        return self.backends[self.default]
 
     # ------------------------------------------------------------------ outside the engine thread
 
@@ -226,8 +287,16 @@ class Engine:
         if self._stopping or self._thread is None or not self._thread.is_alive():
             fut.set_exception(EngineStopped("the server is shutting down; the request was not run."))
         else:
-            self._q.put(_Job(works, fut))
+            job = _Job(works, fut)
+            fut.job = job  # for cancel()
+            self._q.put(job)
         return fut
+
+    def cancel(self, fut: Future) -> None:
+        """The client left: the job's remaining work is skipped (decoding rows dropped at the next step)."""
+        job = getattr(fut, "job", None)
+        if job is not None and not fut.done():
+            job.cancelled = True
 
     async def run(self, works: list[Work]) -> list[Outcome]:
         return await asyncio.wrap_future(self.submit(works))
@@ -274,48 +343,106 @@ class Engine:
             n += len(item.works)
         return jobs
 
+    def _drop_cancelled(self, jobs: list[_Job]) -> list[_Job]:
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                if not job.future.done():
+                    self.stats["cancelled_requests"] += 1
+                    job.future.set_exception(Cancelled("the client went away; the request was not completed."))
+            else:
+                live.append(job)
+        return live
+
     def _process(self, jobs: list[_Job]) -> None:
+        """Run the jobs together; if that fails, each job alone, so that one request's failure (a value that
+        breaks a forward) fails that request only."""
+        jobs = self._drop_cancelled(jobs)
+        if not jobs:
+            return
+        self.stats["requests"] += len(jobs)
+        self.stats["sequences"] += sum(len(j.works) for j in jobs)
         try:
-            self.stats["requests"] += len(jobs)
-            self.stats["sequences"] += sum(len(j.works) for j in jobs)
-            items = [(job, k, w) for job in jobs for k, w in enumerate(job.works)]
-            self._score(items)
-            self._one_token(items)
-            self._finish_ready(jobs)
-            longer = [it for it in items if it[2].gen is not None and it[2].gen.max_tokens > 1]
+            self._compute(jobs)
+        except Exception as exc:
+            self.stats["failed_batches"] += 1
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+                return
+            log.warning("a batch of %d requests failed (%s: %s); running each alone", len(jobs), type(exc).__name__, exc)
+            for job in jobs:
+                if job.future.done():
+                    continue
+                try:
+                    self._compute([job])
+                except Exception as exc1:  # this request's own failure
+                    self._fail(job, exc1)
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        self.stats["failed_requests"] += 1
+        if not isinstance(exc, (Cancelled, FloatingPointError)):
+            log.error("a request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _compute(self, jobs: list[_Job]) -> None:
+        items = [(job, k, w) for job in jobs for k, w in enumerate(job.works)]
+        by_adapter: dict = {}
+        for it in items:
+            by_adapter.setdefault(it[2].adapter if it[2].adapter in self.backends else self.default, []).append(it)
+        for adapter, group in by_adapter.items():
+            backend = self.backends[adapter]
+            self._labels(backend, group)
+            self._score(backend, group)
+            self._one_token(backend, group)
+        self._finish_ready(jobs)
+        for adapter, group in by_adapter.items():
+            backend = self.backends[adapter]
+            longer = [it for it in group if it[2].gen is not None and it[2].gen.max_tokens > 1
+                      and it[0].generated[it[1]] is None]
             longer.sort(key=lambda it: -len(it[2].prompt))
             for chunk in _chunks(longer, self.max_batch):
-                self._decode(chunk)
-            self._finish_ready(jobs)
-        except Exception as exc:  # a failed forward fails its requests, not the server
-            self.stats["failed_batches"] += 1
-            log.exception("a batch of %d request(s) failed", len(jobs))
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                self._decode(backend, chunk)
+        self._finish_ready(jobs)
 
     def _finish_ready(self, jobs: list[_Job]) -> None:
         for job in jobs:
             if not job.future.done() and job.ready():
                 job.future.set_result(job.outcomes())
 
-    def _score(self, items) -> None:
-        todo = [it for it in items if it[2].score_top is not None and it[0].scored[it[1]] is None]
+    def _labels(self, backend, items) -> None:
+        todo = [it for it in items if it[2].labels is not None and it[0].labelled[it[1]] is None
+                and not it[0].cancelled]
+        if todo:
+            res = backend.score_many([([w.prompt for _, _, w in todo], [w.labels for _, _, w in todo])])[0]
+            self.stats["label_passes"] += 1
+            for (job, k, _), r in zip(todo, res, strict=True):
+                job.labelled[k] = r
+
+    def _score(self, backend, items) -> None:
+        todo = [it for it in items if it[2].score_top is not None and it[0].scored[it[1]] is None
+                and not it[0].cancelled]
         todo.sort(key=lambda it: -len(it[2].prompt))
+        cached_fn = getattr(backend, "sequence_logprobs_cached", None)
         for chunk in _chunks(todo, self.max_batch):
             top = max(w.score_top for _, _, w in chunk)
-            res = self.backend.sequence_logprobs([w.prompt for _, _, w in chunk], top)
+            seqs = [w.prompt for _, _, w in chunk]
+            res, cached = cached_fn(seqs, top) if cached_fn else (backend.sequence_logprobs(seqs, top), [0] * len(seqs))
             self.stats["score_passes"] += 1
             self.stats["largest_score_pass"] = max(self.stats["largest_score_pass"], len(chunk))
-            for (job, k, w), r in zip(chunk, res, strict=True):
+            for (job, k, w), r, c in zip(chunk, res, cached, strict=True):
                 job.scored[k] = replace(r, top_ids=r.top_ids[:, : w.score_top], top_logprobs=r.top_logprobs[:, : w.score_top])
+                job.cached[k] = max(job.cached[k], c)
+                if w.on_token is not None:
+                    w.on_token("scored", job.scored[k])
 
-    def _one_token(self, items) -> None:
-        todo = [it for it in items if it[2].gen is not None and it[2].gen.max_tokens == 1 and it[0].generated[it[1]] is None]
+    def _one_token(self, backend, items) -> None:
+        todo = [it for it in items if it[2].gen is not None and it[2].gen.max_tokens == 1
+                and it[0].generated[it[1]] is None and not it[0].cancelled]
         dists: dict[int, np.ndarray] = {}
         need = [i for i, (job, k, _) in enumerate(todo) if job.scored[k] is None]
         for chunk in _chunks(need, self.max_batch):
-            lp = self.backend.next_token_logprobs([todo[i][2].prompt for i in chunk])
+            lp = backend.next_token_logprobs([todo[i][2].prompt for i in chunk])
             self.stats["next_token_passes"] += 1
             for row, i in enumerate(chunk):
                 dists[i] = lp[row]
@@ -324,7 +451,7 @@ class Engine:
             d.push(dists[i] if i in dists else job.scored[k].next_logprobs)
             job.generated[k] = d.result()
 
-    def _decode(self, chunk) -> None:
+    def _decode(self, backend, chunk) -> None:
         decs = [Decoding(w, self.codec, self.eos) for _, _, w in chunk]
 
         def finished(i: int) -> None:
@@ -332,32 +459,46 @@ class Engine:
             job.generated[k] = decs[i].result()
             self._finish_ready([job])
 
+        def gone(i: int) -> bool:
+            job = chunk[i][0]
+            if job.cancelled:
+                self._drop_cancelled([job])
+            return job.cancelled
+
         if not self.batched_decode:
             for i, (_, _, w) in enumerate(chunk):
-                lp, state = self.backend.start(w.prompt)
+                if gone(i):
+                    continue
+                lp, state = backend.start(w.prompt)
                 while True:
                     decs[i].push(lp)
-                    if decs[i].done:
+                    if decs[i].done or gone(i):
                         break
-                    lp, state = self.backend.step(decs[i].last, state)
+                    lp, state = backend.step(decs[i].last, state)
                     self._count_step(1)
                     self._serve_quick()
-                finished(i)
+                if not gone(i):
+                    finished(i)
             return
-        lp, state = self.backend.decode_start([w.prompt for _, _, w in chunk])
-        rows = list(range(len(chunk)))
+        rows = [i for i in range(len(chunk)) if not gone(i)]
+        if not rows:
+            return
+        lp, state = backend.decode_start([chunk[i][2].prompt for i in rows])
+        cached = getattr(backend, "last_start_cached", 0)
+        for i in rows:
+            chunk[i][0].cached[chunk[i][1]] = max(chunk[i][0].cached[chunk[i][1]], cached)
         while True:
             for r, i in enumerate(rows):
                 decs[i].push(lp[r])
                 if decs[i].done:
                     finished(i)
-            keep = [r for r, i in enumerate(rows) if not decs[i].done]
+            keep = [r for r, i in enumerate(rows) if not decs[i].done and not gone(i)]
             if not keep:
                 return
             if len(keep) < len(rows):
-                state = self.backend.decode_keep(state, keep)
+                state = backend.decode_keep(state, keep)
                 rows = [rows[r] for r in keep]
-            lp, state = self.backend.decode_step([decs[i].last for i in rows], state)
+            lp, state = backend.decode_step([decs[i].last for i in rows], state)
             self._count_step(len(rows))
             self._serve_quick()
 

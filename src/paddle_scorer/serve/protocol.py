@@ -2,9 +2,10 @@
 
 Every bad request becomes a :class:`ProtocolError`: a 4xx status and one sentence in OpenAI's error
 shape ``{"error": {"message", "type", "param", "code"}}``. Fields are checked for type and range;
-fields we do not implement (``n > 1``, ``stream``, penalties, ``logit_bias``, ``suffix``) are
-refused when they ask for something other than the default, rather than silently ignored, because
-the answer would not be what was asked for. Field names we do not know are ignored (clients such as
+fields we do not implement (``best_of``, penalties, ``logit_bias``, ``suffix``) are refused when they ask for
+something other than the default, rather than silently ignored, because the answer would not be what was
+asked for. Every string of a request must be valid Unicode text (a lone surrogate such as ``"\ud800"`` is
+refused, not passed to the tokenizer), and a body nested deeper than :data:`MAX_DEPTH` is refused. Field names we do not know are ignored (clients such as
 lm-evaluation-harness pass extra generation settings through), and reported by :func:`unknown_fields`.
 """
 
@@ -18,12 +19,17 @@ from dataclasses import dataclass, field
 
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "echo", "logprobs", "temperature", "top_p", "seed", "stop", "n", "best_of",
-    "stream", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "user",
+    "stream", "stream_options", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "user",
 }
 CHAT_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "temperature", "top_p",
-    "seed", "stop", "n", "stream", "logit_bias", "presence_penalty", "frequency_penalty", "user",
+    "seed", "stop", "n", "stream", "stream_options", "logit_bias", "presence_penalty", "frequency_penalty", "user",
 }
+CLASSIFY_FIELDS = {"model", "labels", "prompt", "prompts", "records", "template", "calibration", "content_free",
+                   "pmi_domain", "chat_template", "label_prefix", "length_norm", "user"}
+MAX_DEPTH = 64  # nesting of a request body (a JSON request here is at most ~4 levels deep)
+MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow; 0 means greedy
+MAX_N = 16
 ROLES = ("system", "user", "assistant")
 
 
@@ -75,6 +81,9 @@ class CompletionRequest:
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
     model: str | None = None
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
 
 
 @dataclass
@@ -85,6 +94,23 @@ class ChatRequest:
     top_logprobs: int
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
+    model: str | None = None
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass
+class ClassifyRequest:
+    labels: list[str]
+    records: list[dict]  # each filled into template (a prompt p is {"query": p})
+    template: str | None
+    calibration: str = "none"
+    content_free: list[str] | None = None
+    pmi_domain: str | None = None
+    chat_template: bool | None = None
+    label_prefix: str | None = None
+    length_norm: str = "none"
     model: str | None = None
 
 
@@ -101,11 +127,36 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
     except UnicodeDecodeError:
         raise ProtocolError("the request body is not UTF-8 text; send JSON.") from None
+    except RecursionError:
+        raise ProtocolError(f"the request body is nested too deeply (more than {MAX_DEPTH} levels); send a flat "
+                            "JSON object.") from None
     except ValueError as exc:
         raise ProtocolError(f"the request body is not valid JSON ({exc}).") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"the request body must be a JSON object, not {_kind(body)}.")
+    _check_text(body, "", 0)
     return body
+
+
+def _check_text(v, where: str, depth: int) -> None:
+    """Every string is valid Unicode (no lone surrogate); the body is at most MAX_DEPTH levels deep."""
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"the request body is nested too deeply (more than {MAX_DEPTH} levels); send a flat JSON "
+                            "object.")
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = v[exc.start:exc.end].encode("utf-8", "backslashreplace").decode("ascii")
+            raise ProtocolError(f"{where or 'a string'} contains {bad}, a lone surrogate that is not a Unicode "
+                                "character; send valid text.", where.split("[")[0].split(".")[0] or None) from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_text(k, where or "a field name", depth + 1)
+            _check_text(x, f"{where}.{k}" if where else str(k), depth + 1)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_text(x, f"{where}[{i}]", depth + 1)
 
 
 def unknown_fields(body: dict, known: set[str]) -> list[str]:
@@ -117,9 +168,14 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
     echo = _bool(body, "echo", False)
     max_tokens = _int(body, "max_tokens", 16, 0, limits.max_tokens)
     logprobs = _int(body, "logprobs", None, 0, limits.max_logprobs)
+    stream, usage = _stream(body)
+    n = _int(body, "n", 1, 1, MAX_N)
+    if n > 1 and max_tokens == 0:
+        raise ProtocolError("n > 1 needs max_tokens >= 1 (the samples are generated tokens).", "n")
     return CompletionRequest(
         prompts=_prompts(body, limits), max_tokens=max_tokens, echo=echo, logprobs=logprobs,
-        sampling=_sampling(body), stop=_stop(body, limits), model=_model(body),
+        sampling=_sampling(body), stop=_stop(body, limits), model=_model(body), n=n, stream=stream,
+        include_usage=usage,
     )
 
 
@@ -133,10 +189,86 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     top = _int(body, "top_logprobs", None, 0, limits.max_logprobs)
     if top is not None and not logprobs:
         raise ProtocolError("top_logprobs needs logprobs: true.", "top_logprobs")
+    stream, usage = _stream(body)
     return ChatRequest(
         messages=_messages(body), max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top or 0,
-        sampling=_sampling(body), stop=_stop(body, limits), model=_model(body),
+        sampling=_sampling(body), stop=_stop(body, limits), model=_model(body), n=_int(body, "n", 1, 1, MAX_N),
+        stream=stream, include_usage=usage,
     )
+
+
+CALIBRATIONS = ("none", "contextual", "pmi")
+LENGTH_NORMS = ("none", "per-token")
+
+
+def parse_classify(body: dict, limits: Limits) -> ClassifyRequest:
+    """``/v1/classify``: labels and one of ``prompt`` (a string), ``prompts`` (strings) or ``records`` (objects
+    filled into ``template``)."""
+    labels = body.get("labels")
+    if isinstance(labels, str):
+        labels = [x.strip() for x in labels.split(",")]
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+        raise ProtocolError("labels must be an array of at least two non-empty strings (or one comma-separated "
+                            "string).", "labels")
+    if len(set(labels)) != len(labels):
+        raise ProtocolError("labels must be different from each other.", "labels")
+    given = [k for k in ("prompt", "prompts", "records") if body.get(k) is not None]
+    if len(given) != 1:
+        raise ProtocolError("give exactly one of prompt (a string), prompts (an array of strings) or records (an "
+                            "array of objects for template).", "prompt")
+    template = body.get("template")
+    if template is not None and not isinstance(template, str):
+        raise ProtocolError(f"template must be a string, not {_kind(template)}.", "template")
+    kind = given[0]
+    v = body[kind]
+    if kind == "prompt":
+        if not isinstance(v, str) or not v:
+            raise ProtocolError("prompt must be a non-empty string.", "prompt")
+        records = [{"query": v}]
+    elif kind == "prompts":
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise ProtocolError("prompts must be a non-empty array of non-empty strings.", "prompts")
+        records = [{"query": x} for x in v]
+    else:
+        if not isinstance(v, list) or not v or not all(isinstance(x, dict) for x in v):
+            raise ProtocolError("records must be a non-empty array of objects (their fields fill the template).",
+                                "records")
+        if template is None:
+            raise ProtocolError("records need a template with {field} placeholders.", "template")
+        records = list(v)
+    if len(records) > limits.max_prompts:
+        raise ProtocolError(f"{len(records)} prompts in one request; at most {limits.max_prompts} are allowed.", kind)
+    calibration = body.get("calibration", "none") or "none"
+    if calibration not in CALIBRATIONS:
+        raise ProtocolError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}.",
+                            "calibration")
+    length_norm = body.get("length_norm", "none") or "none"
+    if length_norm not in LENGTH_NORMS:
+        raise ProtocolError(f"length_norm must be one of {', '.join(LENGTH_NORMS)}; got {length_norm!r}.",
+                            "length_norm")
+    content_free = body.get("content_free")
+    if content_free is not None and (not isinstance(content_free, list) or not all(isinstance(x, str) for x in content_free)):
+        raise ProtocolError("content_free must be an array of strings.", "content_free")
+    for name in ("pmi_domain", "label_prefix"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ProtocolError(f"{name} must be a string, not {_kind(body[name])}.", name)
+    chat = body.get("chat_template")
+    if chat is not None and not isinstance(chat, bool):
+        raise ProtocolError(f"chat_template must be true or false, not {_kind(chat)}.", "chat_template")
+    return ClassifyRequest(labels, records, template, calibration, content_free, body.get("pmi_domain"), chat,
+                           body.get("label_prefix"), length_norm, _model(body))
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise ProtocolError("stream_options needs stream: true.", "stream_options")
+    if not isinstance(opts, dict):
+        raise ProtocolError(f"stream_options must be an object, not {_kind(opts)}.", "stream_options")
+    return stream, _bool(opts, "include_usage", False)
 
 
 def parse_tokenize(body: dict) -> tuple[str, bool]:
@@ -203,8 +335,10 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ProtocolError(f"{name} must be a number, not {_kind(v)}.", name)
+    if not math.isfinite(v):
+        raise ProtocolError(f"{name} must be a finite number; got {v} (a value beyond a float's range).", name)
     if v < lo or v > hi or (lo_open and v == lo):
         left = "(" if lo_open else "["
         raise ProtocolError(f"{name} must be in {left}{lo:g}, {hi:g}]; got {v}.", name)
@@ -224,8 +358,11 @@ def _sampling(body: dict) -> Sampling:
         raise ProtocolError(f"seed must be an integer, not {_kind(seed)}.", "seed")
     if seed is not None and not 0 <= seed < 2**63:
         raise ProtocolError(f"seed must be between 0 and 2**63 - 1; got {seed}.", "seed")
-    return Sampling(_number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                    seed)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ProtocolError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; got {temperature:g} "
+                            "(dividing the logits by it would overflow).", "temperature")
+    return Sampling(temperature, _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed)
 
 
 def _stop(body: dict, limits: Limits) -> list[str]:
@@ -246,13 +383,9 @@ def _stop(body: dict, limits: Limits) -> list[str]:
 
 def _unsupported(body: dict, with_suffix: bool) -> None:
     """Settings we do not implement: refused unless they ask for the default."""
-    for name in ("n", "best_of"):
-        v = body.get(name)
-        if v is not None and v != 1:
-            raise ProtocolError(f"{name} must be 1 (one choice per prompt); send the request again for more samples.",
-                                name)
-    if body.get("stream") not in (None, False):
-        raise ProtocolError("stream is not supported; send stream: false (or leave it out).", "stream")
+    v = body.get("best_of")
+    if v is not None and v != 1:
+        raise ProtocolError("best_of must be 1 (use n for several samples).", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
         v = body.get(name)
         if v is not None and v != 0:
@@ -343,14 +476,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_with_cache(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    """OpenAI's usage, with ``prompt_tokens_details.cached_tokens``: prompt tokens a computed prefix supplied."""
+    return {**usage(prompt_tokens, completion_tokens), "prompt_tokens_details": {"cached_tokens": int(cached)}}
+
+
+def completion_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
+                        cached: int = 0) -> dict:
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage_with_cache(prompt_tokens, completion_tokens, cached)}
 
 
-def chat_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_response(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage_with_cache(prompt_tokens, completion_tokens, cached)}
+
+
+def sse(data) -> bytes:
+    """One server-sent event: ``data: <json>`` (or ``data: [DONE]``) and a blank line."""
+    return b"data: " + (data.encode() if isinstance(data, str) else json.dumps(data, ensure_ascii=False).encode()) + b"\n\n"
 
 
 def top_dict(keys: list[str], values, chosen_key: str | None = None, chosen_value: float | None = None) -> dict:
