@@ -57,6 +57,7 @@ class Work:
     gen: GenSpec | None = None
     adapter: str | None = None  # which of the served models (None: the only one / the base)
     labels: list[list[int]] | None = None  # /v1/classify: token ids of each label, scored after the prompt
+    group: int = 0  # /v1/classify: works of one request and group are scored in one call, as classify does
     on_token: object = None  # streaming: called in the engine thread with the Decoding after each token
     sample: int = 0  # n > 1: which sample of its prompt (its own random stream)
 
@@ -413,10 +414,13 @@ class Engine:
     def _labels(self, backend, items) -> None:
         todo = [it for it in items if it[2].labels is not None and it[0].labelled[it[1]] is None
                 and not it[0].cancelled]
-        if todo:
-            res = backend.score_many([([w.prompt for _, _, w in todo], [w.labels for _, _, w in todo])])[0]
+        groups: dict = {}
+        for it in todo:  # one call per request and group: the same batches, hence the same numbers, as classify
+            groups.setdefault((id(it[0]), it[2].group), []).append(it)
+        for part in groups.values():
+            res = backend.score_many([([w.prompt for _, _, w in part], [w.labels for _, _, w in part])])[0]
             self.stats["label_passes"] += 1
-            for (job, k, _), r in zip(todo, res, strict=True):
+            for (job, k, _), r in zip(part, res, strict=True):
                 job.labelled[k] = r
 
     def _score(self, backend, items) -> None:

@@ -411,7 +411,8 @@ class Service:
             cal = clf.calibration_preps()
         except ScorerError as exc:
             raise ProtocolError(str(exc).replace("--", ""), "records") from None
-        works = [Work(p.context, labels=p.label_ids, adapter=name) for p in cal + preps]
+        works = [Work(p.context, labels=p.label_ids, adapter=name, group=0) for p in cal]
+        works += [Work(p.context, labels=p.label_ids, adapter=name, group=1) for p in preps]
         return clf, preps, cal, works, name
 
     async def classify(self, body: dict, request=None):
