@@ -8,6 +8,7 @@ sentence. The engine thread starts with the app and stops with it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -47,26 +48,32 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     app.state.service = service
     warned: set[str] = set()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path not in OPEN_PATHS and not _authorized(request, api_key):
-            return _error(401, "a valid API key is needed: send the header `Authorization: Bearer KEY` with the "
-                               "key the server was started with (--api-key).", code="invalid_api_key",
-                          headers={"WWW-Authenticate": "Bearer"})
-        try:
-            return await call_next(request)
-        except ProtocolError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
-        except EngineStopped as exc:
-            return _error(503, str(exc), type="server_error", code="shutting_down")
-        except (ClientGone, Cancelled):  # nobody is listening; the work was cancelled
-            return Response(status_code=499)
-        except FloatingPointError as exc:
-            return _error(500, str(exc), type="server_error", code="non_finite")
-        except Exception as exc:  # never a traceback to the client; the server keeps serving
-            log.exception("unexpected error on %s %s", request.method, request.url.path)
-            return _error(500, f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
-                          type="server_error", code="internal_error")
+    if api_key is not None:
+        # a plain ASGI middleware, not @app.middleware("http"): that one wraps the request's receive channel, and a
+        # route behind it could not see its client disconnect (the work of a client that left would run on)
+        app.add_middleware(_Auth, key=api_key)
+
+    def guarded(route):
+        """Every exception a route raises becomes an OpenAI-shaped answer; never a traceback to the client."""
+
+        @functools.wraps(route)
+        async def run(request: Request):
+            try:
+                return await route(request)
+            except ProtocolError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+            except EngineStopped as exc:
+                return _error(503, str(exc), type="server_error", code="shutting_down")
+            except (ClientGone, Cancelled):  # nobody is listening; the work was cancelled
+                return Response(status_code=499)
+            except FloatingPointError as exc:
+                return _error(500, str(exc), type="server_error", code="non_finite")
+            except Exception as exc:  # the server keeps serving; the traceback goes to its log
+                log.exception("unexpected error on %s %s", request.method, request.url.path)
+                return _error(500, f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
+                              type="server_error", code="internal_error")
+
+        return run
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -109,18 +116,22 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return service.models()
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        return service.model_card(service.resolve(model_id))
+    @guarded
+    async def model(request: Request):
+        return service.model_card(service.resolve(request.path_params["model_id"]))
 
     @app.post("/v1/completions")
+    @guarded
     async def completions(request: Request):
         return _answer(await service.completions(await body_of(request, COMPLETION_FIELDS), request))
 
     @app.post("/v1/chat/completions")
+    @guarded
     async def chat(request: Request):
         return _answer(await service.chat(await body_of(request, CHAT_FIELDS), request))
 
     @app.post("/v1/classify")
+    @guarded
     async def classify(request: Request):
         return _answer(await service.classify(await body_of(request, CLASSIFY_FIELDS), request))
 
@@ -129,12 +140,14 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return service.tokenizer_info()
 
     @app.post("/tokenize")
+    @guarded
     async def tokenize(request: Request):
-        return await service.tokenize(await body_of(request))
+        return _answer(await service.tokenize(await body_of(request)))
 
     @app.post("/detokenize")
+    @guarded
     async def detokenize(request: Request):
-        return await service.detokenize(await body_of(request))
+        return _answer(await service.detokenize(await body_of(request)))
 
     return app
 
@@ -158,8 +171,25 @@ def route_list(app: FastAPI) -> str:
     return ", ".join(shown)
 
 
-def _authorized(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
+class _Auth:
+    """``Authorization: Bearer KEY`` on every route but /health (an ASGI middleware: see create_app)."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") not in OPEN_PATHS and not _authorized(scope, self.key):
+            response = _error(401, "a valid API key is needed: send the header `Authorization: Bearer KEY` with the "
+                                   "key the server was started with (--api-key).", code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _authorized(scope, key: str) -> bool:
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
 
