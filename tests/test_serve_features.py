@@ -219,3 +219,18 @@ def test_a_shared_context_is_computed_once_across_requests(client):
     a, b = first["choices"][0]["logprobs"], second["choices"][0]["logprobs"]
     np.testing.assert_allclose(a["token_logprobs"][1:len(ids)], b["token_logprobs"][1:len(ids)], atol=ATOL)
     assert a["top_logprobs"][1:len(ids)] == b["top_logprobs"][1:len(ids)]
+
+
+class Broken(FailsOnOnePrompt):
+    def sequence_logprobs_cached(self, seqs, top_n=0):
+        raise RuntimeError("boom")
+
+
+def test_a_500_is_logged_with_its_traceback(demo, caplog):
+    import logging
+
+    with caplog.at_level(logging.ERROR, logger="paddle_scorer.serve"), client_of(demo, Broken(backend_for(demo))) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert r.status_code == 500 and "logged it" in r.json()["error"]["message"] and "Traceback" not in r.text
+    logged = [rec for rec in caplog.records if rec.exc_info]
+    assert logged and any("boom" in str(rec.exc_info[1]) for rec in logged)
