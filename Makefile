@@ -13,7 +13,7 @@ FPY    := $(FORMERS_VENV)/bin/python
 FPIP   := $(FPY) -m pip --disable-pip-version-check -q
 CHECK_PYTHON := $(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "paddle-scorer needs Python 3.10-3.12 (paddlepaddle 3.3.1 wheels); found %d.%d: run make PYTHON=python3.11 ..." % v)'
 
-.PHONY: demo test test-nlp test-formers venv venv-formers clean checkpoints bench browser
+.PHONY: demo test test-suites test-nlp test-formers venv venv-formers clean checkpoints bench browser
 
 $(VENV)/.ok-python:
 	@$(CHECK_PYTHON)
@@ -54,7 +54,17 @@ demo: $(VENV)/.ok-cpu
 browser:
 	@.ci/ensure-chromium
 
-test: test-nlp test-formers
+# Both suites always run (one failing suite does not hide the other's results); the last lines say how
+# each ended, and make fails if either failed.
+test: $(VENV)/.ok-test browser $(FORMERS_VENV)/.ok-test
+	@$(MAKE) --no-print-directory test-suites
+
+test-suites:
+	@nlp=0; formers=0; \
+	$(PY) -m pytest -q || nlp=$$?; \
+	$(FPY) -m pytest -q tests/formers || formers=$$?; \
+	echo "make test: PaddleNLP suite (.venv) exit $$nlp, PaddleFormers suite (.venv-formers) exit $$formers"; \
+	if [ $$nlp -ne 0 ] || [ $$formers -ne 0 ]; then echo "make test: FAILED"; exit 1; fi
 
 test-nlp: $(VENV)/.ok-test browser
 	$(PY) -m pytest -q

@@ -220,13 +220,16 @@ def render(r: dict) -> str:
         a(f"| {name} | {x['load_s']:.2f}s | {x['import_s']:.1f}s | {gb(x['rss_after_bytes'])} |")
     a("")
     if r.get("cpu"):
-        a(render_cpu(r["cpu"], r.get("profile_md", "")))
+        a(f"<!-- section:cpu -->\n{render_cpu(r['cpu'], r.get('profile_md', ''))}\n<!-- /section:cpu -->\n")
     for key, title in (("realsize_md", "7. Real-size models"), ("serve_md", "8. `serve` + lm-evaluation-harness")):
         if r.get(key):
             body = r[key].split("\n", 1)[1]  # the section's own title line is replaced by a numbered one
             body = body.replace("\n## ", "\n### ")
             a(f"## {title}\n")
             a(body)
+    for key in SECTIONS:
+        if r.get(key):
+            a(f"<!-- section:{key} -->\n{SECTIONS[key][2](r[key])}\n<!-- /section:{key} -->\n")
     return "\n".join(L) + "\n"
 
 
@@ -273,6 +276,112 @@ def render_cpu(c: dict, profile_md: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def render_prefix(p: dict) -> str:
+    """Section 10: few-shot classify with a shared ~1000-token prefix (bench_prefix.py)."""
+    L = ["## 10. Prefix reuse: few-shot classify behind a ~1000-token shared prefix (issue 19)\n"]
+    a = L.append
+    a("The demo queries (labels goods/life) scored A. in the plain demo template, B. behind a ~1000-token few-shot "
+      "prefix of worked examples with prefix reuse (the default), C. the same few-shot prompts with "
+      "`--no-prefix-reuse` (a subset, per query), D. a PyTorch scorer on the same weights reusing `past_key_values` "
+      "(the prefix once, each query on its cache, LM head at the last position). One process, same weights.\n")
+    a("| model | queries | prefix tokens | plain prompts/s | reuse prompts/s | no-reuse prompts/s | PyTorch KV reuse prompts/s | "
+      "reuse / plain time (target <= 1.5x) | no-reuse / plain time | reuse vs PyTorch | max abs diff reuse vs no-reuse / vs PyTorch |")
+    a("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for x in p["rows"]:
+        q = x["pps"]
+        a(f"| {x['model']} | {x['queries']} | {x['prefix_tokens']} | {q['plain']:.2f} | {q['reuse']:.2f} | {q['no_reuse']:.3f} | "
+          f"{q['torch_past_key_values']:.2f} | **{x['reuse_vs_plain']:.2f}x** | {x['no_reuse_vs_plain']:.1f}x | "
+          f"**{x['reuse_vs_torch']:.2f}x** | {x['max_abs_diff_reuse_vs_no_reuse']:.1e} / {x['max_abs_diff_reuse_vs_torch']:.1e} |")
+    a("\nThe plain template has no long prefix, so reuse saves little there; on the 0.94B model the few-shot run with reuse "
+      "is faster than the plain one because its queries are scored as short suffixes of one cached prefix.\n")
+    return "\n".join(L) + "\n"
+
+
+def render_serve_load(s: dict) -> str:
+    """Section 11: serve under 36 concurrent clients, a mixed and partly hostile load (bench_serve_load.py)."""
+    L = ["## 11. `serve` under load: 36 clients, mixed and hostile requests (issue 20)\n"]
+    a = L.append
+    a("The demo checkpoint served on a loopback port; 36 client threads send for 20 s a repeating mix of echo scoring, "
+      "sampled and streamed completions, `/v1/classify`, and every 9th request a hostile one (temperature 1e-320, n=99, "
+      "an empty prompt, out-of-vocabulary ids); a 37th client polls `/health`. Every valid answer is checked equal "
+      "(1e-5) to the same request sent alone (`tests/test_serve_clients.py::test_load_many_clients_mixed_and_hostile`).\n")
+    a("| clients | seconds | requests | valid | hostile (all 4xx) | requests/s | p50 s | p99 s | /health p50 ms | "
+      "/health p99 ms (target < 100) | RSS before -> after MiB |")
+    a("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    a(f"| {s['clients']} | {s['seconds']} | {s['requests']} | {s['valid']} | {s['hostile']} | {s['requests_per_s']} | "
+      f"{s['p50_s']} | {s['p99_s']} | {s['health_p50_ms']} | **{s['health_p99_ms']}** | "
+      f"{s['rss_before_mib']} -> {s['rss_after_mib']} |")
+    return "\n".join(L) + "\n"
+
+
+def render_identity(x: dict) -> str:
+    """Section 12: the content-based model identity (bench_fingerprint.py)."""
+    L = ["## 12. What the content-based model identity costs (issue 21)\n"]
+    a = L.append
+    a("`--resume` compares a model fingerprint that hashes `config.json` and every weight file's content (sha256), so "
+      "weights rewritten in place with size and mtime restored count as another model. *read* = reading the files once "
+      "(the floor of any content hash), *first* = the fingerprint with an empty hash cache, *cached* = again with the "
+      "files unchanged (the cache is keyed by path, size, mtime, ctime and inode), *load* = paddle-scorer's own CPU "
+      "float32 load of the model, which every run pays anyway.\n")
+    a("| model | weights | read s (GB/s) | first fingerprint s (GB/s) | cached ms | load s | first / load |")
+    a("|---|---:|---:|---:|---:|---:|---:|")
+    for r in x["rows"]:
+        load = f"{r['load_s']:.2f}" if "load_s" in r else "n/a"
+        ratio = f"{r['first_vs_load']:.2f}x" if "first_vs_load" in r else "n/a"
+        a(f"| {r['model']} | {gb(r['weight_bytes'])} | {r['read_s']:.2f} ({r['read_gb_s']:.2f}) | **{r['first_s']:.2f}** "
+          f"({r['hash_gb_s']:.2f}) | {r['cached_s'] * 1000:.1f} | {load} | {ratio} |")
+    return "\n".join(L) + "\n"
+
+
+SECTIONS = {  # key: (script, args (quick, full), renderer)
+    "prefix": ("bench_prefix.py", (["--models", "58m", "--n", "32"], ["--models", "58m,0.9b", "--n", "256"]), render_prefix),
+    "serve-load": ("bench_serve_load.py", ([], []), render_serve_load),
+    "identity": ("bench_fingerprint.py", (["--models", "llama-0.9b", "--no-load"], ["--models", "llama-0.9b"]),
+                 render_identity),
+}
+
+
+def splice(text: str, key: str, section_md: str, stamp: str) -> str:
+    """Put one section's Markdown between its markers in RESULTS.md (appended when it is not there yet)."""
+    start, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
+    block = f"{start}\n{section_md.rstrip()}\n\n{stamp}\n{end}"
+    if start in text and end in text:
+        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def run_sections(keys: list[str], out: Path, quick: bool, reuse: dict[str, str]) -> None:
+    """Measure only the named sections (or take their JSON from --reuse KEY=FILE, an earlier run of the same
+    script) and rewrite just those sections of RESULTS.md; each says when and on what machine it was measured."""
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    m = common.machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            if key == "cpu":
+                data = json.loads(Path(reuse["cpu"]).read_text()) if "cpu" in reuse else child(
+                    "bench_cpu.py", ["--models", "demo" if quick else "58m,0.9b", "--n", "32" if quick else "256",
+                                     "--n-big", "64", "--reps", "1" if quick else "3"], Path(tmp) / "cpu.json")
+                prof = Path(reuse["profile"]) if "profile" in reuse else Path(tmp) / "profile.md"
+                if "profile" not in reuse:
+                    subprocess.run([PY, "-W", "ignore", str(HERE / "profile_forward.py"), "--models",
+                                    "demo" if quick else "58m,0.9b", "--md", str(prof)], check=True, stdout=subprocess.DEVNULL)
+                md = render_cpu(data, prof.read_text())
+            else:
+                script, (qargs, fargs), renderer = SECTIONS[key]
+                data = json.loads(Path(reuse[key]).read_text()) if key in reuse else child(
+                    script, qargs if quick else fargs, Path(tmp) / f"{key}.json")
+                md = renderer(data)
+            when = datetime.fromtimestamp(Path(reuse[key]).stat().st_mtime, timezone.utc) if key in reuse \
+                else datetime.now(timezone.utc)
+            mm = data.get("machine", m)
+            stamp = (f"*Measured {when:%Y-%m-%d %H:%M} UTC on {mm['cpu']} ({', '.join(mm['cpu_flags'])}), {mm['cores']} "
+                     f"cores, load average {common.loadavg():.2f} when rendered; `python benchmarks/run.py --sections "
+                     f"{key}` re-measures it.*")
+            text = splice(text, key, md, stamp)
+    out.write_text(text)
+    print(f"wrote sections {', '.join(keys)} of {out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for checking the scripts (numbers are noise)")
@@ -283,7 +392,14 @@ def main():
     ap.add_argument("--no-realsize", action="store_true", help="skip the real-size rows (0.9B/1.5B/7B generated checkpoints)")
     ap.add_argument("--skip-7b", action="store_true", help="skip the 7B-shaped row (13.5 GB checkpoint)")
     ap.add_argument("--no-serve", action="store_true", help="skip serve + lm-evaluation-harness vs classify")
+    ap.add_argument("--sections", help="only these sections, rewritten in place in --out: cpu, prefix, serve-load, identity")
+    ap.add_argument("--reuse", action="append", default=[], metavar="KEY=JSON",
+                    help="with --sections: render KEY from an earlier run's JSON instead of measuring (profile=MD for cpu)")
     args = ap.parse_args()
+    if args.sections:
+        reuse = dict(x.split("=", 1) for x in args.reuse)
+        run_sections(args.sections.split(","), Path(args.out), args.quick, reuse)
+        return
     if args.render_only:
         Path(args.out).write_text(render(json.loads((HERE / ".cache" / "results.json").read_text())))
         return
@@ -330,6 +446,11 @@ def main():
                        stdout=subprocess.DEVNULL)
         print(f"  {script}: {time.perf_counter() - t1:.0f}s", flush=True)
         res[key + "_md"] = md.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, (script, (qargs, fargs), _) in SECTIONS.items():
+            if key == "serve-load" and args.no_serve or key == "identity" and args.no_realsize:
+                continue
+            res[key] = child(script, qargs if q else fargs, Path(tmp) / f"{key}.json")
     res["load_after"] = common.loadavg()
     res["seconds"] = time.time() - t0
     (HERE / ".cache").mkdir(exist_ok=True)

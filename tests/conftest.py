@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import builders
+
+
+def pytest_configure(config):
+    """The weight-hash cache (fingerprints.py) of this run lives in a fresh folder, never in the user's ~/.cache;
+    subprocesses (the CLI, servers, launcher workers) inherit it."""
+    os.environ["PADDLE_SCORER_CACHE_DIR"] = tempfile.mkdtemp(prefix="paddle-scorer-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -416,6 +416,125 @@ def _(ws):
     return classify(ws, output=None)
 
 
+# round 3: an adapter applied twice, other formats and dtypes
+
+def _merged(ws, name: str = "merged") -> Path:
+    r = cli("merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p(name))
+    assert r.exit_code == 0, r.output
+    return ws.p(name)
+
+
+@row("checkpoint", "classify-a-merged-model-with-its-own-adapter-again", 4,
+     ("already merged", "paddle_scorer_merge.json", "twice"))
+def _(ws):
+    return ["classify", "--model", _merged(ws), "--lora", ws.lora, "--input", ws.data()]
+
+
+@row("checkpoint", "merge-a-merged-model-with-its-own-adapter-again", 4,
+     ("already merged", "paddle_scorer_merge.json", "twice"))
+def _(ws):
+    return ["merge", "--model", _merged(ws), "--lora", ws.lora, "--out", ws.p("twice")]
+
+
+@row("checkpoint", "classify-a-model-merged-from-a-merge-with-the-first-adapter", 4,
+     ("already merged", "paddle_scorer_merge.json"))
+def _(ws):
+    merged = _merged(ws)  # base + demo-lora, then + a second adapter on top: the record chain keeps the first
+    other = ws.p("other-lora")
+    shutil.copytree(ws.lora, other)
+    sd = read_pdparams(other / "lora_model_state.pdparams")
+    write_pdparams({k: (v * np.asarray(0.5, v.dtype) if k.endswith("lora_B") else v) for k, v in sd.items()},
+                   other / "lora_model_state.pdparams")
+    r = cli("merge", "--model", merged, "--lora", other, "--out", ws.p("merged2"))
+    assert r.exit_code == 0, r.output
+    return ["classify", "--model", ws.p("merged2"), "--lora", ws.lora, "--input", ws.data()]
+
+
+def _other_base(ws) -> Path:
+    other = ws.p("other-base")
+    shutil.copytree(ws.base, other)
+    sd = read_pdparams(other / "model_state.pdparams")
+    write_pdparams({k: (v * np.asarray(0.9, v.dtype) if v.dtype.kind == "f" else v) for k, v in sd.items()},
+                   other / "model_state.pdparams")
+    return other
+
+
+def _merged_other(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert any(a.startswith("merged-other/") for a in added) and not removed and not modified
+
+
+@row("checkpoint", "merge-onto-another-base-notes-it-like-classify", 0, ("names its base", "another folder"),
+     check=_merged_other, message_from="any")
+def _(ws):
+    ws.notes["note"] = True
+    return ["merge", "--model", _other_base(ws), "--lora", ws.lora, "--out", ws.p("merged-other")]
+
+
+def _write_base_tensor(ws, name_end: str, make) -> None:
+    sd = read_pdparams(ws.base / "model_state.pdparams")
+    key = next(k for k in sd if k.endswith(name_end))
+    sd[key] = make(sd[key])
+    write_pdparams(sd, ws.base / "model_state.pdparams")
+    ws.notes["tensor"] = key
+
+
+for _dt, _make in [("int8", lambda v: v.astype(np.int8)), ("bool", lambda v: v > 0),
+                   ("complex64", lambda v: v.astype(np.complex64))]:
+    def _setup(ws, _make=_make):
+        _write_base_tensor(ws, "layers.0.mlp.up_proj.weight", _make)
+        return classify(ws, output=None)
+
+    row("checkpoint", f"{_dt}-weight-tensor-refused-by-name", 4,
+        ("layers.0.mlp.up_proj.weight", _dt, "float16, bfloat16, float32 or float64"))(_setup)
+
+
+@row("checkpoint", "float8-weights-refused-by-inspect-too", 4, ("float8_e4m3fn", "float16, bfloat16"))
+def _(ws):
+    import ml_dtypes
+    from paddle_scorer.weights import write_safetensors
+
+    sd = read_pdparams(ws.base / "model_state.pdparams")
+    sd = {k: (v.astype(ml_dtypes.float8_e4m3fn) if k.endswith("up_proj.weight") else v) for k, v in sd.items()}
+    (ws.base / "model_state.pdparams").unlink()
+    write_safetensors(sd, ws.base / "model.safetensors")
+    return ["inspect", ws.base]
+
+
+@row("checkpoint", "float64-tensor-holding-1e300-streamed-names-the-tensor", 4,
+     ("layers.1.self_attn.o_proj.weight", "after the cast to float32"), message_from="any")
+def _(ws):
+    _write_base_tensor(ws, "layers.1.self_attn.o_proj.weight", lambda v: np.full(v.shape, 1e300, np.float64))
+    return classify(ws, "--execution", "streamed", output=None)
+
+
+@row("checkpoint", "float64-tensor-holding-1e300-in-ram-names-the-tensor", 4,
+     ("layers.1.self_attn.o_proj.weight", "after the cast to float32"), message_from="any")
+def _(ws):
+    _write_base_tensor(ws, "layers.1.self_attn.o_proj.weight", lambda v: np.full(v.shape, 1e300, np.float64))
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "a-pytorch-zip-saved-as-pdparams", 4, ("model_state.pdparams", "zip", "torch.save"))
+def _(ws):
+    import zipfile
+
+    with zipfile.ZipFile(ws.base / "model_state.pdparams", "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    return classify(ws, output=None)
+
+
+@row("checkpoint", "a-safetensors-file-saved-as-pdparams", 4, ("lora_model_state.pdparams", "safetensors", "rename"))
+def _(ws):
+    from paddle_scorer.weights import write_safetensors
+
+    path = ws.lora / "lora_model_state.pdparams"
+    sd = read_pdparams(path)
+    path.unlink()
+    write_safetensors(sd, path)
+    return classify(ws, output=None)
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -604,6 +723,47 @@ def _(ws):
                                           {"id": "[/]", "query": "visa [/red]"}])
     return ["classify", *ws.demo(), "--labels", "[bold],life", "--template", "[INST] {query} [/INST]",
             "--input", data, "--output", ws.p("[red]out.jsonl"), "--show", 5]
+
+
+@row("data", "template-conversion-repr-refused", 2, ("{query!r}", "conversion", "plain {query}"))
+def _(ws):
+    return classify(ws, "--template", "Query: {query!r}\nAnswer:", output=None)
+
+
+@row("data", "template-format-spec-refused", 2, ("{query:.3}", "format spec", "plain {query}"))
+def _(ws):
+    return classify(ws, "--template", "Query: {query:.3}\nAnswer:", output=None)
+
+
+@row("data", "labels-with-spaces-and-an-empty-prefix-say-what-would-be-scored", 2,
+     ("--labels", "--label-prefix ''", "'goods'", "'life'"))
+def _(ws):
+    return classify(ws, "--labels", " goods, life", "--label-prefix", "", output=None)
+
+
+@row("data", "sampling-temperature-1e-320", 2, ("--temperature", "at least 0.001"))
+def _(ws):
+    return ["generate", *ws.demo(), "--prompt", "Query: rice\nAnswer:", "-n", "2", "--sample", "--temperature", "1e-320"]
+
+
+@row("data", "automatic-id-collides-with-a-given-id", 2, ("in.jsonl:2", "no 'id'", "in.jsonl:4", "collide"))
+def _(ws):
+    return classify(ws, data=ws.data(records=[{"id": 0, "query": "a"}, {"query": "b"}, {"id": 7, "query": "c"},
+                                              {"id": 1, "query": "d"}]), output=None)
+
+
+def _dollar_report(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert "report.html" in added and not removed and not modified
+    html = ws.p("report.html").read_text()
+    assert "$$$" in html and html.count("Confusion matrix") == 1
+
+
+@row("data", "labels-with-dollar-signs-report-as-text", 0, check=_dollar_report)
+def _(ws):
+    recs = [{**r, "label": ["$", "$$", "$$$"][i % 3]} for i, r in enumerate(default_records(6))]
+    ws.scored("out.jsonl", "--labels", "$,$$,$$$", data=ws.data(records=recs))
+    return ["report", ws.p("out.jsonl"), "--html", ws.p("report.html")]
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -978,6 +1138,73 @@ def _(ws):
     return classify(ws)
 
 
+def _rewrite_in_place(path: Path, key_end: str) -> None:
+    """Overwrite one tensor's bytes inside a weight file (same size), then restore the mtime (what cp -p / rsync -a
+    give): only the content changed."""
+    st = path.stat()
+    sd = read_pdparams(path)
+    value = next(v for k, v in sd.items() if k.endswith(key_end))
+    data = path.read_bytes()
+    at = data.index(value.tobytes())
+    path.write_bytes(data[:at] + value[::-1].tobytes() + data[at + value.nbytes:])
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@row("outputs", "resume-after-the-weights-were-rewritten-with-size-and-mtime-kept", 2,
+     ("model_fingerprint", "differ"))
+def _(ws):
+    ws.scored("out.jsonl", "--limit", "2")
+    _rewrite_in_place(ws.base / "model_state.pdparams", "layers.0.mlp.up_proj.weight")
+    return classify(ws, "--resume")
+
+
+@row("outputs", "report-on-an-edited-file-whose-probabilities-sum-to-1.8", 2, ("out.jsonl:2", "sum to 1.8"))
+def _(ws):
+    out = ws.scored()
+    ws.p("out.jsonl.meta.json").unlink()
+    recs = read_jsonl(out)
+    recs[1]["probs"] = {"goods": 0.9, "life": 0.9}
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return ["report", out]
+
+
+@row("outputs", "merge-force-never-replaces-a-folder-of-notes", 2, ("--force", "notes.txt", "not an earlier merge"))
+def _(ws):
+    ws.p("my-notes").mkdir()
+    ws.p("my-notes/notes.txt").write_text("mine\n")
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("my-notes"), "--force"]
+
+
+@row("outputs", "merge-force-never-replaces-another-model", 2, ("--force", "model_state.pdparams", "not an earlier merge"))
+def _(ws):
+    shutil.copytree(builders.DEMO_BASE, ws.p("other-model"))
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("other-model"), "--force"]
+
+
+@row("outputs", "merge-force-never-replaces-a-merge-output-with-added-files", 2,
+     ("--force", "notes.txt", "did not write"))
+def _(ws):
+    r = cli("merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged"))
+    assert r.exit_code == 0, r.output
+    ws.p("merged/notes.txt").write_text("mine\n")
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged"), "--force"]
+
+
+def _force_replaced(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert not removed and not added and modified <= {"merged/paddle_scorer_merge.json"}
+    assert hidden_leftovers(ws.root) == []
+
+
+@row("outputs", "merge-force-replaces-an-earlier-merge-output", 0, ("replaced the existing folder",),
+     check=_force_replaced, message_from="any")
+def _(ws):
+    r = cli("merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged"))
+    assert r.exit_code == 0, r.output
+    return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged"), "--force"]
+
+
 # ---------------------------------------------------------------------------- faults (injected)
 
 
@@ -1091,6 +1318,25 @@ def _(ws):
     return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged")]
 
 
+def _no_paddle(mp, ws):
+    from paddle_scorer import runtime
+
+    mp.setitem(sys.modules, "paddle", None)  # `import paddle` raises ModuleNotFoundError(name="paddle")
+    runtime.paddle.cache_clear()
+    ws.notes["cache_clear"] = runtime.paddle.cache_clear
+
+
+def _no_paddle_checked(ws, before, after, r):
+    ws.notes["cache_clear"]()  # the next row imports the real paddle again
+    assert after == before
+
+
+@row("faults", "an-environment-without-paddle-says-how-to-install-it", 2,
+     ("paddle is not installed", "pip install", "gpu"), patch=_no_paddle, check=_no_paddle_checked)
+def _(ws):
+    return classify(ws, output=None)
+
+
 # --------------------------------------------------------------------------------------------------
 # Running a row
 # --------------------------------------------------------------------------------------------------
@@ -1175,6 +1421,25 @@ elif _where == "merge":
         time.sleep(120)
         return out
     _m.write_side_files = _write_side_files
+elif _where == "verify":  # merge --verify, in the middle of the comparison (paddle and the models loaded)
+    import paddle_scorer.merge as _m
+    _real = _m._logprobs
+    def _logprobs(*a, **kw):
+        open(_marker, "w").close()
+        time.sleep(120)
+        return _real(*a, **kw)
+    _m._logprobs = _logprobs
+elif _where.startswith("import-"):  # while a module is being imported (paddle's import installs C handlers)
+    import sys
+    _name = _where[len("import-"):]
+    class _PauseOnImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == _name:
+                sys.meta_path.remove(self)
+                open(_marker, "w").close()
+                time.sleep(4)  # the signal arrives now; the import then goes on
+            return None
+    sys.meta_path.insert(0, _PauseOnImport())
 '''
 
 
@@ -1261,3 +1526,44 @@ def test_sigterm_and_sigkill_of_a_running_merge_by_pid(tmp_path):
     assert f"removed .m-KILL.tmp-{pids['KILL']}" in r.stderr and "is gone" in r.stderr
     assert not stale.exists() and (ws.p("m-KILL") / "model.safetensors").is_file()
     assert [p for p in hidden_leftovers(tmp_path) if not p.startswith(("hook", "paused"))] == []
+
+
+@pytest.mark.parametrize("moment", ["import-paddle", "import-paddle.nn", "import-paddlenlp", "verify"])
+def test_sigterm_during_merge_verify_at_every_moment(tmp_path, moment):
+    """`kill PID` while `merge --verify` imports paddle, imports the model library, or compares the models:
+    always "interrupted", exit 130, and neither --out nor the hidden temporary folder is left."""
+    ws = WS(tmp_path)
+    proc, marker = start_paused(tmp_path, moment, moment, "merge", "--model", ws.base, "--lora", ws.lora, "--out",
+                                ws.p("merged"), "--verify")
+    wait_for(marker, [proc])
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    stdout, stderr = proc.communicate()
+    assert code == 130, stderr
+    assert "Traceback" not in stdout + stderr and "internal error" not in stderr
+    lines = message_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith("interrupted:") and "nothing was written" in lines[0], stderr
+    assert not ws.p("merged").exists()
+    assert [p for p in hidden_leftovers(tmp_path) if not p.startswith(("hook", "paused"))] == []
+
+
+@pytest.mark.parametrize("failing", ["nlp", "formers", "both", "none"])
+def test_make_test_runs_both_suites_and_fails_if_either_fails(tmp_path, failing):
+    """`make test`'s last step with stand-in interpreters: both suites run whatever the first one did, the
+    summary line gives both exit codes, and make fails exactly when one of them failed."""
+    if shutil.which("make") is None:
+        pytest.fail("make is needed: the README's test command is `make test`")
+    fakes = {}
+    for suite in ("nlp", "formers"):
+        code = 3 if failing in (suite, "both") else 0
+        fake = tmp_path / f"python-{suite}"
+        fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / ('ran-' + suite)}\nexit {code}\n")
+        fake.chmod(0o755)
+        fakes[suite] = fake
+    p = subprocess.run(["make", "--no-print-directory", "-C", str(SRC.parent), "test-suites", f"PY={fakes['nlp']}",
+                        f"FPY={fakes['formers']}"], capture_output=True, text=True, timeout=60)
+    assert (tmp_path / "ran-nlp").read_text().split()[:2] == ["-m", "pytest"]
+    assert "tests/formers" in (tmp_path / "ran-formers").read_text()
+    nlp, formers = (3 if failing in (s, "both") else 0 for s in ("nlp", "formers"))
+    assert f"PaddleNLP suite (.venv) exit {nlp}, PaddleFormers suite (.venv-formers) exit {formers}" in p.stdout
+    assert (p.returncode != 0) == (failing != "none"), p.stdout + p.stderr

@@ -342,14 +342,21 @@ def test_existing_out_is_refused_then_replaced_with_force(models, tmp_path, monk
     assert res.exit_code == 2
     assert "already exists; pass another folder, or add --force to replace it." in res.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
-    # an interrupted --force merge keeps the old folder as it was
+    # --force never replaces a folder that is not an earlier merge output
+    res = merge_cli(models["llama"], models["llama_lora"], out, "--force")
+    assert res.exit_code == 2 and "not an earlier merge output" in res.stderr and "keep.txt" in res.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+    # an earlier merge output: an interrupted --force merge keeps it as it was, a complete one replaces it
+    earlier = tmp_path / "earlier"
+    ok(merge_cli(models["llama"], models["llama_lora"], earlier))
+    before = sorted(p.name for p in earlier.iterdir())
     with monkeypatch.context() as m:
         _fail_on_write(m, KeyboardInterrupt())
-        assert merge_cli(models["llama"], models["llama_lora"], out, "--force").exit_code == 130
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
-    res = ok(merge_cli(models["llama"], models["llama_lora"], out, "--force"))
+        assert merge_cli(models["llama"], models["llama_lora"], earlier, "--force").exit_code == 130
+    assert sorted(p.name for p in earlier.iterdir()) == before and leftovers(tmp_path) == []
+    res = ok(merge_cli(models["llama"], models["llama_lora"], earlier, "--force"))
     assert "replaced the existing folder" in res.stdout
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (earlier / "model.safetensors").is_file()
     assert leftovers(tmp_path) == []
 
 

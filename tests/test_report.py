@@ -95,14 +95,15 @@ def test_page_metrics_equal_metrics_in_code_and_meta_and_classify_output(base_ru
 def test_images_are_embedded_and_decode(page):
     _, text, _ = page
     imgs = images(text)
-    assert len(imgs) == 3  # reliability, confidence histogram, confusion matrix
+    assert len(imgs) == 2  # reliability, confidence histogram (the confusion matrix is a table, shown once)
     for img in imgs:
         assert img.format == "PNG"
         assert 250 <= img.width <= 1500 and 200 <= img.height <= 1500
         assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 10  # drawn, not blank
     assert "<img" in text and "src='http" not in text and "<link" not in text  # self-contained
-    for fid in ("fig-reliability", "fig-confidence", "fig-confusion"):
+    for fid in ("fig-reliability", "fig-confidence"):
         assert f"id='{fid}'" in text
+    assert "fig-confusion" not in text and text.count("Confusion matrix") == 1
 
 
 def test_edited_output_is_flagged(base_run, tmp_path):

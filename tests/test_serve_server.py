@@ -33,12 +33,19 @@ def env():
     return e
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     def __init__(self, *args):
         cmd = [sys.executable, "-m", "paddle_scorer", "serve", "--model", str(builders.DEMO_BASE), "--lora",
                str(builders.DEMO_LORA), "--port", "0", "--device", "cpu", *args]
+        # A test run started as a background job of a non-interactive shell inherits SIGINT as ignored (POSIX),
+        # and the server rightly keeps that; Ctrl-C is what this child is meant to get, so it starts with the
+        # default disposition, as from a terminal.
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=_sigint_default)
         self.url = None
         self.lines: list[str] = []
 

@@ -30,7 +30,7 @@ def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dic
     if not path.exists():
         raise UsageError(f"--input {path} does not exist; pass a JSONL file with one JSON object per line.")
     out = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, bool]] = {}  # record key -> (where, the id was given automatically)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
@@ -44,14 +44,23 @@ def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dic
             if not line.strip():
                 continue
             rec = parse_record(line, where)
+            automatic = id_field not in rec
             rid = rec.get(id_field, len(out))
             if isinstance(rid, (dict, list, bool)) or rid is None or (isinstance(rid, float) and not math.isfinite(rid)):
                 raise UsageError(f"{where}: the {id_field!r} field must be a string or a finite number, "
                                  f"found {json.dumps(rid)}.")
             key = record_key(rid)
             if key in seen:
-                raise UsageError(f"{where}: id {key} already used at {seen[key]}; ids must be unique (resume relies on them).")
-            seen[key] = where
+                first, first_automatic = seen[key]
+                if automatic or first_automatic:
+                    auto_at, given_at = (where, first) if automatic else (first, where)
+                    raise UsageError(
+                        f"{where}: the record at {auto_at} has no {id_field!r}, so it is numbered by its position "
+                        f"(from 0) as {key}, and {given_at} gives {id_field!r} {key}: automatic and given ids collide; "
+                        f"give every record an {id_field!r}, or none."
+                    )
+                raise UsageError(f"{where}: id {key} already used at {first}; ids must be unique (resume relies on them).")
+            seen[key] = (where, automatic)
             out.append((rid, rec, where))
     if not out:
         raise UsageError(f"--input {path} has no records.")

@@ -58,6 +58,12 @@ class DtypeError(ScorerError):
     exit_code = 2
 
 
+class SetupError(ScorerError):
+    """The environment lacks something the command needs (paddle, a model library): install it."""
+
+    exit_code = 2
+
+
 class IncompleteRunError(ScorerError):
     """A sharded run has workers that have not finished."""
 

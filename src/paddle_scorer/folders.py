@@ -36,6 +36,25 @@ def resolve_paths(model: str | Path | None, lora: str | Path | None) -> tuple[Pa
     return model_path, lora_path
 
 
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_INTEGER_BUFFERS = ("position_ids",)  # index buffers some exporters save next to the weights (never scored)
+
+
+def check_tensor_dtypes(refs: dict, folder, what: str) -> None:
+    """Every weight is a float16/bfloat16/float32/float64 tensor: a quantised (int8, float8), boolean or complex
+    tensor is refused by name and dtype before anything is built (the library would fail on it deep inside)."""
+    bad = [(n, r.meta.dtype) for n, r in refs.items() if r.meta.dtype not in WEIGHT_DTYPES
+           and not (n.endswith(_INTEGER_BUFFERS) and r.meta.dtype in ("int64", "int32"))]
+    if bad:
+        name, dtype = bad[0]
+        more = f" (and {len(bad) - 1} more non-float tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{folder}: the {what} tensor {name} is {dtype}{more}, and paddle-scorer scores float16, bfloat16, "
+            "float32 or float64 weights only; export the checkpoint unquantised (e.g. save_pretrained with "
+            "dtype float16 or bfloat16)."
+        )
+
+
 def check_model_folder(info: ckpt.CheckpointInfo) -> None:
     """Refuse a folder that cannot be loaded as a model, with the one sentence ``inspect`` also shows."""
     if info.model_ambiguity:
@@ -65,6 +84,7 @@ def check_model_folder(info: ckpt.CheckpointInfo) -> None:
         raise CheckpointError(f"{info.path}/config.json: {info.config_problem}")
     if not info.architecture and not info.model_type:
         raise CheckpointError(f"{info.path}/config.json names no architecture or model_type; it cannot be built.")
+    check_tensor_dtypes(info.tensors, info.path, "model")
     libraries.check_buildable(info)
 
 
@@ -110,6 +130,7 @@ def check_adapter_folder(info: ckpt.CheckpointInfo) -> LoraSettings:
             f"{info.path} holds tensor-parallel adapter shards (lora_model_state.tpNN.pdparams); save the adapter "
             "with merge_tensor_parallel=True (LoRAModel.save_pretrained) before scoring."
         )
+    check_tensor_dtypes(info.adapter_tensors, info.path, "adapter")
     return settings
 
 

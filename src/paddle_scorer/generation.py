@@ -52,6 +52,9 @@ class GenItem:
     fingerprint: str | None = None  # of the input record (resume compares it)
 
 
+MIN_TEMPERATURE = 1e-3  # sampling temperatures below it overflow log-probs / temperature (serve uses the same floor)
+
+
 def check_options(options: GenerateOptions) -> None:
     import math
 
@@ -61,8 +64,10 @@ def check_options(options: GenerateOptions) -> None:
         raise UsageError("--top-k must be 0 or more.")
     if not math.isfinite(options.temperature):
         raise UsageError(f"--temperature must be a finite number, got {options.temperature}.")
-    if options.sample and options.temperature <= 0:
-        raise UsageError("--temperature must be positive when sampling.")
+    if options.sample and options.temperature < MIN_TEMPERATURE:
+        raise UsageError(f"--temperature must be at least {MIN_TEMPERATURE:g} when sampling, got "
+                         f"{options.temperature:g} (below it the scaled log-probs overflow; for the most likely "
+                         "token drop --sample).")
     if options.seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {options.seed}.")
 

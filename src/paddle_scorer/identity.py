@@ -19,7 +19,7 @@ from __future__ import annotations
 def model_identity(loaded) -> dict:
     f = loaded.facts
     return {
-        "model_fingerprint": f.model_fingerprint,
+        "model_fingerprint": loaded.fingerprint(),
         "adapter_sha256": f.adapter_sha256,
         "mode": f.mode,
         "dtype": f.policy["dtype"],

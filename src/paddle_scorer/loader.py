@@ -55,7 +55,7 @@ class LoadFacts:
     layout: dict | None = None
     execution: dict | None = None
     compute: dict | None = None  # which forward and GEMM kernel ran (execution.backend_for)
-    model_fingerprint: str | None = None
+    model_fingerprint: str | None = None  # content hash, computed when a run's identity needs it (Loaded.fingerprint)
     noop_adapter_allowed: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -74,6 +74,14 @@ class Loaded:
     @property
     def device(self) -> str:
         return self.facts.policy["device"]
+
+    def fingerprint(self) -> str | None:
+        """The model's content fingerprint (hashes every weight file once; cached, see fingerprints)."""
+        if self.facts.model_fingerprint is None and self.plan is not None:
+            from paddle_scorer.fingerprints import model_fingerprint
+
+            self.facts.model_fingerprint = model_fingerprint(self.plan.model.info)
+        return self.facts.model_fingerprint
 
     @property
     def dtype(self) -> str:
@@ -268,7 +276,6 @@ def load_tokenizer(plan: LoadPlan):
 
 
 def facts_for(plan: LoadPlan, tok) -> LoadFacts:
-    from paddle_scorer.fingerprints import model_fingerprint
     from paddle_scorer.runtime import versions
 
     mp, ap = plan.model, plan.adapter
@@ -293,7 +300,6 @@ def facts_for(plan: LoadPlan, tok) -> LoadFacts:
         library_version=versions((mp.library.distribution,)).get(mp.library.distribution),
         layout=mp.layout.to_dict(),
         execution=plan.memory.to_dict(),
-        model_fingerprint=model_fingerprint(mp.info),
         noop_adapter_allowed=bool(ap and ap.noop_allowed),
         notes=list(plan.notes) + (list(ap.settings.notes) if ap else []),
     )

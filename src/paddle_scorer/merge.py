@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -38,23 +37,19 @@ from paddle_scorer.folders import resolve_paths
 from paddle_scorer.dtype_policy import DTYPES, normalise_dtype
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
 from paddle_scorer.arrays import add_delta, merge_refusal, nonfinite, to_dtype
+from paddle_scorer.merge_output import (  # noqa: F401 - the names tests and the CLI use via merge
+    _BASE_EXTRA_FILES, _CHAT_TEMPLATE_FILES, _INDEX_NAME, _SHARD_NAME, _SINGLE_NAME, check_output,
+    clean_stale, commit as _commit, temp_folder,
+)
 from paddle_scorer.lora import LoraSettings, lora_delta
 from paddle_scorer.weights import TensorMeta, dtype_size, read_tensors, write_pdparams, write_safetensors
 
 FORMATS = ("safetensors", "pdparams")
 
-# What PaddleNLP's save_pretrained writes (and from_pretrained looks for).
-_SINGLE_NAME = {"safetensors": "model.safetensors", "pdparams": "model_state.pdparams"}
-_SHARD_NAME = {"safetensors": "model-{i:05d}-of-{n:05d}.safetensors",
-               "pdparams": "model_state-{i:05d}-of-{n:05d}.pdparams"}
-_INDEX_NAME = {"safetensors": "model.safetensors.index.json", "pdparams": "model_state.pdparams.index.json"}
 # PaddleNLP's loader accepts safetensors with format "np" (or none) and refuses anything else. An HF-layout
 # base (PaddleFormers writes no metadata) gets "pt", which says [out, in] to HF-style readers; PaddleFormers'
 # own from_pretrained ignores it (tests/formers: the merged folder loads there).
 _SAFETENSORS_METADATA = {"paddle": {"format": "np"}, "hf": {"format": "pt"}}
-
-_CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
-_BASE_EXTRA_FILES = ("generation_config.json",)
 
 # --verify: a fixed probe text, and how far merged logits may drift from base + attached adapter.
 PROBE_TEXT = "paddle-scorer merge check: is the merged model the same as base plus adapter?"
@@ -148,27 +143,6 @@ class MergeResult:
 # --------------------------------------------------------------------------------------------------
 # 1. Plan: every check before writing
 # --------------------------------------------------------------------------------------------------
-
-
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def check_output(out: Path, base: Path, adapter: Path, force: bool) -> None:
-    for role, folder in (("base model", base), ("adapter", adapter)):
-        if _is_within(folder, out):
-            raise UsageError(
-                f"--out {out} is (or contains) the {role} folder {folder}; pass a new folder for the merged model."
-            )
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise UsageError(f"--out {out} exists and is not a folder; pass a new folder path.")
-        if not force:
-            raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
 
 
 def output_dtype(requested: str, stored: dict[str, int]) -> tuple[str, str]:
@@ -397,78 +371,10 @@ def write_side_files(p: MergePlan, folder: Path, record: dict) -> list[str]:
         if (src / name).is_file() and not (folder / name).exists():
             shutil.copyfile(src / name, folder / name)
             written.append(name)
-    (folder / ckpt.MERGE_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     written.append(ckpt.MERGE_RECORD)
+    record["files"] = sorted(set(record.get("files", [])) | set(written))  # what a later --force may replace
+    (folder / ckpt.MERGE_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return written
-
-
-def temp_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{os.getpid()}"
-
-
-def old_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.old-{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    from paddle_scorer.outputs import pid_alive
-
-    return pid != os.getpid() and pid_alive(pid)
-
-
-def clean_stale(out: Path) -> list[str]:
-    """Remove what an interrupted merge to ``out`` left behind, judged by its process id: hidden
-    ``.<name>.tmp-<pid>`` (an unfinished merge) and ``.<name>.old-<pid>`` (the folder a ``--force`` merge was
-    replacing) whose process is gone. A folder of a live process is never touched. If a merge was killed
-    between its two renames (``out`` missing, its previous version in ``.old-<pid>``), the previous version
-    is put back. Returns one note per thing done."""
-    out = Path(out)
-    parent = out.parent
-    if not parent.is_dir():
-        return []
-    pattern = re.compile(r"^\." + re.escape(out.name) + r"\.(tmp|old)-(\d+)$")
-    stale = []
-    for entry in parent.iterdir():
-        m = pattern.match(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(2))):
-            stale.append((m.group(1), int(m.group(2)), entry))
-    notes = []
-    for kind, pid, entry in sorted(stale, key=lambda x: x[0] != "old"):  # restore before removing
-        if kind == "old" and not (out.exists() or out.is_symlink()):
-            os.rename(entry, out)
-            notes.append(f"put back {out} from {entry.name}: a --force merge (process {pid}) was killed while "
-                         "replacing it")
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        what = "an unfinished merge" if kind == "tmp" else "the replaced folder of a finished --force merge"
-        notes.append(f"removed {entry.name}, left by {what} (process {pid} is gone)")
-    return notes
-
-
-def _commit(tmp: Path, out: Path, force: bool) -> bool:
-    """Rename ``tmp`` to ``out``; with ``force`` an existing ``out`` is renamed aside first, then deleted.
-    Stop signals are held throughout, so an interrupted commit cannot leave ``out`` missing."""
-    from paddle_scorer.outputs import InterruptedAfterCommit, signals_held
-
-    with signals_held() as got:
-        if not (out.exists() or out.is_symlink()):
-            os.rename(tmp, out)
-            replaced = False
-        else:
-            if not force:  # appeared while we were merging
-                raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
-            old = old_folder(out)
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-            replaced = True
-    if got:
-        raise InterruptedAfterCommit(f"the merge had already finished: {out} is complete.")
-    return replaced
 
 
 def peak_rss_bytes() -> int:
@@ -486,6 +392,7 @@ def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
         tmp.mkdir()
         weight_files, n_merged = write_weights(p, tmp)
         record = merge_record(p, n_merged)
+        record["files"] = list(weight_files)
         side_files = write_side_files(p, tmp, record)
         rss = peak_rss_bytes()
         check = verify_merge(p, tmp) if verify else None
@@ -502,6 +409,8 @@ def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     notes = list(p.notes)
+    if p.adapter_plan.base_note:  # the same note classify gives for this pair
+        notes.append(p.adapter_plan.base_note)
     if p.mapping_note:
         notes.append(p.mapping_note)
     if p.tokenizer_source is None:

@@ -30,8 +30,9 @@ from paddle_scorer import libraries, memory
 from paddle_scorer.adapters import validate_adapter
 from paddle_scorer.arrays import nonfinite
 from paddle_scorer.dtype_policy import GpuInfo, Policy, plan_policy
-from paddle_scorer.errors import UsageError, WeightMismatchError
+from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
 from paddle_scorer.fingerprints import adapter_sha256
+from paddle_scorer.sidecars import MERGE_RECORD
 from paddle_scorer.folders import (
     check_adapter_folder,
     check_base_matches_adapter,
@@ -184,7 +185,25 @@ def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
                                   bad, "Re-export the adapter from a healthy training step.")
     pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop,
                                    aliases=model.prefix_aliases)
-    return AdapterPlan(Path(lora_dir), info, settings, pairs, note, adapter_sha256(info), base_note, allow_noop)
+    sha = adapter_sha256(info)
+    check_not_merged_already(model, Path(lora_dir), sha)
+    return AdapterPlan(Path(lora_dir), info, settings, pairs, note, sha, base_note, allow_noop)
+
+
+def check_not_merged_already(model: ModelPlan, lora_dir: Path, sha: str) -> None:
+    """A model that ``paddle-scorer merge`` made with this very adapter (its record, or the record of a base it
+    was merged from, holds the adapter's sha256) would get the adapter's update twice: refuse."""
+    record, depth = model.info.merged_from, 0
+    while isinstance(record, dict) and depth < 32:
+        if record.get("adapter_sha256") == sha:
+            base = record.get("base")
+            again = f"--model {base} --lora {lora_dir}" if base else "the original base with --lora"
+            raise CheckpointError(
+                f"--model {model.folder} is already merged with the adapter {lora_dir} (its {MERGE_RECORD} records "
+                f"adapter sha256 {sha[:12]}...), so adding it again would apply its update twice: pass --model "
+                f"{model.folder} without --lora, or {again}."
+            )
+        record, depth = record.get("base_merged_from"), depth + 1
 
 
 def make_plan(

@@ -29,6 +29,20 @@ def template_fields(template: str) -> list[str]:
         raise UsageError(f"the template {template!r} is not valid ({exc}); use {{field}} placeholders, {{{{ for a literal brace.") from exc
 
 
+def literal_escape_note(template: str | None) -> str | None:
+    """A ``note:`` for a template typed as ``"Query: {query}\\nAnswer:"`` in double quotes: the shell passes a
+    backslash and an ``n``, not a newline, and the model scores that text. Said only when the template has the
+    two characters and no real newline or tab (a template with both is taken as meant)."""
+    if template is None or "\n" in template or "\t" in template:
+        return None
+    found = [seq for seq in ("\\n", "\\t") if seq in template]
+    if not found:
+        return None
+    shown = " and ".join(found)
+    return (f"the template contains the two characters {shown} (a backslash and a letter), not a newline or tab, "
+            "and is scored that way; in bash write --template $'Query: {query}\\nAnswer:' for a real newline.")
+
+
 def check_template(template: str | None) -> None:
     """A template must be parseable and use at least one field: otherwise every record gets the same prompt."""
     if template is None:
@@ -43,6 +57,13 @@ def check_template(template: str | None) -> None:
     if bad:
         raise UsageError(f"the template's placeholder {{{bad[0]}}} is not a plain field name; use {{field}} "
                          "(attribute access, indexing and format specs are not supported).")
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None and (spec or conversion):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            what = f"the conversion !{conversion} (it would add quotes or escapes)" if conversion else \
+                f"the format spec :{spec} (it could cut or pad the text)"
+            raise UsageError(f"the template's placeholder {shown} has {what}; use plain {{{name}}}, which puts "
+                             "the field's text in unchanged.")
 
 
 def _typed(value, field_name: str, where: str, coerce: bool) -> str:
@@ -82,10 +103,20 @@ def fill_template(template: str | None, record: dict, where: str, coerce: bool =
         raise UsageError(f"{where}: the template could not be filled ({exc}).") from exc
 
 
-def parse_labels(spec: str | list[str] | None) -> list[str]:
+def parse_labels(spec: str | list[str] | None, label_prefix: str = " ") -> list[str]:
+    """Comma-separated labels (spaces around each are dropped: ``goods, life``), or a list kept exactly
+    (scorer.json). Spaces the user typed around a label are refused unless ``label_prefix`` supplies the
+    leading space anyway (``" "``, ``"auto"``): with another prefix (``""``) they would silently not be scored."""
     if spec is None:
         raise UsageError("no labels given; pass --labels goods,life (any number, comma-separated).")
     labels = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    if isinstance(spec, str) and label_prefix not in (" ", "auto") and any(s != s.strip() for s in spec.split(",")):
+        scored = ", ".join(repr(label_prefix + s) for s in labels if s)
+        raise UsageError(
+            f"--labels {spec!r} has spaces around labels, which are dropped, so with --label-prefix {label_prefix!r} "
+            f"the scored texts would be {scored}; to score a leading space pass --label-prefix ' ' (or 'auto'), or "
+            "write the labels without spaces."
+        )
     if any(not s for s in labels):
         raise UsageError(f"--labels {spec!r} contains an empty label; give non-empty, comma-separated labels.")
     dupes = sorted({s for s in labels if labels.count(s) > 1})

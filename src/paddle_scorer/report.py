@@ -74,6 +74,9 @@ def _bad_record(rec, labels: list[str] | None) -> str | None:
     if not probs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                             and -1e-6 <= v <= 1 + 1e-6 for v in probs.values()):
         return "its probs are not probabilities (finite numbers in [0, 1])"
+    total = math.fsum(float(v) for v in probs.values())
+    if abs(total - 1.0) > 1e-6:
+        return f"its probs sum to {total:.6g}, not 1 (classify writes a distribution over the labels; was it edited?)"
     if not isinstance(rec["prediction"], str) or rec["prediction"] not in probs:
         return f"its prediction {json.dumps(rec['prediction'])[:40]} is not one of its labels"
     if labels is not None and set(probs) != set(labels):
@@ -208,14 +211,16 @@ def reliability_png(rel: list[dict]) -> bytes:
     full = [b for b in rel if b["count"]]
     ax.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
            color="#1f77b4", edgecolor="white", label="accuracy in bin")
-    ax.plot([b["confidence"] for b in full], [b["confidence"] for b in full], "o", color="#d62728", ms=4,
-            label="mean confidence in bin")
-    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration", zorder=2)
+    # drawn last and larger, with a white edge: often at (0.95, 0.95), on top of the bar and the diagonal
+    ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "D", color="#d62728", ms=7, mec="white",
+            mew=1, label="mean confidence (x) vs accuracy (y) in bin", zorder=5, clip_on=False)
     for b in full:
-        ax.annotate(str(b["count"]), (b["lo"] + width / 2, b["accuracy"]), ha="center", va="bottom", fontsize=7)
-    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (probability of the predicted label)",
+        ax.annotate(str(b["count"]), (b["lo"] + width / 2, b["accuracy"]), xytext=(0, 6), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)
+    ax.set(xlim=(-0.02, 1.02), ylim=(0, 1.12), xlabel="confidence (probability of the predicted label)",
            ylabel="accuracy", title="Reliability diagram (numbers: records per bin)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, fontsize=8, frameon=False)
     return _png(fig)
 
 
@@ -236,23 +241,6 @@ def confidence_png(records: list[dict], with_gold: bool) -> bytes:
     return _png(fig)
 
 
-def confusion_png(confusion: dict, labels: list[str]) -> bytes:
-    n = len(labels)
-    fig = _figure(max(3.5, 1.0 + 0.7 * n), max(3.0, 0.8 + 0.6 * n))
-    ax = fig.add_subplot()
-    grid = [[confusion[g][p] for p in labels] for g in labels]
-    top = max(max(row) for row in grid) or 1
-    ax.imshow(grid, cmap="Blues", vmin=0, vmax=top)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(grid[i][j]), ha="center", va="center",
-                    color="white" if grid[i][j] > top / 2 else "black")
-    ax.set_xticks(range(n), labels=labels, rotation=45 if n > 4 else 0)
-    ax.set_yticks(range(n), labels=labels)
-    ax.set(xlabel="predicted", ylabel="gold", title="Confusion matrix")
-    return _png(fig)
-
-
 def label_histogram_png(records: list[dict], label: str) -> bytes:
     fig = _figure(4, 3)
     ax = fig.add_subplot()
@@ -263,15 +251,23 @@ def label_histogram_png(records: list[dict], label: str) -> bytes:
 
 
 def figures(run: RunData, summary: dict) -> list[tuple[str, str, bytes]]:
-    """``[(id, caption, png)]`` for the page."""
+    """``[(id, caption, png)]`` for the page. Label text is drawn as it is (``$`` is not TeX math here)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise UsageError(f"report --html draws its figures with matplotlib, which does not import ({exc}): "
+                         "`pip install matplotlib`.") from None
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _figures(run, summary)
+
+
+def _figures(run: RunData, summary: dict) -> list[tuple[str, str, bytes]]:
     figs = []
     if summary["has_gold"]:
         figs.append(("reliability", "Reliability diagram: accuracy against confidence per bin (closer to the "
                                     "diagonal is better calibrated).", reliability_png(summary["reliability"])))
         figs.append(("confidence", "Probability of the predicted label, split by correct and wrong predictions.",
                      confidence_png(run.records, True)))
-        figs.append(("confusion", "Confusion matrix (rows: gold label, columns: predicted label).",
-                     confusion_png(summary["metrics"]["confusion"], run.labels)))
     else:
         for i, lab in enumerate(run.labels):
             figs.append((f"label-{i}", f"Distribution of P({lab}) over all records.",
@@ -288,8 +284,10 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f3f5f8}td.l,th.l{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:1.5em}
-figure{margin:0}figcaption{font-size:.85em;color:#555;max-width:500px}.warn{color:#a15c00}
+th{background:#f3f5f8}td.l,th.l{text-align:left}
+.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:1.5em;align-items:start}
+figure{margin:0}figure img{width:100%;height:auto}figcaption{font-size:.85em;color:#555}.warn{color:#a15c00}
+.tables{display:flex;flex-wrap:wrap;gap:2.5em;align-items:flex-start}.tables h2{margin-top:.6em}
 .prov td{text-align:left;white-space:pre-wrap}code{background:#f3f3f3;padding:0 .2em}
 """
 
@@ -361,20 +359,20 @@ def render_html(run: RunData, summary: dict, figs: list[tuple[str, str, bytes]])
                      f"<figcaption>{_e(caption)}</figcaption></figure>")
     parts.append("</div>")
     if m:
-        parts.append("<h2>Confusion matrix</h2><table id='confusion'><tr><th class='l'>gold \\ predicted</th>"
+        parts.append("<div class='tables'><div><h2>Confusion matrix</h2><table id='confusion'><tr><th class='l'>gold \\ predicted</th>"
                      + "".join(f"<th>{_e(p)}</th>" for p in labels) + "</tr>")
         for g in labels:
             parts.append(f"<tr><th class='l'>{_e(g)}</th>"
                          + "".join(f"<td data-gold='{_e(g)}' data-pred='{_e(p)}'>{m['confusion'][g][p]}</td>" for p in labels)
                          + "</tr>")
-        parts.append("</table><h2>Reliability bins</h2><p>Bins without records are left out.</p><table id='reliability'><tr><th>confidence bin</th>"
+        parts.append("</table></div><div><h2>Reliability bins</h2><p>Bins without records are left out.</p><table id='reliability'><tr><th>confidence bin</th>"
                      "<th>records</th><th>mean confidence</th><th>accuracy</th></tr>")
         for b in summary["reliability"]:
             if not b["count"]:
                 continue
             parts.append(f"<tr><td>{b['lo']:.1f}-{b['hi']:.1f}</td><td>{b['count']}</td>"
                          f"<td>{_fmt(b['confidence'])}</td><td>{_fmt(b['accuracy'])}</td></tr>")
-        parts.append("</table>")
+        parts.append("</table></div></div>")
     parts.append("<h2>Per label</h2><table id='per-label'><tr><th class='l'>label</th><th>mean probability</th>"
                  "<th>predicted</th>" + ("<th>gold</th>" if m else "") + "</tr>")
     for lab in labels:

@@ -98,23 +98,82 @@ def settings() -> dict[str, dict[str, str | None]]:
 
 
 @contextmanager
-def _signal_handlers_kept():
-    """Importing paddle installs glog's C-level handler for SIGTERM (and SIGINT), which prints a 'FatalError:
-    Termination signal' dump with a C++ traceback and kills the process: a `kill PID` would skip our clean
-    stop (working files kept for --resume, temporary folders removed). Put back what Python had before."""
+def _stop_signals_deferred():
+    """Hold SIGINT/SIGTERM while paddle is imported, then act on one that arrived, as Python's handlers would have.
+
+    Two things go wrong otherwise. Importing paddle runs glog's ``InstallFailureSignalHandler`` (in
+    ``paddle.base``'s bootstrap, ``core.init_glog``), whose C handler answers SIGTERM/SIGINT with a "FatalError:
+    Termination signal" dump and kills the process: no clean-up, a merge's temporary folder left behind. And a
+    KeyboardInterrupt raised inside paddle's import machinery can surface as an ImportError ("internal
+    error"). Blocking the signals in the main thread is not enough: numpy's BLAS threads exist already and
+    the kernel hands a process-wide signal to any thread that does not block it.
+
+    So: (1) Python's handlers are replaced by ones that only record the signal; (2) the moment ``init_glog``
+    returns, the recording handlers are put back in place of glog's (a one-shot import hook wraps it); (3) after
+    the import the previous handlers return, and a recorded signal is raised again for them: "interrupted",
+    and the command cleans up as for any Ctrl-C."""
     import signal
+    import sys
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    got: list[int] = []
+
+    def record(signum, frame):
+        got.append(signum)
+
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in stops}
+    for sig in stops:
+        signal.signal(sig, record)
+    hook = _GlogHandlersUndone(lambda: [signal.signal(sig, record) for sig in stops])
+    sys.meta_path.insert(0, hook)
     try:
         yield
     finally:
-        for sig, handler in saved.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if got:
+        signal.raise_signal(got[0])  # delivered to the handler the command had installed
+
+
+class _GlogHandlersUndone:
+    """A meta-path hook that finds nothing itself: when ``paddle.base.core`` is loaded, its ``init_glog`` is
+    wrapped so that ``undo()`` runs right after glog installed its signal handlers."""
+
+    def __init__(self, undo):
+        self.undo = undo
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "paddle.base.core":
+            return None
+        import importlib.machinery
+        import sys
+
+        sys.meta_path.remove(self)  # one shot
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        real_exec, undo = spec.loader.exec_module, self.undo
+
+        def exec_module(module):
+            real_exec(module)
+            init = getattr(module, "init_glog", None)
+            if callable(init):
+                def init_glog(*args, **kwargs):
+                    try:
+                        return init(*args, **kwargs)
+                    finally:
+                        undo()
+
+                module.init_glog = init_glog
+
+        spec.loader.exec_module = exec_module  # this loader object belongs to this one spec
+        return spec
 
 
 @lru_cache(maxsize=1)
@@ -128,9 +187,15 @@ def paddle():
 
     # paddle prints "WARNING: OMP_NUM_THREADS set to N ... PLEASE USE OMP_NUM_THREADS WISELY" on
     # import whenever threads > 1 (a data-parallel *training* warning); we set it on purpose.
-    with _signal_handlers_kept():
-        with contextlib.redirect_stderr(io.StringIO()):
-            import paddle as _paddle  # noqa: PLC0415
+    # A stop signal during the import is held and acted on after it (see _stop_signals_deferred).
+    with _stop_signals_deferred():
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                import paddle as _paddle  # noqa: PLC0415
+        except ModuleNotFoundError as exc:
+            if exc.name != "paddle":
+                raise
+            raise missing_paddle() from None
 
         try:
             from paddlenlp.utils.log import logger  # noqa: PLC0415
@@ -139,6 +204,18 @@ def paddle():
         except Exception:  # pragma: no cover - paddlenlp missing is reported by the loader
             pass
     return _paddle
+
+
+def missing_paddle():
+    """The one sentence for an environment without paddle (a model library's extra installed without cpu/gpu)."""
+    from paddle_scorer.errors import SetupError
+
+    return SetupError(
+        "paddle is not installed in this environment (the cpu or gpu extra was left out); install it next to the "
+        "model library: pip install -e '.[cpu,nlp]' (or '.[cpu,formers]') for CPU, or for a GPU first the "
+        "paddlepaddle-gpu wheel for your CUDA from Paddle's index, then pip install -e '.[gpu,nlp]'; "
+        "`paddle-scorer doctor` shows what is installed."
+    )
 
 
 PROVENANCE_PACKAGES = ("paddle-scorer", "paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "paddleformers", "numpy")

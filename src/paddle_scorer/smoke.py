@@ -231,7 +231,7 @@ def _data(r: SmokeResult, opts: SmokeOptions, mp, lora_dir, tok, plan):
         r.add("labels", WARN, "no --labels and no scorer.json with labels: checking next-token distributions instead "
                               "of label probabilities; pass --labels A,B to check classification.")
     else:
-        r.labels = _attempt(r, "labels", lambda: parse_labels(spec), lambda labs: (
+        r.labels = _attempt(r, "labels", lambda: parse_labels(spec, prefix), lambda labs: (
             f"{', '.join(labs)} (from {'--labels' if opts.labels is not None else 'scorer.json'})"))
         if r.labels is None:
             return None

@@ -460,9 +460,24 @@ def _open_pickle(path: Path):
     return fh
 
 
+def sniff_other_format(head: bytes, size: int) -> str | None:
+    """What a file that is not a pickle is, from its first bytes: a zip (PyTorch's ``torch.save``, or any zip)
+    or a safetensors file saved under a ``.pdparams`` name. None: let the pickle reader judge it."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return ("a zip archive (the format of PyTorch's torch.save), not a Paddle .pdparams pickle; convert it to "
+                "Paddle weights (e.g. save_pretrained in PaddleNLP, or safetensors named model.safetensors)")
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return ("a safetensors file, not a Paddle .pdparams pickle; rename it to model.safetensors (an adapter's: "
+                "lora_model.safetensors)")
+    return None
+
+
 def walk_pdparams(path: Path):
     with _open_pickle(path) as fh:
         size = os.fstat(fh.fileno()).st_size
+        other = sniff_other_format(fh.peek(16)[:16], size)
+        if other:
+            raise CheckpointError(f"{path} is {other}.")
         walker = _PickleWalker(fh, path, size)
         try:
             return walker.run()

@@ -9,11 +9,17 @@ runtime.prepare()  # thread counts before numpy's BLAS and paddle load (the comm
 
 import typer  # noqa: E402
 
+from paddle_scorer.cli import helptext  # noqa: E402
+
+helptext.quiet_flag_types()
+
 from paddle_scorer import __version__  # noqa: E402
 
 app = typer.Typer(
     name="paddle-scorer",
-    help="Load a fine-tuned PaddleNLP LLM (base + LoRA) safely and read its real softmax outputs.",
+    help="Load a fine-tuned PaddleNLP or PaddleFormers LLM (Llama, Qwen2, ERNIE 4.5; base + LoRA) safely and read its "
+         "real softmax outputs: exact label probabilities, per-step generation traces, an OpenAI-style server."
+         "\n\nStart with `paddle-scorer inspect FOLDER`: it says what the folder holds and the command to run next.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

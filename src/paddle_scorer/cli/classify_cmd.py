@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli import flags
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import (
     resume_line,
@@ -19,22 +20,31 @@ from paddle_scorer.cli.options import (
     loaded_from,
     progress_bar,
     read_rows,
+    template_note,
 )
+from paddle_scorer.dataio import meta_path
 from paddle_scorer.sidecars import scorer_defaults
 
 EXAMPLES = """
-Examples:
-
-  paddle-scorer classify --model checkpoints/demo-base --lora checkpoints/demo-lora \\
+  # the demo: labels and template from checkpoints/demo-lora/scorer.json
+  paddle-scorer classify --model checkpoints/demo-base \\
+      --lora checkpoints/demo-lora \\
       --input checkpoints/demo-queries.jsonl --output out/scores.jsonl
 
-  paddle-scorer classify --model BASE --lora ADAPTER --labels goods,life \\
-      --template "Query: {query}\\nAnswer:" --prompt "what is the price of cabbage today?"
+  # your labels and template ($'...' makes \\n a real newline in bash)
+  paddle-scorer classify -m BASE -l ADAPTER --labels goods,life \\
+      --template $'Query: {query}\\nAnswer:' \\
+      --prompt "what is the price of cabbage today?"
 """
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("classify", help="Exact, calibrated P(label | prompt) for any labels (teacher forcing)." + EXAMPLES)
+    @app.command("classify", **helptext.command(
+        "Exact, calibrated P(label | prompt) for any labels (teacher forcing).",
+        """Each label's log-probability is summed over all of its tokens after the prompt, and the probabilities
+        are normalised over the labels you give: no generation, no top-k cut. Without --output a dataset prints
+        its summary and the first --show records; --output writes every record (JSONL + .meta.json).""",
+        EXAMPLES))
     @cli_errors
     def classify(
         model: flags.Model = None,
@@ -61,7 +71,7 @@ def register(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit for prompt + label (default: the model's context)."),
         truncate: flags.Truncate = "error",
         limit: flags.Limit = None,
-        show: int = typer.Option(5, "--show", help="With --output: print this many records after the summary."),
+        show: int = typer.Option(5, "--show", help="Print this many records after the summary (the rest: --output FILE, or --json for all)."),
         mode: flags.Mode = "attach",
         device: flags.Device = "auto",
         dtype: flags.Dtype = "auto",
@@ -84,10 +94,11 @@ def register(app: typer.Typer) -> None:
         check_io(prompt, input, output, resume, overwrite, limit)
         check_numbers(batch_size=batch_size, max_length=max_length, show=show, stream_block_records=stream_block_records)
         defaults = scorer_defaults(model, lora)
+        prefix = label_prefix if label_prefix is not None else defaults.get("label_prefix", " ")
         opts = ClassifyOptions(
-            labels=parse_labels(labels if labels is not None else defaults.get("labels")),
+            labels=parse_labels(labels if labels is not None else defaults.get("labels"), prefix),
             template=template if template is not None else defaults.get("template"),
-            label_prefix=label_prefix if label_prefix is not None else defaults.get("label_prefix", " "),
+            label_prefix=prefix,
             chat_template=chat_template,
             length_norm=length_norm,
             calibration=calibration,
@@ -102,6 +113,7 @@ def register(app: typer.Typer) -> None:
             prefix_reuse=prefix_reuse,
         )
         check_options(opts)
+        template_note(opts.template)
         rows = read_rows(prompt, input, id_field, limit)
 
         loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer, memory_limit,
@@ -142,19 +154,28 @@ def register(app: typer.Typer) -> None:
         if as_json:
             for rec in stats.records:
                 typer.echo(json.dumps(rec, ensure_ascii=False))
-        elif output is None:
-            _table(stats.records, opts.labels, None)
-        else:
-            _table(stats.records, opts.labels, show)
         written = outcome.part if (outcome.worker.distributed and not outcome.assembled) else output
-        _summary(stats, metrics, written, loaded, calib, to_stderr=as_json)
+        _summary(stats, metrics, loaded, calib, to_stderr=as_json)
+        if not as_json:
+            _table(stats.records, opts.labels, show, kept=written is not None)
+        if written is not None:
+            (err if as_json else out).print(f"wrote {written} and {meta_path(written)}", highlight=False, markup=False)
 
 
-def _table(records: list[dict], labels: list[str], limit: int | None) -> None:
-    shown = records if limit is None else records[:limit]
+def _table(records: list[dict], labels: list[str], limit: int, kept: bool) -> None:
+    """The first ``limit`` records (all of them when that is every one), after the summary; the title says how to
+    see the rest."""
+    shown = records[:limit]
     if not shown:
         return
-    t = Table(title=None if limit is None else f"first {len(shown)} of {len(records)} records")
+    if len(shown) == len(records):
+        title = None
+    elif kept:
+        title = f"first {len(shown)} of {len(records)} records (all are in the output file; --show N for more here)"
+    else:
+        title = (f"first {len(shown)} of {len(records)} records: pass --output FILE to keep them all, --json to "
+                 "print them all, or --show N")
+    t = Table(title=title, title_justify="left")
     t.add_column("id")
     for lab in labels:
         t.add_column(f"P({lab})", justify="right")
@@ -170,7 +191,7 @@ def _table(records: list[dict], labels: list[str], limit: int | None) -> None:
     out.print(t)
 
 
-def _summary(stats, metrics, output, loaded, calib, to_stderr: bool) -> None:
+def _summary(stats, metrics, loaded, calib, to_stderr: bool) -> None:
     con = err if to_stderr else out
     p = loaded.facts.policy
     per = f"{stats.seconds / stats.scored * 1000:.1f} ms/record" if stats.scored else "nothing new to score"
@@ -193,5 +214,3 @@ def _summary(stats, metrics, output, loaded, calib, to_stderr: bool) -> None:
         con.print(styled(f"[yellow]warning:[/] {metrics.get('n_unknown_gold', '')} record(s) have gold labels that are not "
                          f"candidates ({escape(', '.join(map(str, metrics['unknown_gold_labels'])))}); they are left out "
                          "of the metrics."))
-    if output is not None:
-        con.print(f"wrote {output} and {output.name}.meta.json", highlight=False)

@@ -134,13 +134,25 @@ def cli_errors(fn):
             err.print(Text.assemble(("error:", "bold red"), " ", "ran out of memory; pass a smaller --memory-limit "
                                     "(classify then streams the model layer by layer) or a smaller --batch-size."))
             raise typer.Exit(EXIT_OS) from None
+        except ModuleNotFoundError as exc:
+            if exc.name != "paddle" or os.environ.get("PADDLE_SCORER_DEBUG"):
+                return _internal(exc)
+            from paddle_scorer.runtime import missing_paddle
+
+            err.print(Text.assemble(("error:", "bold red"), " ", str(missing_paddle())))
+            raise typer.Exit(missing_paddle().exit_code) from None
         except Exception as exc:  # a bug: one sentence, the traceback on request
-            if os.environ.get("PADDLE_SCORER_DEBUG"):
-                raise
-            err.print(Text.assemble(("internal error:", "bold red"), " ",
-                                    f"{type(exc).__name__}: {exc}; this is a bug in paddle-scorer: rerun with "
-                                    "PADDLE_SCORER_DEBUG=1 for the traceback and report it with `paddle-scorer doctor --json`."))
-            raise typer.Exit(EXIT_INTERNAL) from None
+            return _internal(exc)
+
+    def _internal(exc: Exception):
+        import os
+
+        if os.environ.get("PADDLE_SCORER_DEBUG"):
+            raise exc
+        err.print(Text.assemble(("internal error:", "bold red"), " ",
+                                f"{type(exc).__name__}: {exc}; this is a bug in paddle-scorer: rerun with "
+                                "PADDLE_SCORER_DEBUG=1 for the traceback and report it with `paddle-scorer doctor --json`."))
+        raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 
@@ -154,3 +166,17 @@ def human_count(n: int) -> str:
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def print_trimmed(con: Console, renderable) -> None:
+    """Print a table without the trailing spaces rich pads every line with (copied text stays clean)."""
+    from rich.segment import Segment
+
+    for line in con.render_lines(renderable, con.options, pad=False):
+        segments = list(Segment.strip_styles(line)) if not con.is_terminal else line
+        while segments and not segments[-1].control and not segments[-1].text.strip():
+            segments.pop()
+        if segments:
+            last = segments[-1]
+            segments[-1] = Segment(last.text.rstrip(), last.style, last.control)
+        con.print(Text.assemble(*((s.text, s.style) for s in segments if not s.control)), soft_wrap=True)

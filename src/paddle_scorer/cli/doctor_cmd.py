@@ -9,15 +9,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, out, styled
 
 EXAMPLES = """
-Examples:
-
   paddle-scorer doctor
   paddle-scorer doctor --json > doctor.json   # attach this to a bug report
-
-Exit code 0 when nothing is broken, 1 when a known-bad combination or a failing import is found.
 """
 
 
@@ -97,9 +94,13 @@ def render(facts: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("doctor", help="Check the environment: Python, paddle build and GPUs (fp16/bf16), the model library "
-                                "(paddlenlp or paddleformers) and pinned dependencies (known-bad combinations flagged), threads, MKL, free RAM/disk."
-                                + EXAMPLES)
+    @app.command("doctor", **helptext.command(
+        "Check the environment: Python, paddle, GPUs, the model library, pinned dependencies.",
+        """Shows the paddle build and its GPUs (float16/bfloat16 support), the model library (paddlenlp or
+        paddleformers), the pinned dependencies (known-bad combinations flagged), the serve extra, threads, MKL
+        and free RAM and disk. Exit code 0 when nothing is broken, 1 when a known-bad combination or a failing
+        import is found.""",
+        EXAMPLES))
     @cli_errors
     def doctor(as_json: bool = typer.Option(False, "--json", help="Print the facts and findings as JSON.")):
         from paddle_scorer.doctor import collect

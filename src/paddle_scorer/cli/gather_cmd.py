@@ -7,20 +7,22 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, out
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("gather")
+    @app.command("gather", **helptext.command(
+        "Assemble OUTPUT from the part files of a paddle.distributed.launch run.",
+        """The last worker to finish does this itself; use it after a partial rerun, or to see which parts are
+        done.""",
+        """
+        paddle-scorer gather out/scores.jsonl
+        """))
     @cli_errors
     def gather_cmd(
         output: Path = typer.Argument(..., help="The --output the workers were given (e.g. out.jsonl)."),
     ):
-        """Assemble OUTPUT from the part files of a `paddle.distributed.launch` run (the last worker to
-        finish does this itself; use this after a partial rerun or to check progress).
-
-        Example: paddle-scorer gather out/scores.jsonl
-        """
         from paddle_scorer.errors import IncompleteRunError
         from paddle_scorer.metrics import evaluate
         from paddle_scorer.sharding import gather, part_status

@@ -9,23 +9,29 @@ import typer
 from rich.table import Table
 
 from paddle_scorer.cli import flags
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import check_io, load_options, loaded_from, progress_bar, read_rows, resume_line
+from paddle_scorer.cli.options import (check_io, load_options, loaded_from, progress_bar, read_rows, resume_line,
+                                       template_note)
 from paddle_scorer.sidecars import scorer_defaults
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
-Examples:
+  paddle-scorer generate --model checkpoints/demo-base \\
+      --lora checkpoints/demo-lora --max-new-tokens 3 --top-k 5 \\
+      --prompt "what is the price of cabbage today?"
 
-  paddle-scorer generate --model checkpoints/demo-base --lora checkpoints/demo-lora \\
-      --prompt "what is the price of cabbage today?" --max-new-tokens 3 --top-k 5
-
-  paddle-scorer generate -m BASE -l ADAPTER --input data.jsonl --output traces.jsonl --sample --seed 1
+  paddle-scorer generate -m BASE -l ADAPTER --input data.jsonl \\
+      --output traces.jsonl --sample --seed 1
 """
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("generate", help="Generate and record, per step, the raw softmax: chosen token, prob, entropy, top-k." + EXAMPLES)
+    @app.command("generate", **helptext.command(
+        "Generate and record, per step, the raw softmax: chosen token, prob, entropy, top-k.",
+        """Prompts go through the adapter's scorer.json template like classify's (--template to change it,
+        --raw to send them as given).""",
+        EXAMPLES))
     @cli_errors
     def generate(
         model: flags.Model = None,
@@ -71,6 +77,7 @@ def register(app: typer.Typer) -> None:
         if template is None and not raw:
             template = scorer_defaults(model, lora).get("template")
         check_template(template)
+        template_note(template)
         opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template,
                                chat_template, truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse)
         check_options(opts)
@@ -113,10 +120,12 @@ def register(app: typer.Typer) -> None:
 
 def _show(rec: dict) -> None:
     out.print(styled(f"[bold]{escape(str(rec['id']))}[/]: {escape(repr(rec['text']))} ({rec['finish_reason']})"))
-    t = Table()
+    t = Table(title="per step: the chosen token and the 5 most likely (--top-k, all in --output/--json)",
+              title_justify="left")
     for col in ("step", "token", "prob", "logprob", "entropy", "top"):
         t.add_column(col)
     for i, s in enumerate(rec["steps"]):
-        top = "  ".join(f"{x['token']!r} {x['prob']:.3f}" for x in s["top"][:5])
+        # one candidate per line: a token is never split across lines (' st' wrapped as "'" / "st'")
+        top = "\n".join(f"{x['token']!r} {x['prob']:.3f}" for x in s["top"][:5])
         t.add_row(str(i), repr(s["token"]), f"{s['prob']:.4f}", f"{s['logprob']:.3f}", f"{s['entropy']:.3f}", top)
     out.print(t)

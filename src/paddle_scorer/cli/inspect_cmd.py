@@ -18,7 +18,8 @@ from paddle_scorer.checkpoint import (
     describe,
 )
 from paddle_scorer.memory import fmt_bytes
-from paddle_scorer.cli.common import cli_errors, err, escape, human_count, out, styled
+from paddle_scorer.cli import helptext
+from paddle_scorer.cli.common import cli_errors, err, escape, human_count, out, styled, print_trimmed
 from rich.text import Text
 
 _KIND_TITLE = {
@@ -118,7 +119,7 @@ def render(info: CheckpointInfo, a=None) -> None:
     if info.scorer_defaults:
         t.add_row("scorer defaults", json.dumps(info.scorer_defaults, ensure_ascii=False))
     if t.row_count:
-        out.print(t)
+        print_trimmed(out, t)
     for w in info.warnings:
         out.print(styled(f"[yellow]warning:[/] {escape(w)}"))
     if info.next_command:
@@ -126,20 +127,20 @@ def render(info: CheckpointInfo, a=None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("inspect")
+    @app.command("inspect", **helptext.command(
+        "Explain a checkpoint folder without loading it (no pickle code runs).",
+        """Exit codes: 0 a usable model or adapter; otherwise the code the loader would fail with: 3 not a
+        checkpoint, 4 broken, ambiguous or a trap (e.g. a LoRA file renamed to model_state.pdparams), 2 a folder
+        that cannot play the role it looks like.""",
+        """
+        paddle-scorer inspect checkpoints/demo-lora
+        paddle-scorer inspect checkpoints/demo-base --json
+        """))
     @cli_errors
     def inspect(
         path: Path = typer.Argument(..., help="A checkpoint folder: model, LoRA adapter, merged model, ..."),
         as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
     ):
-        """Explain a checkpoint folder without loading it (no pickle code runs).
-
-        Exit codes: 0 a usable model or adapter; otherwise the code the loader would fail with:
-        3 not a checkpoint, 4 broken, ambiguous or a trap (e.g. a LoRA file renamed to
-        model_state.pdparams), 2 a folder that cannot play the role it looks like.
-
-        Example: paddle-scorer inspect checkpoints/demo-lora
-        """
         from paddle_scorer.assess import assess
 
         info = describe(path)

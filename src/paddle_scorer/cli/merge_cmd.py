@@ -11,6 +11,7 @@ import typer
 
 from paddle_scorer.cli import flags
 from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 
 
@@ -62,7 +63,20 @@ def render(result) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("merge")
+    @app.command("merge", **helptext.command(
+        "Merge a LoRA adapter into its base: W + A @ B * scaling, tensor by tensor.",
+        """Works on the weight files directly (no model is built, paddle is not loaded), one shard at a time, and
+        writes into a temporary folder that is renamed to --out only when complete: an error or Ctrl-C leaves
+        nothing behind. The result loads as a plain model, here and in PaddleNLP / PaddleFormers.
+
+        --force replaces only an earlier merge output (nothing else is ever deleted).
+
+        --verify tolerance: 1e-3 absolute for float32 output; for float16/bfloat16 output 5e-2 x max(1, max
+        |logit|), since the merged weights are rounded to half precision.""",
+        """
+        paddle-scorer merge --model checkpoints/demo-base \\
+            --lora checkpoints/demo-lora --out merged --verify
+        """))
     @cli_errors
     def merge(
         model: flags.Model = None,
@@ -73,20 +87,9 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("safetensors", "--format", help="safetensors or pdparams."),
         verify: bool = typer.Option(False, "--verify",
                                     help="Before finishing, check merged logits == base + attached adapter (loads paddle)."),
-        force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+        force: bool = typer.Option(False, "--force", help="Replace --out if it is an earlier merge output (any other folder is refused)."),
         allow_noop_adapter: flags.AllowNoopAdapter = False,
     ):
-        """Merge a LoRA adapter into its base: W + A @ B * scaling, tensor by tensor.
-
-        Works on the weight files directly (no model is built, paddle is not loaded), one shard at a
-        time, and writes into a temporary folder that is renamed to --out only when complete: an error
-        or Ctrl-C leaves nothing behind. The result loads as a plain model, here and in PaddleNLP.
-
-        --verify tolerance: 1e-3 absolute for float32 output; for float16/bfloat16 output
-        5e-2 x max(1, max |logit|), since the merged weights are rounded to half precision.
-
-        Example: paddle-scorer merge --model checkpoints/demo-base --lora checkpoints/demo-lora --out merged --verify
-        """
         from paddle_scorer import merge as merging
 
         for note in merging.clean_stale(out_dir):  # said first: it may explain what follows

@@ -138,3 +138,12 @@ def resume_line(con, stats) -> None:
     if r.changed or r.removed:
         con.print(f"resume: {r.changed} record(s) rescored because their input changed since they were scored, "
                   f"{r.removed} dropped because their id is no longer in the input (kept {r.kept}).", highlight=False)
+
+
+def template_note(template: str | None) -> None:
+    """One ``note:`` line when a template holds a literal backslash-n (see :func:`prompts.literal_escape_note`)."""
+    from paddle_scorer.prompts import literal_escape_note
+
+    note = literal_escape_note(template)
+    if note:
+        err.print(f"note: {note}", highlight=False, markup=False)

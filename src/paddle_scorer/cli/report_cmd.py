@@ -8,14 +8,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from rich.text import Text
 
 EXAMPLES = """
-Examples:
-
-  paddle-scorer report out/demo-scores.jsonl                          # summary in the terminal
-  paddle-scorer report out/demo-scores.jsonl --html out/report.html   # one self-contained page
+  paddle-scorer report out/demo-scores.jsonl     # in the terminal
+  paddle-scorer report out/demo-scores.jsonl --html out/report.html
 """
 
 _BAR = 40
@@ -75,8 +74,10 @@ def render_summary(summary: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("report", help="Summarise a classify output: metrics, reliability, confusion, probability "
-                                "histograms; --html writes one self-contained page with the figures." + EXAMPLES)
+    @app.command("report", **helptext.command(
+        "Summarise a classify output: metrics, reliability, confusion, probability histograms.",
+        """--html writes one self-contained page with the figures (no network needed to view it).""",
+        EXAMPLES))
     @cli_errors
     def report(
         path: Path = typer.Argument(..., help="A classify --output JSONL file (its .meta.json is read when present)."),

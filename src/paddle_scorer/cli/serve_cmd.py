@@ -10,21 +10,27 @@ from typing import Optional
 import typer
 
 from paddle_scorer.cli import flags
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import load_options, loaded_from, plan_in_ram
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
-Examples:
+  paddle-scorer serve --model checkpoints/demo-base \\
+      --lora checkpoints/demo-lora --port 8000
 
-  paddle-scorer serve --model checkpoints/demo-base --lora checkpoints/demo-lora --port 8000
+  # several fine-tunes of one base; the request's "model" picks one
+  paddle-scorer serve -m BASE --lora support=ADAPTER1 --lora sales=ADAPTER2
 
-  # lm-evaluation-harness against it (needs `pip install lm-eval\\[api]`; the server's tokenizer is used)
-  lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,max_length=256 \\
+  # lm-evaluation-harness against it (pip install 'lm-eval[api]')
+  URL=http://127.0.0.1:8000/v1/completions
+  lm_eval --model local-completions \\
+      --model_args base_url=$URL,max_length=256 \\
       --tasks demo_goods_life --include_path tests/lm_eval
 
-  # reachable from other machines: bind all interfaces, and require a key
-  PADDLE_SCORER_API_KEY=secret paddle-scorer serve -m BASE -l ADAPTER --host 0.0.0.0
+  # reachable from other machines: all interfaces, and a key
+  PADDLE_SCORER_API_KEY=secret paddle-scorer serve -m BASE -l ADAPTER \\
+      --host 0.0.0.0
 """
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -95,16 +101,18 @@ def default_name(model: Path | None, lora: Path | None, loaded) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("serve", help="Serve the model over HTTP, OpenAI-compatible (/v1/completions with echo + logprobs, "
-                               "/v1/chat/completions), for lm-evaluation-harness, the openai client and scripts."
-                               + EXAMPLES)
+    @app.command("serve", **helptext.command(
+        "Serve the model over HTTP, OpenAI-compatible, for lm-evaluation-harness, the openai SDK and chat UIs.",
+        """Routes: /v1/completions (echo + logprobs, streaming, n), /v1/chat/completions, /v1/classify (what classify
+        computes, per prompt), /v1/models, /tokenize, /health. The reference is docs/serve.md.""",
+        EXAMPLES))
     @cli_errors
     def serve(
         model: flags.Model = None,
         lora: Optional[list[str]] = typer.Option(None, "--lora", "-l", help="LoRA adapter folder; repeat as NAME=FOLDER to serve several adapters on one base (the request's model picks one; the base is served too, as --model-name)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only; 0.0.0.0 for all interfaces)."),
         port: int = typer.Option(8000, "--port", help="Port (0: any free port; the URL is printed)."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PADDLE_SCORER_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health (also from $PADDLE_SCORER_API_KEY)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PADDLE_SCORER_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health."),
         model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients send and /v1/models lists (default: the adapter's folder name, else the model's)."),
         max_batch: int = typer.Option(32, "--max-batch", help="Most sequences in one forward (requests that arrive together share forwards)."),
         batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", help="How long the first request of a batch waits for others (ms; 0: no wait)."),

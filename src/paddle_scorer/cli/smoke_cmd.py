@@ -13,18 +13,17 @@ from rich.table import Table
 
 from paddle_scorer.cli import flags
 from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, out
 
 EXAMPLES = """
-Examples:
-
-  paddle-scorer smoke --model checkpoints/demo-base --lora checkpoints/demo-lora \\
+  paddle-scorer smoke --model checkpoints/demo-base \\
+      --lora checkpoints/demo-lora \\
       --input checkpoints/demo-queries.jsonl --gpu-memory 80GB
 
-  # what if this machine had only 2 GB of RAM? (the model is then scored streamed, layer by layer)
-  paddle-scorer smoke -m BASE -l ADAPTER --input data.jsonl --memory-limit 2GB
-
-Exit code 0 when every check passes, 1 when any check FAILs.
+  # with only 2 GB of RAM (the model is then scored layer by layer)
+  paddle-scorer smoke -m BASE -l ADAPTER --input data.jsonl \\
+      --memory-limit 2GB
 """
 
 _STYLE = {"PASS": "green", "FAIL": "bold red", "WARN": "yellow", "INFO": "cyan", "SKIP": "dim"}
@@ -64,9 +63,12 @@ def _memory_table(rows) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("smoke", help="Check on CPU, in minutes, that a GPU job will work and fit: checkpoint, adapter, "
-                               "tokenizer, every input record, memory, real scores (streamed when the model does not "
-                               "fit in RAM), attach vs merge, projected time." + EXAMPLES)
+    @app.command("smoke", **helptext.command(
+        "Check on CPU, in minutes, that a GPU job will work and fit.",
+        """Checks the checkpoint, the adapter, the tokenizer, every input record and the memory; scores real records
+        (streamed when the model does not fit in RAM), compares attach with merge, and projects the GPU time.
+        Exit code 0 when every check passes, 1 when any check FAILs.""",
+        EXAMPLES))
     @cli_errors
     def smoke(
         model: flags.Model = None,
@@ -88,7 +90,7 @@ def register(app: typer.Typer) -> None:
 
         opts = sm.SmokeOptions(
             model=model, lora=lora,
-            labels=parse_labels(labels) if labels is not None else None,
+            labels=parse_labels(labels, label_prefix if label_prefix is not None else " ") if labels is not None else None,
             template=template, label_prefix=label_prefix, input=input, limit=limit,
             gpu_memory=parse_size(gpu_memory) if gpu_memory is not None else None,
             memory_limit=parse_size(memory_limit) if memory_limit is not None else None,

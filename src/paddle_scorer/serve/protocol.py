@@ -17,6 +17,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from paddle_scorer.generation import MIN_TEMPERATURE  # below it logits / temperature overflow; 0 means greedy
+
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "echo", "logprobs", "temperature", "top_p", "seed", "stop", "n", "best_of",
     "stream", "stream_options", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "user",
@@ -28,7 +30,6 @@ CHAT_FIELDS = {
 CLASSIFY_FIELDS = {"model", "labels", "prompt", "prompts", "records", "template", "calibration", "content_free",
                    "pmi_domain", "chat_template", "label_prefix", "length_norm", "user"}
 MAX_DEPTH = 64  # nesting of a request body (a JSON request here is at most ~4 levels deep)
-MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow; 0 means greedy
 MAX_N = 16
 ROLES = ("system", "user", "assistant")
 
