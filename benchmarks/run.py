@@ -270,6 +270,20 @@ def render_cpu(c: dict, profile_md: str) -> str:
           f"{gf['library']:.0f} ({fr['library']:.0%}) | {gf['torch']:.0f} ({fr['torch']:.0%}) | "
           f"{x['max_abs_diff']['decoder_vs_library']:.1e} / {x['max_abs_diff']['decoder_vs_torch']:.1e} |")
     a("")
+    runs, peaks = c.get("streamed_7b") or [], c.get("streamed_7b_peaks") or []
+    if runs and peaks:
+        lo, hi = min(peaks), max(peaks)
+        a(f"**7B-shaped checkpoint (Llama-2-7B dimensions, 6.7B parameters, 13.5 GB float16, random weights), scored "
+          f"streamed** (it does not fit in RAM as float32): {runs[0]['records']} demo prompts ({runs[0]['tokens']} "
+          f"tokens), each layer read once per block; fraction of the fp32 GEMM peak measured in the same session "
+          f"({lo:.0f}-{hi:.0f} GFLOP/s on [1024, 4096] x [4096, 11008]; target >= 50 %).\n")
+        a("| run | scoring s | read s (overlapped) | useful GFLOP/s | of the session's peak |")
+        a("|---|---:|---:|---:|---:|")
+        for i, r in enumerate(runs, 1):
+            gf = r["flops"] / r["scoring_seconds"] / 1e9
+            a(f"| {i} | {r['scoring_seconds']:.1f} | {r['streaming']['read_seconds']:.1f} | {gf:.0f} | "
+              f"{gf / hi:.0%}-{gf / lo:.0%} |")
+        a("")
     if profile_md:
         a("### Profile: where a forward's time goes, before and now (`benchmarks/profile_forward.py`)\n")
         a(profile_md)
@@ -326,7 +340,7 @@ def render_identity(x: dict) -> str:
     a("| model | weights | read s (GB/s) | first fingerprint s (GB/s) | cached ms | load s | first / load |")
     a("|---|---:|---:|---:|---:|---:|---:|")
     for r in x["rows"]:
-        load = f"{r['load_s']:.2f}" if "load_s" in r else "n/a"
+        load = f"{r['load_s']:.2f}" if "load_s" in r else "not in RAM (streamed)"
         ratio = f"{r['first_vs_load']:.2f}x" if "first_vs_load" in r else "n/a"
         a(f"| {r['model']} | {gb(r['weight_bytes'])} | {r['read_s']:.2f} ({r['read_gb_s']:.2f}) | **{r['first_s']:.2f}** "
           f"({r['hash_gb_s']:.2f}) | {r['cached_s'] * 1000:.1f} | {load} | {ratio} |")
@@ -358,6 +372,12 @@ def run_sections(keys: list[str], out: Path, quick: bool, reuse: dict[str, str])
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
             if key == "cpu":
+                if "7b" in reuse:  # realsize runs of the 7B-shaped row and GEMM peaks of the same session
+                    extra = {"streamed_7b": [json.loads(Path(f).read_text()) for f in reuse["7b"].split(":")],
+                             "streamed_7b_peaks": [json.loads(Path(f).read_text())["gflops"]
+                                                   for f in reuse.get("7bpeak", "").split(":") if f]}
+                else:
+                    extra = {}
                 data = json.loads(Path(reuse["cpu"]).read_text()) if "cpu" in reuse else child(
                     "bench_cpu.py", ["--models", "demo" if quick else "58m,0.9b", "--n", "32" if quick else "256",
                                      "--n-big", "64", "--reps", "1" if quick else "3"], Path(tmp) / "cpu.json")
@@ -365,19 +385,31 @@ def run_sections(keys: list[str], out: Path, quick: bool, reuse: dict[str, str])
                 if "profile" not in reuse:
                     subprocess.run([PY, "-W", "ignore", str(HERE / "profile_forward.py"), "--models",
                                     "demo" if quick else "58m,0.9b", "--md", str(prof)], check=True, stdout=subprocess.DEVNULL)
-                md = render_cpu(data, prof.read_text())
+                md = render_cpu({**data, **extra}, prof.read_text())
             else:
                 script, (qargs, fargs), renderer = SECTIONS[key]
                 data = json.loads(Path(reuse[key]).read_text()) if key in reuse else child(
                     script, qargs if quick else fargs, Path(tmp) / f"{key}.json")
                 md = renderer(data)
-            when = datetime.fromtimestamp(Path(reuse[key]).stat().st_mtime, timezone.utc) if key in reuse \
-                else datetime.now(timezone.utc)
+            def when(k):
+                t = datetime.fromtimestamp(Path(reuse[k].split(":")[-1]).stat().st_mtime, timezone.utc) if k in reuse \
+                    else datetime.now(timezone.utc)
+                return f"{t:%Y-%m-%d %H:%M} UTC"
+
             mm = data.get("machine", m)
-            stamp = (f"*Measured {when:%Y-%m-%d %H:%M} UTC on {mm['cpu']} ({', '.join(mm['cpu_flags'])}), {mm['cores']} "
-                     f"cores, load average {common.loadavg():.2f} when rendered; `python benchmarks/run.py --sections "
-                     f"{key}` re-measures it.*")
+            measured = (f"the tables measured {when('cpu')}"
+                        + (f", the 7B runs up to {when('7b')}" if "7b" in reuse else "")
+                        + f", the profile {when('profile')}" if key == "cpu"
+                        else f"measured {when(key)}")
+            load = "" if key in reuse else f", load average {common.loadavg():.2f} after"
+            stamp = (f"*This section: {measured} on {mm['cpu']} ({', '.join(mm['cpu_flags'])}), {mm['cores']} cores"
+                     f"{load}; `python benchmarks/run.py --sections {key}` re-measures it.*")
             text = splice(text, key, md, stamp)
+    note = ("<!-- sections-note -->\nSections marked *This section: ...* were measured on their own, later and possibly "
+            "on another machine (`run.py --sections`); compare numbers within a section, not across sections.\n")
+    if "<!-- sections-note -->" not in text and "\n## " in text:
+        i = text.index("\n## ")
+        text = text[:i] + "\n" + note + text[i:]
     out.write_text(text)
     print(f"wrote sections {', '.join(keys)} of {out}")
 
