@@ -18,6 +18,12 @@ def pytest_configure(config):
     os.environ["PADDLE_SCORER_CACHE_DIR"] = tempfile.mkdtemp(prefix="paddle-scorer-test-cache-")
 
 
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(os.environ.get("PADDLE_SCORER_CACHE_DIR", ""), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """A family of tiny real checkpoints on disk. Tests must copy before modifying."""

@@ -151,3 +151,11 @@ def read_json_file(path: Path) -> dict:
 def record_key(rid) -> str:
     """Ids compare by their JSON form, so 1 and "1" stay different records."""
     return json.dumps(rid)
+
+
+def stream_into(h, path, chunk: int = 1 << 20):
+    """Feed a file to a hashlib object 1 MiB at a time (never the whole file in memory); returns ``h``."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h

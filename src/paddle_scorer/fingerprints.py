@@ -21,21 +21,19 @@ import time
 from pathlib import Path
 
 from paddle_scorer import checkpoint as ckpt
+from paddle_scorer.dataio import stream_into
 
 CACHE_ENV = "PADDLE_SCORER_CACHE_DIR"
 CACHE_FILE = "file-hashes.json"
 CACHE_ENTRIES = 512  # most recently used files kept
 RACY_SECONDS = 2.0
-CHUNK = 1 << 20
 
 
 def sha256_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths, key=lambda p: p.name):
         h.update(p.name.encode())
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(CHUNK), b""):
-                h.update(chunk)
+        stream_into(h, p)
     return h.hexdigest()
 
 
@@ -74,15 +72,10 @@ class FileHashes:
         st = os.stat(real)
         hit = self.entries.get(real)
         if hit is not None and hit.get("key") == _key(st) and isinstance(hit.get("sha256"), str):
-            hit["used"] = time.time()
-            self.dirty = True
+            hit["used"] = time.time()  # kept for the LRU order when the file is next written for another reason
             return hit["sha256"]
         started = time.time()
-        h = hashlib.sha256()
-        with open(real, "rb") as fh:
-            for chunk in iter(lambda: fh.read(CHUNK), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = stream_into(hashlib.sha256(), real).hexdigest()
         after = os.stat(real)
         settled = max(after.st_mtime_ns, after.st_ctime_ns) / 1e9 < started - RACY_SECONDS
         if _key(after) == _key(st) and settled:
@@ -118,7 +111,10 @@ def model_fingerprint(info: ckpt.CheckpointInfo, hashes: FileHashes | None = Non
     if cfg.is_file():
         h.update(b"config.json:" + cfg.read_bytes())
     files = sorted((Path(f) for f in info.weights.files), key=lambda f: f.name)
-    workers = min(len(files), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    from paddle_scorer.launcher import workers_on_host
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(files), max(1, cores // workers_on_host()))  # launcher workers on one host share the cores
     if workers > 1:  # shards hash in parallel (hashlib releases the GIL on large buffers)
         from concurrent.futures import ThreadPoolExecutor
 

@@ -409,8 +409,6 @@ def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     notes = list(p.notes)
-    if p.adapter_plan.base_note:  # the same note classify gives for this pair
-        notes.append(p.adapter_plan.base_note)
     if p.mapping_note:
         notes.append(p.mapping_note)
     if p.tokenizer_source is None:
@@ -441,7 +439,10 @@ def merge(
     cleaned = clean_stale(Path(out))
     p = plan(model, lora, out, dtype=dtype, fmt=fmt, force=force, verify=verify, allow_noop_adapter=allow_noop_adapter)
     p.notes = cleaned
-    return write(p, verify=verify)
+    result = write(p, verify=verify)
+    if p.adapter_plan.base_note:  # the same note classify gives for this pair (the CLI says it before writing)
+        result.notes.insert(0, p.adapter_plan.base_note)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

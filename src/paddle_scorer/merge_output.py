@@ -140,6 +140,9 @@ def commit(tmp: Path, out: Path, force: bool) -> bool:
         else:
             if not force:  # appeared while we were merging
                 raise UsageError(f"--out {out} already exists; pass another folder, or add --force to replace it.")
+            if not out.is_dir() or out.is_symlink():  # replaced by a file or a link while we were merging
+                raise UsageError(f"--out {out} is no longer a folder (it changed while merging); nothing was written: "
+                                 "pass a new folder path.")
             check_replaceable(out)  # again: files may have been added while we were merging
             old = old_folder(out)
             os.rename(out, old)

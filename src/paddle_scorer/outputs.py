@@ -33,7 +33,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paddle_scorer.dataio import meta_path, read_json_file, record_key, write_json_atomic, write_json_temp
+from paddle_scorer.dataio import meta_path, read_json_file, record_key, stream_into, write_json_atomic, write_json_temp
 from paddle_scorer.errors import UsageError
 
 
@@ -150,11 +150,7 @@ def ids_digest(ids: list) -> str:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return stream_into(hashlib.sha256(), path).hexdigest()
 
 
 def read_complete_lines(path: Path) -> tuple[list[dict], int]:

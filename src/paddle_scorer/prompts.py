@@ -29,7 +29,7 @@ def template_fields(template: str) -> list[str]:
         raise UsageError(f"the template {template!r} is not valid ({exc}); use {{field}} placeholders, {{{{ for a literal brace.") from exc
 
 
-def literal_escape_note(template: str | None) -> str | None:
+def literal_escape_note(template: str | None, source: str = "--template") -> str | None:
     """A ``note:`` for a template typed as ``"Query: {query}\\nAnswer:"`` in double quotes: the shell passes a
     backslash and an ``n``, not a newline, and the model scores that text. Said only when the template has the
     two characters and no real newline or tab (a template with both is taken as meant)."""
@@ -39,8 +39,10 @@ def literal_escape_note(template: str | None) -> str | None:
     if not found:
         return None
     shown = " and ".join(found)
-    return (f"the template contains the two characters {shown} (a backslash and a letter), not a newline or tab, "
-            "and is scored that way; in bash write --template $'Query: {query}\\nAnswer:' for a real newline.")
+    fix = ("in bash write --template $'Query: {query}\\nAnswer:' for a real newline" if source == "--template"
+           else f"write a real newline in {source} (\"\\n\" in JSON) if one was meant")
+    return (f"the template ({source}) contains the two characters {shown} (a backslash and a letter), not a newline "
+            f"or tab, and is scored that way; {fix}.")
 
 
 def check_template(template: str | None) -> None:

@@ -116,29 +116,24 @@ def _stop_signals_deferred():
     import sys
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    from paddle_scorer.outputs import signals_held
+
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
         yield
         return
-    got: list[int] = []
-
-    def record(signum, frame):
-        got.append(signum)
-
     stops = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.getsignal(sig) for sig in stops}
-    for sig in stops:
-        signal.signal(sig, record)
-    hook = _GlogHandlersUndone(lambda: [signal.signal(sig, record) for sig in stops])
+    # signal.getsignal still returns the recording handler after glog's sigaction: re-installing it undoes glog's
+    hook = _GlogHandlersUndone(lambda: [signal.signal(sig, signal.getsignal(sig)) for sig in stops])
     sys.meta_path.insert(0, hook)
+    got: list[int] = []
     try:
-        yield
+        with signals_held() as got:  # records instead of acting; the previous handlers come back on exit
+            yield
     finally:
         if hook in sys.meta_path:
             sys.meta_path.remove(hook)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    if got:
-        signal.raise_signal(got[0])  # delivered to the handler the command had installed
+        if got:  # also when the import failed: the user asked to stop, that wins
+            signal.raise_signal(got[0])  # delivered to the handler the command had installed
 
 
 class _GlogHandlersUndone:

@@ -64,7 +64,7 @@ class MemoryRow:
 class SmokeOptions:
     model: Path | None
     lora: Path | None = None
-    labels: list[str] | None = None  # None: the adapter's (or model's) scorer.json
+    labels: str | list[str] | None = None  # "a,b" as typed, or a list; None: the adapter's (or model's) scorer.json
     template: str | None = None
     label_prefix: str | None = None
     input: Path | None = None

@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
             prefix_reuse=prefix_reuse,
         )
         check_options(opts)
-        template_note(opts.template)
+        template_note(opts.template, "--template" if template is not None else "scorer.json")
         rows = read_rows(prompt, input, id_field, limit)
 
         loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer, memory_limit,
@@ -125,8 +125,9 @@ def register(app: typer.Typer) -> None:
             p.fingerprint = fingerprint(rec)
             preps.append(p)
         calib = clf.calibrate()
+        # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
         identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field,
-                                     limit=limit)
+                                     limit=limit) if output is not None else {}
         block = clf.records_per_flush(preps)
         execution_info = {"execution": loaded.facts.execution["execution"]}
         if loaded.streamed:
@@ -154,10 +155,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             for rec in stats.records:
                 typer.echo(json.dumps(rec, ensure_ascii=False))
-        written = outcome.part if (outcome.worker.distributed and not outcome.assembled) else output
+        part_only = outcome.worker.distributed and not outcome.assembled  # its part file was said above
+        written = None if part_only else output
         _summary(stats, metrics, loaded, calib, to_stderr=as_json)
         if not as_json:
-            _table(stats.records, opts.labels, show, kept=written is not None)
+            _table(stats.records, opts.labels, show, kept=output is not None)
         if written is not None:
             (err if as_json else out).print(f"wrote {written} and {meta_path(written)}", highlight=False, markup=False)
 

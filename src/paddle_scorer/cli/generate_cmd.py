@@ -74,10 +74,11 @@ def register(app: typer.Typer) -> None:
         check_numbers(max_new_tokens=max_new_tokens, top_k=top_k)
         if truncate not in ("error", "left"):
             raise UsageError("--truncate must be error or left.")
+        source = "--template" if template is not None else "scorer.json"
         if template is None and not raw:
             template = scorer_defaults(model, lora).get("template")
         check_template(template)
-        template_note(template)
+        template_note(template, source)
         opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template,
                                chat_template, truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse)
         check_options(opts)
@@ -91,8 +92,9 @@ def register(app: typer.Typer) -> None:
             it = gen.prepare(rec, rid, where)
             it.fingerprint = fingerprint(rec)
             items.append(it)
+        # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
         identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length, limit=limit,
-                                     id_field=id_field)
+                                     id_field=id_field) if output is not None else {}
 
         def score_block(block):
             return [gen.generate(it.id, it.prompt, it.context) for it in block]

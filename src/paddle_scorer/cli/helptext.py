@@ -22,7 +22,7 @@ def _paragraphs(text: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paras)
 
 
-def command(summary: str, body: str = "", examples: str = "", footer: str = "") -> dict:
+def command(summary: str, body: str = "", examples: str = "") -> dict:
     """Keyword arguments for ``app.command``: ``help``, ``short_help`` and ``epilog``."""
     help_text = escape(summary) + ("\n\n" + escape(_paragraphs(body)) if body.strip() else "")
     epilog = ""
@@ -30,9 +30,7 @@ def command(summary: str, body: str = "", examples: str = "", footer: str = "") 
         lines = [line.rstrip() for line in examples.strip("\n").splitlines()]
         width = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
         epilog = "[bold]Examples[/]\n\n" + escape("\n".join(line[width:] for line in lines))
-    if footer.strip():
-        epilog += ("\n\n" if epilog else "") + escape(_paragraphs(footer))
-    return {"help": help_text, "short_help": summary, "epilog": epilog or None}
+    return {"help": help_text, "short_help": escape(summary), "epilog": epilog or None}
 
 
 def quiet_flag_types() -> None:

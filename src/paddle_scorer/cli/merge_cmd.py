@@ -96,8 +96,11 @@ def register(app: typer.Typer) -> None:
             err.print(f"note: {note}.", highlight=False)
         try:
             with _sigterm_as_interrupt():
-                result = merging.merge(model, lora, out_dir, dtype=dtype, fmt=fmt, force=force, verify=verify,
-                                       allow_noop_adapter=allow_noop_adapter)
+                p = merging.plan(model, lora, out_dir, dtype=dtype, fmt=fmt, force=force, verify=verify,
+                                 allow_noop_adapter=allow_noop_adapter)
+                if p.adapter_plan.base_note:  # before the work, as classify says it before scoring
+                    err.print(f"note: {p.adapter_plan.base_note}.", highlight=False, markup=False)
+                result = merging.write(p, verify=verify)
         except KeyboardInterrupt as exc:
             err.print(f"interrupted: {exc}" if str(exc) else
                       "interrupted: the merge was cancelled and nothing was written (--out is as it was); run the "

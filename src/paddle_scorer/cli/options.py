@@ -140,10 +140,10 @@ def resume_line(con, stats) -> None:
                   f"{r.removed} dropped because their id is no longer in the input (kept {r.kept}).", highlight=False)
 
 
-def template_note(template: str | None) -> None:
+def template_note(template: str | None, source: str = "--template") -> None:
     """One ``note:`` line when a template holds a literal backslash-n (see :func:`prompts.literal_escape_note`)."""
     from paddle_scorer.prompts import literal_escape_note
 
-    note = literal_escape_note(template)
+    note = literal_escape_note(template, source)
     if note:
         err.print(f"note: {note}", highlight=False, markup=False)

@@ -86,11 +86,10 @@ def register(app: typer.Typer) -> None:
     ):
         from paddle_scorer import smoke as sm
         from paddle_scorer.memory import parse_size
-        from paddle_scorer.prompts import parse_labels
 
         opts = sm.SmokeOptions(
             model=model, lora=lora,
-            labels=parse_labels(labels, label_prefix if label_prefix is not None else " ") if labels is not None else None,
+            labels=labels,  # parsed once, in smoke, against the label prefix in force (scorer.json's included)
             template=template, label_prefix=label_prefix, input=input, limit=limit,
             gpu_memory=parse_size(gpu_memory) if gpu_memory is not None else None,
             memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
