@@ -290,6 +290,20 @@ def render_cpu(c: dict, profile_md: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def measure_cpu(tmp: Path, quick: bool) -> dict:
+    """Section 9's tables: bench_cpu.py (GEMM peak, classify before/now/PyTorch)."""
+    return child("bench_cpu.py", ["--models", "demo" if quick else "58m,0.9b", "--n", "32" if quick else "256",
+                                  "--n-big", "64", "--reps", "1" if quick else "3"], tmp / "cpu.json")
+
+
+def profile_cpu(tmp: Path, quick: bool) -> Path:
+    """Section 9's profile: profile_forward.py's Markdown."""
+    prof = tmp / "profile.md"
+    subprocess.run([PY, "-W", "ignore", str(HERE / "profile_forward.py"), "--models", "demo" if quick else "58m,0.9b",
+                    "--md", str(prof)], check=True, stdout=subprocess.DEVNULL)
+    return prof
+
+
 def render_prefix(p: dict) -> str:
     """Section 10: few-shot classify with a shared ~1000-token prefix (bench_prefix.py)."""
     L = ["## 10. Prefix reuse: few-shot classify behind a ~1000-token shared prefix (issue 19)\n"]
@@ -378,13 +392,8 @@ def run_sections(keys: list[str], out: Path, quick: bool, reuse: dict[str, str])
                                                    for f in reuse.get("7bpeak", "").split(":") if f]}
                 else:
                     extra = {}
-                data = json.loads(Path(reuse["cpu"]).read_text()) if "cpu" in reuse else child(
-                    "bench_cpu.py", ["--models", "demo" if quick else "58m,0.9b", "--n", "32" if quick else "256",
-                                     "--n-big", "64", "--reps", "1" if quick else "3"], Path(tmp) / "cpu.json")
-                prof = Path(reuse["profile"]) if "profile" in reuse else Path(tmp) / "profile.md"
-                if "profile" not in reuse:
-                    subprocess.run([PY, "-W", "ignore", str(HERE / "profile_forward.py"), "--models",
-                                    "demo" if quick else "58m,0.9b", "--md", str(prof)], check=True, stdout=subprocess.DEVNULL)
+                data = json.loads(Path(reuse["cpu"]).read_text()) if "cpu" in reuse else measure_cpu(Path(tmp), quick)
+                prof = Path(reuse["profile"]) if "profile" in reuse else profile_cpu(Path(tmp), quick)
                 md = render_cpu({**data, **extra}, prof.read_text())
             else:
                 script, (qargs, fargs), renderer = SECTIONS[key]
@@ -460,12 +469,8 @@ def main():
             res["flops"][key] = child("bench_flops.py", [*n, *reps] + (["--torch-peak"] if key == "mkl5_t2" else []),
                                       tmp / f"flops-{key}.json", env={"MKL_DEBUG_CPU_TYPE": mkl, "OMP_NUM_THREADS": thr})
         res["merge"] = child("bench_merge.py", ["--reps", "1" if q else "3"], tmp / "merge.json")
-        res["cpu"] = child("bench_cpu.py", ["--models", "demo" if q else "58m,0.9b", "--n", "32" if q else "256",
-                                            "--n-big", "64", "--reps", "1" if q else "3"], tmp / "cpu.json")
-        prof = tmp / "profile.md"
-        subprocess.run([PY, "-W", "ignore", str(HERE / "profile_forward.py"), "--models", "demo" if q else "58m,0.9b",
-                        "--md", str(prof)], check=True, stdout=subprocess.DEVNULL)
-        res["profile_md"] = prof.read_text()
+        res["cpu"] = measure_cpu(tmp, q)
+        res["profile_md"] = profile_cpu(tmp, q).read_text()
     for key, script, extra, skip in (
             ("realsize", "run_realsize.py", (["--quick"] if q else []) + (["--skip-7b"] if args.skip_7b else []),
              args.no_realsize),
