@@ -219,3 +219,13 @@ def test_readme_is_a_first_read_and_links_the_reference():
     for flag in ("--raw", "--show"):
         assert flag in text, flag
     assert ".[cpu,serve]" not in text
+
+
+def test_generate_table_title_says_how_many_candidates_it_shows():
+    r = cli("generate", "--model", builders.DEMO_BASE, "--lora", builders.DEMO_LORA, "--prompt", "rice", "-n", "1",
+            "--top-k", "3", width=120)
+    assert r.exit_code == 0, r.output
+    assert "the 3 most likely" in r.stdout and "5 most likely" not in r.stdout
+    r = cli("generate", "--model", builders.DEMO_BASE, "--lora", builders.DEMO_LORA, "--prompt", "rice", "-n", "1",
+            "--top-k", "8", width=120)
+    assert "the 5 most likely (all --top-k in --output/--json)" in r.stdout

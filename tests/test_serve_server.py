@@ -253,9 +253,9 @@ def test_ctrl_c_stops_cleanly(servers):
 
 
 def test_startup_errors_are_one_sentence_and_a_nonzero_exit(tmp_path):
-    def serve(*args):
-        return subprocess.run([sys.executable, "-m", "paddle_scorer", "serve", *args], cwd=REPO, env=env(),
-                              capture_output=True, text=True, timeout=120)
+    def serve(*args, extra_env=None):
+        return subprocess.run([sys.executable, "-m", "paddle_scorer", "serve", *args], cwd=REPO,
+                              env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=120)
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -272,3 +272,7 @@ def test_startup_errors_are_one_sentence_and_a_nonzero_exit(tmp_path):
         holder.close()
     p = serve("--model", str(builders.DEMO_BASE), "--max-batch", "0")
     assert p.returncode == 2 and "--max-batch" in p.stderr
+    for how in ({"args": ["--api-key", ""]}, {"extra_env": {"PADDLE_SCORER_API_KEY": ""}},
+                {"extra_env": {"PADDLE_SCORER_API_KEY": "  "}}):  # an unset variable must not turn the key off
+        p = serve("--model", str(builders.DEMO_BASE), "--port", "0", *how.get("args", []), extra_env=how.get("extra_env"))
+        assert p.returncode == 2 and "--api-key is empty" in p.stderr and "Traceback" not in p.stderr, (how, p.stderr)

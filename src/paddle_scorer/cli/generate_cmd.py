@@ -122,7 +122,9 @@ def register(app: typer.Typer) -> None:
 
 def _show(rec: dict) -> None:
     out.print(styled(f"[bold]{escape(str(rec['id']))}[/]: {escape(repr(rec['text']))} ({rec['finish_reason']})"))
-    t = Table(title="per step: the chosen token and the 5 most likely (--top-k, all in --output/--json)",
+    shown = min(5, max((len(s["top"]) for s in rec["steps"]), default=0))
+    t = Table(title=f"per step: the chosen token and the {shown} most likely" + (
+                  " (all --top-k in --output/--json)" if any(len(s["top"]) > shown for s in rec["steps"]) else ""),
               title_justify="left")
     for col in ("step", "token", "prob", "logprob", "entropy", "top"):
         t.add_column(col)

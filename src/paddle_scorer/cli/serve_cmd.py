@@ -132,6 +132,10 @@ def register(app: typer.Typer) -> None:
         sock = None
         try:
             opts = _check(port, max_batch, batch_window_ms, max_tokens_cap, max_logprobs, max_body, log_level)
+            import os
+
+            if api_key is None and os.environ.get("PADDLE_SCORER_API_KEY") is not None:
+                api_key = os.environ["PADDLE_SCORER_API_KEY"]  # set but empty: typer reads that as unset
             if api_key is not None and not api_key.strip():
                 raise UsageError("--api-key is empty (is PADDLE_SCORER_API_KEY set to nothing?): give a key, or leave "
                                  "the option and the variable out to serve without one.")
