@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_BASE = REPO / "checkpoints" / "demo-base"
 DEMO_LORA = REPO / "checkpoints" / "demo-lora"
 DEMO_QUERIES = REPO / "checkpoints" / "demo-queries.jsonl"
+DEMO_SCORER = json.loads((DEMO_LORA / "scorer.json").read_text())  # the demo adapter's template and labels
+
+
+def demo_queries(n: int | None = None) -> list[dict]:
+    """The demo's held-out query records, the first ``n`` (all by default)."""
+    return [json.loads(line) for line in DEMO_QUERIES.read_text().splitlines()][:n]
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                     "added_tokens.json", "tokenizer.json")

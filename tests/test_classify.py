@@ -16,7 +16,7 @@ from paddle_scorer.errors import UsageError
 
 runner = CliRunner()
 DEMO = ["--model", str(builders.DEMO_BASE), "--lora", str(builders.DEMO_LORA)]
-TEMPLATE = json.loads((builders.DEMO_LORA / "scorer.json").read_text())["template"]
+TEMPLATE = builders.DEMO_SCORER["template"]
 
 
 def cli(*args):

@@ -15,7 +15,7 @@ from paddle_scorer import decoder, kernels
 from paddle_scorer.cli.app import app
 
 runner = CliRunner()
-TEMPLATE = json.loads((builders.DEMO_LORA / "scorer.json").read_text())["template"]
+TEMPLATE = builders.DEMO_SCORER["template"]
 LABELS = "goods,life,goods and things"  # single-token labels and a 3-token one (the tree mask)
 
 

@@ -42,7 +42,7 @@ from paddle_scorer.weights import read_pdparams, write_pdparams
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[1] / "src"
-SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
+SCORER = builders.DEMO_SCORER
 TEMPLATE = SCORER["template"]
 MESSAGE_PREFIXES = ("error:", "refused:", "interrupted:", "internal error:")
 

@@ -17,7 +17,7 @@ from paddle_scorer.metrics import evaluate, reliability
 from paddle_scorer.report import histogram, load_run, summarize
 
 runner = CliRunner()
-SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
+SCORER = builders.DEMO_SCORER
 LABELS = SCORER["labels"]
 CHROMIUM_SETUP = ".ci/ensure-chromium"  # run by `make test` (and so by .ci/run): finds or installs it
 

@@ -18,9 +18,9 @@ from paddle_scorer.serve.engine import GenSpec, Work
 from paddle_scorer.serve.protocol import Sampling
 from paddle_scorer.serve.service import ServeOptions, Service
 
-SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
+SCORER = builders.DEMO_SCORER
 TEMPLATE, LABELS = SCORER["template"], SCORER["labels"]
-QUERIES = [json.loads(line) for line in builders.DEMO_QUERIES.read_text().splitlines()][:12]
+QUERIES = builders.demo_queries(12)
 ATOL = 1e-5
 
 

@@ -17,9 +17,9 @@ from paddle_scorer.scoring import Classifier, ClassifyOptions
 from paddle_scorer.serve.app import create_app
 from paddle_scorer.serve.service import ServeOptions, Service
 
-SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
+SCORER = builders.DEMO_SCORER
 TEMPLATE, LABELS = SCORER["template"], SCORER["labels"]
-QUERIES = [json.loads(line) for line in builders.DEMO_QUERIES.read_text().splitlines()][:8]
+QUERIES = builders.demo_queries(8)
 ATOL = 1e-5
 
 

@@ -20,8 +20,8 @@ from paddle_scorer.loader import load
 from paddle_scorer.scoring import Classifier, ClassifyOptions
 
 REPO = builders.REPO
-SCORER = json.loads((builders.DEMO_LORA / "scorer.json").read_text())
-QUERIES = [json.loads(line) for line in builders.DEMO_QUERIES.read_text().splitlines()]
+SCORER = builders.DEMO_SCORER
+QUERIES = builders.demo_queries()
 KEY = "test-key-123"
 ATOL = 1e-5
 

@@ -17,7 +17,7 @@ from paddle_scorer.weights import read_pdparams, write_pdparams
 
 runner = CliRunner()
 DEMO = ["--model", builders.DEMO_BASE, "--lora", builders.DEMO_LORA]
-DEMO_LABELS = json.loads((builders.DEMO_LORA / "scorer.json").read_text())["labels"]
+DEMO_LABELS = builders.DEMO_SCORER["labels"]
 N_QUERIES = sum(1 for line in open(builders.DEMO_QUERIES) if line.strip())
 
 

@@ -17,7 +17,7 @@ from paddle_scorer.cli.app import app
 from paddle_scorer.memory import INTERPRETER_BYTES, STREAM_WORKING_BYTES, MemoryBudgetError, plan_memory
 
 runner = CliRunner()
-TEMPLATE = json.loads((builders.DEMO_LORA / "scorer.json").read_text())["template"]
+TEMPLATE = builders.DEMO_SCORER["template"]
 
 
 def cli(*args):

@@ -113,8 +113,7 @@ def cli_errors(fn):
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except ScorerError as exc:
-            err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
-            raise typer.Exit(exc.exit_code) from None
+            _refuse(exc)
         except KeyboardInterrupt as exc:
             err.print(f"interrupted: {exc}" if str(exc) else
                       "interrupted: existing outputs were not replaced; rerun with --resume to continue.")
@@ -139,10 +138,13 @@ def cli_errors(fn):
                 return _internal(exc)
             from paddle_scorer.runtime import missing_paddle
 
-            err.print(Text.assemble(("error:", "bold red"), " ", str(missing_paddle())))
-            raise typer.Exit(missing_paddle().exit_code) from None
+            _refuse(missing_paddle())  # the model library imported paddle itself, before runtime.paddle() could say it
         except Exception as exc:  # a bug: one sentence, the traceback on request
             return _internal(exc)
+
+    def _refuse(exc: ScorerError):
+        err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
+        raise typer.Exit(exc.exit_code) from None
 
     def _internal(exc: Exception):
         import os
@@ -173,7 +175,7 @@ def print_trimmed(con: Console, renderable) -> None:
     from rich.segment import Segment
 
     for line in con.render_lines(renderable, con.options, pad=False):
-        segments = list(Segment.strip_styles(line)) if not con.is_terminal else line
+        segments = list(line)
         while segments and not segments[-1].control and not segments[-1].text.strip():
             segments.pop()
         if segments:
