@@ -109,10 +109,41 @@ def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch, models, tmp
 
 def test_the_choice_prefers_paddle_unless_clearly_beaten(monkeypatch, fresh_kernel):
     speeds = {"paddle": 100.0, "numpy": 110.0}
-    monkeypatch.setattr(kernels, "measure", lambda k, shape, reps=3: speeds[k.name])
-    assert kernels.choose((64, 64, 64), {})[1].path == "paddle"  # 1.1x: noise, not a reason to switch
+    monkeypatch.setattr(kernels, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
+    assert kernels.choose((64, 64, 64), {}, keep=False)[1].path == "paddle"  # 1.1x: noise, not a reason to switch
     speeds["numpy"] = 200.0
-    assert kernels.choose((64, 64, 64), {})[1].path == "numpy"  # 2x (numpy's OpenBLAS on AMD): switch
+    assert kernels.choose((64, 64, 64), {}, keep=False)[1].path == "numpy"  # 2x (numpy's OpenBLAS on AMD): switch
+
+
+def test_the_choice_is_kept_for_the_machine_so_processes_agree(monkeypatch, tmp_path, fresh_kernel):
+    """Round 4: under load 3 of ~21 processes chose another kernel; the first decision is kept and reused."""
+    monkeypatch.setenv("PADDLE_SCORER_CACHE_DIR", str(tmp_path))
+    speeds = {"paddle": 100.0, "numpy": 300.0}
+    monkeypatch.setattr(kernels, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
+    _, first = kernels.choose((64, 64, 64), {})
+    assert first.path == "numpy" and first.decided == "measured" and first.record
+    speeds.update(paddle=400.0)  # a later process under other load would measure the opposite
+    _, later = kernels.choose((64, 64, 64), {})
+    assert later.path == "numpy" and later.decided == "kept" and later.decided_at == first.decided_at
+    assert kernels.choose((128, 64, 64), {})[1].path == "paddle"  # another shape is its own decision
+    # a damaged record is ignored (measured again), never fatal; the file follows the umask
+    record = tmp_path / kernels.DECISIONS_FILE
+    data = json.loads(record.read_text())
+    data[next(iter(data))] = {"path": "numpy", "measured": {"numpy": None}}
+    record.write_text(json.dumps(data))
+    _, again = kernels.choose((64, 64, 64), {})
+    assert again.decided == "measured" and again.path == "paddle"
+    record.write_text("{not json")
+    assert kernels.choose((64, 64, 64), {})[1].decided == "measured"
+    assert oct(record.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_an_unknown_forced_kernel_is_said_and_ignored(fresh_kernel):
@@ -181,3 +212,40 @@ def test_doctor_reports_the_gemm_kernel():
     assert gemm["path"] in kernels.CANDIDATES and gemm["gflops"] > 0
     assert "OPENBLAS_NUM_THREADS" in facts["cpu"]["settings"]
     assert "float32 GEMM" in run("doctor").stdout
+
+
+@pytest.fixture(scope="module")
+def dynamic_ntk(tmp_path_factory):
+    """A Llama whose RoPE is dynamic-NTK scaled past a 48-token trained context (round 4: the decoder's rotary table
+    grew past it to another length than the library's, and every rotation differed)."""
+    model = builders.build_model("llama", seed=13, max_position_embeddings=48, rope_scaling_type="dynamic_ntk",
+                                 rope_scaling_factor=2.0)
+    return builders.save_model(model, tmp_path_factory.mktemp("ntk") / "llama-ntk")
+
+
+def test_dynamic_ntk_equals_the_library_past_the_trained_context(dynamic_ntk, tmp_path, deltas):
+    shots = "Query: how much are apples today? Answer: goods\nQuery: where do I renew a passport? Answer: life\n"
+    common = ["--model", dynamic_ntk, "--labels", LABELS, "--template", shots + TEMPLATE, "--input",
+              builders.DEMO_QUERIES, "--limit", 4, "--max-length", 200, "--force-max-length"]
+    ours, meta = classify(tmp_path, "ours", *common)
+    lib, _ = classify(tmp_path, "lib", *common, env={"PADDLE_SCORER_CPU_FORWARD": "library"})
+    assert min(len(r["prompt_token_ids"]) for r in ours) > 48  # every prompt passes the trained context
+    assert meta["model"]["compute"]["forward"] == "paddle-scorer decoder"
+    assert meta["prefix_reuse"]["enabled"] is False and "dynamic RoPE" in meta["prefix_reuse"]["why"]
+    d = deltas.record("nlp env: dynamic-NTK Llama past its context, decoder vs library", np.abs(
+        logprobs(ours) - logprobs(lib)).max())
+    assert d <= 1e-5
+
+
+def test_dynamic_ntk_generation_equals_the_library_step_by_step(dynamic_ntk, deltas):
+    common = ["generate", "--model", dynamic_ntk, "--prompt", "what is the price of cabbage and of apples today",
+              "--raw", "--max-new-tokens", 40, "--top-k", 2, "--json"]
+    ours = [json.loads(x) for x in run(*common).stdout.splitlines() if x.startswith("{")][0]
+    lib = [json.loads(x) for x in run(*common, env={"PADDLE_SCORER_CPU_FORWARD": "library"}).stdout.splitlines()
+           if x.startswith("{")][0]
+    # generation stops at the 48-token context; a table grown to 64 rows (the old rule) was scaled for 64 already
+    assert len(ours["prompt_token_ids"]) + len(ours["steps"]) == 48
+    assert [s["token_id"] for s in ours["steps"]] == [s["token_id"] for s in lib["steps"]]
+    d = deltas.record("nlp env: dynamic-NTK Llama generation, decoder vs library", max(
+        abs(s["logprob"] - t["logprob"]) for s, t in zip(ours["steps"], lib["steps"])))
+    assert d <= 1e-5

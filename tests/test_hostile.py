@@ -1205,6 +1205,73 @@ def _(ws):
     return ["merge", "--model", ws.base, "--lora", ws.lora, "--out", ws.p("merged"), "--force"]
 
 
+# ---------------------------------------------------------------------------- round 4 (the decoder's assumptions, caches)
+
+
+def _long_query_records(words: int = 70) -> list[dict]:
+    return [{"id": "long", "query": " ".join(["cabbage"] * words)}]
+
+
+@row("data", "force-max-length-past-the-rotary-table", 2, ("position", "rotary table ends at 256", "--max-length 256"))
+def _(ws):
+    return classify(ws, "--max-length", "600", "--force-max-length", data=ws.data(records=_long_query_records()),
+                    output=None)
+
+
+@row("data", "force-max-length-past-the-rotary-table-library-forward", 2, ("rotary table ends at 256", "--max-length 256"),
+     env={"PADDLE_SCORER_CPU_FORWARD": "library"})
+def _(ws):
+    return classify(ws, "--max-length", "600", "--force-max-length", data=ws.data(records=_long_query_records()),
+                    output=None)
+
+
+@row("data", "cpu-forward-typo-is-refused", 2, ("PADDLE_SCORER_CPU_FORWARD", "'libary'", "set it to library"),
+     env={"PADDLE_SCORER_CPU_FORWARD": "libary"})
+def _(ws):
+    return classify(ws, output=None)
+
+
+def _with_chat_template(ws, template: str) -> None:
+    path = ws.base / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg))
+
+
+@row("outputs", "resume-after-the-chat-template-was-edited", 2, ("chat_template_sha256", "differ"))
+def _(ws):
+    _with_chat_template(ws, "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}")
+    ws.scored("out.jsonl", "--limit", "2")
+    _with_chat_template(ws, "{% for m in messages %}Question: {{ m['content'] }}{% endfor %}")
+    return classify(ws, "--resume")
+
+
+def _damaged_hash_cache(ws):
+    ws.notes["umask"] = 0o027
+    cache = ws.p("cache")
+    cache.mkdir()
+    (cache / "file-hashes.json").write_text(json.dumps({
+        str(ws.base.resolve() / "model_state.pdparams"): {"key": [1, 2], "sha256": "0" * 64, "used": None},
+        "/elsewhere/x": {"key": "nonsense", "sha256": 5, "used": "yesterday"}}))
+    return cache
+
+
+def _hash_cache_rewritten(ws, before, after, r):
+    added, removed, modified = changed(before, after)
+    assert {"out.jsonl", "out.jsonl.meta.json"} <= added and not removed
+    entries = json.loads(ws.p("cache/file-hashes.json").read_text())
+    assert "/elsewhere/x" not in entries  # the damaged entries were dropped, the weights hashed again
+    assert stat.S_IMODE(ws.p("cache/file-hashes.json").stat().st_mode) == 0o640  # follows the umask (0o027)
+
+
+@row("faults", "a-damaged-hash-cache-entry-is-ignored-not-fatal", 0, check=_hash_cache_rewritten)
+def _(ws):
+    cache = _damaged_hash_cache(ws)
+    time.sleep(2.2)  # the copied weights must be older than fingerprints.RACY_SECONDS to be cached (and saved)
+    ws.notes["cache"] = cache
+    return classify(ws)
+
+
 # ---------------------------------------------------------------------------- faults (injected)
 
 
@@ -1355,8 +1422,11 @@ def test_hostile(case: Row, tmp_path, monkeypatch):
         case.patch(monkeypatch, ws)
     before = snapshot(ws.root)
     old_mask = os.umask(ws.notes.get("umask", 0o022))
+    env = dict(case.env or {})
+    if "cache" in ws.notes:
+        env["PADDLE_SCORER_CACHE_DIR"] = str(ws.notes["cache"])
     try:
-        r = cli(*args, env=case.env)
+        r = cli(*args, env=env or None)
     finally:
         os.umask(old_mask)
         monkeypatch.undo()

@@ -66,7 +66,7 @@ def test_few_shot_classify_equals_the_computation_without_reuse(models, tmp_path
     pr = meta["prefix_reuse"]
     assert pr["enabled"] and pr["shared_prefixes"] >= 1 and pr["longest_shared_prefix"] >= 90
     assert pr["tokens_saved"] >= 11 * 90 and pr["computed_tokens"] < pr["prompt_tokens"] / 3
-    assert plain_meta["prefix_reuse"] == {"enabled": False}
+    assert plain_meta["prefix_reuse"] == {"enabled": False, "why": "--no-prefix-reuse"}
 
 
 def test_two_templates_share_what_they_really_share(models, tmp_path, two_templates):

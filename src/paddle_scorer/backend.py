@@ -45,16 +45,29 @@ def log_softmax(pd, logits):
 class ModelRunner:
     """The decoder body and LM head of a loaded model."""
 
-    def __init__(self, model):
+    def __init__(self, model, library: str | None = None):
         from paddle_scorer.libraries import body_and_head
 
         self.pd = paddle()
         self.net, self.body, self.head = body_and_head(model)
+        self.rope = None  # the model's rotary table, only to refuse positions past its end (PaddleNLP's Llama)
+        if library is not None:
+            from paddle_scorer import decoder
+
+            rotary = decoder.find_rotary(self.body)
+            if rotary is not None and not decoder.rotary_is_dynamic(library, rotary):
+                self.rope = decoder.Rope(library, rotary)
+        self.checked_positions = 0
 
     def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache=None, use_cache: bool = False):
         """Body forward: ``[B, W]`` ids, a 2-D ``[B, W(+past)]`` or 4-D ``[B, 1, W, W]`` mask, ``[B, W]``
-        positions -> (hidden ``[B, W, H]`` tensor, new cache or None)."""
+        positions -> (hidden ``[B, W, H]`` tensor, new cache or None). Positions past the rotary table (whose
+        rows the library would silently truncate) are refused with :class:`~paddle_scorer.decoder.ContextLimit`."""
         pd = self.pd
+        top = int(np.max(positions)) + 1 if np.size(positions) else 0
+        if self.rope is not None and top > self.checked_positions:
+            self.rope(np.array([top - 1]))
+            self.checked_positions = top
         out = self.body(
             input_ids=pd.to_tensor(ids), attention_mask=pd.to_tensor(mask), position_ids=pd.to_tensor(positions),
             past_key_values=cache, use_cache=use_cache, return_dict=True,
@@ -108,7 +121,11 @@ class Backend:
         self.pad_id = pad_id
         self.strategy = strategy or packed_strategy
         self.reuse = None
+        self.no_reuse_reason = ("--no-prefix-reuse" if not prefix_reuse else "a scoring strategy replaces the default"
+                                if strategy is not None else getattr(runner, "no_prefix_reason", None)
+                                or "the library's forward cannot continue a computed prefix")
         if prefix_reuse and strategy is None and getattr(runner, "supports_prefix", False):
+            self.no_reuse_reason = None
             from paddle_scorer.reuse import DEFAULT_CACHE_BYTES, Reuse
 
             self.reuse = Reuse(runner, pad_id, DEFAULT_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes)
@@ -116,7 +133,7 @@ class Backend:
     def reuse_stats(self) -> dict:
         """What prefix reuse did (provenance)."""
         if self.reuse is None:
-            return {"enabled": False}
+            return {"enabled": False, "why": self.no_reuse_reason}
         return self.reuse.stats.to_dict(self.reuse.cache)
 
     def score(self, prompts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[ContinuationScore]]:

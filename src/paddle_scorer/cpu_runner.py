@@ -51,7 +51,15 @@ class NumpyRunner:
 
     # the ModelRunner seam ------------------------------------------------------------------------
 
-    supports_prefix = True
+    @property
+    def supports_prefix(self) -> bool:
+        """Whether a computed prefix can be continued (not with a dynamic rotary module: see ``decoder.Rope``)."""
+        return not self.f.rope.dynamic
+
+    @property
+    def no_prefix_reason(self) -> str | None:
+        return "dynamic RoPE scaling (a position's rotation depends on the length of each call)" \
+            if self.f.rope.dynamic else None
 
     def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KV | None = None,
                use_cache: bool = False, lengths=None, prefix: Prefix | None = None):
@@ -64,7 +72,8 @@ class NumpyRunner:
         past = cache.length if cache is not None else 0
         mask = np.asarray(mask)
         batch = Batch.from_mask(mask, T, past, lengths)
-        cos, sin = self.f.rope(batch.pick(np.asarray(positions)))
+        positions = np.asarray(positions)
+        cos, sin = self.f.rope(batch.pick(positions), self.f.rope.span(positions, past))
         h = self.f.embed(self.outside, batch.pick(ids))
         new = KV(prefix=prefix) if use_cache else None
         for i, layer in enumerate(self.layers):

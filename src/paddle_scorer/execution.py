@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-import os
-
 from paddle_scorer.backend import Backend, ModelRunner, Strategy
 
-from paddle_scorer.kernels import FORWARD_ENV
+from paddle_scorer.kernels import FORWARD_ENV, library_forward_forced
 
 
 def pad_id_of(tokenizer) -> int:
@@ -30,9 +28,10 @@ def cpu_runner(loaded):
     why the library's forward runs."""
     from paddle_scorer import cpu_runner as cr
 
+    forced = library_forward_forced()  # a typo is refused on any device
     if loaded.device != "cpu" or loaded.dtype != "float32":
         return None, {"forward": "library", "why": f"{loaded.device}, {loaded.dtype}"}
-    if os.environ.get(FORWARD_ENV, "").strip().lower() == "library":
+    if forced:
         return None, {"forward": "library", "why": f"{FORWARD_ENV}=library"}
     mp = loaded.plan.model
     arch = mp.library.arch_for(mp.info).architecture
@@ -57,5 +56,5 @@ def backend_for(loaded, strategy: Strategy | None = None, prefix_reuse: bool = T
         return backend
     runner, facts = cpu_runner(loaded) if loaded.plan is not None else (None, {"forward": "library"})
     loaded.facts.compute = facts
-    return Backend(runner or ModelRunner(loaded.model), pad_id=pad, strategy=strategy, prefix_reuse=prefix_reuse,
+    return Backend(runner or ModelRunner(loaded.model, loaded.facts.library), pad_id=pad, strategy=strategy, prefix_reuse=prefix_reuse,
                    prefix_cache_bytes=prefix_cache_bytes)

@@ -49,6 +49,13 @@ def cache_dir(environ=os.environ) -> Path:
     return Path(base) / "paddle-scorer"
 
 
+def _valid(entry) -> bool:
+    """A cache entry of the right shape; anything else (a damaged or hand-edited file) is ignored, never fatal."""
+    return (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("key"), list) and all(isinstance(x, int) for x in entry["key"])
+            and isinstance(entry.get("used"), (int, float)) and not isinstance(entry.get("used"), bool))
+
+
 def _key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
 
@@ -63,15 +70,15 @@ class FileHashes:
         try:
             data = json.loads(self.path.read_text())
             if isinstance(data, dict):
-                self.entries = {k: v for k, v in data.items() if isinstance(v, dict)}
-        except (OSError, ValueError):
+                self.entries = {k: v for k, v in data.items() if _valid(v)}
+        except (OSError, ValueError, RecursionError):
             pass  # no cache yet, or unreadable: hash everything
 
     def sha256(self, path: Path) -> str:
         real = os.path.realpath(path)
         st = os.stat(real)
         hit = self.entries.get(real)
-        if hit is not None and hit.get("key") == _key(st) and isinstance(hit.get("sha256"), str):
+        if hit is not None and hit.get("key") == _key(st):
             hit["used"] = time.time()  # kept for the LRU order when the file is next written for another reason
             return hit["sha256"]
         started = time.time()
@@ -94,6 +101,9 @@ class FileHashes:
             try:
                 with os.fdopen(fd, "w") as fh:
                     json.dump(keep, fh)
+                mask = os.umask(0)
+                os.umask(mask)
+                os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files: a team cache on a group share follows the umask
                 os.replace(tmp, self.path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -10,21 +10,30 @@ process (:func:`gemm`):
    multiplies a fixed 96x80 by 80x72 product whose float64 answer is known; a candidate off by more than
    1e-5 (relative, float32 is ~1e-7) is not used, and a ``note`` says so;
 2. the ones that pass are timed on a product shaped like the model's (rows x hidden x intermediate, at least
-   256 x 1024 x 1024 so that call overheads do not decide, best of a few repetitions); Paddle's kernel is used
-   unless another is clearly faster (by more than :data:`MARGIN`): the choice does not flip between runs on
-   timing noise, so the same inputs give the same float32 results run after run.
+   256 x 1024 x 1024 so that call overheads do not decide; rounds that time every candidate in turn, best of
+   each); Paddle's kernel is used unless another is clearly faster (by more than :data:`MARGIN`);
+3. the decision is kept for this machine (:data:`DECISIONS_FILE` in the cache folder, keyed by the CPU model and
+   flags, the thread count, the libraries' versions and the shape): every later process uses it, so two runs of one
+   command, ``classify`` and ``serve`` compute with the same kernel and give the same float32 results, whatever
+   the load at start-up (the margin alone was crossed by load: 3 of ~21 processes chose differently in round 4 of
+   the hostile tests). Two processes measuring at once both take the first one recorded. Delete the file to
+   measure again (after a BIOS or hardware change the CPU key changes by itself).
    ``PADDLE_SCORER_GEMM=paddle|numpy`` forces one (it still has to pass its check).
 
-What ran and its measured GFLOP/s go into every output's provenance and ``doctor``. The result of both
+What ran, its measured GFLOP/s and how it was decided (measured now, kept from an earlier process, forced) go
+into every output's provenance and ``doctor``. The result of both
 paths is the same float32 product (up to summation order, ~1e-7 relative), so scores agree to 1e-5.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +42,23 @@ ENV = "PADDLE_SCORER_GEMM"
 FORWARD_ENV = "PADDLE_SCORER_CPU_FORWARD"  # =library: the library's own forward on CPU (A/B checks, benchmarks)
 CHECK_TOLERANCE = 1e-5
 MARGIN = 1.2  # another kernel replaces Paddle's only when it measures this much faster
+DECISIONS_FILE = "gemm-decisions.json"  # this machine's kernel decisions, in the cache folder (fingerprints.cache_dir)
+
+
+def library_forward_forced(environ=None) -> bool:
+    """Whether ``PADDLE_SCORER_CPU_FORWARD=library`` asks for the library's forward on CPU. Any other value but empty
+    or ``auto`` is refused: a typo (``libary``) would otherwise run the decoder and an A/B check would compare it
+    with itself."""
+    from paddle_scorer.errors import UsageError
+
+    raw = (os.environ if environ is None else environ).get(FORWARD_ENV, "")
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return False
+    if value == "library":
+        return True
+    raise UsageError(f"{FORWARD_ENV}={raw!r} is not a value paddle-scorer knows: set it to library (the model "
+                     "library's own forward) or unset it (paddle-scorer's CPU decoder where it applies).")
 
 
 class _Borrowed:
@@ -148,6 +174,9 @@ class GemmChoice:
     shape: tuple[int, int, int] = (0, 0, 0)
     forced: bool = False
     notes: list[str] = field(default_factory=list)
+    decided: str = "measured"  # measured (now, then kept for this machine) | kept (an earlier process's) | forced
+    decided_at: str | None = None  # when it was measured (UTC)
+    record: str | None = None  # the file that keeps this machine's decisions
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -177,17 +206,25 @@ def self_check(kernel: Kernel) -> str | None:
 
 def measure(kernel: Kernel, shape: tuple[int, int, int], reps: int = 3) -> float:
     """GFLOP/s of ``kernel.mm`` on an ``[m, k] x [k, n]`` float32 product (best of ``reps`` after one warm-up)."""
+    return measure_all({"k": kernel}, shape, rounds=reps)["k"]
+
+
+def measure_all(kernels: dict[str, Kernel], shape: tuple[int, int, int], rounds: int = 5) -> dict[str, float]:
+    """GFLOP/s of each kernel on one ``[m, k] x [k, n]`` product: one warm-up each, then ``rounds`` rounds that time
+    every kernel in turn (interleaved, so a burst of load from another process hits all of them), best of each."""
     m, k, n = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = Mat(rng.standard_normal((k, n), dtype=np.float32))
-    kernel.mm(x, w)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        kernel.mm(x, w)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * m * k * n / best / 1e9
+    best = {name: float("inf") for name in kernels}
+    for kern in kernels.values():
+        kern.mm(x, w)
+    for _ in range(rounds):
+        for name, kern in kernels.items():
+            t0 = time.perf_counter()
+            kern.mm(x, w)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: 2.0 * m * k * n / t / 1e9 for name, t in best.items()}
 
 
 def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
@@ -197,7 +234,86 @@ def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
     return 256, k, n
 
 
-def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = None) -> tuple[Kernel, GemmChoice]:
+def machine_key(shape: tuple[int, int, int]) -> str:
+    """What a kernel decision depends on: the CPU, the threads, the libraries' versions, the product's shape."""
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            info = fh.read()
+        model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+        flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+        cpu = f"{model} [{hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:12]}]"
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        libs = f"paddle {version('paddlepaddle')} numpy {np.__version__}"
+    except Exception:  # paddle's distribution may be named otherwise (a GPU build): the version is a detail
+        libs = f"numpy {np.__version__}"
+    threads = os.environ.get("OMP_NUM_THREADS", "") or str(os.cpu_count())
+    return f"{cpu} | {threads} threads | {libs} | {'x'.join(map(str, shape))}"
+
+
+def _decisions_file() -> Path:
+    from paddle_scorer.fingerprints import cache_dir
+
+    return cache_dir() / DECISIONS_FILE
+
+
+def _read_decision(path: Path, key: str) -> dict | None:
+    """A kept decision for ``key``, or None (a missing, unreadable or damaged file or entry is never fatal)."""
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(entry, dict) and entry.get("path") in CANDIDATES and isinstance(entry.get("measured"), dict) \
+        and all(isinstance(v, (int, float)) for v in entry["measured"].values())
+    return entry if ok else None
+
+
+def _keep_decision(path: Path, key: str, entry: dict) -> dict:
+    """Record ``entry`` for ``key`` unless another process recorded one first (then that one is used: every process
+    on this machine makes the same choice). Best effort: a cache folder that cannot be written costs a new measurement
+    next time, never a failure."""
+    import fcntl
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            earlier = _read_decision(path, key)
+            if earlier is not None:
+                return earlier
+            try:
+                data = json.loads(path.read_text())
+                data = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                data = {}
+            data[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+    except OSError:
+        pass
+    return entry
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = None,
+           keep: bool = True) -> tuple[Kernel, GemmChoice]:
+    """The kernel for products of ``shape`` (see the module docstring). ``keep``: use and record this machine's
+    decision (:data:`DECISIONS_FILE`); without it, measure afresh and record nothing."""
     environ = os.environ if environ is None else environ
     forced = environ.get(ENV, "").strip().lower() or None
     notes: list[str] = []
@@ -205,7 +321,7 @@ def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = 
         notes.append(f"{ENV}={forced!r} is not one of {', '.join(CANDIDATES)}; choosing by measurement")
         forced = None
     names = names or ([forced] if forced else list(CANDIDATES))
-    kernels, excluded, measured = {}, {}, {}
+    kernels, excluded = {}, {}
     for name in names:
         try:
             k = make(name)
@@ -218,20 +334,46 @@ def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = 
             notes.append(f"the {name} GEMM kernel is not used: {problem}")
             continue
         kernels[name] = k
-        measured[name] = round(measure(k, shape), 1)
     if not kernels:
         others = [n for n in CANDIDATES if n not in excluded]
         if forced and others:  # the forced kernel failed its check: choose among the others
-            k, c = choose(shape, {}, others)
+            k, c = choose(shape, {}, others, keep)
             c.notes = notes + c.notes
             c.excluded.update(excluded)
             return k, c
         raise RuntimeError("no float32 GEMM kernel passed its self-check: " + "; ".join(
             f"{n}: {why}" for n, why in excluded.items()))
+    if forced or len(kernels) == 1 or not keep:
+        measured = {n: round(v, 1) for n, v in measure_all(kernels, shape).items()}
+        best = _pick(measured)
+        return kernels[best], GemmChoice(best, measured[best], measured, excluded, shape, forced is not None, notes,
+                                         "forced" if forced else "measured", _now())
+    path, key = _decisions_file(), machine_key(shape)
+    entry = _read_decision(path, key)
+    decided = "kept"
+    if entry is None or entry["path"] not in kernels:
+        measured = {n: round(v, 1) for n, v in measure_all(kernels, shape).items()}
+        mine = {"path": _pick(measured), "measured": measured, "at": _now()}
+        entry = _keep_decision(path, key, mine)
+        decided = "measured" if entry is mine else "kept"
+    best = entry["path"]
+    measured = {n: float(v) for n, v in entry["measured"].items()}
+    return kernels[best], GemmChoice(best, measured.get(best, 0.0), measured, excluded, shape, False, notes, decided,
+                                     entry.get("at"), str(path))
+
+
+def _pick(measured: dict[str, float]) -> str:
+    """Paddle's kernel unless another is faster by more than :data:`MARGIN`."""
     best = max(measured, key=measured.get)
     if "paddle" in measured and measured[best] < MARGIN * measured["paddle"]:
-        best = "paddle"  # not clearly faster: keep the default, stable from run to run
-    return kernels[best], GemmChoice(best, measured[best], measured, excluded, shape, forced is not None, notes)
+        best = "paddle"
+    return best
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @lru_cache(maxsize=None)

@@ -78,6 +78,7 @@ class StreamedBackend:
         self.stats = StreamStats()
         self.savings = prefixes.Savings()
         self.reuse = prefix_reuse
+        self.no_reuse_reason = None if prefix_reuse else "--no-prefix-reuse"
         self.compute = {"forward": "library", "why": "streamed"}
         self.dtype = plan.policy.dtype
         mp = plan.model
@@ -159,8 +160,6 @@ class StreamedBackend:
 
     def _fast_forward(self, model):
         """The CPU decoder forward for this model (None, with ``compute`` saying why, when it does not apply)."""
-        import os
-
         from paddle_scorer import decoder, kernels
         from paddle_scorer.libraries import body_and_head
 
@@ -170,7 +169,7 @@ class StreamedBackend:
         prefix = getattr(net, "base_model_prefix", None) or "model"
         if self.dtype != "float32":
             spec, why = None, f"compute dtype {self.dtype}"
-        elif os.environ.get(kernels.FORWARD_ENV, "").strip().lower() == "library":
+        elif kernels.library_forward_forced():
             spec, why = None, f"{kernels.FORWARD_ENV}=library"
         else:
             spec, why = decoder.spec_for(mp.library.name, arch, prefix, self.config)
@@ -180,12 +179,16 @@ class StreamedBackend:
         if spec is None:
             self.compute = {"forward": "library", "why": why}
             self.reuse = False  # the library's template layer cannot continue a prefix
+            self.no_reuse_reason = "the library's forward (streamed) cannot continue a computed prefix"
             return None
         inter = int(getattr(self.config, "intermediate_size", 4 * spec.hidden))
         kernel, choice = kernels.gemm(spec.hidden, inter)
         self.compute = {"forward": "paddle-scorer decoder", "gemm": choice.to_dict()}
         self.layer_prefix = f"{prefix}.layers.0."
-        return decoder.Forward(spec, kernel, decoder.Rope(mp.library.name, rotary))
+        rope = decoder.Rope(mp.library.name, rotary)
+        if rope.dynamic and self.reuse:
+            self.reuse, self.no_reuse_reason = False, "dynamic RoPE scaling (a position's rotation depends on the length of each call)"
+        return decoder.Forward(spec, kernel, rope)
 
     # ------------------------------------------------------------------ reading
 
@@ -311,7 +314,7 @@ class StreamedBackend:
         states = []
         for p in packs:
             batch = decoder.Batch.from_mask(p.mask, p.ids.shape[1])
-            cos, sin = f.rope(batch.pick(p.positions))
+            cos, sin = f.rope(batch.pick(p.positions), f.rope.span(p.positions))
             states.append([f.embed(table, batch.pick(p.ids)), batch, cos, sin])
         node_states = {}
         for node in nodes:  # each prefix's own tokens: one row, causal, continuing its parent's positions
@@ -453,7 +456,7 @@ class StreamedBackend:
     def reuse_stats(self) -> dict:
         """What prefix reuse did (provenance): every shared prefix is computed once per block."""
         if not self.reuse:
-            return {"enabled": False}
+            return {"enabled": False, "why": self.no_reuse_reason}
         return {"enabled": True, **self.savings.to_dict()}
 
     def close(self) -> None:
