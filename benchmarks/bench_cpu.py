@@ -2,7 +2,7 @@
 
 1. **GEMM peak table**: float32 ``[1024, 4096] x [4096, 11008]`` (a Llama-7B MLP matmul over 1024 tokens), best of
    4, three interleaved rounds, max relative error vs float64, for: Paddle's ``F.linear`` (what the library forward
-   runs), paddle-scorer's chosen kernel (``kernels.choose``), numpy's BLAS as this machine's environment has it, and
+   runs), paddle-scorer's chosen kernel (``gemm.choose``), numpy's BLAS as this machine's environment has it, and
    numpy's BLAS with ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` unset (a child process; the machines here set
    both for old OpenBLAS builds, a user's machine does not; the product never changes them), plus PyTorch float32
    and bfloat16 for reference (child processes).
@@ -73,8 +73,8 @@ def _child_gemm(which: str, env: dict) -> dict:
 def gemm_table(rounds: int = 3) -> dict:
     import numpy as np
 
-    from paddle_scorer import kernels
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.compute import gemm
+    from paddle_scorer.process.environment import paddle
 
     pd = paddle()
     m, k, n = SHAPE
@@ -83,8 +83,8 @@ def gemm_table(rounds: int = 3) -> dict:
     b = rng.standard_normal((k, n), dtype=np.float32)
     want = a[:64].astype(np.float64) @ b.astype(np.float64)
     ta, tb = pd.to_tensor(a), pd.to_tensor(b)
-    kernel, choice = kernels.choose((m, k, n))
-    wb = kernels.Mat(b.copy())
+    kernel, choice = gemm.choose((m, k, n))
+    wb = gemm.Mat(b.copy())
 
     def best(f):
         f()
@@ -168,9 +168,9 @@ class TorchScorer:
 def classify_rows(name: str, model_dir: Path, lora: Path | None, n: int, reps: int, peak: float) -> dict:
     import numpy as np
 
-    from paddle_scorer import packing
-    from paddle_scorer.loader import load
-    from paddle_scorer.scoring import Classifier, ClassifyOptions
+    from paddle_scorer.compute import packing
+    from paddle_scorer.model.loader import load
+    from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
     loaded = load(model_dir, lora, device="cpu")
     opts = ClassifyOptions(labels=["goods", "life"], template=common.demo_template(), chat_template=False)

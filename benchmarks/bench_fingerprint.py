@@ -39,8 +39,8 @@ def read_all(files: list[Path]) -> int:
 
 
 def measure(folder: Path, load: bool) -> dict:
-    from paddle_scorer import checkpoint as ckpt
-    from paddle_scorer.fingerprints import FileHashes, model_fingerprint
+    from paddle_scorer.checkpoint import describe as ckpt
+    from paddle_scorer.checkpoint.fingerprints import FileHashes, model_fingerprint
 
     info = ckpt.describe(folder)
     files = [Path(f) for f in info.weights.files]
@@ -60,7 +60,7 @@ def measure(folder: Path, load: bool) -> dict:
            "read_gb_s": nbytes / t_read / 1e9, "first_s": t_first, "hash_gb_s": nbytes / t_first / 1e9,
            "cached_s": t_cached}
     if load:
-        from paddle_scorer import loader
+        from paddle_scorer.model import loader
         from paddle_scorer.errors import ScorerError
 
         t0 = time.perf_counter()

@@ -71,9 +71,9 @@ def main():
     ap.add_argument("--torch-peak", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
-    from paddle_scorer.loader import load
-    from paddle_scorer.runtime import paddle, settings
-    from paddle_scorer.scoring import Classifier, ClassifyOptions
+    from paddle_scorer.model.loader import load
+    from paddle_scorer.process.environment import paddle, settings
+    from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
     pd = paddle()
     res = {"env": {k: os.environ.get(k) for k in ("MKL_DEBUG_CPU_TYPE", "OMP_NUM_THREADS")}, "runtime": settings()}

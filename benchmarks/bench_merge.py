@@ -29,8 +29,8 @@ SCORER = Path(sys.executable).with_name("paddle-scorer")
 LOAD_SNIPPET = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from paddle_scorer.loader import load
-from paddle_scorer.runtime import paddle
+from paddle_scorer.model.loader import load
+from paddle_scorer.process.environment import paddle
 paddle()
 t1 = time.perf_counter()
 loaded = load(sys.argv[1], sys.argv[2] or None, mode=sys.argv[3])

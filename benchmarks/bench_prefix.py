@@ -94,8 +94,8 @@ class TorchPrefixScorer:
 def bench_model(name: str, folder: Path, n: int, n_noreuse: int, n_torch: int) -> dict:
     import numpy as np
 
-    from paddle_scorer.loader import load
-    from paddle_scorer.scoring import Classifier, ClassifyOptions
+    from paddle_scorer.model.loader import load
+    from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
     loaded = load(folder, None, device="cpu")
     tok = loaded.tokenizer
@@ -134,7 +134,7 @@ def bench_model(name: str, folder: Path, n: int, n_noreuse: int, n_torch: int) -
         import torch  # noqa: F401
 
         ts = TorchPrefixScorer(loaded)
-        from paddle_scorer.prefixes import common_length
+        from paddle_scorer.compute.prefix_tree import common_length
 
         depth = min(common_length(shot[0].context, p.context) for p in shot[1:n_torch])
         prefix_ids = shot[0].context[:depth]

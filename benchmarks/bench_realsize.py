@@ -66,7 +66,7 @@ def num_params(s: dict) -> int:
 def generate(name: str, force: bool = False) -> Path:
     import numpy as np
 
-    from paddle_scorer.weights import write_pdparams, write_safetensors
+    from paddle_scorer.checkpoint.weights import write_pdparams, write_safetensors
 
     s = SPECS[name]
     out = folder(name)
@@ -105,7 +105,7 @@ def generate(name: str, force: bool = False) -> Path:
         for j in range(1, k + 1):
             final = f"model-{j:05d}-of-{k:05d}.safetensors"
             os.rename(tmp / f"part-{j}.safetensors", tmp / final)
-        from paddle_scorer.weights import index_file
+        from paddle_scorer.checkpoint.weights import index_file
 
         for j in range(1, k + 1):
             final = f"model-{j:05d}-of-{k:05d}.safetensors"
@@ -145,13 +145,13 @@ def rss_now() -> int:
 
 
 def child_load(name: str) -> dict:
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.process.environment import paddle
 
     paddle()
     import paddlenlp.transformers  # noqa: F401 - the interpreter's baseline includes the library
 
     base = rss_now()
-    from paddle_scorer.loader import load
+    from paddle_scorer.model.loader import load
 
     t0 = time.perf_counter()
     loaded = load(folder(name), device="cpu")
@@ -166,8 +166,8 @@ def child_readcast(name: str) -> dict:
     core), keeping the results (the weights have to end up in memory) and nothing else: the floor any
     loader of these files pays."""
     from paddle_scorer.checkpoint import describe
-    from paddle_scorer.arrays import to_dtype
-    from paddle_scorer.weights import read_tensor
+    from paddle_scorer.model.arrays import to_dtype
+    from paddle_scorer.checkpoint.weights import read_tensor
 
     info = describe(folder(name))
     refs = sorted(info.tensors.values(), key=lambda r: (str(r.file), r.offset))
@@ -188,11 +188,11 @@ def child_readcast(name: str) -> dict:
 def child_peak() -> dict:
     """The best float32 GEMM this process can run: paddle-scorer's chosen kernel and Paddle's F.linear on a
     Llama-7B MLP product over 1024 tokens ([1024, 4096] x [4096, 11008])."""
-    from paddle_scorer import kernels
+    from paddle_scorer.compute import gemm
 
     shape = (1024, 4096, 11008)
-    _, choice = kernels.choose(shape)
-    linear = kernels.measure(kernels.make("paddle"), shape, reps=4)
+    _, choice = gemm.choose(shape)
+    linear = gemm.measure(gemm.make("paddle"), shape, reps=4)
     return {"gflops": max(choice.gflops, linear), "chosen": choice.to_dict(), "shape": list(shape)}
 
 

@@ -67,8 +67,8 @@ def bench_model(name: str, model: Path, lora: Path, n: int, reps: int) -> dict:
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from paddle_scorer.loader import load
-    from paddle_scorer.scoring import Classifier, ClassifyOptions
+    from paddle_scorer.model.loader import load
+    from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
     rows = common.read_queries(n)
     template = common.demo_template()
@@ -80,7 +80,7 @@ def bench_model(name: str, model: Path, lora: Path, n: int, reps: int) -> dict:
     result = {"model": name, "prompts": len(rows), "mean_prompt_tokens": statistics.mean(len(p.context) for p in preps),
               "classify_s": t_clf, "classify_prompts_per_s": len(rows) / t_clf, "lm_eval": []}
     # Where the server's time goes, per sequence (one prompt + " goods", as lm-eval sends it), in process.
-    from paddle_scorer.execution import backend_for
+    from paddle_scorer.compute.choose_backend import backend_for
 
     backend = backend_for(loaded)
     seqs = [p.context + p.label_ids[0] for p in preps[:8]]

@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from strategies import kv_cache_strategy  # noqa: E402
-from paddle_scorer.backend import ModelRunner, log_softmax  # noqa: E402
-from paddle_scorer.execution import backend_for, pad_id_of  # noqa: E402
-from paddle_scorer.loader import load  # noqa: E402
-from paddle_scorer.runtime import paddle  # noqa: E402
-from paddle_scorer.scoring import Classifier, ClassifyOptions  # noqa: E402
+from paddle_scorer.compute.in_ram import ModelRunner, log_softmax  # noqa: E402
+from paddle_scorer.compute.choose_backend import backend_for, pad_id_of  # noqa: E402
+from paddle_scorer.model.loader import load  # noqa: E402
+from paddle_scorer.process.environment import paddle  # noqa: E402
+from paddle_scorer.tasks.classify import Classifier, ClassifyOptions  # noqa: E402
 
 pd = paddle()
 
@@ -220,7 +220,7 @@ def part_torch(args):
 
 
 class RunnerWrapper:
-    """Delegates to the production :class:`~paddle_scorer.backend.ModelRunner`; subclasses change one step."""
+    """Delegates to the production :class:`~paddle_scorer.compute.in_ram.ModelRunner`; subclasses change one step."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -249,7 +249,7 @@ class KernelLogSoftmax(RunnerWrapper):
 def concat_strategy(backend, prompts, continuations, per_label=False):
     """The 'before' of prefix sharing: prompt+label[:-1] concatenated per (prompt, label), one batch; head only at
     the label positions. ``per_label``: one forward per label instead of one batch."""
-    from paddle_scorer.packing import ContinuationScore, padded
+    from paddle_scorer.compute.packing import ContinuationScore, padded
 
     runner = backend.runner
     groups = [[j] for j in range(len(continuations[0]))] if per_label else [list(range(len(continuations[0])))]

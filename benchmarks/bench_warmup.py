@@ -31,7 +31,7 @@ def build() -> Path:
         return out
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.process.environment import paddle
 
     paddle().seed(1)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
@@ -51,8 +51,8 @@ def main() -> None:
     a = ap.parse_args()
     folder = build()
     t0 = time.perf_counter()
-    from paddle_scorer.loader import load
-    from paddle_scorer.scoring import Classifier, ClassifyOptions
+    from paddle_scorer.model.loader import load
+    from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
     loaded = load(folder, device="cpu")
     clf = Classifier(loaded, ClassifyOptions(labels=["goods", "life"], template=common.demo_template()))

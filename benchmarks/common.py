@@ -77,7 +77,7 @@ def cpu_flags() -> list[str]:
 def machine() -> dict:
     import psutil
 
-    from paddle_scorer.runtime import versions
+    from paddle_scorer.process.environment import versions
 
     vers = versions(("paddlepaddle", "paddlenlp", "numpy", "torch", "transformers"))
     return {
@@ -115,7 +115,7 @@ def build_big(force: bool = False) -> tuple[Path, Path]:
 
     import numpy as np
 
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.process.environment import paddle
 
     pd = paddle()
     from paddlenlp.peft import LoRAConfig, LoRAModel

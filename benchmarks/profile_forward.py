@@ -57,7 +57,7 @@ def lib_group(name: str) -> str:
 
 
 def shapes_for(tok, n_short: int):
-    from paddle_scorer.prompts import encode_pair
+    from paddle_scorer.tasks.prompts import encode_pair
 
     rows = common.read_queries(n_short)
     template = common.demo_template()
@@ -136,9 +136,9 @@ def profile_decoder(fn, kernel, reps: int) -> tuple[float, dict]:
 
 
 def run_model(model_dir: Path, lora: Path | None, reps: int, long_tokens: int) -> dict:
-    from paddle_scorer.execution import backend_for
-    from paddle_scorer.loader import load
-    from paddle_scorer.packing import CALL_TOKENS, regroup
+    from paddle_scorer.compute.choose_backend import backend_for
+    from paddle_scorer.model.loader import load
+    from paddle_scorer.compute.packing import CALL_TOKENS, regroup
 
     loaded = load(model_dir, lora, device="cpu")
     os.environ["PADDLE_SCORER_CPU_FORWARD"] = "library"

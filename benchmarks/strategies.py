@@ -3,7 +3,7 @@
 
 ``kv_cache_strategy`` is the earlier production algorithm: a prompt forward that keeps its KV cache,
 then a second forward over the label tokens on per-label copies of the prompt's cache. The default
-(:func:`paddle_scorer.backend.packed_strategy`) packs the labels behind the prompt in one forward.
+(:func:`paddle_scorer.compute.in_ram.packed_strategy`) packs the labels behind the prompt in one forward.
 tests/test_fast_path.py checks both against plain full forwards.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paddle_scorer.packing import ContinuationScore, padded
+from paddle_scorer.compute.packing import ContinuationScore, padded
 
 
 def kv_cache_strategy(backend, prompts, continuations):

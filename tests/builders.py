@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paddle_scorer.runtime import paddle
+from paddle_scorer.process.environment import paddle
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BASE = REPO / "checkpoints" / "demo-base"

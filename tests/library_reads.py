@@ -1,5 +1,5 @@
 """Which config fields a model library's forward reads, from its installed modeling sources (shared by the PaddleNLP
-suite and tests/formers: each checks the library it has against paddle_scorer.config_support)."""
+suite and tests/formers: each checks the library it has against paddle_scorer.compute.config_support)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paddle_scorer.execution import backend_for
+from paddle_scorer.compute.choose_backend import backend_for
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

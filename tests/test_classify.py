@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.loader import load
-from paddle_scorer.prompts import encode_pair, parse_labels
-from paddle_scorer.runtime import paddle
-from paddle_scorer.scoring import Classifier, ClassifyOptions
+from paddle_scorer.model.loader import load
+from paddle_scorer.tasks.prompts import encode_pair, parse_labels
+from paddle_scorer.process.environment import paddle
+from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 from paddle_scorer.errors import UsageError
 
 runner = CliRunner()
@@ -126,7 +126,7 @@ def test_batched_equals_one_at_a_time(models, tmp_path):
 
 def test_default_batches_are_cut_by_padded_tokens(tiny, monkeypatch):
     """Without --batch-size, length-sorted prompts share a forward up to CALL_TOKENS padded tokens."""
-    from paddle_scorer import packing
+    from paddle_scorer.compute import packing
 
     clf = Classifier(tiny, ClassifyOptions(labels=["goods", "life"], template="Q: {query}\nA:"))
     qs = ["a much longer question about the price of things", "short one", "mid size query here", "hm", "ok then"]
@@ -329,7 +329,7 @@ def test_existing_output_needs_resume_or_overwrite(existing):
 
 
 def test_non_finite_probabilities_are_refused_loudly(models, copy_of, tmp_path):
-    from paddle_scorer.weights import read_pdparams, write_pdparams
+    from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
 
     folder = copy_of(models["llama"], "overflow")
     sd = read_pdparams(folder / "model_state.pdparams")

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import builders
 import library_reads
-from paddle_scorer import config_support, decoder
+from paddle_scorer.compute import config_support
+from paddle_scorer.compute import decoder
 from paddle_scorer.cli.app import app
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""The CPU decoder forward (decoder.py, cpu_runner.py) and its GEMM kernel (kernels.py): the same scores as the
+"""The CPU decoder forward (decoder.py, cpu_runner.py) and its GEMM kernel (gemm.py): the same scores as the
 library's own forward through the real CLI (Llama and Qwen2, LoRA attached and merged, in RAM and streamed,
 multi-token labels, generation), the kernel choice with its self-check, and what provenance and doctor say."""
 
@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 import builders
-from paddle_scorer import decoder, kernels
+from paddle_scorer.compute import decoder
+from paddle_scorer.compute import gemm
 from paddle_scorer.cli.app import app
 
 runner = CliRunner()
@@ -39,9 +40,9 @@ def logprobs(recs):
 @pytest.fixture
 def fresh_kernel():
     """The kernel choice is cached per process: clear it around tests that change the environment."""
-    kernels.gemm.cache_clear()
+    gemm.gemm.cache_clear()
     yield
-    kernels.gemm.cache_clear()
+    gemm.gemm.cache_clear()
 
 
 @pytest.mark.parametrize("arch,mode,execution", [
@@ -66,28 +67,28 @@ def test_decoder_forward_equals_the_library_forward(models, tmp_path, arch, mode
 def test_provenance_names_the_gemm_kernel_and_its_speed(models, tmp_path):
     _, meta = classify(tmp_path, "p", "--model", models["llama"], "--labels", "goods,life", "--prompt", "a b c")
     gemm = meta["model"]["compute"]["gemm"]
-    assert gemm["path"] in kernels.CANDIDATES and gemm["gflops"] > 0
-    assert set(gemm["measured"]) <= set(kernels.CANDIDATES) and gemm["path"] in gemm["measured"]
+    assert gemm["path"] in gemm.CANDIDATES and gemm["gflops"] > 0
+    assert set(gemm["measured"]) <= set(gemm.CANDIDATES) and gemm["path"] in gemm["measured"]
     assert gemm["gflops"] == gemm["measured"][gemm["path"]]
     others = [g for n, g in gemm["measured"].items() if n != "paddle"]
     # Paddle's kernel unless another is clearly faster: the choice does not flip between runs on timing noise
-    assert gemm["path"] == "paddle" or gemm["gflops"] >= kernels.MARGIN * gemm["measured"]["paddle"]
-    assert gemm["path"] != "paddle" or all(g < kernels.MARGIN * gemm["gflops"] for g in others)
+    assert gemm["path"] == "paddle" or gemm["gflops"] >= gemm.MARGIN * gemm["measured"]["paddle"]
+    assert gemm["path"] != "paddle" or all(g < gemm.MARGIN * gemm["gflops"] for g in others)
 
 
 def test_both_gemm_kernels_give_the_same_scores(models, tmp_path, monkeypatch, fresh_kernel):
     common = ["--model", models["llama"], "--lora", models["llama_lora"], "--labels", LABELS, "--template", TEMPLATE,
               "--input", builders.DEMO_QUERIES, "--limit", 6]
     got = {}
-    for name in kernels.CANDIDATES:
-        monkeypatch.setenv(kernels.ENV, name)
-        kernels.gemm.cache_clear()
+    for name in gemm.CANDIDATES:
+        monkeypatch.setenv(gemm.ENV, name)
+        gemm.gemm.cache_clear()
         got[name], meta = classify(tmp_path, name, *common)
         assert meta["model"]["compute"]["gemm"]["path"] == name and meta["model"]["compute"]["gemm"]["forced"]
     np.testing.assert_allclose(logprobs(got["numpy"]), logprobs(got["paddle"]), atol=1e-5)
 
 
-class _Wrong(kernels.NumpyKernel):
+class _Wrong(gemm.NumpyKernel):
     name = "numpy"
 
     def mm(self, x, w, trans_w=False):
@@ -95,13 +96,13 @@ class _Wrong(kernels.NumpyKernel):
 
 
 def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch, models, tmp_path, fresh_kernel):
-    real = kernels.make
+    real = gemm.make
     monkeypatch.setattr(kernels, "make", lambda name: _Wrong() if name == "numpy" else real(name))
-    _, choice = kernels.choose((64, 64, 64), {})
+    _, choice = gemm.choose((64, 64, 64), {})
     assert choice.path == "paddle" and "numpy" not in choice.measured
     assert "wrong result" in choice.excluded["numpy"] and any("numpy GEMM kernel is not used" in n for n in choice.notes)
     # forced onto the broken kernel: it is still refused, the other one runs, and the CLI says so in one line
-    monkeypatch.setenv(kernels.ENV, "numpy")
+    monkeypatch.setenv(gemm.ENV, "numpy")
     r = run("classify", "--model", models["llama"], "--labels", "goods,life", "--prompt", "x y", "--json")
     notes = [line for line in r.stderr.splitlines() if "numpy GEMM kernel is not used" in line]
     assert len(notes) == 1 and notes[0].startswith("note: ")
@@ -110,9 +111,9 @@ def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch, models, tmp
 def test_the_choice_prefers_paddle_unless_clearly_beaten(monkeypatch, fresh_kernel):
     speeds = {"paddle": 100.0, "numpy": 110.0}
     monkeypatch.setattr(kernels, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
-    assert kernels.choose((64, 64, 64), {}, keep=False)[1].path == "paddle"  # 1.1x: noise, not a reason to switch
+    assert gemm.choose((64, 64, 64), {}, keep=False)[1].path == "paddle"  # 1.1x: noise, not a reason to switch
     speeds["numpy"] = 200.0
-    assert kernels.choose((64, 64, 64), {}, keep=False)[1].path == "numpy"  # 2x (numpy's OpenBLAS on AMD): switch
+    assert gemm.choose((64, 64, 64), {}, keep=False)[1].path == "numpy"  # 2x (numpy's OpenBLAS on AMD): switch
 
 
 def test_the_choice_is_kept_for_the_machine_so_processes_agree(monkeypatch, tmp_path, fresh_kernel):
@@ -120,21 +121,21 @@ def test_the_choice_is_kept_for_the_machine_so_processes_agree(monkeypatch, tmp_
     monkeypatch.setenv("PADDLE_SCORER_CACHE_DIR", str(tmp_path))
     speeds = {"paddle": 100.0, "numpy": 300.0}
     monkeypatch.setattr(kernels, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
-    _, first = kernels.choose((64, 64, 64), {})
+    _, first = gemm.choose((64, 64, 64), {})
     assert first.path == "numpy" and first.decided == "measured" and first.record
     speeds.update(paddle=400.0)  # a later process under other load would measure the opposite
-    _, later = kernels.choose((64, 64, 64), {})
+    _, later = gemm.choose((64, 64, 64), {})
     assert later.path == "numpy" and later.decided == "kept" and later.decided_at == first.decided_at
-    assert kernels.choose((128, 64, 64), {})[1].path == "paddle"  # another shape is its own decision
+    assert gemm.choose((128, 64, 64), {})[1].path == "paddle"  # another shape is its own decision
     # a damaged record is ignored (measured again), never fatal; the file follows the umask
-    record = tmp_path / kernels.DECISIONS_FILE
+    record = tmp_path / gemm.DECISIONS_FILE
     data = json.loads(record.read_text())
     data[next(iter(data))] = {"path": "numpy", "measured": {"numpy": None}}
     record.write_text(json.dumps(data))
-    _, again = kernels.choose((64, 64, 64), {})
+    _, again = gemm.choose((64, 64, 64), {})
     assert again.decided == "measured" and again.path == "paddle"
     record.write_text("{not json")
-    assert kernels.choose((64, 64, 64), {})[1].decided == "measured"
+    assert gemm.choose((64, 64, 64), {})[1].decided == "measured"
     assert oct(record.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
@@ -147,20 +148,20 @@ def _umask() -> int:
 
 
 def test_an_unknown_forced_kernel_is_said_and_ignored(fresh_kernel):
-    _, choice = kernels.choose((64, 64, 64), {kernels.ENV: "blis"})
-    assert not choice.forced and choice.path in kernels.CANDIDATES
+    _, choice = gemm.choose((64, 64, 64), {gemm.ENV: "blis"})
+    assert not choice.forced and choice.path in gemm.CANDIDATES
     assert any("'blis' is not one of" in n for n in choice.notes)
 
 
 def test_zero_copy_views_share_memory_both_ways():
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.process.environment import paddle
 
     pd = paddle()
     t = pd.to_tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
-    a = kernels.to_numpy(t)
+    a = gemm.to_numpy(t)
     a[0, 0] = 42.0
     assert a.flags.writeable and float(t.numpy()[0, 0]) == 42.0
-    m = kernels.Mat(np.ones((3, 2), np.float32))
+    m = gemm.Mat(np.ones((3, 2), np.float32))
     m.np[1, 1] = 7.0
     assert float(m.pd.numpy()[1, 1]) == 7.0
 
@@ -193,7 +194,7 @@ def test_unsupported_settings_fall_back_to_the_library_with_the_reason():
 
 def test_padding_slots_are_not_computed():
     """Right-padded rows: only the real tokens go through the GEMMs; a tree mask's pad slots are found too."""
-    from paddle_scorer.packing import pack
+    from paddle_scorer.compute.packing import pack
 
     p = pack([[1, 2, 3, 4], [5, 6]], [[[7], [8, 9, 10]], [[7], [8, 9, 10]]], pad_id=0)
     b = decoder.Batch.from_mask(p.mask, p.ids.shape[1])
@@ -209,7 +210,7 @@ def test_doctor_reports_the_gemm_kernel():
     r = run("doctor", "--json")
     facts = json.loads(r.stdout)
     gemm = facts["cpu"]["gemm"]
-    assert gemm["path"] in kernels.CANDIDATES and gemm["gflops"] > 0
+    assert gemm["path"] in gemm.CANDIDATES and gemm["gflops"] > 0
     assert "OPENBLAS_NUM_THREADS" in facts["cpu"]["settings"]
     assert "float32 GEMM" in run("doctor").stdout
 

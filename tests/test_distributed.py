@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.dtype_policy import GpuInfo, resolve_device
-from paddle_scorer.runtime import thread_count
-from paddle_scorer.launcher import worker_from_env
-from paddle_scorer.sharding import shard
+from paddle_scorer.model.dtype_policy import GpuInfo, resolve_device
+from paddle_scorer.process.environment import thread_count
+from paddle_scorer.process.launcher import worker_from_env
+from paddle_scorer.runs.sharding import shard
 
 SCORER = shutil.which("paddle-scorer") or str(Path(sys.executable).with_name("paddle-scorer"))
 DEMO = ["--model", str(builders.DEMO_BASE), "--lora", str(builders.DEMO_LORA)]

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from paddle_scorer.cli.app import app
-from paddle_scorer.doctor import PACKAGES, release, runtime_findings, version_findings
+from paddle_scorer.tasks.doctor import PACKAGES, release, runtime_findings, version_findings
 
 runner = CliRunner()
 

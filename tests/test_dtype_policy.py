@@ -2,7 +2,7 @@
 
 import pytest
 
-from paddle_scorer.dtype_policy import GpuInfo, normalise_dtype, resolve_device, resolve_policy
+from paddle_scorer.model.dtype_policy import GpuInfo, normalise_dtype, resolve_device, resolve_policy
 from paddle_scorer.errors import DtypeError, UsageError
 
 CPU_ONLY = GpuInfo(compiled_with_cuda=False, device_count=0)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import builders
-from paddle_scorer.backend import log_softmax
-from paddle_scorer.execution import backend_for
-from paddle_scorer.loader import load
-from paddle_scorer.runtime import paddle
+from paddle_scorer.compute.in_ram import log_softmax
+from paddle_scorer.compute.choose_backend import backend_for
+from paddle_scorer.model.loader import load
+from paddle_scorer.process.environment import paddle
 
 sys.path.insert(0, str(builders.REPO / "benchmarks"))
 from strategies import kv_cache_strategy  # noqa: E402

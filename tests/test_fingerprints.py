@@ -9,8 +9,8 @@ import shutil
 import time
 
 import builders
-from paddle_scorer import checkpoint as ckpt
-from paddle_scorer import fingerprints as fp
+from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.checkpoint import fingerprints as fp
 
 
 def _rewrite_keeping_size_and_mtime(path, offset: int = 200) -> None:

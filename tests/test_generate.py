@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.loader import load
-from paddle_scorer.runtime import paddle
+from paddle_scorer.model.loader import load
+from paddle_scorer.process.environment import paddle
 
 runner = CliRunner()
 DEMO = ["--model", str(builders.DEMO_BASE), "--lora", str(builders.DEMO_LORA)]

@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 
 import builders
 import weights_crafted
-from paddle_scorer.weights import read_pdparams, write_pdparams
+from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -218,7 +218,7 @@ def _(ws):
 
 @row("checkpoint", "two-weight-sets-in-one-model-folder", 4, ("model_state.pdparams", "model.safetensors", "ambiguous"))
 def _(ws):
-    from paddle_scorer.weights import write_safetensors
+    from paddle_scorer.checkpoint.weights import write_safetensors
 
     sd = read_pdparams(ws.base / "model_state.pdparams")
     write_safetensors({k: np.zeros_like(v) for k, v in sd.items()}, ws.base / "model.safetensors")
@@ -492,7 +492,7 @@ for _dt, _make in [("int8", lambda v: v.astype(np.int8)), ("bool", lambda v: v >
 @row("checkpoint", "float8-weights-refused-by-inspect-too", 4, ("float8_e4m3fn", "float16, bfloat16"))
 def _(ws):
     import ml_dtypes
-    from paddle_scorer.weights import write_safetensors
+    from paddle_scorer.checkpoint.weights import write_safetensors
 
     sd = read_pdparams(ws.base / "model_state.pdparams")
     sd = {k: (v.astype(ml_dtypes.float8_e4m3fn) if k.endswith("up_proj.weight") else v) for k, v in sd.items()}
@@ -526,7 +526,7 @@ def _(ws):
 
 @row("checkpoint", "a-safetensors-file-saved-as-pdparams", 4, ("lora_model_state.pdparams", "safetensors", "rename"))
 def _(ws):
-    from paddle_scorer.weights import write_safetensors
+    from paddle_scorer.checkpoint.weights import write_safetensors
 
     path = ws.lora / "lora_model_state.pdparams"
     sd = read_pdparams(path)
@@ -819,7 +819,7 @@ def _(ws):
 
 def _interrupt_on_block(n: int):
     def patch(mp, ws):
-        from paddle_scorer.scoring import Classifier
+        from paddle_scorer.tasks.classify import Classifier
 
         real = Classifier.score
         calls = {"n": 0}
@@ -859,7 +859,7 @@ def _resumed_after_overwrite(ws, before, after, r):
 @row("outputs", "resume-continues-an-interrupted-overwrite", 0, check=_resumed_after_overwrite)
 def _(ws):
     ws.scored(data=ws.data(records=default_records(3)))
-    from paddle_scorer.scoring import Classifier
+    from paddle_scorer.tasks.classify import Classifier
 
     real = Classifier.score
     calls = {"n": 0}
@@ -880,7 +880,7 @@ def _(ws):
 
 
 def _input_changed(ws, before, after, r):
-    from paddle_scorer.outputs import fingerprint
+    from paddle_scorer.runs.output_file import fingerprint
 
     new = read_jsonl(ws.p("in.jsonl"))
     recs = read_jsonl(ws.p("out.jsonl"))
@@ -1043,7 +1043,7 @@ def _(ws):
 def _working_meta(ws, out: Path, pid: int) -> None:
     import socket
 
-    from paddle_scorer.outputs import working_path
+    from paddle_scorer.runs.output_file import working_path
 
     work = working_path(out)
     work.write_text(ws.p("out.jsonl").read_text().splitlines(keepends=True)[0] if ws.p("out.jsonl").exists() else "")
@@ -1337,7 +1337,7 @@ def _(ws):
 
 
 def _merge_disk_full(mp, ws):
-    import paddle_scorer.merge as merging
+    import paddle_scorer.tasks.merge as merging
 
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -1386,11 +1386,11 @@ def _(ws):
 
 
 def _no_paddle(mp, ws):
-    from paddle_scorer import runtime
+    from paddle_scorer.process import environment
 
     mp.setitem(sys.modules, "paddle", None)  # `import paddle` raises ModuleNotFoundError(name="paddle")
-    runtime.paddle.cache_clear()
-    ws.notes["cache_clear"] = runtime.paddle.cache_clear
+    environment.paddle.cache_clear()
+    ws.notes["cache_clear"] = environment.paddle.cache_clear
 
 
 def _no_paddle_checked(ws, before, after, r):
@@ -1475,7 +1475,7 @@ SITECUSTOMIZE = '''
 import os, time
 _where, _marker = os.environ.get("HOSTILE_PAUSE", ""), os.environ.get("HOSTILE_MARKER", "")
 if _where == "classify":
-    import paddle_scorer.outputs as _o
+    import paddle_scorer.runs.output_file as _o
     _real = _o.RunOutput.write_batch
     def _write_batch(self, records):
         _real(self, records)
@@ -1483,7 +1483,7 @@ if _where == "classify":
         time.sleep(120)
     _o.RunOutput.write_batch = _write_batch
 elif _where == "merge":
-    import paddle_scorer.merge as _m
+    import paddle_scorer.tasks.merge as _m
     _real = _m.write_side_files
     def _write_side_files(*a, **kw):
         out = _real(*a, **kw)
@@ -1492,7 +1492,7 @@ elif _where == "merge":
         return out
     _m.write_side_files = _write_side_files
 elif _where == "verify":  # merge --verify, in the middle of the comparison (paddle and the models loaded)
-    import paddle_scorer.merge as _m
+    import paddle_scorer.tasks.merge as _m
     _real = _m._logprobs
     def _logprobs(*a, **kw):
         open(_marker, "w").close()

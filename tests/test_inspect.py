@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.weights import read_pdparams
+from paddle_scorer.checkpoint.weights import read_pdparams
 
 runner = CliRunner()
 

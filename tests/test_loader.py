@@ -8,9 +8,9 @@ import pytest
 
 import builders
 from paddle_scorer.errors import CheckpointError, DtypeError, UnsafeCheckpointError, UsageError, WeightMismatchError
-from paddle_scorer.loader import load
-from paddle_scorer.runtime import paddle
-from paddle_scorer.weights import read_pdparams, write_pdparams
+from paddle_scorer.model.loader import load
+from paddle_scorer.process.environment import paddle
+from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
 
 IDS = [[5, 17, 42, 99, 7, 150, 3, 64]]
 
@@ -236,7 +236,7 @@ def test_pickle_payload_in_model_folder_executes_nothing(models, copy_of, tmp_pa
 
 
 def test_safetensors_sharded_base_and_adapter(models, tmp_path):
-    from paddle_scorer.weights import write_safetensors
+    from paddle_scorer.checkpoint.weights import write_safetensors
 
     base_st = tmp_path / "base"
     base_st.mkdir()

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from paddle_scorer import checkpoint as ckpt
-from paddle_scorer import merge as merging
+from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.tasks import merge as merging
 from paddle_scorer.cli.app import app
 from paddle_scorer.errors import WeightMismatchError
-from paddle_scorer.fingerprints import adapter_sha256
-from paddle_scorer.loader import load
-from paddle_scorer.runtime import paddle
-from paddle_scorer.weights import BFLOAT16, read_files, read_pdparams, write_pdparams, write_safetensors
+from paddle_scorer.checkpoint.fingerprints import adapter_sha256
+from paddle_scorer.model.loader import load
+from paddle_scorer.process.environment import paddle
+from paddle_scorer.checkpoint.weights import BFLOAT16, read_files, read_pdparams, write_pdparams, write_safetensors
 
 runner = CliRunner()
 IDS = [[5, 17, 42, 99, 7, 150, 3, 64]]
@@ -143,7 +143,7 @@ def test_qwen2_merge_equals_attached(models, tmp_path):
 
 def test_merge_imports_no_paddle(models, tmp_path):
     code = (
-        "import sys\nfrom paddle_scorer.merge import merge\n"
+        "import sys\nfrom paddle_scorer.tasks.merge import merge\n"
         f"r = merge({str(models['llama'])!r}, {str(models['llama_lora'])!r}, {str(tmp_path / 'out')!r})\n"
         "assert r.merged_modules == 6, r\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in ('paddle', 'paddlenlp')]\n"

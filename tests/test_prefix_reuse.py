@@ -1,4 +1,4 @@
-"""Prefix reuse (prefixes.py, reuse.py, the streamed executor): a shared prompt prefix is computed once and the
+"""Prefix reuse (prefix_tree.py, reuse.py, the streamed executor): a shared prompt prefix is computed once and the
 results equal the computation without reuse (1e-5) through the real CLI: few-shot classify with single- and
 multi-token labels, attach and merge, in RAM and streamed, Llama and Qwen2, two templates in one input, generate,
 two launcher workers; the radix planner and the bounded cache on their own."""
@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import builders
-from paddle_scorer import prefixes
+from paddle_scorer.compute import prefix_tree
 from paddle_scorer.cli.app import app
 
 runner = CliRunner()
@@ -111,11 +111,11 @@ def test_two_launcher_workers_each_compute_the_prefix_once(tmp_path):
 def test_plan_finds_the_shared_prefix_and_leaves_each_record_a_token():
     shared = list(range(100, 140))
     seqs = [shared + [1, 2, 3], shared + [4, 5], shared + [6], list(range(40)) + [9]]
-    root = prefixes.plan(seqs)
+    root = prefix_tree.plan(seqs)
     (node,) = root.children
     assert node.depth == 40 and node.tokens == tuple(shared) and sorted(node.members) == [0, 1, 2]
     assert root.members == [3]  # shares nothing worth computing
-    short = prefixes.plan([shared, shared, shared])  # identical: each keeps its last token for its own distribution
+    short = prefix_tree.plan([shared, shared, shared])  # identical: each keeps its last token for its own distribution
     assert short.children[0].depth == 39
 
 
@@ -124,7 +124,7 @@ def test_plan_nests_prefixes_and_folds_short_steps():
     a = header + list(range(2000, 2080))
     b = header + list(range(3000, 3080))
     seqs = [a + [1], a + [2], b + [3], b + [4], header + [5, 5, 5]]
-    root = prefixes.plan(seqs)
+    root = prefix_tree.plan(seqs)
     (h,) = root.children
     assert h.depth == 30 and h.members == [4]
     assert sorted(c.depth for c in h.children) == [110, 110]
@@ -132,30 +132,30 @@ def test_plan_nests_prefixes_and_folds_short_steps():
     # a step shorter than MIN_TOKENS is folded into its children
     tail, header2 = list(range(50, 130)), list(range(1000, 1040))
     seqs2 = [header2 + [7, 8] + tail + [1], header2 + [7, 8] + tail + [2], header2 + [9] * 90]
-    (h2,) = prefixes.plan(seqs2).children
+    (h2,) = prefix_tree.plan(seqs2).children
     assert h2.depth == 40 and [c.depth for c in h2.children] == [122]
     # a prefix that saves less than MIN_SAVED token computations is not worth a forward of its own
     pair = [list(range(40)) + [1], list(range(40)) + [2]]
-    assert prefixes.plan(pair).children == [] and sorted(prefixes.plan(pair).members) == [0, 1]
-    assert prefixes.plan(pair + [list(range(40)) + [3]] * 2).children[0].depth == 40  # 3 x 40 saved
+    assert prefix_tree.plan(pair).children == [] and sorted(prefix_tree.plan(pair).members) == [0, 1]
+    assert prefix_tree.plan(pair + [list(range(40)) + [3]] * 2).children[0].depth == 40  # 3 x 40 saved
 
 
 def test_plan_decides_on_token_ids_not_text(models):
     """Two prompts whose template text is the same but whose ids differ at the boundary share only the ids."""
-    from paddle_scorer.loader import load
+    from paddle_scorer.model.loader import load
 
     tok = load(models["llama"], device="cpu").tokenizer
     a = tok("Answer the question carefully please:x")["input_ids"]
     b = tok("Answer the question carefully please: x")["input_ids"]
-    root = prefixes.plan([a, b], min_tokens=1, min_saved=1)
-    assert root.children and root.children[0].depth == prefixes.common_length(a, b) < min(len(a), len(b))
+    root = prefix_tree.plan([a, b], min_tokens=1, min_saved=1)
+    assert root.children and root.children[0].depth == prefix_tree.common_length(a, b) < min(len(a), len(b))
 
 
 def test_savings_count_what_was_not_recomputed():
     shared = list(range(64))
     seqs = [shared + [i, i + 1] for i in range(10)]
-    s = prefixes.Savings()
-    s.add(prefixes.plan(seqs), seqs)
+    s = prefix_tree.Savings()
+    s.add(prefix_tree.plan(seqs), seqs)
     d = s.to_dict()
     assert d["prompt_tokens"] == 660 and d["computed_tokens"] == 64 + 10 * 2 and d["tokens_saved"] == 660 - 84
 
@@ -163,9 +163,9 @@ def test_savings_count_what_was_not_recomputed():
 def test_cache_keeps_the_longest_match_within_its_bound_per_owner():
     def pre(tokens, nbytes=100):
         k = np.zeros((1, len(tokens), nbytes // (8 * max(1, len(tokens)))), np.float32)
-        return prefixes.Prefix(np.asarray(tokens), [k], [k.copy()])
+        return prefix_tree.Prefix(np.asarray(tokens), [k], [k.copy()])
 
-    c = prefixes.PrefixCache(max_bytes=10_000)
+    c = prefix_tree.PrefixCache(max_bytes=10_000)
     c.put("a", pre(list(range(50)), 800))
     c.put("b", pre(list(range(50)), 800))
     entry, m = c.longest("a", list(range(30)) + [99])

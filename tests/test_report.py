@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.metrics import evaluate, reliability
-from paddle_scorer.report import histogram, load_run, summarize
+from paddle_scorer.tasks.metrics import evaluate, reliability
+from paddle_scorer.tasks.report import histogram, load_run, summarize
 
 runner = CliRunner()
 SCORER = builders.DEMO_SCORER

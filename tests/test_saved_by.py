@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 import builders
-from paddle_scorer.execution import backend_for
+from paddle_scorer.compute.choose_backend import backend_for
 from recorded_forward import FIXTURES, max_delta, recorded
 from paddle_scorer.cli.app import app
-from paddle_scorer.loader import load
+from paddle_scorer.model.loader import load
 
 runner = CliRunner()
 PF_BASE, PF_LORA = FIXTURES / "formers-llama", FIXTURES / "formers-llama-lora"
@@ -85,7 +85,7 @@ def test_merge_of_a_paddleformers_adapter_here_keeps_its_layout(tmp_path, deltas
     r = cli("merge", "--lora", PF_LORA, "--out", out, "--verify")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "paddle_scorer_merge.json").read_text())["layout"] == "hf"
-    from paddle_scorer.weights import read_safetensors
+    from paddle_scorer.checkpoint.weights import read_safetensors
 
     merged = read_safetensors(out / "model.safetensors")
     assert all(k.startswith(("model.", "lm_head.")) for k in merged)
@@ -139,7 +139,7 @@ def test_unified_checkpoint_equals_paddlenlp_forward(lora, mode, prefix, deltas)
     from paddlenlp.peft import LoRAModel
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.process.environment import paddle
 
     pd = paddle()
     ref = AutoModelForCausalLM.from_pretrained(str(NLP_BASE), dtype="float32")

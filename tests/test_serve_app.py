@@ -9,10 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import builders
-from paddle_scorer.execution import backend_for
-from paddle_scorer.generation import GenerateOptions, Generator
-from paddle_scorer.loader import load
-from paddle_scorer.scoring import Classifier, ClassifyOptions
+from paddle_scorer.compute.choose_backend import backend_for
+from paddle_scorer.tasks.generate import GenerateOptions, Generator
+from paddle_scorer.model.loader import load
+from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 from paddle_scorer.serve.app import create_app
 from paddle_scorer.serve.engine import GenSpec, Work
 from paddle_scorer.serve.protocol import Sampling

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import builders
-from paddle_scorer.execution import backend_for
-from paddle_scorer.loader import load
-from paddle_scorer.scoring import Classifier, ClassifyOptions
+from paddle_scorer.compute.choose_backend import backend_for
+from paddle_scorer.model.loader import load
+from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 from paddle_scorer.serve.app import create_app
 from paddle_scorer.serve.service import ServeOptions, Service
 
@@ -156,7 +156,7 @@ def test_classify_route_equals_classify(demo, client):
 def test_several_adapters_on_one_base_equal_each_served_alone(models):
     from paddle_scorer.cli.options import load_options, plan_in_ram
     from paddle_scorer.cli.serve_cmd import _backends
-    from paddle_scorer.loader import load_plan
+    from paddle_scorer.model.loader import load_plan
 
     plan = plan_in_ram(load_options(models["llama"], None, "attach", "cpu", "auto", None), "serve")
     base = load_plan(plan)

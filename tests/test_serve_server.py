@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import builders
-from paddle_scorer.loader import load
-from paddle_scorer.scoring import Classifier, ClassifyOptions
+from paddle_scorer.model.loader import load
+from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
 REPO = builders.REPO
 SCORER = builders.DEMO_SCORER

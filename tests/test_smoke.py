@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 import builders
 from paddle_scorer.cli.app import app
 from paddle_scorer.errors import CheckpointError, UsageError
-from paddle_scorer.loader import load
-from paddle_scorer.estimates import Projection, gpu_command, project
-from paddle_scorer.memory import parse_size
-from paddle_scorer.weights import read_pdparams, write_pdparams
+from paddle_scorer.model.loader import load
+from paddle_scorer.tasks.smoke_estimates import Projection, gpu_command, project
+from paddle_scorer.model.memory_budget import parse_size
+from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
 
 runner = CliRunner()
 DEMO = ["--model", builders.DEMO_BASE, "--lora", builders.DEMO_LORA]
@@ -100,7 +100,7 @@ def test_project_is_a_pure_function_of_the_measurement():
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A ~100 MB float32 Llama (+ adapter) and a memory limit it does not fit in RAM under, but streams within."""
-    from paddle_scorer.memory import INTERPRETER_BYTES, STREAM_WORKING_BYTES
+    from paddle_scorer.model.memory_budget import INTERPRETER_BYTES, STREAM_WORKING_BYTES
 
     root = tmp_path_factory.mktemp("wide")
     model = builders.build_model("llama", seed=2, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
@@ -139,7 +139,7 @@ def test_a_model_that_does_not_fit_is_scored_streamed_with_real_probabilities(wi
 
 
 def test_streamed_projection_separates_the_per_block_cost():
-    from paddle_scorer.estimates import project_streamed
+    from paddle_scorer.tasks.smoke_estimates import project_streamed
 
     # a block costs 10 s + 1 s per record: measured 11 s for 1 record and 15 s for 5
     p = project_streamed(11.0, 15.0, 5, 100, 40)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import builders
 from paddle_scorer.cli.app import app
-from paddle_scorer.memory import INTERPRETER_BYTES, STREAM_WORKING_BYTES, MemoryBudgetError, plan_memory
+from paddle_scorer.model.memory_budget import INTERPRETER_BYTES, STREAM_WORKING_BYTES, MemoryBudgetError, plan_memory
 
 runner = CliRunner()
 TEMPLATE = builders.DEMO_SCORER["template"]
@@ -43,13 +43,13 @@ def logprobs(recs):
 def test_layer_calls_cut_differently_from_batches_give_the_same_scores(models, tmp_path, monkeypatch, call_tokens):
     """A block's records are re-cut into layer calls of ~CALL_TOKENS padded tokens; scores must not depend
     on the cut (1 token: every record alone; 200: a few records of mixed lengths padded together)."""
-    from paddle_scorer import stream
+    from paddle_scorer.compute import streamed
 
     common = ["--model", models["llama"], "--lora", models["llama_lora"], "--labels", "goods and things,life",
               "--template", TEMPLATE, "--input", builders.DEMO_QUERIES, "--limit", 12, "--batch-size", 3]
     ram, _, _ = classify(tmp_path, "ram", *common, "--execution", "in-ram")
     calls = []
-    original = stream.pack
+    original = streamed.pack
     monkeypatch.setattr(stream, "pack", lambda *a, **kw: calls.append(len(a[0])) or original(*a, **kw))
     monkeypatch.setattr(stream, "CALL_TOKENS", call_tokens)
     streamed, _, _ = classify(tmp_path, "streamed", *common, "--execution", "streamed")
@@ -62,7 +62,7 @@ def test_layer_calls_cut_differently_from_batches_give_the_same_scores(models, t
 
 
 def test_regroup_cuts_by_padded_tokens_in_order():
-    from paddle_scorer.packing import regroup
+    from paddle_scorer.compute.packing import regroup
 
     items = [([1] * 10, [[5]]), ([1] * 9, [[5]]), ([1] * 9, [[5]]), ([1] * 4, [[5]]), ([1] * 30, [[5]])]
     assert regroup(items, 30) == [[0, 1, 2], [3], [4]]  # 3 x 10 fits; then 4 x 10 would not; 30 alone
@@ -173,7 +173,7 @@ def test_plan_memory_rule():
 
 
 def test_unexpected_key_layout_cannot_be_streamed(models, copy_of):
-    from paddle_scorer.weights import read_pdparams, write_pdparams
+    from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
 
     folder = copy_of(models["llama"])
     sd = read_pdparams(folder / "model_state.pdparams")

@@ -16,7 +16,7 @@ import pytest
 import builders
 import weights_crafted
 from paddle_scorer.errors import CheckpointError, UnsafeCheckpointError
-from paddle_scorer.weights import (
+from paddle_scorer.checkpoint.weights import (
     BFLOAT16,
     index_file,
     index_files,
@@ -33,7 +33,7 @@ from paddle_scorer.weights import (
     write_pdparams,
     write_safetensors,
 )
-from paddle_scorer.runtime import paddle
+from paddle_scorer.process.environment import paddle
 
 
 def test_pdparams_matches_paddle_load_for_fp32_fp16_bf16(tmp_path):
@@ -338,7 +338,7 @@ def test_huge_declared_shape_under_a_small_address_space_limit(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
         from paddle_scorer.errors import CheckpointError
-        from paddle_scorer.weights import index_file, read_pdparams
+        from paddle_scorer.checkpoint.weights import index_file, read_pdparams
         import psutil
         vm = psutil.Process().memory_info().vms
         resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
@@ -413,7 +413,7 @@ def test_a_crafted_dtype_cannot_rewrite_numpys_shared_dtypes(tmp_path):
 
 
 def test_the_walker_stops_after_a_bounded_number_of_opcodes(tmp_path, monkeypatch):
-    from paddle_scorer import unpickle
+    from paddle_scorer.checkpoint import unpickle
 
     path = tmp_path / "many.pdparams"
     write_pdparams({f"t{i}": np.zeros(1, np.float32) for i in range(10)}, path)
@@ -453,7 +453,7 @@ def test_truncated_files_name_the_file_at_index_and_at_read_time(tmp_path):
 # child of a 300 MB parent reported 344 MB before doing anything). VmHWM belongs to the new program image.
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys
-    from paddle_scorer.weights import index_file, read_tensor
+    from paddle_scorer.checkpoint.weights import index_file, read_tensor
     def peak():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):

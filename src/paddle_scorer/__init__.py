@@ -15,15 +15,15 @@ from paddle_scorer.errors import (  # noqa: E402
 
 # Heavy parts are imported on first use so `paddle-scorer --help` and `inspect` never import paddle.
 _LAZY = {
-    "load": "paddle_scorer.loader",
-    "Loaded": "paddle_scorer.loader",
-    "describe": "paddle_scorer.checkpoint",
-    "Classifier": "paddle_scorer.scoring",
-    "ClassifyOptions": "paddle_scorer.scoring",
-    "Generator": "paddle_scorer.generation",
-    "GenerateOptions": "paddle_scorer.generation",
-    "Backend": "paddle_scorer.backend",
-    "evaluate": "paddle_scorer.metrics",
+    "load": "paddle_scorer.model.loader",
+    "Loaded": "paddle_scorer.model.loader",
+    "describe": "paddle_scorer.checkpoint.describe",
+    "Classifier": "paddle_scorer.tasks.classify",
+    "ClassifyOptions": "paddle_scorer.tasks.classify",
+    "Generator": "paddle_scorer.tasks.generate",
+    "GenerateOptions": "paddle_scorer.tasks.generate",
+    "Backend": "paddle_scorer.compute.in_ram",
+    "evaluate": "paddle_scorer.tasks.metrics",
 }
 
 

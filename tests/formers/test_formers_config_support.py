@@ -4,7 +4,7 @@ build from) reads is classified (the PaddleNLP suite checks PaddleNLP's)."""
 from __future__ import annotations
 
 import library_reads
-from paddle_scorer import config_support
+from paddle_scorer.compute import config_support
 
 
 def test_every_field_paddleformers_reads_is_classified():

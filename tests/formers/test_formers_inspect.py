@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from formers import builders as fb
-from paddle_scorer.execution import backend_for
+from paddle_scorer.compute.choose_backend import backend_for
 from paddle_scorer.cli.app import app
-from paddle_scorer.loader import load
+from paddle_scorer.model.loader import load
 
 runner = CliRunner()
 TOL = 1e-5
@@ -145,8 +145,8 @@ F32_ROWS = 5e-5  # two independent float32 forwards, whole vocabulary rows of an
 
 def test_square_matrices_come_out_right(square, pf, deltas):
     model, folder, lora = square
-    from paddle_scorer.layout import orientation_from_shapes
-    from paddle_scorer.weights import index_files
+    from paddle_scorer.model.tensor_layout import orientation_from_shapes
+    from paddle_scorer.checkpoint.weights import index_files
 
     shapes = {n: r.shape for n, r in index_files([folder / "model-00001-of-00001.safetensors"]).items()}
     assert orientation_from_shapes(shapes, json.loads((folder / "config.json").read_text()))[0] is None

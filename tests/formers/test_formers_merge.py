@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from formers import builders as fb
-from paddle_scorer.execution import backend_for
+from paddle_scorer.compute.choose_backend import backend_for
 from paddle_scorer.cli.app import app
-from paddle_scorer.loader import load
+from paddle_scorer.model.loader import load
 
 runner = CliRunner()
 PROBE = [[5, 17, 42, 99, 7, 150, 3, 64, 300, 301], [90, 75, 317, 326, 321, 367, 278]]

@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from formers import builders as fb
-from paddle_scorer.execution import backend_for
+from paddle_scorer.compute.choose_backend import backend_for
 from recorded_forward import FIXTURES, max_delta, recorded
 from paddle_scorer.cli.app import app
-from paddle_scorer.loader import load
+from paddle_scorer.model.loader import load
 
 runner = CliRunner()
 DEMO_BASE, DEMO_LORA = fb.REPO / "checkpoints" / "demo-base", fb.REPO / "checkpoints" / "demo-lora"
@@ -60,7 +60,7 @@ def test_paddlenlp_saved_base_with_a_paddleformers_adapter(tmp_path, pf, deltas)
     """An adapter trained by PaddleFormers (``model.`` names) on a base saved by PaddleNLP (``llama.`` names)."""
     from paddleformers.peft import LoRAConfig, LoRAModel
 
-    from paddle_scorer.runtime import paddle
+    from paddle_scorer.process.environment import paddle
 
     pd = paddle()
     model = load(NLP_BASE, device="cpu").model  # PaddleFormers' LlamaForCausalLM, weights from the PaddleNLP files

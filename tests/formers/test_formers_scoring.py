@@ -154,8 +154,8 @@ def test_kv_cache_strategy_selects_rows_of_a_dynamic_cache(arch, formers_models,
     of the prompt's cache: PaddleFormers' DynamicCache, not tuples (libraries.select_cache_rows)."""
     import sys
 
-    from paddle_scorer.execution import backend_for
-    from paddle_scorer.loader import load
+    from paddle_scorer.compute.choose_backend import backend_for
+    from paddle_scorer.model.loader import load
 
     sys.path.insert(0, str(fb.REPO / "benchmarks"))
     from strategies import kv_cache_strategy

@@ -3,9 +3,9 @@ so `--help` and `inspect` never import paddle."""
 
 from __future__ import annotations
 
-from paddle_scorer import runtime
+from paddle_scorer.process import environment
 
-runtime.prepare()  # thread counts before numpy's BLAS and paddle load (the command modules import numpy)
+environment.prepare()  # thread counts before numpy's BLAS and paddle load (the command modules import numpy)
 
 import typer  # noqa: E402
 

@@ -22,8 +22,8 @@ from paddle_scorer.cli.options import (
     read_rows,
     template_note,
 )
-from paddle_scorer.dataio import meta_path
-from paddle_scorer.sidecars import scorer_defaults
+from paddle_scorer.jsonio import meta_path
+from paddle_scorer.checkpoint.sidecars import scorer_defaults
 
 EXAMPLES = """
   # the demo: labels and template from checkpoints/demo-lora/scorer.json
@@ -84,12 +84,12 @@ def register(app: typer.Typer) -> None:
         prefix_reuse: flags.PrefixReuse = True,
         force_max_length: bool = typer.Option(False, "--force-max-length", help="Allow --max-length beyond the model's context (recorded in the output)."),
     ):
-        from paddle_scorer.identity import classify_identity
-        from paddle_scorer.metrics import evaluate
-        from paddle_scorer.outputs import fingerprint
-        from paddle_scorer.prompts import parse_labels
-        from paddle_scorer.runs import execute
-        from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions, check_options
+        from paddle_scorer.runs.identity import classify_identity
+        from paddle_scorer.tasks.metrics import evaluate
+        from paddle_scorer.runs.output_file import fingerprint
+        from paddle_scorer.tasks.prompts import parse_labels
+        from paddle_scorer.runs.loop import execute
+        from paddle_scorer.tasks.classify import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions, check_options
 
         check_io(prompt, input, output, resume, overwrite, limit)
         check_numbers(batch_size=batch_size, max_length=max_length, show=show, stream_block_records=stream_block_records)

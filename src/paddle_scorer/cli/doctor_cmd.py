@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.model.memory_budget import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, out, styled
 
@@ -58,7 +58,7 @@ def render(facts: dict) -> None:
         else:
             _row(t, f"model library {name}", f"{escape(lib['version'])}, [bold red]import fails[/]: "
                                              f"{escape(lib.get('error') or '')}")
-    from paddle_scorer.doctor import OPTIONAL
+    from paddle_scorer.tasks.doctor import OPTIONAL
 
     for name, version in facts["packages"].items():
         if name in OPTIONAL and version is None:
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         EXAMPLES))
     @cli_errors
     def doctor(as_json: bool = typer.Option(False, "--json", help="Print the facts and findings as JSON.")):
-        from paddle_scorer.doctor import collect
+        from paddle_scorer.tasks.doctor import collect
 
         facts = collect()
         if as_json:

@@ -24,8 +24,8 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Argument(..., help="The --output the workers were given (e.g. out.jsonl)."),
     ):
         from paddle_scorer.errors import IncompleteRunError
-        from paddle_scorer.metrics import evaluate
-        from paddle_scorer.sharding import gather, part_status
+        from paddle_scorer.tasks.metrics import evaluate
+        from paddle_scorer.runs.sharding import gather, part_status
 
         world, status = part_status(output)
         meta = gather(output, evaluate)

@@ -13,7 +13,7 @@ from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 from paddle_scorer.cli.options import (check_io, load_options, loaded_from, progress_bar, read_rows, resume_line,
                                        template_note)
-from paddle_scorer.sidecars import scorer_defaults
+from paddle_scorer.checkpoint.sidecars import scorer_defaults
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
@@ -64,11 +64,11 @@ def register(app: typer.Typer) -> None:
         prefix_reuse: flags.PrefixReuse = True,
     ):
         from paddle_scorer.cli.options import check_numbers, plan_in_ram
-        from paddle_scorer.generation import GenerateOptions, Generator, check_options
-        from paddle_scorer.identity import generate_identity
-        from paddle_scorer.outputs import fingerprint
-        from paddle_scorer.prompts import check_template
-        from paddle_scorer.runs import execute
+        from paddle_scorer.tasks.generate import GenerateOptions, Generator, check_options
+        from paddle_scorer.runs.identity import generate_identity
+        from paddle_scorer.runs.output_file import fingerprint
+        from paddle_scorer.tasks.prompts import check_template
+        from paddle_scorer.runs.loop import execute
 
         check_io(prompt, input, output, resume, overwrite, limit)
         check_numbers(max_new_tokens=max_new_tokens, top_k=top_k)

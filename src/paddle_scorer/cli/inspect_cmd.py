@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from paddle_scorer.checkpoint import (
+from paddle_scorer.checkpoint.describe import (
     FULL_MODEL,
     LORA_ADAPTER,
     MERGED_MODEL,
@@ -17,7 +17,7 @@ from paddle_scorer.checkpoint import (
     CheckpointInfo,
     describe,
 )
-from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.model.memory_budget import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, human_count, out, styled, print_trimmed
 from rich.text import Text
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         path: Path = typer.Argument(..., help="A checkpoint folder: model, LoRA adapter, merged model, ..."),
         as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
     ):
-        from paddle_scorer.assess import assess
+        from paddle_scorer.tasks.inspect import assess
 
         info = describe(path)
         a = assess(info)

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from paddle_scorer.cli import flags
-from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.model.memory_budget import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Replace --out if it is an earlier merge output (any other folder is refused)."),
         allow_noop_adapter: flags.AllowNoopAdapter = False,
     ):
-        from paddle_scorer import merge as merging
+        from paddle_scorer.tasks import merge as merging
 
         for note in merging.clean_stale(out_dir):  # said first: it may explain what follows
             err.print(f"note: {note}.", highlight=False)

@@ -28,9 +28,9 @@ def load_options(model, lora, mode, device, dtype, tokenizer, memory_limit=None,
 
 
 def plan_from(o: LoadOptions):
-    """The load plan (every check; nothing loaded; the memory budget decided by :mod:`paddle_scorer.memory`)."""
-    from paddle_scorer.memory import parse_size
-    from paddle_scorer.plan import make_plan
+    """The load plan (every check; nothing loaded; the memory budget decided by :mod:`paddle_scorer.model.memory_budget`)."""
+    from paddle_scorer.model.memory_budget import parse_size
+    from paddle_scorer.model.load_plan import make_plan
 
     limit = parse_size(o.memory_limit) if o.memory_limit is not None else None
     return make_plan(o.model, o.lora, device=o.device, dtype=o.dtype, mode=o.mode, tokenizer=o.tokenizer,
@@ -43,7 +43,7 @@ def plan_in_ram(o: LoadOptions, what: str):
     import dataclasses
 
     from paddle_scorer.errors import UsageError
-    from paddle_scorer.memory import MemoryBudgetError, fmt_bytes
+    from paddle_scorer.model.memory_budget import MemoryBudgetError, fmt_bytes
 
     try:
         return plan_from(dataclasses.replace(o, execution="in-ram"))
@@ -56,12 +56,12 @@ def plan_in_ram(o: LoadOptions, what: str):
 
 
 def loaded_from(o: LoadOptions, plan=None):
-    from paddle_scorer.loader import load_plan
+    from paddle_scorer.model.loader import load_plan
 
     plan = plan or plan_from(o)
     if plan.streamed:
         m = plan.memory
-        from paddle_scorer.memory import fmt_bytes
+        from paddle_scorer.model.memory_budget import fmt_bytes
 
         err.print(f"note: the model needs about {fmt_bytes(m.in_ram_need)} in RAM but the budget is "
                   f"{fmt_bytes(m.budget)} ({m.budget_source}): scoring layer by layer (streamed), each layer read "
@@ -90,7 +90,7 @@ def progress_bar(what: str, total: int):
 def check_io(prompt, input, output, resume: bool, overwrite: bool, limit: int | None = None) -> None:
     """The input/output flag combinations the scoring commands refuse, before anything is loaded."""
     from paddle_scorer.errors import UsageError
-    from paddle_scorer.outputs import check_output_path
+    from paddle_scorer.runs.output_file import check_output_path
 
     if (prompt is None) == (input is None):
         raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
@@ -108,10 +108,10 @@ def check_io(prompt, input, output, resume: bool, overwrite: bool, limit: int | 
 
 def read_rows(prompt, input, id_field: str, limit: int | None) -> list[tuple[object, dict, str]]:
     """``[(id, record, where)]`` from --input (ids from the record) or --prompt (ids 0, 1, ...)."""
-    from paddle_scorer import dataio
+    from paddle_scorer import jsonio
 
     if input is not None:
-        rows = dataio.read_jsonl(input, id_field)
+        rows = jsonio.read_jsonl(input, id_field)
     else:
         rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(prompt)]
     return rows if limit is None else rows[:limit]
@@ -142,7 +142,7 @@ def resume_line(con, stats) -> None:
 
 def template_note(template: str | None, source: str = "--template") -> None:
     """One ``note:`` line when a template holds a literal backslash-n (see :func:`prompts.literal_escape_note`)."""
-    from paddle_scorer.prompts import literal_escape_note
+    from paddle_scorer.tasks.prompts import literal_escape_note
 
     note = literal_escape_note(template, source)
     if note:

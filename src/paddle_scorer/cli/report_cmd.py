@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         bins: int = typer.Option(10, "--bins", help="Confidence bins for the reliability diagram and ECE."),
     ):
         from paddle_scorer.errors import UsageError
-        from paddle_scorer.report import check_html_path, load_run, summarize, write_html
+        from paddle_scorer.tasks.report import check_html_path, load_run, summarize, write_html
 
         if not 1 <= bins <= MAX_BINS:
             raise UsageError(f"--bins must be between 1 and {MAX_BINS}, got {bins}.")

@@ -45,7 +45,7 @@ def _on_sigterm(signum, frame):
 
 
 def parse_bytes(text: str, flag: str = "--max-body") -> int:
-    from paddle_scorer.memory import parse_size
+    from paddle_scorer.model.memory_budget import parse_size
 
     try:
         return parse_size(text)
@@ -187,7 +187,7 @@ def _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device,
     lora = adapters[0][1] if (adapters and not several) else None
     lopts = load_options(model, lora if not several else None, mode, device, dtype, tokenizer)
     if several and model is None:  # the base the first adapter names
-        from paddle_scorer.folders import resolve_paths
+        from paddle_scorer.model.folders import resolve_paths
 
         lopts.model = resolve_paths(None, adapters[0][1])[0]
     plan = plan_in_ram(lopts, "serve")
@@ -198,7 +198,7 @@ def _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device,
     name = model_name or default_name(model if several else model, lora, loaded)
     backends, defaults, adapter_dirs = _backends(loaded, plan, adapters if several else [], name, cache_bytes,
                                                  prefix_reuse, mode)
-    from paddle_scorer.sidecars import scorer_defaults
+    from paddle_scorer.checkpoint.sidecars import scorer_defaults
 
     defaults.setdefault(name, scorer_defaults(plan.model_dir, plan.lora_dir))
     service = Service(loaded, None, ServeOptions(model_name=name, prefix_cache_bytes=cache_bytes, adapters=adapter_dirs,
@@ -232,14 +232,14 @@ def _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device,
 def _backends(loaded, plan, adapters, name: str, cache_bytes: int, prefix_reuse: bool, mode: str):
     """``{served name: backend}``: the loaded model alone, or the base plus one backend per adapter sharing its weights
     (each adapter validated against the base with the loader's checks before the server starts)."""
-    from paddle_scorer.execution import backend_for, cpu_runner, pad_id_of
+    from paddle_scorer.compute.choose_backend import backend_for, cpu_runner, pad_id_of
 
     share = max(1, len(adapters) + 1)
     if not adapters:
         return {name: backend_for(loaded, prefix_reuse=prefix_reuse, prefix_cache_bytes=cache_bytes)}, {}, {}
-    from paddle_scorer.backend import Backend
-    from paddle_scorer.plan import plan_adapter
-    from paddle_scorer.sidecars import scorer_defaults
+    from paddle_scorer.compute.in_ram import Backend
+    from paddle_scorer.model.load_plan import plan_adapter
+    from paddle_scorer.checkpoint.sidecars import scorer_defaults
 
     if mode != "attach":
         raise UsageError("several adapters on one base are served attached (each request picks one); drop --mode merge.")

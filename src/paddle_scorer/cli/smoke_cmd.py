@@ -12,7 +12,7 @@ from rich.text import Text
 from rich.table import Table
 
 from paddle_scorer.cli import flags
-from paddle_scorer.memory import fmt_bytes
+from paddle_scorer.model.memory_budget import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, out
 
@@ -84,8 +84,8 @@ def register(app: typer.Typer) -> None:
         id_field: flags.IdField = "id",
         as_json: flags.Json = False,
     ):
-        from paddle_scorer import smoke as sm
-        from paddle_scorer.memory import parse_size
+        from paddle_scorer.tasks import smoke as sm
+        from paddle_scorer.model.memory_budget import parse_size
 
         opts = sm.SmokeOptions(
             model=model, lora=lora,

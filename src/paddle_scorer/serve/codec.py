@@ -1,6 +1,6 @@
 """The tokenizer as the server uses it: one lock, classify's encoding rule, and text per token.
 
-* Text prompts are encoded with :func:`paddle_scorer.prompts.encode` and ``special=True``, the rule
+* Text prompts are encoded with :func:`paddle_scorer.tasks.prompts.encode` and ``special=True``, the rule
   ``classify`` uses for prompts without a chat template; chat messages go through the tokenizer's
   chat template and are encoded with ``special=False`` (the template writes its own special tokens),
   as ``classify --chat-template`` does. Token-id prompts never pass through here.
@@ -18,7 +18,7 @@ import json
 import threading
 from pathlib import Path
 
-from paddle_scorer.prompts import encode, has_chat_template
+from paddle_scorer.tasks.prompts import encode, has_chat_template
 
 # Tokens of context a piece is decoded with (vLLM uses 5): enough for SentencePiece's leading space
 # and for a 4-byte UTF-8 character split over byte tokens.

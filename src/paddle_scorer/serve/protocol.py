@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from paddle_scorer.generation import MIN_TEMPERATURE  # below it logits / temperature overflow; 0 means greedy
+from paddle_scorer.tasks.generate import MIN_TEMPERATURE  # below it logits / temperature overflow; 0 means greedy
 
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "echo", "logprobs", "temperature", "top_p", "seed", "stop", "n", "best_of",

@@ -393,7 +393,7 @@ class Service:
 
     def _classify_work(self, body: dict):
         from paddle_scorer.errors import ScorerError
-        from paddle_scorer.scoring import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
+        from paddle_scorer.tasks.classify import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions
 
         req = proto.parse_classify(body, self.limits)
         name = self.resolve(req.model)
@@ -421,7 +421,7 @@ class Service:
         return await self.off(self._classify_answer, clf, preps, cal, outcomes, name)
 
     def _classify_answer(self, clf, preps, cal, outcomes, name) -> bytes:
-        from paddle_scorer.scoring import ScoringError
+        from paddle_scorer.tasks.classify import ScoringError
 
         info = clf.set_calibration([(None, o.labels) for o in outcomes[:len(cal)]])
         try:
@@ -472,7 +472,7 @@ class Service:
         return {"object": "list", "data": [self.model_card(n) for n in self.backends]}
 
     def model_card(self, name: str | None = None) -> dict:
-        from paddle_scorer.runtime import versions
+        from paddle_scorer.process.environment import versions
 
         name = name or self.name
         card = {

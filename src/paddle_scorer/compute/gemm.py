@@ -1,0 +1,382 @@
+"""The float32 matrix products of the CPU executor, on the fastest exact kernel this machine has.
+
+Every CPU forward is matrix-multiply bound, and which library multiplies fastest depends on the CPU: Paddle's
+bundled MKL takes AVX-512 kernels on Intel CPUs but a generic AVX2 path on AMD ones (~230 GFLOP/s there), where
+numpy's OpenBLAS picks its own AVX-512 kernels (~450 GFLOP/s: benchmarks/RESULTS.md); on an Intel Xeon
+numpy's OpenBLAS ran at 30-130 GFLOP/s next to MKL's ~250. So the choice is made at run time, once per
+process (:func:`gemm`):
+
+1. each candidate (``paddle``: ``paddle.matmul`` on zero-copy DLPack views; ``numpy``: numpy's BLAS) first
+   multiplies a fixed 96x80 by 80x72 product whose float64 answer is known; a candidate off by more than
+   1e-5 (relative, float32 is ~1e-7) is not used, and a ``note`` says so;
+2. the ones that pass are timed on a product shaped like the model's (rows x hidden x intermediate, at least
+   256 x 1024 x 1024 so that call overheads do not decide; rounds that time every candidate in turn, best of
+   each); Paddle's kernel is used unless another is clearly faster (by more than :data:`MARGIN`);
+3. the decision is kept for this machine (:data:`DECISIONS_FILE` in the cache folder, keyed by the CPU model and
+   flags, the thread count, the libraries' versions and the shape): every later process uses it, so two runs of one
+   command, ``classify`` and ``serve`` compute with the same kernel and give the same float32 results, whatever
+   the load at start-up (the margin alone was crossed by load: 3 of ~21 processes chose differently in round 4 of
+   the hostile tests). Two processes measuring at once both take the first one recorded. Delete the file to
+   measure again (after a BIOS or hardware change the CPU key changes by itself).
+   ``PADDLE_SCORER_GEMM=paddle|numpy`` forces one (it still has to pass its check).
+
+What ran, its measured GFLOP/s and how it was decided (measured now, kept from an earlier process, forced) go
+into every output's provenance and ``doctor``. The result of both
+paths is the same float32 product (up to summation order, ~1e-7 relative), so scores agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+CANDIDATES = ("paddle", "numpy")
+ENV = "PADDLE_SCORER_GEMM"
+FORWARD_ENV = "PADDLE_SCORER_CPU_FORWARD"  # =library: the library's own forward on CPU (A/B checks, benchmarks)
+CHECK_TOLERANCE = 1e-5
+MARGIN = 1.2  # another kernel replaces Paddle's only when it measures this much faster
+DECISIONS_FILE = "gemm-decisions.json"  # this machine's kernel decisions, in the cache folder (fingerprints.cache_dir)
+
+
+def library_forward_forced(environ=None) -> bool:
+    """Whether ``PADDLE_SCORER_CPU_FORWARD=library`` asks for the library's forward on CPU. Any other value but empty
+    or ``auto`` is refused: a typo (``libary``) would otherwise run the decoder and an A/B check would compare it
+    with itself."""
+    from paddle_scorer.errors import UsageError
+
+    raw = (os.environ if environ is None else environ).get(FORWARD_ENV, "")
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return False
+    if value == "library":
+        return True
+    raise UsageError(f"{FORWARD_ENV}={raw!r} is not a value paddle-scorer knows: set it to library (the model "
+                     "library's own forward) or unset it (paddle-scorer's CPU decoder where it applies).")
+
+
+class _Borrowed:
+    """A writable numpy view of a paddle tensor's memory that keeps the tensor alive (``np.from_dlpack``
+    views are read-only, and the executor works in place)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.__array_interface__ = {
+            "data": (tensor.data_ptr(), False), "shape": tuple(tensor.shape), "typestr": "<f4", "version": 3,
+        }
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A float32 paddle CPU tensor as a writable numpy array on the same memory (no copy)."""
+    if str(tensor.dtype) not in ("paddle.float32", "float32"):
+        raise TypeError(f"expected a float32 tensor, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return np.asarray(_Borrowed(tensor))
+
+
+@dataclass
+class Mat:
+    """A weight matrix as numpy, with its paddle tensor made on first use (zero copy both ways)."""
+
+    np: np.ndarray
+    _pd: object = None
+
+    @property
+    def pd(self):
+        if self._pd is None:
+            from paddle_scorer.process.environment import paddle
+
+            arr = self.np if self.np.flags.writeable and self.np.flags.c_contiguous else np.ascontiguousarray(
+                self.np).copy()
+            self._pd = paddle().utils.dlpack.from_dlpack(arr)
+            self.np = arr
+        return self._pd
+
+    @classmethod
+    def of_tensor(cls, tensor) -> "Mat":
+        return cls(to_numpy(tensor.detach()), tensor.detach())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.np.shape
+
+
+class Kernel:
+    """``mm(x, w)``: ``x [N, K] @ w [K, M]`` (or ``w.T`` with ``trans_w``); ``bmm(a, b)``: batched ``a @ b``."""
+
+    name = "?"
+
+    def mm(self, x: np.ndarray, w: Mat, trans_w: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def bmm(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NumpyKernel(Kernel):
+    name = "numpy"
+
+    def mm(self, x, w, trans_w=False):
+        return x @ (w.np.T if trans_w else w.np)
+
+    def bmm(self, a, b):
+        return np.matmul(a, b)
+
+
+class PaddleKernel(Kernel):
+    """``paddle.matmul`` (Paddle's bundled MKL) on zero-copy views of numpy arrays."""
+
+    name = "paddle"
+
+    def __init__(self):
+        from paddle_scorer.process.environment import paddle
+
+        self.pd = paddle()
+        self.dl = self.pd.utils.dlpack.from_dlpack
+
+    def _t(self, a: np.ndarray):
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            a = np.ascontiguousarray(a)
+            if not a.flags.writeable:
+                a = a.copy()
+        return self.dl(a)
+
+    def mm(self, x, w, trans_w=False):
+        return to_numpy(self.pd.matmul(self._t(x), w.pd, transpose_y=trans_w))
+
+    def bmm(self, a, b):
+        return to_numpy(self.pd.matmul(self._t(a), self._t(b)))
+
+
+def make(name: str) -> Kernel:
+    if name == "numpy":
+        return NumpyKernel()
+    if name == "paddle":
+        return PaddleKernel()
+    raise ValueError(f"unknown GEMM kernel {name!r}")
+
+
+@dataclass
+class GemmChoice:
+    """Which kernel runs the CPU products, and why (provenance, ``doctor``)."""
+
+    path: str
+    gflops: float
+    measured: dict[str, float] = field(default_factory=dict)  # candidate -> GFLOP/s on the model-shaped product
+    excluded: dict[str, str] = field(default_factory=dict)  # candidate -> why it is not used
+    shape: tuple[int, int, int] = (0, 0, 0)
+    forced: bool = False
+    notes: list[str] = field(default_factory=list)
+    decided: str = "measured"  # measured (now, then kept for this machine) | kept (an earlier process's) | forced
+    decided_at: str | None = None  # when it was measured (UTC)
+    record: str | None = None  # the file that keeps this machine's decisions
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def self_check(kernel: Kernel) -> str | None:
+    """Multiply a fixed product and compare with float64; None when right, else what was wrong."""
+    rng = np.random.default_rng(20261205)
+    a = rng.standard_normal((96, 80)).astype(np.float32)
+    b = rng.standard_normal((80, 72)).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    try:
+        got = kernel.mm(a, Mat(b.copy()))
+        got_t = kernel.mm(a, Mat(np.ascontiguousarray(b.T)), trans_w=True)
+        got_b = kernel.bmm(a.reshape(2, 48, 80), np.stack([b, b]))
+    except Exception as exc:  # a kernel that cannot even run is excluded, with the reason
+        return f"failed to run ({type(exc).__name__}: {exc})"
+    scale = np.abs(want).max()
+    for what, g in (("x @ w", got), ("x @ w.T", got_t), ("batched", np.concatenate(list(g for g in got_b)))):
+        err = float(np.abs(np.asarray(g, dtype=np.float64).reshape(want.shape) - want).max() / scale)
+        if not np.isfinite(err) or err > CHECK_TOLERANCE:
+            return f"wrong result on a 96x80x72 check product ({what}: relative error {err:.1e} > {CHECK_TOLERANCE:.0e})"
+    return None
+
+
+def measure(kernel: Kernel, shape: tuple[int, int, int], reps: int = 3) -> float:
+    """GFLOP/s of ``kernel.mm`` on an ``[m, k] x [k, n]`` float32 product (best of ``reps`` after one warm-up)."""
+    return measure_all({"k": kernel}, shape, rounds=reps)["k"]
+
+
+def measure_all(kernels: dict[str, Kernel], shape: tuple[int, int, int], rounds: int = 5) -> dict[str, float]:
+    """GFLOP/s of each kernel on one ``[m, k] x [k, n]`` product: one warm-up each, then ``rounds`` rounds that time
+    every kernel in turn (interleaved, so a burst of load from another process hits all of them), best of each."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = Mat(rng.standard_normal((k, n), dtype=np.float32))
+    best = {name: float("inf") for name in kernels}
+    for kern in kernels.values():
+        kern.mm(x, w)
+    for _ in range(rounds):
+        for name, kern in kernels.items():
+            t0 = time.perf_counter()
+            kern.mm(x, w)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: 2.0 * m * k * n / t / 1e9 for name, t in best.items()}
+
+
+def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
+    """A product like the model's MLP over 256 rows, capped so that timing it stays under ~0.1 s."""
+    k = max(1024, min(int(hidden), 2048))
+    n = max(1024, min(int(intermediate), 4096))
+    return 256, k, n
+
+
+def machine_key(shape: tuple[int, int, int]) -> str:
+    """What a kernel decision depends on: the CPU, the threads, the libraries' versions, the product's shape."""
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            info = fh.read()
+        model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+        flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+        cpu = f"{model} [{hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:12]}]"
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        libs = f"paddle {version('paddlepaddle')} numpy {np.__version__}"
+    except Exception:  # paddle's distribution may be named otherwise (a GPU build): the version is a detail
+        libs = f"numpy {np.__version__}"
+    threads = os.environ.get("OMP_NUM_THREADS", "") or str(os.cpu_count())
+    return f"{cpu} | {threads} threads | {libs} | {'x'.join(map(str, shape))}"
+
+
+def _decisions_file() -> Path:
+    from paddle_scorer.checkpoint.fingerprints import cache_dir
+
+    return cache_dir() / DECISIONS_FILE
+
+
+def _read_decision(path: Path, key: str) -> dict | None:
+    """A kept decision for ``key``, or None (a missing, unreadable or damaged file or entry is never fatal)."""
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(entry, dict) and entry.get("path") in CANDIDATES and isinstance(entry.get("measured"), dict) \
+        and all(isinstance(v, (int, float)) for v in entry["measured"].values())
+    return entry if ok else None
+
+
+def _keep_decision(path: Path, key: str, entry: dict) -> dict:
+    """Record ``entry`` for ``key`` unless another process recorded one first (then that one is used: every process
+    on this machine makes the same choice). Best effort: a cache folder that cannot be written costs a new measurement
+    next time, never a failure."""
+    import fcntl
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            earlier = _read_decision(path, key)
+            if earlier is not None:
+                return earlier
+            try:
+                data = json.loads(path.read_text())
+                data = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                data = {}
+            data[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+    except OSError:
+        pass
+    return entry
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = None,
+           keep: bool = True) -> tuple[Kernel, GemmChoice]:
+    """The kernel for products of ``shape`` (see the module docstring). ``keep``: use and record this machine's
+    decision (:data:`DECISIONS_FILE`); without it, measure afresh and record nothing."""
+    environ = os.environ if environ is None else environ
+    forced = environ.get(ENV, "").strip().lower() or None
+    notes: list[str] = []
+    if forced is not None and forced not in CANDIDATES:
+        notes.append(f"{ENV}={forced!r} is not one of {', '.join(CANDIDATES)}; choosing by measurement")
+        forced = None
+    names = names or ([forced] if forced else list(CANDIDATES))
+    kernels, excluded = {}, {}
+    for name in names:
+        try:
+            k = make(name)
+        except Exception as exc:  # e.g. paddle missing: then only numpy
+            excluded[name] = f"unavailable ({type(exc).__name__}: {exc})"
+            continue
+        problem = self_check(k)
+        if problem:
+            excluded[name] = problem
+            notes.append(f"the {name} GEMM kernel is not used: {problem}")
+            continue
+        kernels[name] = k
+    if not kernels:
+        others = [n for n in CANDIDATES if n not in excluded]
+        if forced and others:  # the forced kernel failed its check: choose among the others
+            k, c = choose(shape, {}, others, keep)
+            c.notes = notes + c.notes
+            c.excluded.update(excluded)
+            return k, c
+        raise RuntimeError("no float32 GEMM kernel passed its self-check: " + "; ".join(
+            f"{n}: {why}" for n, why in excluded.items()))
+    if forced or len(kernels) == 1 or not keep:
+        measured = {n: round(v, 1) for n, v in measure_all(kernels, shape).items()}
+        best = _pick(measured)
+        return kernels[best], GemmChoice(best, measured[best], measured, excluded, shape, forced is not None, notes,
+                                         "forced" if forced else "measured", _now())
+    path, key = _decisions_file(), machine_key(shape)
+    entry = _read_decision(path, key)
+    decided = "kept"
+    if entry is None or entry["path"] not in kernels:
+        measured = {n: round(v, 1) for n, v in measure_all(kernels, shape).items()}
+        mine = {"path": _pick(measured), "measured": measured, "at": _now()}
+        entry = _keep_decision(path, key, mine)
+        decided = "measured" if entry is mine else "kept"
+    best = entry["path"]
+    measured = {n: float(v) for n, v in entry["measured"].items()}
+    return kernels[best], GemmChoice(best, measured.get(best, 0.0), measured, excluded, shape, False, notes, decided,
+                                     entry.get("at"), str(path))
+
+
+def _pick(measured: dict[str, float]) -> str:
+    """Paddle's kernel unless another is faster by more than :data:`MARGIN`."""
+    best = max(measured, key=measured.get)
+    if "paddle" in measured and measured[best] < MARGIN * measured["paddle"]:
+        best = "paddle"
+    return best
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@lru_cache(maxsize=None)
+def gemm(hidden: int, intermediate: int) -> tuple[Kernel, GemmChoice]:
+    """The kernel for a model of these sizes, chosen once per process (see the module docstring)."""
+    return choose(probe_shape(hidden, intermediate))

@@ -1,0 +1,131 @@
+"""A LoRA adapter against its base, before anything is loaded: adapter keys mapped onto the runtime model's
+module names (one transform for every key, nothing skipped silently), every tensor checked (shape, rank,
+NaN/inf, targets without weights), and a no-op adapter refused. No paddle import.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.model.arrays import nonfinite
+from paddle_scorer.errors import CheckpointError, WeightMismatchError
+from paddle_scorer.checkpoint.lora import LoraSettings
+
+
+def map_adapter_keys(adapter_keys: list[str], base_modules: set[str],
+                     aliases: tuple[str, ...] = ()) -> tuple[dict[str, str], str | None]:
+    """Map adapter tensor names onto the runtime model's module names.
+
+    PaddleNLP adapters use the model's own prefix (``llama.layers.0...``); PaddleFormers uses
+    ``model.layers.0...``; PEFT-style exports may add ``base_model.model.``. We try the names as
+    they are, then with the leading component(s) replaced by the base's prefix. ``aliases`` are the
+    other prefixes *the same architecture* has in another library (a PaddleNLP Llama adapter's
+    ``llama.`` on a PaddleFormers Llama, whose body is ``model.``). One transform must fit every
+    key; nothing is skipped silently.
+    """
+    base_prefix = ckpt.key_prefix(base_modules)
+
+    def module_of(k: str) -> str:
+        return k.rsplit(".", 1)[0]
+
+    transforms: list[tuple[str | None, Any]] = [(None, lambda m: m)]
+    src_prefix = ckpt.key_prefix(adapter_keys)
+    # Only the generic wrappers are rewritten; another architecture's prefix (qwen2 vs llama) is a
+    # real mismatch and must not be mapped away.
+    for wrapper in ("base_model.model.model", "base_model.model", "model.model", "model"):
+        if all(k.startswith(wrapper + ".") for k in adapter_keys):
+            transforms.append((f"`{wrapper}.` -> `{base_prefix}.`",
+                               lambda m, w=wrapper: f"{base_prefix}." + m[len(w) + 1:]))
+            transforms.append((f"`{wrapper}.` stripped", lambda m, w=wrapper: m[len(w) + 1:]))
+    for alias in aliases:
+        if alias != base_prefix and all(k.startswith(alias + ".") for k in adapter_keys):
+            transforms.append((f"`{alias}.` -> `{base_prefix}.`", lambda m, a=alias: f"{base_prefix}." + m[len(a) + 1:]))
+    if src_prefix != base_prefix:
+        transforms.append((f"`{base_prefix}.` added", lambda m: f"{base_prefix}.{m}"))
+    for label, fn in transforms:
+        mapped = {k: fn(module_of(k)) + "." + k.rsplit(".", 1)[1] for k in adapter_keys}
+        if all(module_of(v) in base_modules for v in mapped.values()):
+            if label is not None:
+                label = f"adapter keys mapped onto the base's names: {label}"
+            return mapped, label
+    return {k: k for k in adapter_keys}, None
+
+
+def validate_adapter(
+    adapter: dict[str, np.ndarray], base_shapes: dict[str, tuple[int, ...]], settings: LoraSettings, where: str,
+    *, allow_noop: bool = False, aliases: tuple[str, ...] = (),
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
+    """Check every adapter tensor against the runtime model's shapes; return ``{module: (A, B)}`` or raise
+    listing every problem. A no-op adapter (every B zero, or scaling 0) is refused unless ``allow_noop``."""
+    problems: list[str] = []
+    non_lora = [k for k in adapter if not (k.endswith(".lora_A") or k.endswith(".lora_B"))]
+    for k in non_lora:
+        problems.append(f"{k}: not a lora_A/lora_B tensor (trainable modules or biases are not supported)")
+    keys = [k for k in adapter if k not in non_lora]
+    if not keys:
+        raise WeightMismatchError(f"{where}: the adapter file holds no lora_A/lora_B tensors:", problems or ["(empty)"],
+                                  "Check that this is the adapter saved by LoRAModel.save_pretrained.")
+    base_modules = {k[: -len(".weight")] for k in base_shapes if k.endswith(".weight")}
+    mapping, mapping_note = map_adapter_keys(keys, base_modules, aliases)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for k in keys:
+        target = mapping[k]
+        module, part = target.rsplit(".", 1)
+        if module not in base_modules:
+            problems.append(f"{k}: no module `{module}` in the base model (adapter for another architecture or prefix?)")
+            continue
+        pairs.setdefault(module, {})[part] = adapter[k]
+    result = {}
+    for module, parts in sorted(pairs.items()):
+        if set(parts) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(parts)).pop()
+            problems.append(f"{module}: {missing} is missing")
+            continue
+        a, b = parts["lora_A"], parts["lora_B"]
+        w = base_shapes[module + ".weight"]
+        if len(w) != 2:
+            problems.append(f"{module}: base weight has shape {tuple(w)}, not a Linear")
+            continue
+        want_a, want_b = (w[0], settings.r), (settings.r, w[1])
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            problems.append(
+                f"{module}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base weight "
+                f"{tuple(w)} with r={settings.r} (expected A{want_a} B{want_b})"
+            )
+            continue
+        result[module] = (a, b)
+    targets = [re.compile(t) for t in settings.target_modules]
+    if targets:
+        expected = {m for m in base_modules if any(t.fullmatch(m) for t in targets)}
+        expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
+        for m in sorted(expected - set(pairs)):
+            problems.append(f"{m}: matches target_modules but the adapter has no weights for it (would stay a zero adapter)")
+    problems += nonfinite({f"{m}.lora_A": ab[0] for m, ab in result.items()}
+                          | {f"{m}.lora_B": ab[1] for m, ab in result.items()})
+    if problems:
+        raise WeightMismatchError(
+            f"{where}: the adapter does not fit the base model ({len(problems)} problem(s)):", problems,
+            "Pass the base model this adapter was trained on (see `paddle-scorer inspect` on the adapter).",
+        )
+    if not allow_noop:
+        check_not_noop(result, settings, where)
+    return result, mapping_note
+
+
+def check_not_noop(pairs: dict[str, tuple[np.ndarray, np.ndarray]], settings: LoraSettings, where: str) -> None:
+    """An adapter that changes nothing is almost always a mistake (saved before the first step,
+    ``lora_alpha: 0``): it would score the bare base model under the adapter's name."""
+    if settings.scaling == 0:
+        raise CheckpointError(
+            f"{where}: lora_alpha is 0, so the adapter's scaling is 0 and it changes nothing (scores would be the bare "
+            "base model's); fix lora_alpha in lora_config.json, or pass --allow-noop-adapter to score it anyway."
+        )
+    if all(not np.any(b.astype(np.float32) != 0) for _, b in pairs.values()):
+        raise CheckpointError(
+            f"{where}: every lora_B matrix is all zeros, so the adapter changes nothing (it was probably saved before "
+            "the first training step); use a later checkpoint, or pass --allow-noop-adapter to score it anyway."
+        )

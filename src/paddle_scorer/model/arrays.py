@@ -1,0 +1,181 @@
+"""Pure numpy work on weight arrays, shared by loading (:mod:`paddle_scorer.model.loader`), layer streaming
+(:mod:`paddle_scorer.compute.streamed`) and ``merge`` (:mod:`paddle_scorer.tasks.merge`): casts, the NaN/inf check, and
+``W + delta`` with its refusals. No paddle import.
+
+Casting big arrays runs in row slices on every core: numpy's float16 -> float32 loop is single-threaded and
+releases the GIL, so a pool of one thread per core scales it (a 0.94B float16 load: read + cast 14.6 s ->
+~5.5 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+from paddle_scorer.errors import WeightMismatchError
+from paddle_scorer.checkpoint.lora import lora_delta
+from paddle_scorer.checkpoint.tensor_ref import BFLOAT16, dtype_name
+
+PARALLEL_CAST_ELEMENTS = 1 << 20  # arrays this big are cast in slices on every core
+_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}  # all-ones exponent: inf or NaN
+
+
+@lru_cache(maxsize=1)
+def cast_pool() -> ThreadPoolExecutor:
+    from paddle_scorer.process.environment import usable_cores
+
+    return ThreadPoolExecutor(max_workers=max(1, usable_cores()), thread_name_prefix="paddle-scorer-cast")
+
+
+def _slices(arr: np.ndarray) -> list[slice]:
+    workers = cast_pool()._max_workers
+    step = -(-arr.shape[0] // workers)
+    return [slice(i, i + step) for i in range(0, arr.shape[0], step)]
+
+
+def _parallel(arr: np.ndarray) -> bool:
+    return arr.size >= PARALLEL_CAST_ELEMENTS and arr.ndim > 0 and arr.shape[0] >= 2
+
+
+def _target(dtype: str) -> np.dtype:
+    return BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def is_floating(arr: np.ndarray) -> bool:
+    return np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16
+
+
+def count_nonfinite(arr: np.ndarray) -> int:
+    """NaN/inf values in a floating array. Half types are checked on their bits (numpy's float16
+    ``isfinite`` is ~4x slower than the integer test; measured on 100M values); float32/64 with one
+    vectorised ``isfinite(...).all()`` and counted only when something is wrong."""
+    name = dtype_name(arr.dtype)
+    if name in _EXPONENT_BITS:
+        mask = _EXPONENT_BITS[name]
+        bits = arr.view(np.uint16)
+        bad = (bits & mask) == mask
+        return int(np.count_nonzero(bad)) if bad.any() else 0
+    if np.issubdtype(arr.dtype, np.floating):
+        if np.isfinite(arr).all():
+            return 0
+        return int(np.count_nonzero(~np.isfinite(arr)))
+    return 0
+
+
+def nonfinite(tensors: dict[str, np.ndarray]) -> list[str]:
+    """One problem line per array holding NaN/inf."""
+    bad = []
+    for name, arr in tensors.items():
+        n = count_nonfinite(arr)
+        if n:
+            bad.append(f"{name}: {n} NaN/inf value(s)")
+    return bad
+
+
+def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
+    """``arr`` in ``dtype`` (non-floating arrays unchanged). Big arrays are cast in row slices on all cores."""
+    if not is_floating(arr):
+        return arr
+    target = _target(dtype)
+    if arr.dtype == target:
+        return arr
+    if not parallel or not _parallel(arr):
+        with np.errstate(over="ignore"):  # callers check finiteness and refuse with a sentence, not a warning
+            return arr.astype(target)
+    out = np.empty(arr.shape, dtype=target)
+
+    def work(sl):
+        with np.errstate(over="ignore"):
+            np.copyto(out[sl], arr[sl], casting="unsafe")
+
+    list(cast_pool().map(work, _slices(arr)))
+    return out
+
+
+def cast_checked(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
+    """``to_dtype`` plus "is every value finite?", both done slice by slice on every core. The check runs
+    on the cast result, so a value that overflows the target dtype (float32 -> float16) is caught too."""
+    if not is_floating(arr):
+        return arr, True
+    target = _target(dtype)
+    if not _parallel(arr):
+        with np.errstate(over="ignore"):  # overflow is reported below as a non-finite value
+            out = arr if arr.dtype == target else arr.astype(target)
+        return out, count_nonfinite(out) == 0
+    out = arr if arr.dtype == target else np.empty(arr.shape, dtype=target)
+    # a widening cast (half -> float32) cannot overflow: check the half source's bits, half the bytes of the result
+    widening = out is not arr and target.itemsize > arr.dtype.itemsize and target == np.float32
+
+    def work(sl):
+        if widening:
+            ok = count_nonfinite(arr[sl]) == 0
+        if out is not arr:
+            with np.errstate(over="ignore"):
+                np.copyto(out[sl], arr[sl], casting="unsafe")
+        return ok if widening else count_nonfinite(out[sl]) == 0
+
+    return out, all(cast_pool().map(work, _slices(arr)))
+
+
+def cast_or_refuse(name: str, arr: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """``arr`` in ``dtype`` (cast and checked on every core); NaN/inf, stored or made by the cast (a float64 1e300
+    is inf in float32), refused naming the tensor: the one check of in-RAM loading and streaming."""
+    out, finite = cast_checked(arr, dtype)
+    if not finite:
+        raise WeightMismatchError(
+            f"{where}: the model weights contain NaN/inf, so every score would be meaningless:",
+            [f"{name}: {count_nonfinite(out)} NaN/inf value(s)" + (f" (after the cast to {dtype})"
+                                                                   if out.dtype != arr.dtype else "")],
+            "Re-export the checkpoint from a healthy training step.",
+        )
+    return out
+
+
+def to_paddle_array(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
+    """numpy value for ``param.set_value``: paddle takes bfloat16 as uint16 bits."""
+    arr = to_dtype(arr, dtype, parallel)
+    return arr.view(np.uint16) if arr.dtype == BFLOAT16 else arr
+
+
+# --------------------------------------------------------------------------------------------------
+# W + delta: the one merge rule of loading, streaming and `merge`
+# --------------------------------------------------------------------------------------------------
+
+
+def add_delta(name: str, w: np.ndarray, delta: np.ndarray, target: str | None = None) -> tuple[np.ndarray | None, str | None]:
+    """``W + delta`` computed in float32 and cast to ``target`` (default: W's dtype). Returns ``(merged, None)``,
+    or ``(None, problem)`` when the sum is not finite or overflows the target dtype."""
+    target = target or dtype_name(w.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        merged = w.astype(np.float32) + delta
+    if not np.isfinite(merged).all():
+        return None, f"{name}: merged weight has NaN/inf"
+    merged = to_dtype(merged, target)
+    if count_nonfinite(merged):
+        return None, f"{name}: merged weight overflows {target}"
+    return merged, None
+
+
+def merge_refusal(where: str, bad: list[str]) -> WeightMismatchError:
+    return WeightMismatchError(f"{where}: merging the adapter produced non-finite weights:", bad,
+                               "The adapter is unusable with this base; check its training run.")
+
+
+def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, np.ndarray]], scaling: float,
+               where: str, out_dtype: str | None = None) -> None:
+    """``W += A @ B * scaling`` (in float32, cast back to ``out_dtype``, default W's dtype) for the modules
+    whose weight is in ``base``, in place; non-finite results are refused, every one named."""
+    bad = []
+    for module, (a, b) in pairs.items():
+        key = module + ".weight"
+        if key not in base:
+            continue
+        merged, problem = add_delta(key, base[key], lora_delta(a, b, scaling), out_dtype)
+        if problem:
+            bad.append(problem)
+        else:
+            base[key] = merged
+    if bad:
+        raise merge_refusal(where, bad)

@@ -1,0 +1,262 @@
+"""One load plan: every path resolved, every check made and every decision taken before paddle sees
+a tensor. Built once per command and consumed by in-RAM loading (:mod:`paddle_scorer.model.loader`),
+layer-streamed scoring (:mod:`paddle_scorer.compute.streamed`), ``merge`` and ``smoke``. No paddle import.
+
+The recipe (in the spirit of mlx-lm's ``load = load_model + load_adapters + load_tokenizer``, with our
+validation in front):
+
+1. :func:`~paddle_scorer.model.folders.resolve_paths` — ``--model`` may be omitted when the adapter names a local base;
+2. :func:`ckpt.describe` both folders once — file discovery, per-tensor metadata (kept as
+   :class:`~paddle_scorer.checkpoint.weights.TensorRef`, so nothing re-reads a header), traps and ambiguities;
+3. :mod:`paddle_scorer.model.folders` refuses what cannot be loaded honestly;
+4. the runtime library and the layout conversion (:mod:`paddle_scorer.model.tensor_layout`,
+   :mod:`paddle_scorer.model.libraries`): source tensors -> the runtime model's parameter names and shapes;
+5. the adapter is read (it is small) and validated against those runtime shapes
+   (:mod:`paddle_scorer.model.adapter_check`): every tensor lands on a module, shapes and rank fit, nothing is NaN/inf,
+   it is not a no-op;
+6. device and dtype policy (:mod:`paddle_scorer.model.dtype_policy`) and the one memory rule
+   (:mod:`paddle_scorer.model.memory_budget`): in RAM, streamed layer by layer, or refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.model import libraries
+from paddle_scorer.model import memory_budget
+from paddle_scorer.model.adapter_check import validate_adapter
+from paddle_scorer.model.arrays import nonfinite
+from paddle_scorer.model.dtype_policy import GpuInfo, Policy, plan_policy
+from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
+from paddle_scorer.checkpoint.fingerprints import adapter_sha256
+from paddle_scorer.checkpoint.sidecars import MERGE_RECORD
+from paddle_scorer.model.folders import (
+    check_adapter_folder,
+    check_base_matches_adapter,
+    check_model_folder,
+    check_tokenizer_files,
+    resolve_paths,
+    tokenizer_folder,
+)
+from paddle_scorer.model.tensor_layout import Conversion, Layout, layer_index, resolve_layout, runtime_tensors
+from paddle_scorer.checkpoint.lora import LoraSettings
+from paddle_scorer.checkpoint.weights import TensorRef, read_tensors
+
+MODES = ("attach", "merge")
+
+
+def dominant_dtype(dtypes: dict[str, int]) -> str:
+    return max(dtypes.items(), key=lambda kv: kv[1])[0] if dtypes else "float32"
+
+
+@dataclass
+class ModelPlan:
+    folder: Path
+    info: ckpt.CheckpointInfo
+    refs: dict[str, TensorRef]  # source tensor name -> where its bytes are
+    layout: Layout
+    library: libraries.LibrarySpec
+    conversion: Conversion  # runtime parameter name -> recipe from the source tensors
+
+    @property
+    def num_params(self) -> int:
+        return self.info.weights.num_params
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.info.config.get("num_hidden_layers") or 0)
+
+    @property
+    def stored_dtype(self) -> str:
+        return dominant_dtype(self.info.weights.dtypes)
+
+    @property
+    def prefix_aliases(self) -> tuple[str, ...]:
+        """Prefixes an adapter for this model may carry besides the runtime's: the checkpoint's own, and the
+        body prefix other libraries give the same architecture (``llama.`` in PaddleNLP, ``model.`` here)."""
+        runtime = self.library.arch_for(self.info).prefix
+        names = {ckpt.key_prefix(self.refs)} | libraries.prefixes_of(self.library.arch_for(self.info).architecture)
+        return tuple(sorted(p for p in names if p and p != runtime))
+
+    def runtime_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: t.shape for n, t in self.conversion.tensors.items()}
+
+    def layer_bytes(self, dtype_size: int = 4) -> dict[int | None, int]:
+        """Bytes per decoder layer (``None``: everything outside the layers) in a compute dtype."""
+        out: dict[int | None, int] = {}
+        for name, t in self.conversion.tensors.items():
+            n = int(np.prod(t.shape)) if t.shape else 1
+            out[layer_index(name)] = out.get(layer_index(name), 0) + n * dtype_size
+        return out
+
+    def largest_outside(self, dtype_size: int = 4) -> int:
+        """Bytes of the largest runtime tensor outside the decoder layers (embeddings or LM head)."""
+        sizes = [int(np.prod(t.shape)) * dtype_size for n, t in self.conversion.tensors.items() if layer_index(n) is None]
+        return max(sizes, default=0)
+
+    def read(self, names: list[str], where: str | None = None, check: bool = True) -> dict[str, np.ndarray]:
+        """The runtime arrays ``names`` (converted to the runtime layout, stored dtype), NaN/inf refused (unless
+        ``check`` is False: the caller checks after its cast, see :func:`paddle_scorer.model.arrays.cast_or_refuse`)."""
+        recipes = [self.conversion.tensors[n] for n in names]
+        sources = [self.refs[s] for r in recipes for s in r.sources]
+        arrays = read_tensors(sources)
+        bad = nonfinite(arrays) if check else []
+        if bad:
+            raise WeightMismatchError(
+                f"{where or self.folder}: the model weights contain NaN/inf, so every score would be meaningless:", bad,
+                "Re-export the checkpoint from a healthy training step.",
+            )
+        out = {}
+        for r in recipes:
+            out[r.name] = r.build({s: arrays.pop(s) for s in r.sources})
+        return out
+
+
+@dataclass
+class AdapterPlan:
+    folder: Path
+    info: ckpt.CheckpointInfo
+    settings: LoraSettings
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # runtime module name -> (A [in, r], B [r, out])
+    mapping_note: str | None
+    sha256: str
+    base_note: str | None = None
+    noop_allowed: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.settings.scaling
+
+    def pairs_in_layer(self, layer: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {m: ab for m, ab in self.pairs.items() if layer_index(m + ".") == layer}
+
+
+@dataclass
+class LoadPlan:
+    model: ModelPlan
+    adapter: AdapterPlan | None
+    mode: str  # attach | merge
+    policy: Policy
+    tokenizer_dir: Path
+    memory: memory_budget.MemoryPlan
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model.folder
+
+    @property
+    def lora_dir(self) -> Path | None:
+        return self.adapter.folder if self.adapter else None
+
+    @property
+    def streamed(self) -> bool:
+        return self.memory.execution == memory_budget.STREAMED
+
+
+def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, library: str | None = None) -> ModelPlan:
+    """Describe and check a model folder, pick the runtime library and the layout conversion."""
+    info = info or ckpt.describe(model_dir)
+    check_model_folder(info)
+    refs = info.tensors
+    shapes = {n: r.shape for n, r in refs.items()}
+    src_prefix = ckpt.key_prefix(shapes)
+    layout = resolve_layout(info.raw_config, shapes, info.weights.metadata, info.merged_from, str(model_dir),
+                            src_prefix, libraries.paddle_layout_prefixes())
+    lib = libraries.choose(info, layout, requested=library)
+    arch = lib.arch_for(info)
+    conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
+                                 lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
+    return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion)
+
+
+def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
+                 info: ckpt.CheckpointInfo | None = None) -> AdapterPlan:
+    info = info or ckpt.describe(lora_dir)
+    settings = check_adapter_folder(info)
+    base_note = check_base_matches_adapter(model.folder, Path(lora_dir), settings)
+    arrays = read_tensors(list(info.adapter_tensors.values()))
+    bad = nonfinite(arrays)
+    if bad:
+        raise WeightMismatchError(f"{lora_dir}: the adapter weights contain NaN/inf, so every score would be meaningless:",
+                                  bad, "Re-export the adapter from a healthy training step.")
+    pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop,
+                                   aliases=model.prefix_aliases)
+    sha = adapter_sha256(info)
+    check_not_merged_already(model, Path(lora_dir), sha)
+    return AdapterPlan(Path(lora_dir), info, settings, pairs, note, sha, base_note, allow_noop)
+
+
+def check_not_merged_already(model: ModelPlan, lora_dir: Path, sha: str) -> None:
+    """A model that ``paddle-scorer merge`` made with this very adapter (its record, or the record of a base it
+    was merged from, holds the adapter's sha256) would get the adapter's update twice: refuse."""
+    record, depth = model.info.merged_from, 0
+    while isinstance(record, dict) and depth < 32:
+        if record.get("adapter_sha256") == sha:
+            base = record.get("base")
+            again = f"--model {base} --lora {lora_dir}" if base else "the original base with --lora"
+            raise CheckpointError(
+                f"--model {model.folder} is already merged with the adapter {lora_dir} (its {MERGE_RECORD} records "
+                f"adapter sha256 {sha[:12]}...), so adding it again would apply its update twice: pass --model "
+                f"{model.folder} without --lora, or {again}."
+            )
+        record, depth = record.get("base_merged_from"), depth + 1
+
+
+def make_plan(
+    model: str | Path | None = None,
+    lora: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    mode: str = "attach",
+    tokenizer: str | Path | None = None,
+    memory_limit: int | None = None,
+    allow_noop_adapter: bool = False,
+    execution: str = "auto",
+    gpu: GpuInfo | None = None,
+    library: str | None = None,
+) -> LoadPlan:
+    """Everything checked and decided; nothing loaded into paddle. ``execution``: auto | in-ram | streamed."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
+    model_dir, lora_dir = resolve_paths(model, lora)
+    if gpu is None:
+        from paddle_scorer.model.dtype_policy import probe_gpu
+
+        gpu = GpuInfo(False, 0) if device == "cpu" else probe_gpu()
+    plan_policy(device, dtype, "float32", None, gpu)  # impossible device/dtype: refuse before reading anything
+    mp = plan_model(model_dir, library=library)
+    ap = plan_adapter(lora_dir, mp, allow_noop=allow_noop_adapter) if lora_dir is not None else None
+    return assemble(mp, ap, device=device, dtype=dtype, mode=mode, tokenizer=tokenizer, memory_limit=memory_limit,
+                    execution=execution, gpu=gpu)
+
+
+def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dtype: str = "auto",
+             mode: str = "attach", tokenizer: str | Path | None = None, memory_limit: int | None = None,
+             execution: str = "auto", gpu: GpuInfo | None = None, check_device: bool = True) -> LoadPlan:
+    """A load plan from already checked model and adapter plans: tokenizer folder, policy, memory.
+    ``check_device=False``: keep a plan for a model that cannot run on this device (smoke checks the rest)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
+    tok_dir = tokenizer_folder(mp.folder, ap.folder if ap else None, tokenizer)
+    check_tokenizer_files(tok_dir)
+    policy = plan_policy(device, dtype, mp.stored_dtype, mp.info.config_dtype, gpu)
+    if check_device:
+        libraries.check_device(mp.library, mp.info, policy.device)
+    size = memory_budget.dtype_bytes(policy.dtype)
+    mem = memory_budget.plan_memory(mp.layer_bytes(size), mp.largest_outside(size), policy.device, memory_limit, execution,
+                             memory_budget.Dims.from_config(mp.info.config))
+    notes = []
+    if ap is not None and ap.mapping_note:
+        notes.append(ap.mapping_note)
+    if mp.conversion.prefix_note or mp.layout.kind != "paddle":
+        notes.append(f"model weights: {mp.layout.description}" + (f"; names {mp.conversion.prefix_note}"
+                                                                   if mp.conversion.prefix_note else ""))
+    if ap is not None and ap.base_note:
+        notes.append(ap.base_note)
+    return LoadPlan(mp, ap, mode, policy, tok_dir, mem, notes)

@@ -1,0 +1,86 @@
+"""What ``inspect`` adds to :func:`~paddle_scorer.checkpoint.describe.describe`: the loader's verdict on a folder (the same
+sentence and exit code a load would give), its layout, the library that builds it and the memory verdict on
+this machine. No paddle import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.model import libraries
+from paddle_scorer.model import memory_budget
+from paddle_scorer.model.folders import check_adapter_folder, check_tokenizer_files
+from paddle_scorer.model.load_plan import plan_model
+
+INSPECT_TOKENS = 64  # the prompt length inspect assumes when it says how many records a streamed block holds
+
+
+@dataclass
+class Assessment:
+    """The loader's verdict on a folder, as ``inspect`` reports it: the same sentence and exit code."""
+
+    usable: bool
+    role: str | None  # "model" | "adapter" | None
+    refusal: str | None = None
+    exit_code: int = 0
+    layout: dict | None = None
+    library: str | None = None
+    library_installed: bool | None = None
+    memory: dict | None = None  # execution on this machine, budget, records per streamed block
+    gpu_only: str | None = None  # why the model cannot run on CPU (ERNIE 4.5 MoE), if it cannot
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assessment:
+    """Run the loader's checks for the folder's role, without loading anything."""
+    from paddle_scorer.errors import NotACheckpointError, ScorerError
+
+    if info.kind == ckpt.NOT_A_CHECKPOINT:
+        return Assessment(False, None, info.summary, NotACheckpointError.exit_code)
+    if info.kind == ckpt.LORA_ADAPTER or (info.kind == ckpt.RENAMED_ADAPTER and info.adapter_weights is not None
+                                           and (Path(info.path) / "lora_config.json").is_file()):
+        lib = libraries.likely(info)  # from the adapter's config.json (model_type)
+        lib_name, lib_installed = (lib.name, lib.installed) if lib else (None, None)
+        try:
+            check_adapter_folder(info)
+        except ScorerError as exc:
+            return Assessment(False, "adapter", str(exc), exc.exit_code, library=lib_name,
+                              library_installed=lib_installed)
+        return Assessment(True, "adapter", None, 0, library=lib_name, library_installed=lib_installed)
+    try:
+        mp = plan_model(Path(info.path), info)
+    except ScorerError as exc:
+        a = Assessment(False, "model", str(exc), exc.exit_code)
+        lib = libraries.likely(info)
+        if lib is not None:
+            a.library, a.library_installed = lib.name, lib.installed
+        return a
+    if info.tokenizer_files:
+        try:
+            check_tokenizer_files(Path(info.path))
+        except ScorerError as exc:
+            return Assessment(False, "model", str(exc), exc.exit_code, layout=mp.layout.to_dict(),
+                              library=mp.library.name, library_installed=True)
+    a = Assessment(True, "model", layout=mp.layout.to_dict(), library=mp.library.name, library_installed=True)
+    arch = mp.library.arch_for(info)
+    if arch.gpu_only:
+        a.gpu_only = f"{arch.architecture} cannot run on CPU: {arch.gpu_only}; classify, generate and smoke refuse it " \
+                     "there before loading (run them with --device gpu)"
+    try:
+        mem = memory_budget.plan_memory(mp.layer_bytes(4), mp.largest_outside(4), "cpu", memory_limit,
+                                 dims=memory_budget.Dims.from_config(info.config))
+    except ScorerError as exc:
+        a.memory = {"execution": None, "reason": str(exc)}
+        return a
+    a.memory = {"execution": mem.execution, "need": mem.in_ram_need, "budget": mem.budget,
+                "budget_source": mem.budget_source}
+    if mem.execution == memory_budget.STREAMED:
+        a.memory["records_per_block"] = memory_budget.records_per_block(mem, INSPECT_TOKENS, 2**62)
+        a.memory["assumed_tokens"] = INSPECT_TOKENS
+    return a
