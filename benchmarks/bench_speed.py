@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from strategies import kv_cache_strategy  # noqa: E402
-from paddle_scorer.compute.in_ram import ModelRunner, log_softmax  # noqa: E402
+from paddle_scorer.compute.library_runner import ModelRunner, log_softmax  # noqa: E402
 from paddle_scorer.compute.choose_backend import backend_for, pad_id_of  # noqa: E402
 from paddle_scorer.model.loader import load  # noqa: E402
 from paddle_scorer.process.environment import paddle  # noqa: E402
@@ -220,7 +220,7 @@ def part_torch(args):
 
 
 class RunnerWrapper:
-    """Delegates to the production :class:`~paddle_scorer.compute.in_ram.ModelRunner`; subclasses change one step."""
+    """Delegates to the production :class:`~paddle_scorer.compute.library_runner.ModelRunner`; subclasses change one step."""
 
     def __init__(self, inner):
         self.inner = inner

@@ -66,14 +66,14 @@ def test_decoder_forward_equals_the_library_forward(models, tmp_path, arch, mode
 
 def test_provenance_names_the_gemm_kernel_and_its_speed(models, tmp_path):
     _, meta = classify(tmp_path, "p", "--model", models["llama"], "--labels", "goods,life", "--prompt", "a b c")
-    gemm = meta["model"]["compute"]["gemm"]
-    assert gemm["path"] in gemm.CANDIDATES and gemm["gflops"] > 0
-    assert set(gemm["measured"]) <= set(gemm.CANDIDATES) and gemm["path"] in gemm["measured"]
-    assert gemm["gflops"] == gemm["measured"][gemm["path"]]
-    others = [g for n, g in gemm["measured"].items() if n != "paddle"]
+    choice = meta["model"]["compute"]["gemm"]
+    assert choice["path"] in gemm.CANDIDATES and choice["gflops"] > 0
+    assert set(choice["measured"]) <= set(gemm.CANDIDATES) and choice["path"] in choice["measured"]
+    assert choice["gflops"] == choice["measured"][choice["path"]]
+    others = [g for n, g in choice["measured"].items() if n != "paddle"]
     # Paddle's kernel unless another is clearly faster: the choice does not flip between runs on timing noise
-    assert gemm["path"] == "paddle" or gemm["gflops"] >= gemm.MARGIN * gemm["measured"]["paddle"]
-    assert gemm["path"] != "paddle" or all(g < gemm.MARGIN * gemm["gflops"] for g in others)
+    assert choice["path"] == "paddle" or choice["gflops"] >= gemm.MARGIN * choice["measured"]["paddle"]
+    assert choice["path"] != "paddle" or all(g < gemm.MARGIN * choice["gflops"] for g in others)
 
 
 def test_both_gemm_kernels_give_the_same_scores(models, tmp_path, monkeypatch, fresh_kernel):
@@ -97,7 +97,7 @@ class _Wrong(gemm.NumpyKernel):
 
 def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch, models, tmp_path, fresh_kernel):
     real = gemm.make
-    monkeypatch.setattr(kernels, "make", lambda name: _Wrong() if name == "numpy" else real(name))
+    monkeypatch.setattr(gemm, "make", lambda name: _Wrong() if name == "numpy" else real(name))
     _, choice = gemm.choose((64, 64, 64), {})
     assert choice.path == "paddle" and "numpy" not in choice.measured
     assert "wrong result" in choice.excluded["numpy"] and any("numpy GEMM kernel is not used" in n for n in choice.notes)
@@ -110,7 +110,7 @@ def test_a_kernel_that_fails_its_self_check_is_not_used(monkeypatch, models, tmp
 
 def test_the_choice_prefers_paddle_unless_clearly_beaten(monkeypatch, fresh_kernel):
     speeds = {"paddle": 100.0, "numpy": 110.0}
-    monkeypatch.setattr(kernels, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
+    monkeypatch.setattr(gemm, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
     assert gemm.choose((64, 64, 64), {}, keep=False)[1].path == "paddle"  # 1.1x: noise, not a reason to switch
     speeds["numpy"] = 200.0
     assert gemm.choose((64, 64, 64), {}, keep=False)[1].path == "numpy"  # 2x (numpy's OpenBLAS on AMD): switch
@@ -120,7 +120,7 @@ def test_the_choice_is_kept_for_the_machine_so_processes_agree(monkeypatch, tmp_
     """Round 4: under load 3 of ~21 processes chose another kernel; the first decision is kept and reused."""
     monkeypatch.setenv("PADDLE_SCORER_CACHE_DIR", str(tmp_path))
     speeds = {"paddle": 100.0, "numpy": 300.0}
-    monkeypatch.setattr(kernels, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
+    monkeypatch.setattr(gemm, "measure_all", lambda ks, shape, rounds=5: {n: speeds[n] for n in ks})
     _, first = gemm.choose((64, 64, 64), {})
     assert first.path == "numpy" and first.decided == "measured" and first.record
     speeds.update(paddle=400.0)  # a later process under other load would measure the opposite
@@ -209,8 +209,8 @@ def test_padding_slots_are_not_computed():
 def test_doctor_reports_the_gemm_kernel():
     r = run("doctor", "--json")
     facts = json.loads(r.stdout)
-    gemm = facts["cpu"]["gemm"]
-    assert gemm["path"] in gemm.CANDIDATES and gemm["gflops"] > 0
+    choice = facts["cpu"]["gemm"]
+    assert choice["path"] in gemm.CANDIDATES and choice["gflops"] > 0
     assert "OPENBLAS_NUM_THREADS" in facts["cpu"]["settings"]
     assert "float32 GEMM" in run("doctor").stdout
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import builders
-from paddle_scorer.compute.in_ram import log_softmax
+from paddle_scorer.compute.library_runner import log_softmax
 from paddle_scorer.compute.choose_backend import backend_for
 from paddle_scorer.model.loader import load
 from paddle_scorer.process.environment import paddle

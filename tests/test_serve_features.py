@@ -154,14 +154,13 @@ def test_classify_route_equals_classify(demo, client):
 
 
 def test_several_adapters_on_one_base_equal_each_served_alone(models):
-    from paddle_scorer.cli.options import load_options, plan_in_ram
-    from paddle_scorer.cli.serve_cmd import _backends
-    from paddle_scorer.model.loader import load_plan
+    from paddle_scorer.serve.models import serve_models
+    from paddle_scorer.tasks.loading import LoadOptions
 
-    plan = plan_in_ram(load_options(models["llama"], None, "attach", "cpu", "auto", None), "serve")
-    base = load_plan(plan)
     adapters = [("one", models["llama_lora"]), ("two", models["llama_rslora"])]
-    backends, _, dirs = _backends(base, plan, adapters, "base", 1 << 26, True, "attach")
+    served = serve_models(LoadOptions(models["llama"], device="cpu"), adapters, model_name="base",
+                          prefix_cache=1 << 26, prefix_reuse=True)
+    base, backends, dirs = served.loaded, served.backends, served.adapter_dirs
     service = Service(base, None, ServeOptions(model_name="base", adapters=dirs), backends=backends)
     body = dict(prompt=prompt_of(QUERIES[1]), max_tokens=5, temperature=0, echo=True, logprobs=2)
     with TestClient(create_app(service), raise_server_exceptions=False) as c:

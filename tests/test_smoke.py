@@ -284,7 +284,9 @@ def test_bad_sizes_are_usage_errors():
     assert parse_size("80GB") == 80 * 1024**3
     assert parse_size("512 MiB") == 512 * 1024**2
     assert parse_size("1.5g") == int(1.5 * 1024**3)
-    assert parse_size("24") == 24 * 1024**3
+    assert parse_size("1048576B") == 1024**2 and parse_size("0", allow_zero=True) == 0
+    with pytest.raises(UsageError, match="has no unit"):
+        parse_size("24", "--memory-limit")  # round 4: bare numbers were gigabytes (a 1 PiB --max-body)
     for bad in ("lots", "80XB", "0GB", ""):
         with pytest.raises(UsageError, match="memory size"):
             parse_size(bad)

@@ -43,15 +43,15 @@ def logprobs(recs):
 def test_layer_calls_cut_differently_from_batches_give_the_same_scores(models, tmp_path, monkeypatch, call_tokens):
     """A block's records are re-cut into layer calls of ~CALL_TOKENS padded tokens; scores must not depend
     on the cut (1 token: every record alone; 200: a few records of mixed lengths padded together)."""
-    from paddle_scorer.compute import streamed
+    from paddle_scorer.compute import streamed as streamed_module
 
     common = ["--model", models["llama"], "--lora", models["llama_lora"], "--labels", "goods and things,life",
               "--template", TEMPLATE, "--input", builders.DEMO_QUERIES, "--limit", 12, "--batch-size", 3]
     ram, _, _ = classify(tmp_path, "ram", *common, "--execution", "in-ram")
     calls = []
-    original = streamed.pack
-    monkeypatch.setattr(stream, "pack", lambda *a, **kw: calls.append(len(a[0])) or original(*a, **kw))
-    monkeypatch.setattr(stream, "CALL_TOKENS", call_tokens)
+    original = streamed_module.pack
+    monkeypatch.setattr(streamed_module, "pack", lambda *a, **kw: calls.append(len(a[0])) or original(*a, **kw))
+    monkeypatch.setattr(streamed_module, "CALL_TOKENS", call_tokens)
     streamed, _, _ = classify(tmp_path, "streamed", *common, "--execution", "streamed")
     np.testing.assert_allclose(logprobs(streamed), logprobs(ram), atol=1e-5)
     assert sum(calls) == 12

@@ -24,6 +24,16 @@ _LAZY = {
     "GenerateOptions": "paddle_scorer.tasks.generate",
     "Backend": "paddle_scorer.compute.in_ram",
     "evaluate": "paddle_scorer.tasks.metrics",
+    "classify_file": "paddle_scorer.tasks.classify",
+    "generate_file": "paddle_scorer.tasks.generate",
+    "LoadOptions": "paddle_scorer.tasks.loading",
+    "Source": "paddle_scorer.tasks.job",
+    "Destination": "paddle_scorer.tasks.job",
+    "Hooks": "paddle_scorer.tasks.job",
+    "fmt_bytes": "paddle_scorer.model.memory_budget",
+    "parse_size": "paddle_scorer.model.memory_budget",
+    "prepare_process": "paddle_scorer.process.environment:prepare",
+    "missing_paddle": "paddle_scorer.process.environment",
 }
 
 
@@ -31,7 +41,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, _, attr = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'paddle_scorer' has no attribute {name!r}")
 
 

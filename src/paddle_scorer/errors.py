@@ -68,3 +68,7 @@ class IncompleteRunError(ScorerError):
     """A sharded run has workers that have not finished."""
 
     exit_code = 5
+
+
+class ScoringError(ScorerError):
+    """A record could not be scored honestly (non-finite probabilities)."""

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from paddle_scorer.checkpoint import describe as ckpt
 from paddle_scorer.jsonio import stream_into
+from paddle_scorer.process.environment import cache_dir
 
-CACHE_ENV = "PADDLE_SCORER_CACHE_DIR"
 CACHE_FILE = "file-hashes.json"
 CACHE_ENTRIES = 512  # most recently used files kept
 RACY_SECONDS = 2.0
@@ -40,13 +40,6 @@ def sha256_files(paths: list[Path]) -> str:
 def adapter_sha256(info: ckpt.CheckpointInfo) -> str:
     files = [Path(f) for f in info.adapter_weights.files] + [Path(info.path) / "lora_config.json"]
     return sha256_files(files)
-
-
-def cache_dir(environ=os.environ) -> Path:
-    if environ.get(CACHE_ENV):
-        return Path(environ[CACHE_ENV])
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "paddle-scorer"
 
 
 def _valid(entry) -> bool:

@@ -3,9 +3,9 @@ so `--help` and `inspect` never import paddle."""
 
 from __future__ import annotations
 
-from paddle_scorer.process import environment
+from paddle_scorer import prepare_process
 
-environment.prepare()  # thread counts before numpy's BLAS and paddle load (the command modules import numpy)
+prepare_process()  # thread counts before numpy's BLAS and paddle load (the command modules import numpy)
 
 import typer  # noqa: E402
 

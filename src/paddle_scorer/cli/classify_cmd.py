@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import typer
@@ -12,18 +11,7 @@ from rich.table import Table
 from paddle_scorer.cli import flags
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import (
-    resume_line,
-    check_io,
-    check_numbers,
-    load_options,
-    loaded_from,
-    progress_bar,
-    read_rows,
-    template_note,
-)
-from paddle_scorer.jsonio import meta_path
-from paddle_scorer.checkpoint.sidecars import scorer_defaults
+from paddle_scorer.cli.options import hooks, resume_line
 
 EXAMPLES = """
   # the demo: labels and template from checkpoints/demo-lora/scorer.json
@@ -84,84 +72,30 @@ def register(app: typer.Typer) -> None:
         prefix_reuse: flags.PrefixReuse = True,
         force_max_length: bool = typer.Option(False, "--force-max-length", help="Allow --max-length beyond the model's context (recorded in the output)."),
     ):
-        from paddle_scorer.runs.identity import classify_identity
-        from paddle_scorer.tasks.metrics import evaluate
-        from paddle_scorer.runs.output_file import fingerprint
-        from paddle_scorer.tasks.prompts import parse_labels
-        from paddle_scorer.runs.loop import execute
-        from paddle_scorer.tasks.classify import DEFAULT_CONTENT_FREE, Classifier, ClassifyOptions, check_options
+        from paddle_scorer.tasks.classify import classify_file, options_with_defaults
+        from paddle_scorer.tasks.job import Destination, Source, check_numbers
+        from paddle_scorer.tasks.loading import LoadOptions
 
-        check_io(prompt, input, output, resume, overwrite, limit)
-        check_numbers(batch_size=batch_size, max_length=max_length, show=show, stream_block_records=stream_block_records)
-        defaults = scorer_defaults(model, lora)
-        prefix = label_prefix if label_prefix is not None else defaults.get("label_prefix", " ")
-        opts = ClassifyOptions(
-            labels=parse_labels(labels if labels is not None else defaults.get("labels"), prefix),
-            template=template if template is not None else defaults.get("template"),
-            label_prefix=prefix,
-            chat_template=chat_template,
-            length_norm=length_norm,
-            calibration=calibration,
-            content_free=list(content_free) if content_free else list(DEFAULT_CONTENT_FREE),
-            pmi_domain=pmi_domain,
-            batch_size=batch_size,
-            max_length=max_length,
-            truncate=truncate,
-            gold_field=gold_field,
-            coerce_fields=coerce_fields,
-            force_max_length=force_max_length,
-            prefix_reuse=prefix_reuse,
-        )
-        check_options(opts)
-        template_note(opts.template, "--template" if template is not None else "scorer.json")
-        rows = read_rows(prompt, input, id_field, limit)
-
-        loaded = loaded_from(load_options(model, lora, mode, device, dtype, tokenizer, memory_limit,
-                                          allow_noop_adapter, execution))
-        clf = Classifier(loaded, opts)
-        preps = []
-        for rid, rec, where in rows:  # all input errors before any output
-            p = clf.prepare(rec, rid, where)
-            p.fingerprint = fingerprint(rec)
-            preps.append(p)
-        calib = clf.calibrate()
-        # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
-        identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length, id_field=id_field,
-                                     limit=limit) if output is not None else {}
-        block = clf.records_per_flush(preps)
-        execution_info = {"execution": loaded.facts.execution["execution"]}
-        if loaded.streamed:
-            block = stream_block_records or clf.backend.block_size(preps)
-            execution_info.update(block_records=block, blocks=-(-len(preps) // block))
-            err.print(f"streaming: {len(preps)} record(s) in {execution_info['blocks']} block(s) of up to {block}; "
-                      "each decoder layer is read once per block.", highlight=False, markup=False)
-        forced = clf.encoder.prompter.forced
-        with progress_bar("classify", len(preps)) as advance:
-            outcome = execute("classify", preps, clf.score, block, output=output, resume=resume,
-                              overwrite=overwrite, identity=identity, loaded=loaded, advance=advance,
-                              meta_extra={"options": opts.to_dict(), "input": str(input) if input else None,
-                                          "argv": sys.argv[1:], "calibration": calib, "forced": forced,
-                                          "run_config": identity, **execution_info},
-                              metrics_fn=evaluate, labels=opts.labels,
-                              finish_extra=lambda: {"prefix_reuse": clf.backend.reuse_stats(),
-                                                    **({"streaming": clf.backend.stats.to_dict()} if loaded.streamed else {})})
-        stats = outcome.stats
-        stats.records = outcome.records
-        if outcome.worker.distributed and not outcome.assembled:
-            err.print(f"worker {outcome.worker.rank}/{outcome.worker.world}: wrote {outcome.part}; "
-                      f"{output} is assembled by the last worker to finish (or `paddle-scorer gather {output}`).",
-                      highlight=False)
-        metrics = evaluate(stats.records, opts.labels) if (outcome.assembled or not outcome.worker.distributed) else None
+        source, dest = Source(prompt, input, id_field, limit), Destination(output, resume, overwrite)
+        check_numbers(show=show)
+        opts, template_source = options_with_defaults(
+            model, lora, labels=labels, template=template, label_prefix=label_prefix, chat_template=chat_template,
+            length_norm=length_norm, calibration=calibration, content_free=list(content_free) if content_free else None,
+            pmi_domain=pmi_domain, batch_size=batch_size, max_length=max_length, truncate=truncate,
+            gold_field=gold_field, coerce_fields=coerce_fields, force_max_length=force_max_length,
+            prefix_reuse=prefix_reuse)
+        load = LoadOptions(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, execution)
+        run = classify_file(load, opts, source, dest, hooks(), stream_block_records=stream_block_records,
+                            template_source=template_source)
         if as_json:
-            for rec in stats.records:
+            for rec in run.records:
                 typer.echo(json.dumps(rec, ensure_ascii=False))
-        part_only = outcome.worker.distributed and not outcome.assembled  # its part file was said above
-        written = None if part_only else output
-        _summary(stats, metrics, loaded, calib, to_stderr=as_json)
+        _summary(run.stats, run.metrics, run.loaded, run.calibration, to_stderr=as_json)
         if not as_json:
-            _table(stats.records, opts.labels, show, kept=output is not None)
-        if written is not None:
-            (err if as_json else out).print(f"wrote {written} and {meta_path(written)}", highlight=False, markup=False)
+            _table(run.records, opts.labels, show, kept=output is not None)
+        if run.written is not None:
+            (err if as_json else out).print(f"wrote {run.written} and {run.written}.meta.json", highlight=False,
+                                            markup=False)
 
 
 def _table(records: list[dict], labels: list[str], limit: int, kept: bool) -> None:

@@ -136,7 +136,7 @@ def cli_errors(fn):
         except ModuleNotFoundError as exc:
             if exc.name != "paddle" or os.environ.get("PADDLE_SCORER_DEBUG"):
                 return _internal(exc)
-            from paddle_scorer.process.environment import missing_paddle
+            from paddle_scorer import missing_paddle
 
             _refuse(missing_paddle())  # the model library imported paddle itself, before runtime.paddle() could say it
         except Exception as exc:  # a bug: one sentence, the traceback on request

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from paddle_scorer.model.memory_budget import fmt_bytes
+from paddle_scorer import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, out, styled
 

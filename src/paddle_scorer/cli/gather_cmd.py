@@ -24,11 +24,10 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Argument(..., help="The --output the workers were given (e.g. out.jsonl)."),
     ):
         from paddle_scorer.errors import IncompleteRunError
-        from paddle_scorer.tasks.metrics import evaluate
-        from paddle_scorer.runs.sharding import gather, part_status
+        from paddle_scorer.tasks.gather import gather_output
 
-        world, status = part_status(output)
-        meta = gather(output, evaluate)
+        g = gather_output(output)
+        world, status, meta = g.world, g.status, g.meta
         t = Table(title=f"{output}: {world} worker(s)")
         for col in ("rank", "state", "records", "seconds"):
             t.add_column(col)
@@ -39,9 +38,8 @@ def register(app: typer.Typer) -> None:
                       str(m.get("seconds", "-")))
         out.print(t)
         if meta is None:
-            missing = [str(s["rank"]) for s in status if s["state"] != "complete"]
             raise IncompleteRunError(
-                f"ranks {', '.join(missing)} have not finished; rerun the same launch command with --resume "
+                f"ranks {', '.join(map(str, g.unfinished))} have not finished; rerun the same launch command with --resume "
                 "(finished workers skip their done records)."
             )
         out.print(f"assembled {output}: {meta['counts']['total']} records from {world} part(s)", highlight=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import typer
 from rich.table import Table
@@ -11,10 +10,7 @@ from rich.table import Table
 from paddle_scorer.cli import flags
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import (check_io, load_options, loaded_from, progress_bar, read_rows, resume_line,
-                                       template_note)
-from paddle_scorer.checkpoint.sidecars import scorer_defaults
-from paddle_scorer.errors import UsageError
+from paddle_scorer.cli.options import hooks, resume_line
 
 EXAMPLES = """
   paddle-scorer generate --model checkpoints/demo-base \\
@@ -63,50 +59,18 @@ def register(app: typer.Typer) -> None:
         coerce_fields: flags.CoerceFields = False,
         prefix_reuse: flags.PrefixReuse = True,
     ):
-        from paddle_scorer.cli.options import check_numbers, plan_in_ram
-        from paddle_scorer.tasks.generate import GenerateOptions, Generator, check_options
-        from paddle_scorer.runs.identity import generate_identity
-        from paddle_scorer.runs.output_file import fingerprint
-        from paddle_scorer.tasks.prompts import check_template
-        from paddle_scorer.runs.loop import execute
+        from paddle_scorer.tasks.generate import generate_file, options_with_defaults
+        from paddle_scorer.tasks.job import Destination, Source
+        from paddle_scorer.tasks.loading import LoadOptions
 
-        check_io(prompt, input, output, resume, overwrite, limit)
-        check_numbers(max_new_tokens=max_new_tokens, top_k=top_k)
-        if truncate not in ("error", "left"):
-            raise UsageError("--truncate must be error or left.")
-        source = "--template" if template is not None else "scorer.json"
-        if template is None and not raw:
-            template = scorer_defaults(model, lora).get("template")
-        check_template(template)
-        template_note(template, source)
-        opts = GenerateOptions(max_new_tokens, top_k, sample, temperature, seed, renormalize_top_k, template,
-                               chat_template, truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse)
-        check_options(opts)
-        rows = read_rows(prompt, input, id_field, limit)
-        lopts = load_options(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, "in-ram")
-        plan = plan_in_ram(lopts, "generate")
-        loaded = loaded_from(lopts, plan)
-        gen = Generator(loaded, opts)
-        items = []
-        for rid, rec, where in rows:  # all input errors before any output
-            it = gen.prepare(rec, rid, where)
-            it.fingerprint = fingerprint(rec)
-            items.append(it)
-        # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
-        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length, limit=limit,
-                                     id_field=id_field) if output is not None else {}
-
-        def score_block(block):
-            return [gen.generate(it.id, it.prompt, it.context) for it in block]
-
-        with progress_bar("generate", len(items)) as advance:
-            outcome = execute("generate", items, score_block, 1, output=output, resume=resume, overwrite=overwrite,
-                              identity=identity, loaded=loaded, advance=advance,
-                              meta_extra={"input": str(input) if input else None, "argv": sys.argv[1:],
-                                          "options": opts.to_dict(), "run_config": identity},
-                              finish_extra=lambda: {"prefix_reuse": gen.backend.reuse_stats()})
-        stats = outcome.stats
-        stats.records = outcome.records
+        source, dest = Source(prompt, input, id_field, limit), Destination(output, resume, overwrite)
+        opts, template_source = options_with_defaults(
+            model, lora, template=template, raw=raw, max_new_tokens=max_new_tokens, top_k=top_k, sample=sample,
+            temperature=temperature, seed=seed, renormalize_top_k=renormalize_top_k, chat_template=chat_template,
+            truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse)
+        load = LoadOptions(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, "in-ram")
+        run = generate_file(load, opts, source, dest, hooks(), template_source=template_source)
+        stats, loaded = run.stats, run.loaded
         if as_json:
             for rec in stats.records:
                 typer.echo(json.dumps(rec, ensure_ascii=False))

@@ -8,16 +8,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from paddle_scorer.checkpoint.describe import (
+from paddle_scorer.tasks.inspect import (
     FULL_MODEL,
     LORA_ADAPTER,
     MERGED_MODEL,
     NOT_A_CHECKPOINT,
     RENAMED_ADAPTER,
     CheckpointInfo,
-    describe,
+    inspect_folder,
 )
-from paddle_scorer.model.memory_budget import fmt_bytes
+from paddle_scorer import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, human_count, out, styled, print_trimmed
 from rich.text import Text
@@ -141,10 +141,7 @@ def register(app: typer.Typer) -> None:
         path: Path = typer.Argument(..., help="A checkpoint folder: model, LoRA adapter, merged model, ..."),
         as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
     ):
-        from paddle_scorer.tasks.inspect import assess
-
-        info = describe(path)
-        a = assess(info)
+        info, a = inspect_folder(path)
         if not a.usable and info.kind != RENAMED_ADAPTER:
             info.next_command = None  # never suggest loading what the loader refuses (the trap's fix is a rename)
         if as_json:

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from paddle_scorer.cli import flags
-from paddle_scorer.model.memory_budget import fmt_bytes
+from paddle_scorer import fmt_bytes
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
 

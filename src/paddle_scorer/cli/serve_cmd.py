@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,7 +11,8 @@ import typer
 from paddle_scorer.cli import flags
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, escape, out, styled
-from paddle_scorer.cli.options import load_options, loaded_from, plan_in_ram
+from paddle_scorer.cli.options import hooks
+from paddle_scorer import parse_size
 from paddle_scorer.errors import UsageError
 
 EXAMPLES = """
@@ -44,33 +44,6 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def parse_bytes(text: str, flag: str = "--max-body") -> int:
-    from paddle_scorer.model.memory_budget import parse_size
-
-    try:
-        return parse_size(text)
-    except UsageError:
-        raise UsageError(f"{flag} {text!r} is not a size; write it like 8MB or 512KB.") from None
-
-
-def parse_adapters(values: list[str]) -> list[tuple[str | None, Path]]:
-    """``--lora`` values: ``FOLDER`` or ``NAME=FOLDER`` -> ``[(name or None, folder)]``; names must differ."""
-    out: list[tuple[str | None, Path]] = []
-    for v in values:
-        name, sep, path = v.partition("=")
-        if sep and not Path(v).exists():
-            if not name or not path:
-                raise UsageError(f"--lora {v!r}: write NAME=FOLDER (or just FOLDER).")
-            out.append((name, Path(path)))
-        else:
-            out.append((None, Path(v)))
-    names = [n or p.resolve().name for n, p in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UsageError(f"--lora: the name {dup[0]!r} is given to two adapters; name them NAME=FOLDER.")
-    return out
-
-
 def bind(host: str, port: int) -> socket.socket:
     """Reserve the address before the (slow) model load: a taken port is an error in a second, not a minute."""
     try:
@@ -93,11 +66,6 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def default_name(model: Path | None, lora: Path | None, loaded) -> str:
-    folder = lora or model or Path(loaded.facts.model_path)
-    return Path(folder).resolve().name
 
 
 def register(app: typer.Typer) -> None:
@@ -139,7 +107,9 @@ def register(app: typer.Typer) -> None:
             if api_key is not None and not api_key.strip():
                 raise UsageError("--api-key is empty (is PADDLE_SCORER_API_KEY set to nothing?): give a key, or leave "
                                  "the option and the variable out to serve without one.")
-            cache = None if prefix_cache is None else (0 if prefix_cache.strip() in ("0", "0B") else parse_bytes(prefix_cache, "--prefix-cache"))
+            cache = None if prefix_cache is None else parse_size(prefix_cache, "--prefix-cache", allow_zero=True)
+            from paddle_scorer.serve.models import parse_adapters
+
             adapters = parse_adapters(lora or [])
             sock = bind(host, port)
             _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device, dtype, tokenizer, log_level,
@@ -166,7 +136,7 @@ def _check(port, max_batch, window_ms, max_tokens_cap, max_logprobs, max_body, l
         raise UsageError("--max-logprobs must be 0 or more.")
     if log_level not in LOG_LEVELS:
         raise UsageError(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}.")
-    body = parse_bytes(max_body)
+    body = parse_size(max_body, "--max-body")
     if body < 1024:
         raise UsageError("--max-body must be at least 1KB.")
     return {"max_batch": max_batch, "window_ms": window_ms, "max_tokens": max_tokens_cap,
@@ -181,28 +151,16 @@ def _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device,
     import uvicorn
 
     from paddle_scorer.serve.app import create_app
+    from paddle_scorer.serve.models import serve_models
     from paddle_scorer.serve.service import ServeOptions, Service
+    from paddle_scorer.tasks.loading import LoadOptions
 
-    several = len(adapters) > 1 or any(n is not None for n, _ in adapters)
-    lora = adapters[0][1] if (adapters and not several) else None
-    lopts = load_options(model, lora if not several else None, mode, device, dtype, tokenizer)
-    if several and model is None:  # the base the first adapter names
-        from paddle_scorer.model.folders import resolve_paths
-
-        lopts.model = resolve_paths(None, adapters[0][1])[0]
-    plan = plan_in_ram(lopts, "serve")
-    loaded = loaded_from(lopts, plan)
-    if cache_bytes is None:  # half of what the budget leaves after the model, at most 2 GiB
-        m = plan.memory
-        cache_bytes = min(2 * 1024**3, max(0, ((m.budget or 0) - m.in_ram_need) // 2)) if m.budget else 2 * 1024**3
-    name = model_name or default_name(model if several else model, lora, loaded)
-    backends, defaults, adapter_dirs = _backends(loaded, plan, adapters if several else [], name, cache_bytes,
-                                                 prefix_reuse, mode)
-    from paddle_scorer.checkpoint.sidecars import scorer_defaults
-
-    defaults.setdefault(name, scorer_defaults(plan.model_dir, plan.lora_dir))
-    service = Service(loaded, None, ServeOptions(model_name=name, prefix_cache_bytes=cache_bytes, adapters=adapter_dirs,
-                                                 **opts), backends=backends, defaults=defaults)
+    served = serve_models(LoadOptions(model, None, mode, device, dtype, tokenizer), adapters, model_name=model_name,
+                          prefix_cache=cache_bytes, prefix_reuse=prefix_reuse, hooks=hooks())
+    loaded, backends = served.loaded, served.backends
+    service = Service(loaded, None, ServeOptions(model_name=served.name, prefix_cache_bytes=served.cache_bytes,
+                                                 adapters=served.adapter_dirs, **opts),
+                      backends=backends, defaults=served.defaults)
     app = create_app(service, api_key=api_key)
     log = logging.getLogger("paddle_scorer.serve")
     log.setLevel(log_level.upper())
@@ -227,40 +185,3 @@ def _serve(sock, model, adapters, host, api_key, model_name, opts, mode, device,
     # re-raises the signal: KeyboardInterrupt or _Terminated, caught by the caller.
     server.run(sockets=[sock])
     err.print("the server stopped.", highlight=False)
-
-
-def _backends(loaded, plan, adapters, name: str, cache_bytes: int, prefix_reuse: bool, mode: str):
-    """``{served name: backend}``: the loaded model alone, or the base plus one backend per adapter sharing its weights
-    (each adapter validated against the base with the loader's checks before the server starts)."""
-    from paddle_scorer.compute.choose_backend import backend_for, cpu_runner, pad_id_of
-
-    share = max(1, len(adapters) + 1)
-    if not adapters:
-        return {name: backend_for(loaded, prefix_reuse=prefix_reuse, prefix_cache_bytes=cache_bytes)}, {}, {}
-    from paddle_scorer.compute.in_ram import Backend
-    from paddle_scorer.model.load_plan import plan_adapter
-    from paddle_scorer.checkpoint.sidecars import scorer_defaults
-
-    if mode != "attach":
-        raise UsageError("several adapters on one base are served attached (each request picks one); drop --mode merge.")
-    runner, facts = cpu_runner(loaded)
-    if runner is None:
-        raise UsageError(f"several adapters on one base need paddle-scorer's CPU decoder ({facts.get('why')}); start one "
-                         "server per adapter (--lora FOLDER) instead.")
-    loaded.facts.compute = facts
-    pad = pad_id_of(loaded.tokenizer)
-    backends = {name: Backend(runner, pad, prefix_reuse=prefix_reuse, prefix_cache_bytes=cache_bytes // share)}
-    defaults, dirs = {}, {}
-    for adapter_name, folder in adapters:
-        adapter_name = adapter_name or folder.resolve().name
-        if adapter_name in backends:
-            raise UsageError(f"--lora: {adapter_name!r} is also the base model's name; pick another name or --model-name.")
-        ap = plan_adapter(folder, plan.model)  # the loader's checks and sentences
-        backends[adapter_name] = Backend(runner.with_adapter(ap.pairs, ap.scaling), pad, prefix_reuse=prefix_reuse,
-                                         prefix_cache_bytes=cache_bytes // share)
-        defaults[adapter_name] = scorer_defaults(None, folder)
-        dirs[adapter_name] = str(folder)
-        for note in [ap.mapping_note, ap.base_note]:
-            if note:
-                err.print(f"note: {adapter_name}: {note}.", highlight=False, markup=False)
-    return backends, defaults, dirs

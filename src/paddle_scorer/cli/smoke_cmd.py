@@ -12,7 +12,7 @@ from rich.text import Text
 from rich.table import Table
 
 from paddle_scorer.cli import flags
-from paddle_scorer.model.memory_budget import fmt_bytes
+from paddle_scorer import fmt_bytes, parse_size
 from paddle_scorer.cli import helptext
 from paddle_scorer.cli.common import cli_errors, err, out
 
@@ -85,14 +85,13 @@ def register(app: typer.Typer) -> None:
         as_json: flags.Json = False,
     ):
         from paddle_scorer.tasks import smoke as sm
-        from paddle_scorer.model.memory_budget import parse_size
 
         opts = sm.SmokeOptions(
             model=model, lora=lora,
             labels=labels,  # parsed once, in smoke, against the label prefix in force (scorer.json's included)
             template=template, label_prefix=label_prefix, input=input, limit=limit,
-            gpu_memory=parse_size(gpu_memory) if gpu_memory is not None else None,
-            memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
+            gpu_memory=parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else None,
+            memory_limit=parse_size(memory_limit, "--memory-limit") if memory_limit is not None else None,
             tokenizer=tokenizer, id_field=id_field,
         )
         with err.status("checking, loading and scoring on CPU...", spinner="dots") if err.is_terminal \

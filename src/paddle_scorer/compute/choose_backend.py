@@ -5,7 +5,7 @@
   layer by layer from disk;
 * in RAM on CPU: the :mod:`paddle_scorer.compute.decoder` forward (:class:`~paddle_scorer.compute.numpy_runner.NumpyRunner`) on the
   GEMM kernel :mod:`paddle_scorer.compute.gemm` measured fastest, when the architecture is one it computes; else,
-  with the reason recorded, the library's forward (:class:`~paddle_scorer.compute.in_ram.ModelRunner`);
+  with the reason recorded, the library's forward (:class:`~paddle_scorer.compute.library_runner.ModelRunner`);
 * on GPU: the library's forward.
 
 ``PADDLE_SCORER_CPU_FORWARD=library`` forces the library's forward on CPU (for A/B checks and benchmarks).
@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from paddle_scorer.compute.in_ram import Backend, ModelRunner, Strategy
+from paddle_scorer.compute.in_ram import Backend, Strategy
+from paddle_scorer.compute.library_runner import ModelRunner
 
 from paddle_scorer.compute.gemm import FORWARD_ENV, library_forward_forced
 
@@ -52,9 +53,18 @@ def backend_for(loaded, strategy: Strategy | None = None, prefix_reuse: bool = T
         from paddle_scorer.compute.streamed import StreamedBackend  # imports the model library's layer code
 
         backend = StreamedBackend(loaded, pad_id=pad, prefix_reuse=prefix_reuse)
-        loaded.facts.compute = backend.compute
+        record_compute(loaded, backend.compute)
         return backend
     runner, facts = cpu_runner(loaded) if loaded.plan is not None else (None, {"forward": "library"})
+    record_compute(loaded, facts)
+    return Backend(runner or ModelRunner(loaded.model, loaded.facts.library), pad_id=pad, strategy=strategy,
+                   prefix_reuse=prefix_reuse, prefix_cache_bytes=prefix_cache_bytes)
+
+
+def record_compute(loaded, facts: dict) -> None:
+    """What computes (provenance ``model.compute``); the GEMM kernel's notes (a kernel excluded by its self-check, an
+    unknown forced kernel) join the load's notes, said by the task with them."""
     loaded.facts.compute = facts
-    return Backend(runner or ModelRunner(loaded.model, loaded.facts.library), pad_id=pad, strategy=strategy, prefix_reuse=prefix_reuse,
-                   prefix_cache_bytes=prefix_cache_bytes)
+    for note in (facts.get("gemm") or {}).get("notes", []):
+        if note not in loaded.facts.notes:
+            loaded.facts.notes.append(note)

@@ -42,7 +42,7 @@ ENV = "PADDLE_SCORER_GEMM"
 FORWARD_ENV = "PADDLE_SCORER_CPU_FORWARD"  # =library: the library's own forward on CPU (A/B checks, benchmarks)
 CHECK_TOLERANCE = 1e-5
 MARGIN = 1.2  # another kernel replaces Paddle's only when it measures this much faster
-DECISIONS_FILE = "gemm-decisions.json"  # this machine's kernel decisions, in the cache folder (fingerprints.cache_dir)
+DECISIONS_FILE = "gemm-decisions.json"  # this machine's kernel decisions, in the cache folder (process.environment.cache_dir)
 
 
 def library_forward_forced(environ=None) -> bool:
@@ -258,7 +258,7 @@ def machine_key(shape: tuple[int, int, int]) -> str:
 
 
 def _decisions_file() -> Path:
-    from paddle_scorer.checkpoint.fingerprints import cache_dir
+    from paddle_scorer.process.environment import cache_dir
 
     return cache_dir() / DECISIONS_FILE
 

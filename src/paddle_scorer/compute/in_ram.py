@@ -1,20 +1,10 @@
-"""The only module that runs the model: token ids in, float32 log-probs out.
-
-One narrow seam, two layers:
-
-* :class:`ModelRunner` wraps the library's model (PaddleNLP or PaddleFormers, attached LoRA or not):
-  ``hidden(ids, mask, positions, cache)`` runs the decoder body, ``logprobs(rows)`` runs the LM head
-  on selected hidden rows and a float32 log-softmax. The library differences (where the body is,
-  the KV-cache object) stay in :mod:`paddle_scorer.model.libraries`.
-* :class:`Backend` owns the scoring algorithms on top of it: what :mod:`paddle_scorer.tasks.classify`,
-  :mod:`paddle_scorer.tasks.generate` and ``serve`` call.
+"""Scoring on a model in memory: the algorithms (packed labels, echo log-probs, batched decoding, prefix reuse)
+over one runner (:class:`~paddle_scorer.compute.seams.Runner`: paddle-scorer's decoder,
+:mod:`~paddle_scorer.compute.numpy_runner`, or the library's forward, :mod:`~paddle_scorer.compute.library_runner`).
+What :mod:`paddle_scorer.tasks.classify`, :mod:`paddle_scorer.tasks.generate` and ``serve`` call.
 
 Batches are built by :mod:`paddle_scorer.compute.packing` (labels packed behind their prompt, the LM head only
-at the rows whose distribution is needed). Here:
-
-* log-softmax is computed in float32 whatever the compute dtype, as ``x - logsumexp(x)``: Paddle's
-  CPU ``log_softmax`` kernel is pathologically slow on wide rows (~0.14 s per 32000-wide row on a
-  2-core EPYC, ~200x ``logsumexp``; see benchmarks/RESULTS.md), the same values within 1e-6.
+at the rows whose distribution is needed).
 
 Hooks (documented, for benchmarks and tests; production uses the defaults): ``Backend(runner,
 pad_id, strategy=...)`` replaces how a batch of labelled prompts is scored (the benchmarks compare a
@@ -31,75 +21,6 @@ from paddle_scorer.compute.packing import ContinuationScore, SequenceLogprobs, p
 from paddle_scorer.process.environment import paddle
 
 
-def log_softmax(pd, logits):
-    """float32 log-softmax over the last axis, as ``x - logsumexp(x)`` (see the module docstring)."""
-    logits = logits.astype("float32")
-    return logits - pd.logsumexp(logits, axis=-1, keepdim=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The runner: the model's forward, library-agnostic
-# --------------------------------------------------------------------------------------------------
-
-
-class ModelRunner:
-    """The decoder body and LM head of a loaded model."""
-
-    def __init__(self, model, library: str | None = None):
-        from paddle_scorer.model.libraries import body_and_head
-
-        self.pd = paddle()
-        self.net, self.body, self.head = body_and_head(model)
-        self.rope = None  # the model's rotary table, only to refuse positions past its end (PaddleNLP's Llama)
-        if library is not None:
-            from paddle_scorer.compute import decoder
-
-            rotary = decoder.find_rotary(self.body)
-            if rotary is not None and not decoder.rotary_is_dynamic(library, rotary):
-                self.rope = decoder.Rope(library, rotary)
-        self.checked_positions = 0
-
-    def hidden(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache=None, use_cache: bool = False):
-        """Body forward: ``[B, W]`` ids, a 2-D ``[B, W(+past)]`` or 4-D ``[B, 1, W, W]`` mask, ``[B, W]``
-        positions -> (hidden ``[B, W, H]`` tensor, new cache or None). Positions past the rotary table (whose
-        rows the library would silently truncate) are refused with :class:`~paddle_scorer.compute.decoder.ContextLimit`."""
-        pd = self.pd
-        top = int(np.max(positions)) + 1 if np.size(positions) else 0
-        if self.rope is not None and top > self.checked_positions:
-            self.rope(np.array([top - 1]))
-            self.checked_positions = top
-        out = self.body(
-            input_ids=pd.to_tensor(ids), attention_mask=pd.to_tensor(mask), position_ids=pd.to_tensor(positions),
-            past_key_values=cache, use_cache=use_cache, return_dict=True,
-        )
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
-
-    def logprobs(self, rows) -> np.ndarray:
-        """LM head + float32 log-softmax on hidden rows ``[N, H]`` -> numpy ``[N, V]``."""
-        logits = self.head(rows.unsqueeze(0)).squeeze(0)
-        return log_softmax(self.pd, logits).numpy()
-
-    def gather(self, hidden, rows: list[tuple[int, int]]):
-        """The hidden rows at ``(batch, position)`` pairs ``[N, H]``."""
-        pd = self.pd
-        return pd.gather_nd(hidden, pd.to_tensor(np.asarray(rows, dtype=np.int64).reshape(-1, 2)))
-
-    def select_cache(self, cache, index: list[int]):
-        from paddle_scorer.model.libraries import select_cache_rows
-
-        return select_cache_rows(cache, self.pd.to_tensor(np.asarray(index, dtype=np.int64)))
-
-
-# --------------------------------------------------------------------------------------------------
-# Packing labelled prompts into one forward (pure numpy)
-# --------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------
-# The backend
-# --------------------------------------------------------------------------------------------------
-
-
 Strategy = Callable[["Backend", list, list], list]
 
 
@@ -112,7 +33,7 @@ def packed_strategy(backend: "Backend", prompts: list[list[int]], continuations:
 
 
 class Backend:
-    def __init__(self, runner: ModelRunner, pad_id: int = 0, strategy: Strategy | None = None,
+    def __init__(self, runner, pad_id: int = 0, strategy: Strategy | None = None,
                  prefix_reuse: bool = True, prefix_cache_bytes: int | None = None):
         """``prefix_reuse``: compute shared prompt prefixes once (:mod:`paddle_scorer.compute.prefix_reuse`) when the runner can
         continue a computed prefix (the CPU decoder) and no strategy replaces the scoring."""

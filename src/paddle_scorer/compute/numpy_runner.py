@@ -1,5 +1,5 @@
 """The CPU runner: :mod:`paddle_scorer.compute.decoder`'s forward over a model loaded in RAM, behind the same seam as
-:class:`~paddle_scorer.compute.in_ram.ModelRunner` (``hidden`` / ``logprobs`` / ``gather`` / ``select_cache``), so the
+:class:`~paddle_scorer.compute.library_runner.ModelRunner` (``hidden`` / ``logprobs`` / ``gather`` / ``select_cache``), so the
 :class:`~paddle_scorer.compute.in_ram.Backend` algorithms (packed labels, echo, batched decoding) run on it unchanged.
 
 The weights are the loaded model's own parameters, viewed as numpy without a copy (an attached LoRA's

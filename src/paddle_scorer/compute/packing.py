@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paddle_scorer.model.memory_budget import CALL_TOKENS
+
 
 @dataclass
 class SequenceLogprobs:
@@ -134,12 +136,6 @@ def top_k(lp: np.ndarray, k: int) -> np.ndarray:
     vals = np.take_along_axis(lp, part, axis=1)
     order = np.lexsort((part, -vals), axis=-1)
     return np.take_along_axis(part, order, axis=1)
-
-
-CALL_TOKENS = 1024
-"""Padded tokens per forward (in RAM: classify's default batches) or per layer call (streamed). Matmuls
-with few rows run at half speed on CPU ([264, 4096] x [4096, 11008]: 39 GFLOP/s on the 2-core box of
-benchmarks/RESULTS.md; >= 528 rows: 70), and a fixed 8 short prompts are ~260 rows."""
 
 
 def regroup(items: list[tuple[list[int], list[list[int]]]], tokens: int = CALL_TOKENS) -> list[list[int]]:

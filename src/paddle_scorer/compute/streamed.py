@@ -31,21 +31,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_scorer.compute.in_ram import log_softmax
+from paddle_scorer.compute.library_runner import log_softmax
 from paddle_scorer.compute.packing import CALL_TOKENS, Packed, pack, padded, regroup, unpack
 from paddle_scorer.errors import CheckpointError
 from paddle_scorer.model.tensor_layout import layer_index
 from paddle_scorer.compute import prefix_tree
+from paddle_scorer.model.libraries import body_and_head
+from paddle_scorer.model.loader import streaming_template, to_template
 from paddle_scorer.model.memory_budget import records_per_block
 from paddle_scorer.process.environment import paddle
 
 class _Captured(Exception):
     pass
-
-
-def to_template(name: str, layer: int) -> str:
-    """``llama.layers.7.mlp.up_proj.weight`` -> ``llama.layers.0.mlp.up_proj.weight`` (the template layer)."""
-    return name.replace(f"layers.{layer}.", "layers.0.", 1)
 
 
 @dataclass
@@ -69,8 +66,6 @@ class StreamedBackend:
     """Labelled scoring of a model that is never fully in memory (see the module docstring)."""
 
     def __init__(self, loaded, pad_id: int = 0, prefix_reuse: bool = True):
-        from paddle_scorer.model import libraries
-
         self.pd = paddle()
         self.loaded = loaded
         self.plan = plan = loaded.plan
@@ -81,76 +76,24 @@ class StreamedBackend:
         self.no_reuse_reason = None if prefix_reuse else "--no-prefix-reuse"
         self.compute = {"forward": "library", "why": "streamed"}
         self.dtype = plan.policy.dtype
-        mp = plan.model
-        self.num_layers = mp.num_layers
-        groups = mp.conversion.layer_groups()
-        missing = [i for i in range(self.num_layers) if i not in groups]
-        if missing or set(k for k in groups if k is not None) - set(range(self.num_layers)):
-            found = sorted(k for k in groups if k is not None)
-            raise CheckpointError(
-                f"{mp.folder}: cannot stream this checkpoint layer by layer: config.json says "
-                f"{self.num_layers} decoder layers but the tensors name layers {found[:3]}...{found[-3:] if found else ''} "
-                f"({'missing ' + str(missing[:5]) if missing else 'extra layers'}); the key layout is unexpected."
-            )
-        self.layer_names = {i: groups[i] for i in range(self.num_layers)}
-        self.outside = groups.get(None, [])
-        config = libraries.load_config(mp.library, mp.info, mp.folder, self.dtype, num_layers=1)
-        self.config = config
-        model = libraries.build_skeleton(mp.library, mp.info, config)
-        from paddle_scorer.model.loader import expected_params
-
-        params, shapes, tied = expected_params(model)
-        self.tied = tied
-        # every template parameter must be fed from the checkpoint: layer 0's names stand for every layer's
-        problems = []
-        for i in range(self.num_layers):
-            names = {to_template(n, i) for n in self.layer_names[i]}
-            want = {n for n in shapes if layer_index(n) == 0}
-            if names != want:
-                problems.append(f"layer {i}: tensors {sorted(names ^ want)[:4]} do not match the model's layer")
-                break
-            for n in self.layer_names[i]:
-                if tuple(mp.conversion.tensors[n].shape) != shapes[to_template(n, i)]:
-                    problems.append(f"{n}: checkpoint shape {mp.conversion.tensors[n].shape} != model shape "
-                                    f"{shapes[to_template(n, i)]}")
-        outside_model = {n for n in shapes if layer_index(n) is None}
-        tied_names = {n for g in tied.values() for n in g}
-        for n in sorted(outside_model - set(self.outside)):
-            if n in tied_names and set(tied.get(n, [n])) & set(self.outside):
-                continue
-            if n in tied_names and any(n in g and set(g) & set(self.outside) for g in tied.values()):
-                continue
-            problems.append(f"{n}: missing from the checkpoint")
-        if problems:
-            from paddle_scorer.errors import WeightMismatchError
-
-            raise WeightMismatchError(f"{mp.folder}: the weights do not match the model built from config.json:",
-                                      problems, "Check that config.json and the weights come from the same model.")
+        t = streaming_template(plan)  # every weight check the loader makes, and the one-layer template model
+        self.num_layers, self.layer_names, self.outside, self.config, self.tied = (
+            t.num_layers, t.layer_names, t.outside, t.config, t.tied)
+        self.norm_names, self.embed_name, self.head_names = t.norm_names, t.embed_name, t.head_names
         self.attach = plan.adapter is not None and plan.mode == "attach"
-        if self.attach and any(layer_index(m + ".") is None for m in plan.adapter.pairs):
-            outside_pairs = [m for m in plan.adapter.pairs if layer_index(m + ".") is None]
-            raise CheckpointError(f"{plan.lora_dir}: adapters outside the decoder layers ({outside_pairs[0]}) "
-                                  "cannot be streamed attached; pass --mode merge.")
+        model = t.model
         self.fast = self._fast_forward(model)
         if self.attach and self.fast is None:
             # LoRA layers on the template layer's modules that any layer adapts (the same projections in each)
             modules = sorted({to_template(m + ".", layer_index(m + ".")).rstrip(".") for m in plan.adapter.pairs
                               if layer_index(m + ".") is not None})
-            model = libraries.attach_lora(mp.library, model, modules, plan.adapter.settings, self.dtype)
-        from paddle_scorer.model.libraries import body_and_head
-
+            model = plan.model.library.attach_lora(model, modules, plan.adapter.settings, self.dtype)
         self.net, self.body, self.head = body_and_head(model)
         self.params = (model.model if self.attach and self.fast is None else model).state_dict()
         self.layer0 = self.body.layers[0]
         self.final_norm = getattr(self.body, "norm", None) or getattr(self.body, "final_layernorm", None)
         if self.final_norm is None:
             raise CheckpointError(f"{type(self.body).__name__} has no final norm (`norm`); it cannot be streamed.")
-        self.norm_names = [n for n in self.outside if "norm" in n]
-        self.embed_name = next((n for n in self.outside if "embed_tokens" in n or "word_embeddings" in n), None)
-        if self.embed_name is None:
-            raise CheckpointError(f"{mp.folder}: no embedding table (embed_tokens) among the tensors outside the "
-                                  "decoder layers; cannot stream this checkpoint.")
-        self.head_names = [n for n in self.outside if n not in self.norm_names and n != self.embed_name]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-scorer-read")
         self._lock = threading.Lock()
         # the final norm is tiny: keep it resident

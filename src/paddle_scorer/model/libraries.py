@@ -73,6 +73,84 @@ class LibrarySpec:
     def architectures(self) -> list[str]:
         return [a.architecture for a in self.archs]
 
+    # ---------------------------------------------------------------- building (imports paddle and the library)
+
+    def check_device(self, info, device: str) -> None:
+        arch = self.arch_for(info)
+        if arch.gpu_only and device == "cpu":
+            raise CheckpointError(
+                f"{info.path}: {arch.architecture} cannot run on CPU: {arch.gpu_only}; run it on a GPU "
+                "(--device gpu), or use a dense model for CPU checks."
+            )
+
+    def module(self, name: str):
+        """This library's submodule ``name`` (``"transformers"``, ``"peft"``, ...), imported quietly."""
+        _import_quietly(self.name)
+        return importlib.import_module(f"{self.name}.{name}")
+
+    def load_config(self, info, folder: Path, dtype: str, num_layers: int | None = None):
+        """The library's config object for ``folder``, with the compute dtype and CPU flags applied."""
+        arch = self.arch_for(info)
+        config_cls, _ = _classes(arch)
+        try:
+            config = config_cls.from_pretrained(str(folder))
+        except Exception as exc:  # the libraries raise many types on bad configs
+            raise CheckpointError(f"{folder}/config.json could not be read by {self.name} ({type(exc).__name__}: "
+                                  f"{exc}); fix or re-create it.") from exc
+        config.dtype = dtype
+        for key, value in arch.cpu_flags:
+            setattr(config, key, value)
+        if num_layers is not None:
+            config.num_hidden_layers = num_layers
+        return config
+
+    def no_init_context(self):
+        """Build parameters without materialising (or initialising) them: values come from the checkpoint.
+
+        Measured (paddlenlp 3.0.0b4, 220M-parameter Llama): eager build 20 s of random initialisation that
+        is then overwritten; under ``no_init_weights`` + ``paddle.LazyGuard`` 0.06 s, and each parameter is
+        materialised by its ``set_value`` (same logits, max |delta| 0.0).
+        """
+        import contextlib
+
+        from paddle_scorer.process.environment import paddle
+
+        pd = paddle()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.module("transformers.model_utils").no_init_weights(_enable=True))
+        stack.enter_context(pd.LazyGuard())
+        return stack
+
+    def build_skeleton(self, info, config):
+        """The model with parameters declared but not allocated (see :meth:`no_init_context`)."""
+        arch = self.arch_for(info)
+        _, model_cls = _classes(arch)
+        try:
+            with self.no_init_context():
+                model = model_cls(config)
+        except (AssertionError, ValueError, TypeError, ZeroDivisionError, KeyError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{info.path}/config.json does not describe a buildable {arch.architecture} ({type(exc).__name__}: "
+                f"{exc or 'assertion failed'}); check hidden_size, num_attention_heads, num_key_value_heads and "
+                "intermediate_size."
+            ) from exc
+        model.eval()
+        return model
+
+    def attach_lora(self, model, modules: list[str], settings, dtype: str):
+        """Wrap ``model`` with the library's own ``LoRAModel`` on exactly ``modules``; values are set by the caller."""
+        peft = self.module("peft")
+        config = peft.LoRAConfig(
+            r=settings.r, lora_alpha=settings.lora_alpha, rslora=settings.rslora,
+            target_modules=[re.escape(m) for m in sorted(modules)], dtype=dtype, lora_dropout=0.0,
+            merge_weights=False,
+        )
+        lora_model = peft.LoRAModel(model, config)
+        lora_model.eval()
+        lora_model.model.eval()
+        return lora_model
+
+
 
 # PaddleFormers 1.2.0 reads fuse_rms_norm (default True: `fused_rms_norm_ext is not registered` on CPU); the
 # PaddleNLP-era flags (use_flash_attention, fuse_attention_qkv, fuse_linear, ...) are not read by its models.
@@ -162,15 +240,6 @@ def likely(info) -> LibrarySpec | None:
     return next((lib for lib in candidates if lib.installed), candidates[0] if candidates else None)
 
 
-def check_device(lib: LibrarySpec, info, device: str) -> None:
-    arch = lib.arch_for(info)
-    if arch.gpu_only and device == "cpu":
-        raise CheckpointError(
-            f"{info.path}: {arch.architecture} cannot run on CPU: {arch.gpu_only}; run it on a GPU "
-            "(--device gpu), or use a dense model for CPU checks."
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # Building (imports paddle and the library)
 # --------------------------------------------------------------------------------------------------
@@ -198,68 +267,10 @@ def _import_quietly(top: str):
     log.logger.set_level("ERROR")
 
 
-def module(lib: LibrarySpec, name: str):
-    """``lib``'s submodule ``name`` (``"transformers"``, ``"peft"``, ...), imported quietly."""
-    _import_quietly(lib.name)
-    return importlib.import_module(f"{lib.name}.{name}")
-
-
 def _classes(arch: Arch):
     _import_quietly(arch.module.split(".")[0])
     mod = importlib.import_module(arch.module)
     return getattr(mod, arch.config_class), getattr(mod, arch.model_class)
-
-
-def load_config(lib: LibrarySpec, info, folder: Path, dtype: str, num_layers: int | None = None):
-    """The library's config object for ``folder``, with the compute dtype and CPU flags applied."""
-    arch = lib.arch_for(info)
-    config_cls, _ = _classes(arch)
-    try:
-        config = config_cls.from_pretrained(str(folder))
-    except Exception as exc:  # the libraries raise many types on bad configs
-        raise CheckpointError(f"{folder}/config.json could not be read by {lib.name} ({type(exc).__name__}: {exc}); "
-                              "fix or re-create it.") from exc
-    config.dtype = dtype
-    for key, value in arch.cpu_flags:
-        setattr(config, key, value)
-    if num_layers is not None:
-        config.num_hidden_layers = num_layers
-    return config
-
-
-def no_init_context(lib: LibrarySpec):
-    """Build parameters without materialising (or initialising) them: values come from the checkpoint.
-
-    Measured (paddlenlp 3.0.0b4, 220M-parameter Llama): eager build 20 s of random initialisation that
-    is then overwritten; under ``no_init_weights`` + ``paddle.LazyGuard`` 0.06 s, and each parameter is
-    materialised by its ``set_value`` (same logits, max |delta| 0.0).
-    """
-    import contextlib
-
-    from paddle_scorer.process.environment import paddle
-
-    pd = paddle()
-    stack = contextlib.ExitStack()
-    stack.enter_context(module(lib, "transformers.model_utils").no_init_weights(_enable=True))
-    stack.enter_context(pd.LazyGuard())
-    return stack
-
-
-def build_skeleton(lib: LibrarySpec, info, config):
-    """The model with parameters declared but not allocated (see :func:`no_init_context`)."""
-    arch = lib.arch_for(info)
-    _, model_cls = _classes(arch)
-    try:
-        with no_init_context(lib):
-            model = model_cls(config)
-    except (AssertionError, ValueError, TypeError, ZeroDivisionError, KeyError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{info.path}/config.json does not describe a buildable {arch.architecture} ({type(exc).__name__}: "
-            f"{exc or 'assertion failed'}); check hidden_size, num_attention_heads, num_key_value_heads and "
-            "intermediate_size."
-        ) from exc
-    model.eval()
-    return model
 
 
 def body_and_head(model):
@@ -276,20 +287,6 @@ def body_and_head(model):
     if body is None or head is None:
         raise CheckpointError(f"{type(net).__name__} has no decoder body + lm_head; only causal LMs are supported.")
     return net, body, head
-
-
-def attach_lora(lib: LibrarySpec, model, modules: list[str], settings, dtype: str):
-    """Wrap ``model`` with the library's own ``LoRAModel`` on exactly ``modules``; values are set by the caller."""
-    peft = module(lib, "peft")
-    config = peft.LoRAConfig(
-        r=settings.r, lora_alpha=settings.lora_alpha, rslora=settings.rslora,
-        target_modules=[re.escape(m) for m in sorted(modules)], dtype=dtype, lora_dropout=0.0,
-        merge_weights=False,
-    )
-    lora_model = peft.LoRAModel(model, config)
-    lora_model.eval()
-    lora_model.model.eval()
-    return lora_model
 
 
 def select_cache_rows(cache, index):

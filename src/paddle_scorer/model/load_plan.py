@@ -247,7 +247,7 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
     check_tokenizer_files(tok_dir)
     policy = plan_policy(device, dtype, mp.stored_dtype, mp.info.config_dtype, gpu)
     if check_device:
-        libraries.check_device(mp.library, mp.info, policy.device)
+        mp.library.check_device(mp.info, policy.device)
     size = memory_budget.dtype_bytes(policy.dtype)
     mem = memory_budget.plan_memory(mp.layer_bytes(size), mp.largest_outside(size), policy.device, memory_limit, execution,
                              memory_budget.Dims.from_config(mp.info.config))

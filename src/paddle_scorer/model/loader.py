@@ -5,7 +5,7 @@
 :func:`load_tokenizer`.
 
 Building without a second copy: the model is declared without allocating or initialising its
-parameters (``no_init_weights`` + ``paddle.LazyGuard``, see :func:`libraries.no_init_context`), then
+parameters (``no_init_weights`` + ``paddle.LazyGuard``, see :meth:`LibrarySpec.no_init_context <paddle_scorer.model.libraries.LibrarySpec.no_init_context>`), then
 each parameter is materialised by ``set_value`` from the checkpoint, tensor by tensor, cast as it is
 read. Peak memory is about one copy of the compute-dtype weights plus the tensor in flight (the old
 "build randomly initialised, then overwrite" spent 40 s of 62 s on an 810M model in throw-away
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from paddle_scorer.model import libraries
 from paddle_scorer.errors import CheckpointError, WeightMismatchError
 from paddle_scorer.model.arrays import cast_or_refuse, merge_lora, to_paddle_array
 from paddle_scorer.model.load_plan import LoadPlan, make_plan
 from paddle_scorer.checkpoint.weights import read_tensor, read_tensors
+from paddle_scorer.model.tensor_layout import layer_index
 
 
 
@@ -224,8 +224,8 @@ def build_model(plan: LoadPlan, num_layers: int | None = None):
     pd = paddle()
     pd.set_device(plan.policy.device)
     mp = plan.model
-    config = libraries.load_config(mp.library, mp.info, mp.folder, plan.policy.dtype, num_layers)
-    model = libraries.build_skeleton(mp.library, mp.info, config)
+    config = mp.library.load_config(mp.info, mp.folder, plan.policy.dtype, num_layers)
+    model = mp.library.build_skeleton(mp.info, config)
     keep = None if num_layers is None else {None, *range(num_layers)}
     params = check_names(plan, model, str(mp.folder), only_layers=keep)
     from paddle_scorer.model.tensor_layout import layer_index
@@ -245,7 +245,7 @@ def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
     if num_layers is not None:
         pairs = {m: ab for m, ab in pairs.items() if layer_index(m + ".") is None or layer_index(m + ".") < num_layers}
     dtype = plan.policy.dtype
-    lora_model = libraries.attach_lora(plan.model.library, model, list(pairs), plan.adapter.settings, dtype)
+    lora_model = plan.model.library.attach_lora(model, list(pairs), plan.adapter.settings, dtype)
     params = lora_model.model.state_dict()
     created = {k.rsplit(".", 1)[0] for k in params if k.endswith(".lora_A")}
     problems = [f"{m}: LoRAModel created no LoRA layer here" for m in sorted(set(pairs) - created)]
@@ -262,7 +262,7 @@ def load_tokenizer(plan: LoadPlan):
     lib = plan.model.library
     folder = plan.tokenizer_dir
     try:
-        tok = libraries.module(lib, "transformers").AutoTokenizer.from_pretrained(str(folder))
+        tok = lib.module("transformers").AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # the libraries raise many types here
         detail = " ".join(str(exc).split())[:300]  # one line: library messages carry newlines
         raise CheckpointError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: {detail}).") from exc
@@ -310,16 +310,9 @@ def load_plan(plan: LoadPlan, num_layers: int | None = None) -> Loaded:
     from paddle_scorer.process.environment import paddle
 
     paddle()
-    libraries.check_device(plan.model.library, plan.model.info, plan.policy.device)
+    plan.model.library.check_device(plan.model.info, plan.policy.device)
     tok = load_tokenizer(plan)
     facts = facts_for(plan, tok)
-    if plan.policy.device == "cpu" and plan.policy.dtype == "float32":
-        # the CPU GEMM kernel is chosen (self-checked, timed) once, now: what it says is said with the load notes
-        from paddle_scorer.compute import gemm
-        from paddle_scorer.model.memory_budget import Dims
-
-        dims = Dims.from_config(plan.model.info.config)
-        facts.notes += gemm.gemm(dims.hidden, dims.intermediate)[1].notes
     if plan.streamed:
         return Loaded(None, tok, facts, None, plan)
     model, config = build_model(plan, num_layers)
@@ -348,3 +341,95 @@ def load(
     plan = make_plan(model, lora, device=device, dtype=dtype, mode=mode, tokenizer=tokenizer,
                      memory_limit=memory_limit, allow_noop_adapter=allow_noop_adapter, execution=execution)
     return load_plan(plan)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: the checks and the one-layer template model (compute/streamed.py runs it layer by layer)
+# --------------------------------------------------------------------------------------------------
+
+
+def to_template(name: str, layer: int) -> str:
+    """``llama.layers.7.mlp.up_proj.weight`` -> ``llama.layers.0.mlp.up_proj.weight`` (the template layer)."""
+    return name.replace(f"layers.{layer}.", "layers.0.", 1)
+
+
+@dataclass
+class StreamTemplate:
+    """What a streamed run needs from the checkpoint: each layer's runtime tensor names, those outside the layers
+    (embedding, final norm, head), and a one-layer model whose parameters are set from each layer in turn."""
+
+    num_layers: int
+    layer_names: dict[int, list[str]]
+    outside: list[str]
+    config: Any
+    model: Any
+    tied: dict[str, list[str]]
+    embed_name: str
+    norm_names: list[str]
+    head_names: list[str]
+
+
+def _layer_groups(plan: LoadPlan) -> tuple[dict[int, list[str]], list[str]]:
+    """Runtime tensor names per decoder layer, and outside the layers; layers that config.json does not have, or
+    tensors of layers it does not say, are refused."""
+    mp = plan.model
+    n = mp.num_layers
+    groups = mp.conversion.layer_groups()
+    missing = [i for i in range(n) if i not in groups]
+    if missing or set(k for k in groups if k is not None) - set(range(n)):
+        found = sorted(k for k in groups if k is not None)
+        raise CheckpointError(
+            f"{mp.folder}: cannot stream this checkpoint layer by layer: config.json says "
+            f"{n} decoder layers but the tensors name layers {found[:3]}...{found[-3:] if found else ''} "
+            f"({'missing ' + str(missing[:5]) if missing else 'extra layers'}); the key layout is unexpected."
+        )
+    return {i: groups[i] for i in range(n)}, groups.get(None, [])
+
+
+def _template_problems(plan: LoadPlan, layer_names: dict, outside: list[str], shapes: dict, tied: dict) -> list[str]:
+    """Every template parameter fed from the checkpoint (layer 0's names stand for every layer's), shapes equal,
+    and every tensor outside the layers present (or tied to one that is)."""
+    mp = plan.model
+    problems = []
+    want = {n for n in shapes if layer_index(n) == 0}
+    for i, names in layer_names.items():
+        got = {to_template(n, i) for n in names}
+        if got != want:
+            problems.append(f"layer {i}: tensors {sorted(got ^ want)[:4]} do not match the model's layer")
+            break
+        for n in names:
+            if tuple(mp.conversion.tensors[n].shape) != shapes[to_template(n, i)]:
+                problems.append(f"{n}: checkpoint shape {mp.conversion.tensors[n].shape} != model shape "
+                                f"{shapes[to_template(n, i)]}")
+    tied_names = {n for g in tied.values() for n in g}
+    for n in sorted({n for n in shapes if layer_index(n) is None} - set(outside)):
+        if n in tied_names and any(n in g and set(g) & set(outside) for g in tied.values()):
+            continue
+        problems.append(f"{n}: missing from the checkpoint")
+    return problems
+
+
+def streaming_template(plan: LoadPlan) -> StreamTemplate:
+    """The checks a streamed run needs before it reads a layer (the same strictness as :func:`check_names`) and its
+    one-layer template model (declared, not initialised)."""
+    mp = plan.model
+    layer_names, outside = _layer_groups(plan)
+    config = mp.library.load_config(mp.info, mp.folder, plan.policy.dtype, num_layers=1)
+    model = mp.library.build_skeleton(mp.info, config)
+    _, shapes, tied = expected_params(model)
+    problems = _template_problems(plan, layer_names, outside, shapes, tied)
+    if problems:
+        raise WeightMismatchError(f"{mp.folder}: the weights do not match the model built from config.json:",
+                                  problems, "Check that config.json and the weights come from the same model.")
+    if plan.adapter is not None and plan.mode == "attach":
+        outside_pairs = [m for m in plan.adapter.pairs if layer_index(m + ".") is None]
+        if outside_pairs:
+            raise CheckpointError(f"{plan.lora_dir}: adapters outside the decoder layers ({outside_pairs[0]}) "
+                                  "cannot be streamed attached; pass --mode merge.")
+    norm_names = [n for n in outside if "norm" in n]
+    embed = next((n for n in outside if "embed_tokens" in n or "word_embeddings" in n), None)
+    if embed is None:
+        raise CheckpointError(f"{mp.folder}: no embedding table (embed_tokens) among the tensors outside the "
+                              "decoder layers; cannot stream this checkpoint.")
+    heads = [n for n in outside if n not in norm_names and n != embed]
+    return StreamTemplate(mp.num_layers, layer_names, outside, config, model, tied, embed, norm_names, heads)

@@ -25,7 +25,12 @@ from dataclasses import asdict, dataclass
 
 from paddle_scorer.errors import CheckpointError, UsageError
 from paddle_scorer.process.launcher import workers_on_host
-from paddle_scorer.compute.packing import CALL_TOKENS
+
+CALL_TOKENS = 1024
+"""Padded tokens per forward (in RAM: classify's default batches) or per layer call (streamed). Matmuls
+with few rows run at half speed on CPU ([264, 4096] x [4096, 11008]: 39 GFLOP/s on the 2-core box of
+benchmarks/RESULTS.md; >= 528 rows: 70), and a fixed 8 short prompts are ~260 rows."""
+
 
 
 class MemoryBudgetError(CheckpointError):
@@ -87,19 +92,25 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-def parse_size(text: str) -> int:
-    """``"80GB"``, ``"80 GiB"``, ``"512MB"``, ``"80"`` (GB) -> bytes. Units are powers of 1024."""
+def parse_size(text: str, flag: str = "the size", allow_zero: bool = False) -> int:
+    """``"80GB"``, ``"80 GiB"``, ``"512MB"``, ``"1048576B"`` -> bytes (units are powers of 1024). A bare number is
+    refused with a sentence for every size option alike: read as bytes or as gigabytes it would be wrong for someone
+    (``--max-body 1048576`` was a 1 PiB limit when bare numbers meant GB). ``allow_zero``: ``0`` (any unit) is 0."""
     import re
 
-    units = {"": GB, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    units = {"b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
              "g": GB, "gb": GB, "gib": GB, "t": 1024**4, "tb": 1024**4, "tib": 1024**4}
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if m and allow_zero and float(m.group(1)) == 0 and (m.group(2).lower() in units or not m.group(2)):
+        return 0
+    if m and not m.group(2):
+        raise UsageError(f"{flag} {text!r} has no unit; write it with one, like {text}B (bytes), 512MB or 24GB.")
     unit = m.group(2).lower() if m else None
     if m is None or unit not in units:
-        raise UsageError(f"{text!r} is not a memory size; write it like 80GB, 24GiB or 512MB.")
+        raise UsageError(f"{flag} {text!r} is not a memory size; write it like 80GB, 24GiB or 512MB.")
     size = int(float(m.group(1)) * units[unit])
     if size <= 0:
-        raise UsageError(f"{text!r} is not a positive memory size; write it like 80GB.")
+        raise UsageError(f"{flag} {text!r} is not a positive memory size; write it like 80GB.")
     return size
 
 

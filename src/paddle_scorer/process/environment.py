@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -116,7 +117,7 @@ def _stop_signals_deferred():
     import sys
     import threading
 
-    from paddle_scorer.runs.output_file import signals_held
+    from paddle_scorer.process.signals import signals_held
 
     if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
         yield
@@ -227,3 +228,15 @@ def versions(names=PROVENANCE_PACKAGES) -> dict[str, str | None]:
         except PackageNotFoundError:
             out[dist] = None
     return out
+
+
+CACHE_ENV = "PADDLE_SCORER_CACHE_DIR"
+
+
+def cache_dir(environ=os.environ) -> Path:
+    """Where paddle-scorer keeps what it measured or hashed for this machine (weight hashes, GEMM decisions):
+    ``$PADDLE_SCORER_CACHE_DIR``, else ``$XDG_CACHE_HOME/paddle-scorer`` or ``~/.cache/paddle-scorer``."""
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV])
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "paddle-scorer"

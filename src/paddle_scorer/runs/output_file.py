@@ -22,19 +22,17 @@ The same class writes the part files of a sharded run (``<output>.parts/part-R-o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
 import socket
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from paddle_scorer.jsonio import meta_path, read_json_file, record_key, stream_into, write_json_atomic, write_json_temp
 from paddle_scorer.errors import UsageError
+from paddle_scorer.process.signals import InterruptedAfterCommit, pid_alive, signals_held
 
 
 def working_path(output: Path) -> Path:
@@ -52,7 +50,7 @@ def chmod_default(path: Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         if a.resolve() == b.resolve():
             return True
@@ -77,10 +75,10 @@ def check_output_path(output: Path, inputs: list[Path], *, resume: bool, overwri
             raise UsageError(f"{what} {output}: {role}{p} exists and is not a regular file; the result is renamed "
                              "into place, which would replace it: pass a file path.")
     for src in inputs:
-        if src is not None and _same_file(output, Path(src)):
+        if src is not None and same_file(output, Path(src)):
             raise UsageError(f"{what} {output} is the input file {src}; writing it would destroy the input: pass "
                              "another path.")
-        if src is not None and _same_file(output, meta_path(Path(src))):
+        if src is not None and same_file(output, meta_path(Path(src))):
             raise UsageError(f"{what} {output} is the provenance of the input {src}; pass another path.")
     state = run_state(output)
     if state in ("running", "running elsewhere"):
@@ -101,30 +99,6 @@ def check_output_path(output: Path, inputs: list[Path], *, resume: bool, overwri
                 f"an interrupted run left partial results for {output} (in {work.name}); pass --resume to continue "
                 "it or --overwrite to start over."
             )
-
-
-class InterruptedAfterCommit(KeyboardInterrupt):
-    """Ctrl-C/SIGTERM that arrived while a finished result was being moved into place: the move was completed
-    first (the message says what is complete), then the interrupt is honoured."""
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT/SIGTERM for the few renames that publish a result, so a stop signal cannot leave an output
-    without its provenance (or a merge folder half moved). Yields the list of signals that arrived. SIGKILL
-    cannot be held: see :func:`run_state` and ``report`` for what is left then."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
-        yield got
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def is_our_output(output: Path) -> bool:
@@ -346,14 +320,6 @@ class RunOutput:
             raise InterruptedAfterCommit(f"{self.output} had just been completed ({len(records)} records, with its "
                                          ".meta.json); nothing is lost.")
         return records
-
-
-def pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError, TypeError):
-        return False
-    return True
 
 
 def run_state(output: Path) -> str | None:

@@ -421,7 +421,7 @@ class Service:
         return await self.off(self._classify_answer, clf, preps, cal, outcomes, name)
 
     def _classify_answer(self, clf, preps, cal, outcomes, name) -> bytes:
-        from paddle_scorer.tasks.classify import ScoringError
+        from paddle_scorer.errors import ScoringError
 
         info = clf.set_calibration([(None, o.labels) for o in outcomes[:len(cal)]])
         try:

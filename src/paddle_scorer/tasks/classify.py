@@ -15,16 +15,12 @@ import numpy as np
 
 from paddle_scorer.compute import packing
 from paddle_scorer.compute.choose_backend import backend_for
-from paddle_scorer.errors import ScorerError, UsageError
+from paddle_scorer.errors import ScoringError, UsageError
 from paddle_scorer.tasks.prompts import PromptOptions, Prompter, check_template, encode_pair, resolve_prefix, template_fields
 
 LENGTH_NORMS = ("none", "per-token")
 CALIBRATIONS = ("none", "contextual", "pmi")
 DEFAULT_CONTENT_FREE = ("N/A", "", "[MASK]")
-
-
-class ScoringError(ScorerError):
-    """A record could not be scored honestly (non-finite probabilities)."""
 
 
 @dataclass
@@ -317,3 +313,124 @@ class Classifier:
             rec["truncated_tokens"] = prep.truncated
         return rec
 
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole classify run over a file or prompts: what `paddle-scorer classify` does, callable from Python
+# --------------------------------------------------------------------------------------------------
+
+
+def options_with_defaults(model, lora, *, labels=None, template=None, label_prefix=None,
+                          **options) -> tuple[ClassifyOptions, str]:
+    """Classify options with the fine-tune's defaults (scorer.json of the adapter, else the model) for what is not
+    given: labels (a comma-separated string or a list), template, label prefix. Returns the options and where the
+    template came from (``--template`` or ``scorer.json``). Every check that needs no model is made here."""
+    from paddle_scorer.checkpoint.sidecars import scorer_defaults
+    from paddle_scorer.tasks.prompts import parse_labels
+
+    defaults = scorer_defaults(model, lora)
+    prefix = label_prefix if label_prefix is not None else defaults.get("label_prefix", " ")
+    if options.get("content_free") is None:
+        options["content_free"] = list(DEFAULT_CONTENT_FREE)
+    opts = ClassifyOptions(labels=parse_labels(labels if labels is not None else defaults.get("labels"), prefix),
+                           template=template if template is not None else defaults.get("template"),
+                           label_prefix=prefix, **options)
+    check_options(opts)
+    return opts, "--template" if template is not None else "scorer.json"
+
+
+@dataclass
+class ClassifyRun:
+    """What a classify run did: its records (all of them, or this launcher worker's part), the metrics, the
+    calibration, the loaded model's facts, and the output written (None: nothing, or only a part)."""
+
+    stats: object  # runs.loop.RunStats
+    records: list[dict]
+    metrics: dict | None
+    calibration: dict
+    loaded: object
+    outcome: object  # runs.loop.Outcome (worker, assembled, part)
+    written: object = None  # the output path, when the whole output was written
+
+    @property
+    def part_only(self) -> bool:
+        """A launcher worker that wrote its part while another assembles the output."""
+        return self.outcome.worker.distributed and not self.outcome.assembled
+
+
+def classify_file(load, opts: ClassifyOptions, source, dest, hooks=None, *, stream_block_records: int | None = None,
+                  template_source: str = "--template", argv: list[str] | None = None) -> ClassifyRun:
+    """Score every record of ``source`` (a :class:`~paddle_scorer.tasks.job.Source`) with the model of ``load`` (a
+    :class:`~paddle_scorer.tasks.loading.LoadOptions`) into ``dest`` (a :class:`~paddle_scorer.tasks.job.Destination`):
+    resumable, with provenance, single-process or as one ``paddle.distributed.launch`` worker. Every input error is
+    refused before any output is written. What the CLI prints comes through ``hooks``."""
+    from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
+    from paddle_scorer.tasks.loading import load_model, say_notes
+
+    hooks = hooks or Hooks()
+    check_io(source, dest)
+    check_numbers(batch_size=opts.batch_size, max_length=opts.max_length, stream_block_records=stream_block_records)
+    check_options(opts)
+    template_note(opts.template, template_source, hooks)
+    rows = source.rows()
+    loaded = load_model(load, hooks)
+    clf = Classifier(loaded, opts)
+    say_notes(loaded, hooks)
+    preps = _prepare_all(clf, rows)
+    calib = clf.calibrate()
+    return _run(clf, preps, calib, source, dest, hooks, stream_block_records, argv)
+
+
+def _prepare_all(clf: Classifier, rows) -> list[Prepared]:
+    """Every record prepared (all input errors before any output), each with its input fingerprint."""
+    from paddle_scorer.runs.output_file import fingerprint
+
+    preps = []
+    for rid, rec, where in rows:
+        p = clf.prepare(rec, rid, where)
+        p.fingerprint = fingerprint(rec)
+        preps.append(p)
+    return preps
+
+
+def _run(clf: Classifier, preps, calib, source, dest, hooks, stream_block_records, argv) -> ClassifyRun:
+    import sys
+
+    from paddle_scorer.runs.identity import classify_identity
+    from paddle_scorer.runs.loop import execute
+    from paddle_scorer.tasks.metrics import evaluate
+
+    loaded, opts = clf.loaded, clf.opts
+    # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
+    identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length,
+                                 id_field=source.id_field, limit=source.limit) if dest.output is not None else {}
+    block = clf.records_per_flush(preps)
+    execution_info = {"execution": loaded.facts.execution["execution"]}
+    if loaded.streamed:
+        block = stream_block_records or clf.backend.block_size(preps)
+        execution_info.update(block_records=block, blocks=-(-len(preps) // block))
+        hooks.info(f"streaming: {len(preps)} record(s) in {execution_info['blocks']} block(s) of up to {block}; "
+                   "each decoder layer is read once per block.")
+
+    def finish_extra() -> dict:
+        extra = {"prefix_reuse": clf.backend.reuse_stats()}
+        if loaded.streamed:
+            extra["streaming"] = clf.backend.stats.to_dict()
+        return extra
+
+    with hooks.progress("classify", len(preps)) as advance:
+        outcome = execute("classify", preps, clf.score, block, output=dest.output, resume=dest.resume,
+                          overwrite=dest.overwrite, identity=identity, loaded=loaded, advance=advance,
+                          meta_extra={"options": opts.to_dict(), "input": str(source.input) if source.input else None,
+                                      "argv": sys.argv[1:] if argv is None else argv, "calibration": calib,
+                                      "forced": clf.encoder.prompter.forced, "run_config": identity, **execution_info},
+                          metrics_fn=evaluate, labels=opts.labels, finish_extra=finish_extra)
+    stats = outcome.stats
+    stats.records = outcome.records
+    whole = outcome.assembled or not outcome.worker.distributed
+    run = ClassifyRun(stats, outcome.records, evaluate(stats.records, opts.labels) if whole else None, calib, loaded,
+                      outcome, dest.output if whole else None)
+    if run.part_only:
+        hooks.info(f"worker {outcome.worker.rank}/{outcome.worker.world}: wrote {outcome.part}; {dest.output} is "
+                   f"assembled by the last worker to finish (or `paddle-scorer gather {dest.output}`).")
+    return run

@@ -213,7 +213,7 @@ def _library_facts() -> dict:
                  "architectures": lib.architectures}
         if v is not None:
             try:
-                libraries.module(lib, "transformers")
+                lib.module("transformers")
                 facts["import_ok"] = True
             except Exception as exc:  # any import failure is the finding
                 facts["import_ok"], facts["error"] = False, f"{type(exc).__name__}: {exc}"

@@ -8,6 +8,7 @@ labelled extra field, for comparison only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from paddle_scorer.compute.choose_backend import backend_for
 from paddle_scorer.errors import UsageError
 from paddle_scorer.tasks.prompts import PromptOptions, Prompter
-from paddle_scorer.tasks.classify import ScoringError
+from paddle_scorer.errors import ScoringError
 
 
 @dataclass
@@ -153,3 +154,84 @@ class Generator:
             "finish_reason": "eos" if out_ids and out_ids[-1] in self.eos_ids else "length",
             "steps": steps,
         }
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole generate run over a file or prompts: what `paddle-scorer generate` does, callable from Python
+# --------------------------------------------------------------------------------------------------
+
+
+def options_with_defaults(model, lora, *, template=None, raw: bool = False, **options) -> tuple[GenerateOptions, str]:
+    """Generate options with the fine-tune's template (scorer.json) unless one is given or ``raw``; returns the options
+    and where the template came from. Every check that needs no model is made here."""
+    from paddle_scorer.checkpoint.sidecars import scorer_defaults
+    from paddle_scorer.tasks.prompts import check_template
+
+    source = "--template" if template is not None else "scorer.json"
+    if template is None and not raw:
+        template = scorer_defaults(model, lora).get("template")
+    check_template(template)
+    opts = GenerateOptions(template=template, **options)
+    if opts.truncate not in ("error", "left"):
+        raise UsageError("--truncate must be error or left.")
+    check_options(opts)
+    return opts, source
+
+
+@dataclass
+class GenerateRun:
+    stats: object  # runs.loop.RunStats
+    records: list[dict]
+    loaded: object
+
+
+def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, template_source: str = "--template",
+                  argv: list[str] | None = None) -> GenerateRun:
+    """Per-step traces for every record of ``source`` into ``dest`` (resumable, with provenance), the whole model
+    in memory (a model that does not fit is refused before loading). See :func:`paddle_scorer.tasks.classify.classify_file`."""
+    import sys
+
+    from paddle_scorer.runs.identity import generate_identity
+    from paddle_scorer.runs.loop import execute
+    from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
+    from paddle_scorer.tasks.loading import load_model, plan_in_ram, say_notes
+
+    hooks = hooks or Hooks()
+    check_io(source, dest)
+    check_numbers(max_new_tokens=opts.max_new_tokens, top_k=opts.top_k)
+    check_options(opts)
+    template_note(opts.template, template_source, hooks)
+    rows = source.rows()
+    load = dataclasses.replace(load, execution="in-ram")
+    loaded = load_model(load, hooks, plan_in_ram(load, "generate"))
+    gen = Generator(loaded, opts)
+    say_notes(loaded, hooks)
+    items = _prepare_all(gen, rows)
+    # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
+    identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
+                                 limit=source.limit, id_field=source.id_field) if dest.output is not None else {}
+
+    def score_block(block):
+        return [gen.generate(it.id, it.prompt, it.context) for it in block]
+
+    with hooks.progress("generate", len(items)) as advance:
+        outcome = execute("generate", items, score_block, 1, output=dest.output, resume=dest.resume,
+                          overwrite=dest.overwrite, identity=identity, loaded=loaded, advance=advance,
+                          meta_extra={"input": str(source.input) if source.input else None,
+                                      "argv": sys.argv[1:] if argv is None else argv, "options": opts.to_dict(),
+                                      "run_config": identity},
+                          finish_extra=lambda: {"prefix_reuse": gen.backend.reuse_stats()})
+    outcome.stats.records = outcome.records
+    return GenerateRun(outcome.stats, outcome.records, loaded)
+
+
+def _prepare_all(gen: Generator, rows) -> list[GenItem]:
+    """Every record prepared (all input errors before any output), each with its input fingerprint."""
+    from paddle_scorer.runs.output_file import fingerprint
+
+    items = []
+    for rid, rec, where in rows:
+        it = gen.prepare(rec, rid, where)
+        it.fingerprint = fingerprint(rec)
+        items.append(it)
+    return items

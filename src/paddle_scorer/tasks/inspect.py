@@ -9,6 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.checkpoint.describe import (  # noqa: F401 - the kinds inspect reports, for its callers
+    FULL_MODEL,
+    LORA_ADAPTER,
+    MERGED_MODEL,
+    NOT_A_CHECKPOINT,
+    RENAMED_ADAPTER,
+    CheckpointInfo,
+    describe,
+)
 from paddle_scorer.model import libraries
 from paddle_scorer.model import memory_budget
 from paddle_scorer.model.folders import check_adapter_folder, check_tokenizer_files
@@ -84,3 +93,14 @@ def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assess
         a.memory["records_per_block"] = memory_budget.records_per_block(mem, INSPECT_TOKENS, 2**62)
         a.memory["assumed_tokens"] = INSPECT_TOKENS
     return a
+
+
+def inspect_folder(path) -> tuple[CheckpointInfo, Assessment]:
+    """What ``inspect`` shows: the folder's description (:func:`~paddle_scorer.checkpoint.describe.describe`) and the
+    loader's verdict on it; a next command is never suggested for what the loader refuses (the renamed-adapter
+    trap's fix is a rename, and is kept)."""
+    info = describe(path)
+    a = assess(info)
+    if not a.usable and info.kind != RENAMED_ADAPTER:
+        info.next_command = None
+    return info, a

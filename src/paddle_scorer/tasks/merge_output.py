@@ -94,7 +94,7 @@ def old_folder(out: Path) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
-    from paddle_scorer.runs.output_file import pid_alive
+    from paddle_scorer.process.signals import pid_alive
 
     return pid != os.getpid() and pid_alive(pid)
 
@@ -131,7 +131,7 @@ def clean_stale(out: Path) -> list[str]:
 def commit(tmp: Path, out: Path, force: bool) -> bool:
     """Rename ``tmp`` to ``out``; with ``force`` an existing ``out`` is renamed aside first, then deleted.
     Stop signals are held throughout, so an interrupted commit cannot leave ``out`` missing."""
-    from paddle_scorer.runs.output_file import InterruptedAfterCommit, signals_held
+    from paddle_scorer.process.signals import InterruptedAfterCommit, signals_held
 
     with signals_held() as got:
         if not (out.exists() or out.is_symlink()):

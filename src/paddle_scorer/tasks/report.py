@@ -397,7 +397,7 @@ PAGE_MARK = "<title>paddle-scorer report"
 def check_html_path(run: RunData, out: Path) -> None:
     """Refuse an --html path that would destroy something: the run's output, its provenance, its input, a
     folder or device, or an existing file that is not a previous report (checked before anything is drawn)."""
-    from paddle_scorer.runs.output_file import _same_file, working_path
+    from paddle_scorer.runs.output_file import same_file, working_path
 
     out = Path(out)
     if out.is_dir():
@@ -410,7 +410,7 @@ def check_html_path(run: RunData, out: Path) -> None:
     if isinstance(src, str) and src:
         protected.append((Path(src), "the run's input"))
     for p, what in protected:
-        if _same_file(out, p):
+        if same_file(out, p):
             raise UsageError(f"--html {out} is {what}; writing the page there would destroy it: pass another path.")
     if out.name.endswith(".meta.json"):
         raise UsageError(f"--html {out} is a provenance file name (.meta.json); pass a path ending in .html.")

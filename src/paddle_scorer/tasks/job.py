@@ -1,0 +1,105 @@
+"""What every file-running task shares: where the records come from (``Source``), where the results go
+(``Destination``), the checks of both before anything is loaded, and how a task talks to its caller (``Hooks``: the
+CLI prints, a Python caller may collect or ignore; tasks never print)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager
+
+from paddle_scorer.errors import UsageError
+
+
+def _ignore(_text: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _no_progress(_what: str, _total: int):
+    yield lambda n: None
+
+
+@dataclass
+class Hooks:
+    """``note``: a line the user should read (a default chosen for them, a mapping, a streamed run); ``info``: what is
+    going on (blocks, worker parts); ``progress(what, total)``: a context that yields ``advance(n)``; ``busy(what)``:
+    a context around a long step with no progress to show (loading)."""
+
+    note: Callable[[str], None] = _ignore
+    info: Callable[[str], None] = _ignore
+    progress: Callable[[str, int], ContextManager[Callable[[int], None]]] = _no_progress
+    busy: Callable[[str], ContextManager] = field(default=lambda _what: contextlib.nullcontext())
+
+
+@dataclass
+class Source:
+    """The records of a run: ``prompts`` (ids 0, 1, ...) or an ``input`` JSONL file (ids from ``id_field``)."""
+
+    prompts: list[str] | None = None
+    input: Path | None = None
+    id_field: str = "id"
+    limit: int | None = None
+
+    def rows(self) -> list[tuple[object, dict, str]]:
+        """``[(id, record, where)]``, every record checked (:func:`paddle_scorer.jsonio.read_jsonl`)."""
+        from paddle_scorer import jsonio
+
+        if self.input is not None:
+            rows = jsonio.read_jsonl(self.input, self.id_field)
+        else:
+            rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(self.prompts)]
+        return rows if self.limit is None else rows[: self.limit]
+
+
+@dataclass
+class Destination:
+    """Where results go: ``output`` (None: returned only), continued with ``resume`` or replaced with ``overwrite``."""
+
+    output: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+
+def check_io(source: Source, dest: Destination) -> None:
+    """The input/output combinations the file-running tasks refuse, before anything is loaded."""
+    from paddle_scorer.runs.output_file import check_output_path
+
+    if (source.prompts is None) == (source.input is None):
+        raise UsageError("give either --prompt TEXT (repeatable) or --input data.jsonl.")
+    if dest.resume and dest.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one.")
+    if dest.resume and dest.output is None:
+        raise UsageError("--resume needs --output (the file to continue).")
+    if dest.overwrite and dest.output is None:
+        raise UsageError("--overwrite needs --output (the file to replace).")
+    if source.limit is not None and source.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {source.limit}.")
+    if dest.output is not None:
+        inputs = [Path(source.input)] if source.input is not None else []
+        check_output_path(Path(dest.output), inputs, resume=dest.resume, overwrite=dest.overwrite)
+
+
+_NUMBER_RULES = {"batch_size": (1, "--batch-size"), "max_length": (2, "--max-length"), "show": (0, "--show"),
+                 "max_new_tokens": (1, "--max-new-tokens"), "top_k": (0, "--top-k"), "limit": (1, "--limit"),
+                 "stream_block_records": (1, "--stream-block-records")}
+
+
+def check_numbers(**values) -> None:
+    """Range checks of integer options (before anything is loaded): batch sizes >= 1, counts >= 0, ..."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        low, flag = _NUMBER_RULES[name]
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}.")
+
+
+def template_note(template: str | None, source: str, hooks: Hooks) -> None:
+    """One note when a template holds a literal backslash-n (see :func:`paddle_scorer.tasks.prompts.literal_escape_note`)."""
+    from paddle_scorer.tasks.prompts import literal_escape_note
+
+    note = literal_escape_note(template, source)
+    if note:
+        hooks.note(note)
