@@ -4,7 +4,7 @@
 ``kv_cache_strategy`` is the earlier production algorithm: a prompt forward that keeps its KV cache,
 then a second forward over the label tokens on per-label copies of the prompt's cache. The default
 (:func:`paddle_scorer.compute.in_ram.packed_strategy`) packs the labels behind the prompt in one forward.
-tests/test_fast_path.py checks both against plain full forwards.
+tests/test_compute_in_ram.py checks both against plain full forwards.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Hostile cases, one table: what a careless or adversarial user can throw at paddle-scorer.
-
-Every row runs the real CLI (in-process through typer's runner: one paddle import for the whole table)
-in a fresh workspace and asserts four things:
-
-1. the exit code;
-2. one message line (``error:`` / ``refused:`` / ``interrupted:``, or the ``note:``/``resume:`` line a
-   successful row names) that contains all the row's key words;
-3. no Python traceback and no exception escaping the command;
-4. the files before and after, hidden ones included: a refusal changes nothing at all; a row that
-   writes says exactly what may appear (nothing partial, nothing stale, nothing lost).
+"""Hostile cases, one table: what a careless or adversarial user can throw at paddle-scorer (checkpoints, data,
+reports, merges, injected faults; the guarantees of an output run are rows of tests/test_runs_output_file.py). How a
+row runs and what it asserts: tests/hostile_table.py.
 
 Faults a table row cannot make in-process (SIGTERM/SIGKILL of a running ``classify`` and ``merge``) run
 the CLI as a real subprocess (``python -m paddle_scorer``) at the end of the module; a small
@@ -17,8 +9,8 @@ the CLI as a real subprocess (``python -m paddle_scorer``) at the end of the mod
 
 from __future__ import annotations
 
+
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -28,177 +20,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import builders
 import weights_crafted
 from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
 
-runner = CliRunner()
-SRC = Path(__file__).resolve().parents[1] / "src"
-SCORER = builders.DEMO_SCORER
-TEMPLATE = SCORER["template"]
-MESSAGE_PREFIXES = ("error:", "refused:", "interrupted:", "internal error:")
+from hostile_table import (DELETE, SCORER, SRC, WS, Row, Table, changed, classify, cli, default_records,
+                            hidden_leftovers, message_lines, read_jsonl, run_row, snapshot)
 
-
-def cli(*args, env=None):
-    from paddle_scorer.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-# --------------------------------------------------------------------------------------------------
-# The workspace each row runs in
-# --------------------------------------------------------------------------------------------------
-
-
-class WS:
-    """A row's folder: copies of the demo checkpoints on request, data files, runs done in setup."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.notes: dict = {}  # what setup wants the checks to know
-
-    def p(self, name: str) -> Path:
-        return self.root / name
-
-    @property
-    def base(self) -> Path:
-        dst = self.root / "demo-base"
-        if not dst.exists():
-            shutil.copytree(builders.DEMO_BASE, dst)
-        return dst
-
-    @property
-    def lora(self) -> Path:
-        dst = self.root / "demo-lora"
-        if not dst.exists():
-            self.base  # noqa: B018 - the adapter names "../demo-base"
-            shutil.copytree(builders.DEMO_LORA, dst)
-        return dst
-
-    def demo(self) -> list:
-        return ["--model", self.base, "--lora", self.lora]
-
-    def data(self, name: str = "in.jsonl", records=None, raw: bytes | None = None) -> Path:
-        path = self.root / name
-        if raw is not None:
-            path.write_bytes(raw)
-        else:
-            recs = records if records is not None else default_records()
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        return path
-
-    def lora_config(self, **changes) -> Path:
-        path = self.lora / "lora_config.json"
-        cfg = json.loads(path.read_text())
-        for k, v in changes.items():
-            if v is DELETE:
-                cfg.pop(k, None)
-            else:
-                cfg[k] = v
-        path.write_text(json.dumps(cfg))
-        return self.lora
-
-    def adapter_tensors(self, edit: Callable[[dict], None]) -> Path:
-        path = self.lora / "lora_model_state.pdparams"
-        sd = read_pdparams(path)
-        edit(sd)
-        write_pdparams(sd, path)
-        return self.lora
-
-    def scored(self, name: str = "out.jsonl", *extra, data: Path | None = None) -> Path:
-        """A complete classify output, made in setup."""
-        out = self.p(name)
-        src = data or self.data()
-        r = cli("classify", *self.demo(), "--input", src, "--output", out, *extra)
-        assert r.exit_code == 0, r.output
-        return out
-
-
-DELETE = object()
-
-
-def default_records(n: int = 5) -> list[dict]:
-    lines = [json.loads(line) for line in open(builders.DEMO_QUERIES)]
-    return lines[:n]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 (or the kind of a non-file) of everything under ``root``, hidden files too."""
-    snap = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = p.lstat()
-            if stat.S_ISREG(st.st_mode):
-                snap[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            elif stat.S_ISDIR(st.st_mode):
-                snap[rel] = "dir"
-            else:
-                snap[rel] = "other"
-    return snap
-
-
-def changed(before: dict, after: dict) -> tuple[set, set, set]:
-    """(added, removed, modified) relative paths."""
-    added = set(after) - set(before)
-    removed = set(before) - set(after)
-    modified = {k for k in set(before) & set(after) if before[k] != after[k]}
-    return added, removed, modified
-
-
-def hidden_leftovers(root: Path, allowed=()) -> list[str]:
-    """Temporary files or folders of ours (hidden names) that are still there."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob(".*")
-                  if p.name not in allowed and not str(p.relative_to(root)).startswith(("demo-", ".pytest")))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
-
-
-# --------------------------------------------------------------------------------------------------
-# The table
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    id: str
-    setup: Callable[[WS], list]  # builds the workspace, returns the command line
-    code: int
-    words: tuple[str, ...] = ()  # all in one message line (case-insensitive)
-    check: Callable[[WS, dict, dict, object], None] | None = None  # (ws, before, after, result); None: unchanged
-    patch: Callable[[pytest.MonkeyPatch, WS], None] | None = None  # applied after setup, before the command
-    env: dict | None = None
-    message_from: str = "error"  # the line with the words: "error" (the one error line), "first" (stderr), "any"
-    group: str = ""
-
-
-ROWS: list[Row] = []
-
-
-def row(group: str, id: str, code: int, words=(), **kw):
-    def deco(setup):
-        ROWS.append(Row(id=f"{group}/{id}", setup=setup, code=code, words=tuple(words), group=group, **kw))
-        return setup
-
-    return deco
-
-
-def classify(ws: WS, *extra, data=None, output="out.jsonl"):
-    args = ["classify", *ws.demo(), "--input", data if data is not None else ws.data()]
-    if output is not None:
-        args += ["--output", ws.p(output)]
-    return args + list(extra)
+TABLE = Table()
+row = TABLE.row
+ROWS = TABLE.rows
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -766,232 +602,6 @@ def _(ws):
     return ["report", ws.p("out.jsonl"), "--html", ws.p("report.html")]
 
 
-# ---------------------------------------------------------------------------- outputs
-
-
-@row("outputs", "output-is-the-input", 2, ("is the input file", "destroy the input"))
-def _(ws):
-    data = ws.data()
-    return ["classify", *ws.demo(), "--input", data, "--output", data, "--overwrite"]
-
-
-@row("outputs", "output-is-the-input-through-a-symlink", 2, ("is the input file",))
-def _(ws):
-    data = ws.data()
-    os.symlink(data, ws.p("alias.jsonl"))
-    return ["classify", *ws.demo(), "--input", data, "--output", ws.p("alias.jsonl"), "--overwrite"]
-
-
-@row("outputs", "output-is-a-meta-json", 2, (".meta.json", "provenance"))
-def _(ws):
-    out = ws.scored()
-    return classify(ws, "--overwrite", output=out.name + ".meta.json")
-
-
-@row("outputs", "output-is-a-directory", 2, ("is a directory",))
-def _(ws):
-    ws.p("dir").mkdir()
-    return classify(ws, "--overwrite", output="dir")
-
-
-@row("outputs", "output-is-a-fifo", 2, ("not a regular file",))
-def _(ws):
-    os.mkfifo(ws.p("pipe.jsonl"))
-    return classify(ws, "--overwrite", output="pipe.jsonl")
-
-
-@row("outputs", "overwrite-never-replaces-a-file-that-is-not-an-output", 2, ("model_state.pdparams", "not an output of ours"))
-def _(ws):
-    return classify(ws, "--overwrite", output="demo-base/model_state.pdparams")
-
-
-@row("outputs", "existing-output-needs-resume-or-overwrite", 2, ("already exists", "--resume", "--overwrite"))
-def _(ws):
-    ws.scored()
-    return classify(ws)
-
-
-@row("outputs", "resume-and-overwrite-together", 2, ("contradict",))
-def _(ws):
-    ws.scored()
-    return classify(ws, "--resume", "--overwrite")
-
-
-def _interrupt_on_block(n: int):
-    def patch(mp, ws):
-        from paddle_scorer.tasks.classify import Classifier
-
-        real = Classifier.score
-        calls = {"n": 0}
-
-        def flaky(self, preps):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise KeyboardInterrupt
-            return real(self, preps)
-
-        mp.setattr(Classifier, "score", flaky)
-
-    return patch
-
-
-def _old_output_kept(ws, before, after, r):
-    added, removed, modified = changed(before, after)
-    assert not removed and not modified  # the old results and their provenance are untouched
-    assert added == {".out.jsonl.inprogress", ".out.jsonl.inprogress.meta.json"}  # resumable working file
-    assert len(read_jsonl(ws.p(".out.jsonl.inprogress"))) == 2  # the first block survived
-
-
-@row("outputs", "overwrite-keeps-the-old-output-until-the-new-one-completes", 130,
-     ("interrupted", "not replaced", "--resume"), patch=_interrupt_on_block(2), check=_old_output_kept)
-def _(ws):
-    ws.scored(data=ws.data(records=default_records(3)))
-    return classify(ws, "--overwrite", "--batch-size", 2, data=ws.data(records=default_records(6)))
-
-
-def _resumed_after_overwrite(ws, before, after, r):
-    recs = read_jsonl(ws.p("out.jsonl"))
-    assert [x["id"] for x in recs] == [x["id"] for x in default_records(6)]
-    assert hidden_leftovers(ws.root) == []  # the working file is gone
-    assert "6 record(s)" not in r.stdout and "2 already done" in r.stdout
-
-
-@row("outputs", "resume-continues-an-interrupted-overwrite", 0, check=_resumed_after_overwrite)
-def _(ws):
-    ws.scored(data=ws.data(records=default_records(3)))
-    from paddle_scorer.tasks.classify import Classifier
-
-    real = Classifier.score
-    calls = {"n": 0}
-
-    def flaky(self, preps):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, preps)
-
-    Classifier.score = flaky
-    try:
-        r = cli(*classify(ws, "--overwrite", "--batch-size", 2, data=ws.data(records=default_records(6))))
-    finally:
-        Classifier.score = real
-    assert r.exit_code == 130
-    return classify(ws, "--resume", "--batch-size", 2, data=ws.p("in.jsonl"))
-
-
-def _input_changed(ws, before, after, r):
-    from paddle_scorer.runs.output_file import fingerprint
-
-    new = read_jsonl(ws.p("in.jsonl"))
-    recs = read_jsonl(ws.p("out.jsonl"))
-    assert [x["id"] for x in recs] == [x["id"] for x in new]  # removed id dropped, new id scored, input order
-    for rec, src in zip(recs, new):
-        assert rec["input_fingerprint"] == fingerprint(src)  # nothing stale
-    old = {x["id"]: x for x in ws.notes["old"]}
-    changed_id = new[1]["id"]
-    assert recs[1]["prompt_token_ids"] != old[changed_id]["prompt_token_ids"]  # rescored, not kept
-    assert recs[0] == old[new[0]["id"]]  # unchanged record kept as it was
-    meta = json.loads(ws.p("out.jsonl.meta.json").read_text())
-    assert meta["resume"] == {"kept": 3, "rescored_changed": 1, "dropped_removed": 1, "continued": "complete output"}
-    assert hidden_leftovers(ws.root) == []
-
-
-@row("outputs", "resume-after-the-input-changed-rescores-and-drops-and-counts", 0,
-     ("resume:", "1 record(s) rescored", "1 dropped"), check=_input_changed, message_from="any")
-def _(ws):
-    recs = default_records(5)
-    out = ws.scored(data=ws.data(records=recs))
-    ws.notes["old"] = read_jsonl(out)
-    recs[1] = {**recs[1], "query": recs[1]["query"] + " please, today"}  # changed
-    del recs[3]  # removed
-    recs.append(default_records(7)[6])  # added
-    return classify(ws, "--resume", data=ws.data(records=recs))
-
-
-@row("outputs", "resume-with-another-max-length", 2, ("max_length", "differ"))
-def _(ws):
-    ws.scored()
-    return classify(ws, "--resume", "--max-length", 128)
-
-
-@row("outputs", "resume-with-another-truncate", 2, ("truncate", "differ"))
-def _(ws):
-    ws.scored()
-    return classify(ws, "--resume", "--truncate", "left")
-
-
-@row("outputs", "resume-with-another-template", 2, ("template", "differ"))
-def _(ws):
-    ws.scored()
-    return classify(ws, "--resume", "--template", "Q: {query}\nA:")
-
-
-@row("outputs", "resume-with-a-smaller-limit-never-drops-results", 2, ("limit", "differ"))
-def _(ws):
-    ws.scored()
-    return classify(ws, "--resume", "--limit", 2, data=ws.p("in.jsonl"))
-
-
-@row("outputs", "resume-without-meta", 2, ("no out.jsonl.meta.json", "--overwrite"))
-def _(ws):
-    ws.scored().with_name("out.jsonl.meta.json").unlink()
-    return classify(ws, "--resume")
-
-
-@row("outputs", "resume-with-a-damaged-meta", 2, ("out.jsonl.meta.json", "not valid JSON"))
-def _(ws):
-    ws.scored().with_name("out.jsonl.meta.json").write_text('{"identity": ')
-    return classify(ws, "--resume")
-
-
-@row("outputs", "resume-with-an-edited-line-in-the-middle", 2, ("out.jsonl:2", "not a JSON line"))
-def _(ws):
-    out = ws.scored()
-    lines = out.read_text().splitlines(keepends=True)
-    lines[1] = lines[1][:20] + "\n"
-    out.write_text("".join(lines))
-    return classify(ws, "--resume")
-
-
-def _two_parts(ws) -> Path:
-    """A 2-worker run's parts and assembled output, made by running both ranks in-process."""
-    out = ws.p("d.jsonl")
-    data = ws.data(records=default_records(6))
-    for rank in (0, 1):
-        env = {"PADDLE_TRAINERS_NUM": "2", "PADDLE_TRAINER_ID": str(rank), "PADDLE_LOCAL_SIZE": "2"}
-        r = cli("classify", *ws.demo(), "--input", data, "--output", out, env=env)
-        assert r.exit_code == 0, r.output
-    assert out.exists()
-    return out
-
-
-@row("outputs", "gather-a-part-that-lost-a-line", 2, ("part-00001-of-00002.jsonl", "2 records", "says 3"))
-def _(ws):
-    out = _two_parts(ws)
-    part = ws.p("d.jsonl.parts/part-00001-of-00002.jsonl")
-    part.write_text("".join(part.read_text().splitlines(keepends=True)[:-1]))
-    return ["gather", out]
-
-
-@row("outputs", "gather-a-part-that-gained-a-line", 2, ("part-00000-of-00002.jsonl", "4 records", "says 3"))
-def _(ws):
-    out = _two_parts(ws)
-    part = ws.p("d.jsonl.parts/part-00000-of-00002.jsonl")
-    lines = part.read_text().splitlines(keepends=True)
-    part.write_text("".join(lines + lines[:1]))
-    return ["gather", out]
-
-
-@row("outputs", "gather-a-part-with-a-line-that-is-not-a-record", 2, ("part-00001-of-00002.jsonl:2", "not an output record"))
-def _(ws):
-    out = _two_parts(ws)
-    part = ws.p("d.jsonl.parts/part-00001-of-00002.jsonl")
-    lines = part.read_text().splitlines(keepends=True)
-    lines[1] = "[1, 2]\n"
-    part.write_text("".join(lines))
-    return ["gather", out]
-
-
 @row("outputs", "report-html-onto-its-own-results", 2, ("--html", "results file", "destroy"))
 def _(ws):
     out = ws.scored()
@@ -1126,39 +736,6 @@ def _(ws):
     return ["report", out]
 
 
-def _umask_output(ws, before, after, r):
-    for name in ("out.jsonl", "out.jsonl.meta.json"):
-        assert stat.S_IMODE(ws.p(name).stat().st_mode) == 0o640, name
-    assert hidden_leftovers(ws.root) == []
-
-
-@row("outputs", "outputs-follow-the-umask", 0, check=_umask_output)
-def _(ws):
-    ws.notes["umask"] = 0o027
-    return classify(ws)
-
-
-def _rewrite_in_place(path: Path, key_end: str) -> None:
-    """Overwrite one tensor's bytes inside a weight file (same size), then restore the mtime (what cp -p / rsync -a
-    give): only the content changed."""
-    st = path.stat()
-    sd = read_pdparams(path)
-    value = next(v for k, v in sd.items() if k.endswith(key_end))
-    data = path.read_bytes()
-    at = data.index(value.tobytes())
-    path.write_bytes(data[:at] + value[::-1].tobytes() + data[at + value.nbytes:])
-    assert path.stat().st_size == st.st_size
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-@row("outputs", "resume-after-the-weights-were-rewritten-with-size-and-mtime-kept", 2,
-     ("model_fingerprint", "differ"))
-def _(ws):
-    ws.scored("out.jsonl", "--limit", "2")
-    _rewrite_in_place(ws.base / "model_state.pdparams", "layers.0.mlp.up_proj.weight")
-    return classify(ws, "--resume")
-
-
 @row("outputs", "report-on-an-edited-file-whose-probabilities-sum-to-1.8", 2, ("out.jsonl:2", "sum to 1.8"))
 def _(ws):
     out = ws.scored()
@@ -1229,21 +806,6 @@ def _(ws):
      env={"PADDLE_SCORER_CPU_FORWARD": "libary"})
 def _(ws):
     return classify(ws, output=None)
-
-
-def _with_chat_template(ws, template: str) -> None:
-    path = ws.base / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["chat_template"] = template
-    path.write_text(json.dumps(cfg))
-
-
-@row("outputs", "resume-after-the-chat-template-was-edited", 2, ("chat_template_sha256", "differ"))
-def _(ws):
-    _with_chat_template(ws, "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}")
-    ws.scored("out.jsonl", "--limit", "2")
-    _with_chat_template(ws, "{% for m in messages %}Question: {{ m['content'] }}{% endfor %}")
-    return classify(ws, "--resume")
 
 
 def _damaged_hash_cache(ws):
@@ -1405,59 +967,13 @@ def _(ws):
 
 
 # --------------------------------------------------------------------------------------------------
-# Running a row
+# Running the table
 # --------------------------------------------------------------------------------------------------
-
-
-def message_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip().startswith(MESSAGE_PREFIXES)]
 
 
 @pytest.mark.parametrize("case", ROWS, ids=[r.id for r in ROWS])
 def test_hostile(case: Row, tmp_path, monkeypatch):
-    ws = WS(tmp_path / "ws")
-    ws.root.mkdir()
-    args = case.setup(ws)
-    if case.patch is not None:
-        case.patch(monkeypatch, ws)
-    before = snapshot(ws.root)
-    old_mask = os.umask(ws.notes.get("umask", 0o022))
-    env = dict(case.env or {})
-    if "cache" in ws.notes:
-        env["PADDLE_SCORER_CACHE_DIR"] = str(ws.notes["cache"])
-    try:
-        r = cli(*args, env=env or None)
-    finally:
-        os.umask(old_mask)
-        monkeypatch.undo()
-    after = snapshot(ws.root)
-    out = r.output
-    # 3. no traceback, no escaped exception
-    assert "Traceback" not in out, out
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    # 1. exit code
-    assert r.exit_code == case.code, out
-    # 2. one line with the key words
-    lines = message_lines(r.stderr)
-    if case.code != 0:
-        assert len(lines) == 1, f"expected one message line, got {lines!r}\n{out}"
-    else:
-        assert lines == [], out
-    if case.message_from == "error":
-        candidates = lines
-    elif case.message_from == "first":
-        candidates = [r.stderr.strip().splitlines()[0]] if r.stderr.strip() else []
-    else:
-        candidates = out.splitlines()
-    if case.words:
-        hit = [line for line in candidates if all(w.lower() in line.lower() for w in case.words)]
-        assert hit, f"no line has all of {case.words}:\n{out}"
-    # 4. files before/after
-    if case.check is not None:
-        case.check(ws, before, after, r)
-    else:
-        assert after == before, f"files changed: added/removed/modified = {changed(before, after)}"
-    assert not ws.p("PWNED").exists()
+    run_row(case, tmp_path, monkeypatch)
 
 
 def test_the_table_is_big_enough():

@@ -1,5 +1,6 @@
-"""The layering of src/: no import cycle among our modules (imports inside functions count), and no module
-grows past the size a newcomer can read in one sitting without saying why."""
+"""The layering of src/: the folders are the layers and a lower one never imports a higher one; no import cycle among
+our modules (imports inside functions count); the CLI only parses, prints and calls tasks; no module or function grows
+past the size a newcomer can read in one sitting."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 PKG = "paddle_scorer"
 MAX_LINES = 600
+MAX_FUNCTION_LINES = 80
+MAX_ROOT_MODULES = 8
+# The layers, lowest first: a package may import its own modules and those of the packages before it.
+LAYERS = ("process", "checkpoint", "model", "compute", "runs", "tasks", "serve", "cli")
+ROOT = {"paddle_scorer", "paddle_scorer.errors", "paddle_scorer.jsonio"}  # below every layer (the facade: lazy)
 
 
 def module_name(path: Path) -> str:
@@ -98,7 +104,7 @@ def test_the_checker_finds_a_cycle():
 
 def test_function_level_imports_are_counted(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from paddle_scorer import loader\n    import paddle_scorer.model.load_plan\n")
+    f.write_text("def f():\n    from paddle_scorer.model import loader\n    import paddle_scorer.model.load_plan\n")
     assert imports_of("paddle_scorer.m", f, {"paddle_scorer.model.loader", "paddle_scorer.model.load_plan", "paddle_scorer"}) == {
         "paddle_scorer.model.loader", "paddle_scorer.model.load_plan"}
 
@@ -125,9 +131,77 @@ def test_docs_layout_names_every_module_and_only_real_ones():
     import re
 
     doc = (SRC.parent / "docs" / "layout.md").read_text()
-    named = set(re.findall(r"`((?:cli/|serve/)?[a-z_*]+\.py)`", doc))
+    named = set(re.findall(r"`((?:[a-z_]+/)*[a-z_*]+\.py)`", doc))
     files = {str(p.relative_to(SRC / PKG)) for p in (SRC / PKG).rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     covered = {f for f in files if f in named or (f.startswith("cli/") and f.endswith("_cmd.py") and "cli/*_cmd.py" in named)}
     assert files - covered == set(), f"modules missing from docs/layout.md: {sorted(files - covered)}"
-    stale = {n for n in named if "*" not in n and n not in files}
+    stale = {n for n in named if "*" not in n and n not in files and n != "__init__.py" and not n.startswith("tests/")}
     assert not stale, f"docs/layout.md names modules that do not exist: {sorted(stale)}"
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(g: dict[str, set[str]]) -> list[str]:
+    """Imports from a lower layer to a higher one (and from the root modules into any layer but through the facade)."""
+    bad = []
+    for a, targets in g.items():
+        la = layer_of(a)
+        for b in targets:
+            lb = layer_of(b)
+            if lb is None:
+                continue
+            if la is None and a not in ("paddle_scorer", "paddle_scorer.__main__"):
+                bad.append(f"{a} -> {b} (a root module imports a layer)")
+            elif la is not None and LAYERS.index(lb) > LAYERS.index(la):
+                bad.append(f"{a} -> {b} ({la} is below {lb})")
+    return sorted(bad)
+
+
+def test_the_layer_checker_finds_an_upward_import():
+    g = {"paddle_scorer.model.loader": {"paddle_scorer.compute.gemm"}, "paddle_scorer.compute.gemm": set()}
+    assert upward_imports(g) == ["paddle_scorer.model.loader -> paddle_scorer.compute.gemm (model is below compute)"]
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    bad = upward_imports(graph())
+    assert not bad, "imports that climb the layers " + " > ".join(LAYERS) + ": " + "; ".join(bad)
+
+
+def test_every_module_is_in_a_layer_or_one_of_few_at_the_root():
+    root = sorted(p.name for p in (SRC / PKG).glob("*.py"))
+    assert len(root) <= MAX_ROOT_MODULES, root
+    dirs = sorted(p.name for p in (SRC / PKG).iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert dirs == sorted(LAYERS), dirs
+
+
+def test_the_cli_calls_only_tasks_serve_errors_and_the_public_api():
+    allowed = ("paddle_scorer.cli", "paddle_scorer.tasks", "paddle_scorer.serve")
+    bad = sorted(f"{a} -> {b}" for a, targets in graph().items() if a.startswith("paddle_scorer.cli.")
+                 for b in targets if not b.startswith(allowed) and b not in ("paddle_scorer", "paddle_scorer.errors"))
+    assert not bad, "the CLI reaches below tasks/serve: " + "; ".join(bad)
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``name:line (n lines)`` of every function (nested ones included, methods too) longer than ``limit`` lines."""
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > limit:
+                out.append(f"{node.name}:{node.lineno} ({n} lines)")
+    return out
+
+
+def test_the_length_checker_finds_a_long_function(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def short():\n    return 1\n\n\nclass C:\n    def long(self):\n" + "        x = 1\n" * 85)
+    assert long_functions(f, 80) == ["long:6 (86 lines)"]
+
+
+def test_no_function_is_longer_than_a_screen_and_a_half():
+    found = [f"{p.relative_to(SRC)} {x}" for p in sorted((SRC / PKG).rglob("*.py")) for x in long_functions(p)]
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(found)

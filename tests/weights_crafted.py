@@ -1,4 +1,4 @@
-"""Hand-made .pdparams pickles for tests/test_weights.py: crafted, corrupt and unusual-but-legal files.
+"""Hand-made .pdparams pickles for tests/test_checkpoint_weights.py: crafted, corrupt and unusual-but-legal files.
 
 Each helper pickles objects whose ``__reduce__`` mimics numpy's, so the files reference only the
 globals a real Paddle file references, yet declare whatever shape, dtype or bytes the test wants.

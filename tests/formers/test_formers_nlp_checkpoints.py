@@ -50,7 +50,7 @@ def test_paddlenlp_checkpoints_on_paddleformers_equal_paddlenlp_forward(what, ba
 @pytest.mark.parametrize("lora,mode,prefix", [(None, "attach", "base"), (PF_LORA, "attach", "lora"),
                                               (PF_LORA, "merge", "merged")])
 def test_committed_paddleformers_fixtures_equal_their_recorded_forward(lora, mode, prefix, deltas):
-    """The same files the PaddleNLP virtualenv checks (tests/test_saved_by.py) score the same here."""
+    """The same files the PaddleNLP virtualenv checks (tests/test_model_tensor_layout.py) score the same here."""
     loaded = load(PF_BASE, lora, device="cpu", mode=mode)
     assert deltas.record(f"formers env: committed PF Llama fixture{' + PF LoRA (' + mode + ')' if lora else ''} vs "
                          "PF recorded", max_delta(loaded, "formers-reference.npz", prefix)) <= TOL

@@ -49,6 +49,31 @@ def render(info: CheckpointInfo, a=None) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="cyan", no_wrap=True)
     t.add_column()
+    _model_rows(t, info, a)
+    _machine_rows(t, a)
+    if info.merged_from:
+        m = info.merged_from
+        t.add_row("merged from", f"base {m.get('base')} + adapter {m.get('adapter')} "
+                                 f"(sha256 {str(m.get('adapter_sha256', ''))[:12]}, scaling {m.get('scaling')})")
+    _adapter_rows(t, info)
+    if info.kind != NOT_A_CHECKPOINT:
+        tok = ", ".join(info.tokenizer_files) if info.tokenizer_files else (
+            "none here (the base model's is used)" if info.kind == LORA_ADAPTER else "none")
+        if info.tokenizer_class:
+            tok += f" ({info.tokenizer_class})"
+        t.add_row("tokenizer", tok)
+        t.add_row("chat template", "yes" if info.chat_template else "no")
+    if info.scorer_defaults:
+        t.add_row("scorer defaults", json.dumps(info.scorer_defaults, ensure_ascii=False))
+    if t.row_count:
+        print_trimmed(out, t)
+    for w in info.warnings:
+        out.print(styled(f"[yellow]warning:[/] {escape(w)}"))
+    if info.next_command:
+        out.print(styled(f"[bold]next:[/] {escape(info.next_command)}"), soft_wrap=True)
+
+
+def _model_rows(t: Table, info: CheckpointInfo, a) -> None:
     if info.architecture or info.model_type:
         c = info.config
         shape = ", ".join(f"{k}={c[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -71,6 +96,9 @@ def render(info: CheckpointInfo, a=None) -> None:
                               "B [r, out] as Paddle holds them, names mapped onto the base's on load")
     if a is not None and a.library:
         t.add_row("built by", a.library + ("" if a.library_installed else " (NOT installed here)"))
+
+
+def _machine_rows(t: Table, a) -> None:
     if a is not None and a.gpu_only:
         t.add_row("CPU", a.gpu_only)
     if a is not None and a.memory and not a.gpu_only:
@@ -86,10 +114,9 @@ def render(info: CheckpointInfo, a=None) -> None:
                                       "or a GPU")
         else:
             t.add_row("this machine", m.get("reason", ""))
-    if info.merged_from:
-        m = info.merged_from
-        t.add_row("merged from", f"base {m.get('base')} + adapter {m.get('adapter')} "
-                                 f"(sha256 {str(m.get('adapter_sha256', ''))[:12]}, scaling {m.get('scaling')})")
+
+
+def _adapter_rows(t: Table, info: CheckpointInfo) -> None:
     if info.adapter is not None:
         a = info.adapter
         if a.scaling is None:
@@ -109,21 +136,6 @@ def render(info: CheckpointInfo, a=None) -> None:
             t.add_row("base model", f"{a.base_model_name_or_path or '(not recorded)'} -> {where}")
         if a.unsupported_variants:
             t.add_row("unsupported", ", ".join(a.unsupported_variants))
-    if info.kind != NOT_A_CHECKPOINT:
-        tok = ", ".join(info.tokenizer_files) if info.tokenizer_files else (
-            "none here (the base model's is used)" if info.kind == LORA_ADAPTER else "none")
-        if info.tokenizer_class:
-            tok += f" ({info.tokenizer_class})"
-        t.add_row("tokenizer", tok)
-        t.add_row("chat template", "yes" if info.chat_template else "no")
-    if info.scorer_defaults:
-        t.add_row("scorer defaults", json.dumps(info.scorer_defaults, ensure_ascii=False))
-    if t.row_count:
-        print_trimmed(out, t)
-    for w in info.warnings:
-        out.print(styled(f"[yellow]warning:[/] {escape(w)}"))
-    if info.next_command:
-        out.print(styled(f"[bold]next:[/] {escape(info.next_command)}"), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

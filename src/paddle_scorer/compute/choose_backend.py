@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from paddle_scorer.compute.in_ram import Backend, Strategy
+from paddle_scorer.compute.seams import ScoringBackend
 from paddle_scorer.compute.library_runner import ModelRunner
 
 from paddle_scorer.compute.gemm import FORWARD_ENV, library_forward_forced
@@ -44,7 +45,7 @@ def cpu_runner(loaded):
 
 
 def backend_for(loaded, strategy: Strategy | None = None, prefix_reuse: bool = True,
-                prefix_cache_bytes: int | None = None):
+                prefix_cache_bytes: int | None = None) -> ScoringBackend:
     """The scoring backend for a :func:`paddle_scorer.model.loader.load` result (pad id from its tokenizer).
     ``prefix_reuse``: shared prompt prefixes computed once (CPU decoder, in RAM and streamed; ``--no-prefix-reuse``
     turns it off for A/B checks); ``prefix_cache_bytes``: the bound of the cache that keeps them across batches."""

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from paddle_scorer.compute.packing import ContinuationScore, SequenceLogprobs, pack, padded, top_k, unpack
+from paddle_scorer.compute.seams import Runner
 from paddle_scorer.process.environment import paddle
 
 
@@ -33,7 +34,7 @@ def packed_strategy(backend: "Backend", prompts: list[list[int]], continuations:
 
 
 class Backend:
-    def __init__(self, runner, pad_id: int = 0, strategy: Strategy | None = None,
+    def __init__(self, runner: Runner, pad_id: int = 0, strategy: Strategy | None = None,
                  prefix_reuse: bool = True, prefix_cache_bytes: int | None = None):
         """``prefix_reuse``: compute shared prompt prefixes once (:mod:`paddle_scorer.compute.prefix_reuse`) when the runner can
         continue a computed prefix (the CPU decoder) and no strategy replaces the scoring."""

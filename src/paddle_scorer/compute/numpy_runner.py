@@ -139,7 +139,7 @@ class NumpyRunner:
         for module, (a, b) in pairs.items():
             i = layer_index(module + ".")
             suffix = module.split(f".layers.{i}.", 1)[1] if i is not None else None
-            role = decoder._LINEARS.get(suffix) if suffix else None
+            role = decoder.LINEARS.get(suffix) if suffix else None
             if role is None or not module.startswith(f"{spec.prefix}.layers."):
                 raise UnsupportedWeights(f"a LoRA pair on {module!r} (outside the decoder layers' projections)")
             getattr(layers[i], role).set_lora(a.astype(np.float32), b.astype(np.float32), scaling)
@@ -196,7 +196,7 @@ def runner_for(model, library: str, architecture: str, config) -> tuple[NumpyRun
                 lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"), scalings.get(full, 1.0))
             layer = make_layer(tensors)
             for module, (a, b, s) in lora.items():
-                role = decoder._LINEARS.get(module)
+                role = decoder.LINEARS.get(module)
                 if role is None:
                     raise UnsupportedWeights(f"a LoRA pair on {module!r}")
                 getattr(layer, role).set_lora(a, b, s)

@@ -283,43 +283,59 @@ class RunOutput:
             self._fh = None
 
     def finalize(self, order: list, meta: dict, summarise=None) -> list[dict]:
-        """Rewrite in input order, rename onto the output, then its meta. Returns the records in order.
-        ``summarise(records) -> dict`` adds computed results (metrics) to the meta before it is written."""
+        """Rewrite in input order, rename onto the output, then its meta (:func:`publish`). Returns the records in
+        order. ``summarise(records) -> dict`` adds computed results (metrics) to the meta before it is written."""
         self.close()
         records = [self.done[record_key(rid)] for rid in order]
         if summarise is not None:
             meta.update(summarise(records))
-        fd, tmp = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
-        meta_tmp = None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            chmod_default(Path(tmp))
+
+        def final_meta(sha: str) -> dict:
             final = dict(meta, identity=self.identity, status="complete", resume=self.report.to_dict(),
-                         records=len(records), ids_sha256=ids_digest(order), output_sha256=file_digest(Path(tmp)))
+                         records=len(records), ids_sha256=ids_digest(order), output_sha256=sha)
             final.pop("pid", None)
-            meta_tmp = write_json_temp(meta_path(self.output), final)
-            # Publish: two renames with stop signals held, so Ctrl-C/SIGTERM never separates the results
-            # from their provenance (a SIGKILL between them leaves the working file: --resume redoes this).
-            with signals_held() as got:
-                os.replace(tmp, self.output)
-                os.replace(meta_tmp, meta_path(self.output))
-                self.working.unlink(missing_ok=True)
-                self.working_meta.unlink(missing_ok=True)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            if meta_tmp is not None:
-                Path(meta_tmp).unlink(missing_ok=True)
-            raise
+            return final
+
+        final = publish(self.output, records, final_meta, also_remove=(self.working, self.working_meta),
+                        done=f"{self.output} had just been completed ({len(records)} records, with its .meta.json); "
+                             "nothing is lost.")
         meta.clear()
         meta.update(final)
-        if got:
-            raise InterruptedAfterCommit(f"{self.output} had just been completed ({len(records)} records, with its "
-                                         ".meta.json); nothing is lost.")
         return records
+
+
+def publish(output: Path, records: list[dict], make_meta, *, also_remove=(), done: str) -> dict:
+    """Publish a complete output: the records written to a hidden temporary file next to ``output`` (fsynced,
+    permissions from the umask), its provenance ``make_meta(sha256 of that file)`` to another, then both renamed into
+    place with stop signals held, so Ctrl-C/SIGTERM never separates results from their provenance (a SIGKILL between
+    the renames leaves what ``--resume``/``gather`` redo); ``also_remove`` (the working files) goes with them. A stop
+    signal that arrived meanwhile is honoured after, as :class:`InterruptedAfterCommit` saying ``done``. Nothing is left
+    behind on failure. The one publish step of a run and of ``gather``. Returns the meta written."""
+    output = Path(output)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    meta_tmp = None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        chmod_default(Path(tmp))
+        final = make_meta(file_digest(Path(tmp)))
+        meta_tmp = write_json_temp(meta_path(output), final)
+        with signals_held() as got:
+            os.replace(tmp, output)
+            os.replace(meta_tmp, meta_path(output))
+            for p in also_remove:
+                Path(p).unlink(missing_ok=True)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        if meta_tmp is not None:
+            Path(meta_tmp).unlink(missing_ok=True)
+        raise
+    if got:
+        raise InterruptedAfterCommit(done)
+    return final
 
 
 def run_state(output: Path) -> str | None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from paddle_scorer.jsonio import meta_path, record_key, write_json_temp
+from paddle_scorer.jsonio import meta_path, record_key
 from paddle_scorer.errors import UsageError
 from paddle_scorer.process.launcher import Worker
 
@@ -156,8 +155,7 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
 
     ``launch``: only parts written by this launch (same launcher endpoints) count as complete.
     """
-    from paddle_scorer.runs.output_file import (InterruptedAfterCommit, check_output_path, chmod_default, file_digest,
-                                       ids_digest, signals_held)
+    from paddle_scorer.runs.output_file import check_output_path, ids_digest, publish
 
     output = Path(output)
     with _lock(output):
@@ -195,52 +193,36 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
                 "a part is stale or was edited: rerun with --resume."
             )
         check_output_path(output, [], resume=False, overwrite=True, what="gather's output")
-        tmp = output.with_name(f".{output.name}.gather-{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            chmod_default(tmp)
-            sha = file_digest(tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        base = dict(status[0]["meta"])
-        labels = (base.get("identity") or {}).get("labels")
-        meta = {k: v for k, v in base.items()
-                if k not in ("counts", "seconds", "seconds_per_record", "worker", "metrics", "records", "ids_sha256",
-                             "output_sha256", "resume")}
-        meta.update({
-            "status": "complete",
-            "world_size": world,
-            "counts": {"total": len(records)},
-            "records": len(records),
-            "ids_sha256": ids_digest(ids),
-            "output_sha256": sha,
-            "workers": [{"rank": s["rank"], "host": s["meta"].get("worker", {}).get("host"),
-                         "counts": s["meta"].get("counts"), "seconds": s["meta"].get("seconds"),
-                         "started": s["meta"].get("started"), "finished": s["meta"].get("finished"),
-                         "prefix_reuse": s["meta"].get("prefix_reuse")} for s in status],
-            "started": min(s["meta"].get("started", "") for s in status),
-            "finished": max(s["meta"].get("finished", "") for s in status),
-        })
-        if metrics_fn is not None and labels:
-            meta["metrics"] = metrics_fn(records, labels)
-        meta_tmp = None
-        try:
-            meta_tmp = write_json_temp(meta_path(output), meta)
-            with signals_held() as got:  # the output and its provenance are published together
-                os.replace(tmp, output)
-                os.replace(meta_tmp, meta_path(output))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            if meta_tmp is not None:
-                meta_tmp.unlink(missing_ok=True)
-            raise
-        if got:
-            raise InterruptedAfterCommit(f"{output} had just been assembled ({len(records)} records, with its "
-                                         ".meta.json); nothing is lost.")
+        meta = _assembled_meta(status, records, ids, world, metrics_fn)
+        meta = publish(output, records, lambda sha: dict(meta, output_sha256=sha),
+                       done=f"{output} had just been assembled ({len(records)} records, with its .meta.json); "
+                            "nothing is lost.")
         meta["_records"] = records
         return meta
+
+
+def _assembled_meta(status: list[dict], records: list[dict], ids: list, world: int, metrics_fn) -> dict:
+    """The provenance of an assembled output: rank 0's, without the per-worker fields, with every worker's counts."""
+    from paddle_scorer.runs.output_file import ids_digest
+
+    base = dict(status[0]["meta"])
+    labels = (base.get("identity") or {}).get("labels")
+    meta = {k: v for k, v in base.items()
+            if k not in ("counts", "seconds", "seconds_per_record", "worker", "metrics", "records", "ids_sha256",
+                         "output_sha256", "resume")}
+    meta.update({
+        "status": "complete",
+        "world_size": world,
+        "counts": {"total": len(records)},
+        "records": len(records),
+        "ids_sha256": ids_digest(ids),
+        "workers": [{"rank": s["rank"], "host": s["meta"].get("worker", {}).get("host"),
+                     "counts": s["meta"].get("counts"), "seconds": s["meta"].get("seconds"),
+                     "started": s["meta"].get("started"), "finished": s["meta"].get("finished"),
+                     "prefix_reuse": s["meta"].get("prefix_reuse")} for s in status],
+        "started": min(s["meta"].get("started", "") for s in status),
+        "finished": max(s["meta"].get("finished", "") for s in status),
+    })
+    if metrics_fn is not None and labels:
+        meta["metrics"] = metrics_fn(records, labels)
+    return meta

@@ -46,35 +46,39 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="paddle-scorer serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service
-    warned: set[str] = set()
-
     if api_key is not None:
         # a plain ASGI middleware, not @app.middleware("http"): that one wraps the request's receive channel, and a
         # route behind it could not see its client disconnect (the work of a client that left would run on)
         app.add_middleware(_Auth, key=api_key)
+    _error_handlers(app)
+    _routes(app, service, _Bodies(service))
+    return app
 
-    def guarded(route):
-        """Every exception a route raises becomes an OpenAI-shaped answer; never a traceback to the client."""
 
-        @functools.wraps(route)
-        async def run(request: Request):
-            try:
-                return await route(request)
-            except ProtocolError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
-            except EngineStopped as exc:
-                return _error(503, str(exc), type="server_error", code="shutting_down")
-            except (ClientGone, Cancelled):  # nobody is listening; the work was cancelled
-                return Response(status_code=499)
-            except FloatingPointError as exc:
-                return _error(500, str(exc), type="server_error", code="non_finite")
-            except Exception as exc:  # the server keeps serving; the traceback goes to its log
-                log.exception("unexpected error on %s %s", request.method, request.url.path)
-                return _error(500, f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
-                              type="server_error", code="internal_error")
+def guarded(route):
+    """Every exception a route raises becomes an OpenAI-shaped answer; never a traceback to the client."""
 
-        return run
+    @functools.wraps(route)
+    async def run(request: Request):
+        try:
+            return await route(request)
+        except ProtocolError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        except EngineStopped as exc:
+            return _error(503, str(exc), type="server_error", code="shutting_down")
+        except (ClientGone, Cancelled):  # nobody is listening; the work was cancelled
+            return Response(status_code=499)
+        except FloatingPointError as exc:
+            return _error(500, str(exc), type="server_error", code="non_finite")
+        except Exception as exc:  # the server keeps serving; the traceback goes to its log
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return _error(500, f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
+                          type="server_error", code="internal_error")
 
+    return run
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
@@ -88,8 +92,17 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError):
         return _error(400, f"invalid request: {exc.errors()[:1]}")
 
-    async def body_of(request: Request, fields: set[str] | None = None) -> dict:
-        limit = service.options.max_body_bytes
+
+class _Bodies:
+    """Request bodies read within ``--max-body`` (the declared length first, then as they stream in), parsed off the
+    event loop; fields the server does not know are logged once each."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.warned: set[str] = set()
+
+    async def __call__(self, request: Request, fields: set[str] | None = None) -> dict:
+        limit = self.service.options.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
@@ -99,14 +112,16 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             if size > limit:
                 raise _too_large(limit)
             chunks.append(chunk)
-        body = await service.off(parse_json, b"".join(chunks))  # a large body is parsed off the event loop
+        body = await self.service.off(parse_json, b"".join(chunks))  # a large body is parsed off the event loop
         if fields is not None:
-            extra = [f for f in unknown_fields(body, fields) if f not in warned]
+            extra = [f for f in unknown_fields(body, fields) if f not in self.warned]
             if extra:
-                warned.update(extra)
+                self.warned.update(extra)
                 log.warning("ignoring request field(s) this server does not know: %s", ", ".join(extra))
         return body
 
+
+def _routes(app: FastAPI, service: Service, body_of: _Bodies) -> None:
     @app.get("/health")
     async def health():
         return service.health()
@@ -148,8 +163,6 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     @guarded
     async def detokenize(request: Request):
         return _answer(await service.detokenize(await body_of(request)))
-
-    return app
 
 
 def _answer(result):

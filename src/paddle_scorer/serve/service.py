@@ -282,108 +282,28 @@ class Service:
         return self._events(req, name, prompts, works, chat, events, loop)
 
     async def _events(self, req, name, prompts, works, chat, events, loop):
-        rid = proto.new_id("chatcmpl" if chat else "cmpl")
-        created = int(time.time())
-        n = req.n
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        text_sent = [0] * len(works)  # characters of each choice's generated text sent
-        echoed = [False] * len(works)
+        """The chunks of a streamed request, as the engine reports its progress (``events``: ``("scored", c, scored)``
+        and ``("tokens", c, (generation, start, end))``); after the 200, a failure is an error event, then
+        ``[DONE]``. The engine's work is cancelled when the client leaves."""
+        st = _Stream(self, req, name, prompts, chat, len(works))
         fut = self.engine.submit(works)
         done = asyncio.wrap_future(fut)
-
-        def chunk(choices, usage=None):
-            body = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return proto.sse(body)
-
-        def echo_chunks(i: int, scored) -> list[bytes]:
-            out = []
-            for c in range(i * n, i * n + n):
-                text, tokens, values, tops, offsets = self._echo(prompts[i], scored, req.logprobs is not None)
-                echoed[c] = True
-                lp = ({"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-                      if req.logprobs is not None else None)
-                out.append(chunk([{"index": c, "text": text, "logprobs": lp, "finish_reason": None}]))
-            return out
-
-        def token_chunk(c: int, g, start: int, end: int) -> bytes:
-            base = sum(len(x) for x in g.token_text[:start])
-            text = "".join(g.token_text[start:end])
-            piece = g.text[text_sent[c]:base + len(text)] if end < len(g.ids) else g.text[text_sent[c]:]
-            text_sent[c] += len(piece)
-            if chat:
-                delta = {"content": piece}
-                lp = {"content": self._chat_entries(g, start, end)} if req.logprobs else None
-                return chunk([{"index": c, "delta": delta, "logprobs": lp, "finish_reason": None}])
-            lp = None
-            if req.logprobs is not None:
-                echo_len = len(self.codec.decode(prompts[c // n])) if req.echo else 0
-                t, v, tp, o = self._gen_logprobs(g, start, end, echo_len)
-                lp = {"tokens": t, "token_logprobs": v, "top_logprobs": tp, "text_offset": o}
-            return chunk([{"index": c, "text": piece, "logprobs": lp, "finish_reason": None}])
-
-        def final_chunks(outcomes) -> list[bytes]:
-            out = []
-            for c, o in enumerate(outcomes):
-                g = o.generation
-                if not chat and req.echo and not echoed[c]:
-                    out += echo_chunks(c // n, outcomes[(c // n) * n].scored)[c % n:c % n + 1]
-                if g is not None:
-                    done_tokens = sent_final[c]
-                    if done_tokens < len(g.ids) or text_sent[c] < len(g.text):
-                        out.append(token_chunk(c, g, done_tokens, len(g.ids)))
-                reason = g.finish_reason if g is not None else "length"
-                if chat:
-                    out.append(chunk([{"index": c, "delta": {}, "logprobs": None, "finish_reason": reason}]))
-                else:
-                    out.append(chunk([{"index": c, "text": "", "logprobs": None, "finish_reason": reason}]))
-            if req.include_usage:
-                out.append(chunk([], proto.usage_with_cache(sum(map(len, prompts)), _generated(outcomes),
-                                                            _cached(outcomes, n))))
-            return out
-
-        sent_final = [0] * len(works)
         try:
-            if chat:
-                for c in range(len(works)):
-                    yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
+            for b in st.opening():
+                yield b
             while True:
-                getter = asyncio.ensure_future(events.get())
-                ready, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                items = []
-                if getter in ready:
-                    items.append(getter.result())
-                else:
-                    getter.cancel()
-                while not events.empty():
-                    items.append(events.get_nowait())
-                for kind, c, payload in items:
+                for kind, c, payload in await _next_events(events, done):
                     if kind == "scored" and not chat:
-                        for b in await self.off(echo_chunks, c // n, payload):
+                        for b in await self.off(st.echo_chunks, c // st.n, payload):
                             yield b
                     elif kind == "tokens":
-                        g, start, end = payload
-                        yield await self.off(token_chunk, c, g, start, end)
-                        sent_final[c] = end
+                        yield await self.off(st.token_chunk, c, *payload)
                 if done.done() and events.empty():
                     break
-            outcomes = done.result()
-            for b in await self.off(final_chunks, outcomes):
+            for b in await self.off(st.final_chunks, done.result()):
                 yield b
-        except (ProtocolError, FloatingPointError, Cancelled, Exception) as exc:  # after the 200: an error event
-            if isinstance(exc, ProtocolError):
-                err = exc.body()
-            else:
-                err = proto.error_body(str(exc) if isinstance(exc, FloatingPointError) else
-                                       f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
-                                       "server_error")
-                if not isinstance(exc, (FloatingPointError, Cancelled)):
-                    import logging
-
-                    logging.getLogger("paddle_scorer.serve").error("a streamed request failed", exc_info=exc)
-            yield proto.sse(err)
+        except Exception as exc:  # after the 200 a failure can only be an event of the stream
+            yield proto.sse(_stream_error(exc))
         finally:
             if not fut.done():
                 self.engine.cancel(fut)
@@ -526,3 +446,102 @@ def _finite(v) -> float:
         raise FloatingPointError("the model produced a non-finite log-probability (NaN or inf); no answer was sent. "
                                  "Check the weights with `paddle-scorer smoke`.")
     return v
+
+
+async def _next_events(events: asyncio.Queue, done) -> list:
+    """The events waiting now (at least one unless the work is done)."""
+    getter = asyncio.ensure_future(events.get())
+    ready, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+    items = []
+    if getter in ready:
+        items.append(getter.result())
+    else:
+        getter.cancel()
+    while not events.empty():
+        items.append(events.get_nowait())
+    return items
+
+
+def _stream_error(exc: Exception) -> dict:
+    """The error event of a streamed request: the request's own error, a non-finite result, the client gone, or a
+    bug (logged with its traceback; the server keeps serving)."""
+    if isinstance(exc, ProtocolError):
+        return exc.body()
+    if isinstance(exc, FloatingPointError):
+        return proto.error_body(str(exc), "server_error")
+    if not isinstance(exc, Cancelled):
+        import logging
+
+        logging.getLogger("paddle_scorer.serve").error("a streamed request failed", exc_info=exc)
+    return proto.error_body(f"internal error ({type(exc).__name__}); the server logged it and keeps serving.",
+                            "server_error")
+
+
+class _Stream:
+    """One streamed request's chunks: what each choice has been sent so far (text, echo, tokens), so the chunks add up
+    to the plain answer."""
+
+    def __init__(self, service: "Service", req, name: str, prompts, chat: bool, choices: int):
+        self.svc, self.req, self.name, self.prompts, self.chat = service, req, name, prompts, chat
+        self.n = req.n
+        self.rid = proto.new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.obj = "chat.completion.chunk" if chat else "text_completion"
+        self.text_sent = [0] * choices  # characters of each choice's generated text sent
+        self.tokens_sent = [0] * choices  # tokens of each choice's generation sent
+        self.echoed = [False] * choices
+
+    def chunk(self, choices, usage=None) -> bytes:
+        body = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return proto.sse(body)
+
+    def opening(self) -> list[bytes]:
+        if not self.chat:
+            return []
+        return [self.chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}]) for c in range(len(self.echoed))]
+
+    def echo_chunks(self, i: int, scored) -> list[bytes]:
+        out = []
+        want = self.req.logprobs is not None
+        for c in range(i * self.n, i * self.n + self.n):
+            text, tokens, values, tops, offsets = self.svc._echo(self.prompts[i], scored, want)
+            self.echoed[c] = True
+            lp = {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets} if want \
+                else None
+            out.append(self.chunk([{"index": c, "text": text, "logprobs": lp, "finish_reason": None}]))
+        return out
+
+    def token_chunk(self, c: int, g, start: int, end: int) -> bytes:
+        base = sum(len(x) for x in g.token_text[:start])
+        text = "".join(g.token_text[start:end])
+        piece = g.text[self.text_sent[c]:base + len(text)] if end < len(g.ids) else g.text[self.text_sent[c]:]
+        self.text_sent[c] += len(piece)
+        self.tokens_sent[c] = end
+        if self.chat:
+            lp = {"content": self.svc._chat_entries(g, start, end)} if self.req.logprobs else None
+            return self.chunk([{"index": c, "delta": {"content": piece}, "logprobs": lp, "finish_reason": None}])
+        lp = None
+        if self.req.logprobs is not None:
+            echo_len = len(self.svc.codec.decode(self.prompts[c // self.n])) if self.req.echo else 0
+            t, v, tp, o = self.svc._gen_logprobs(g, start, end, echo_len)
+            lp = {"tokens": t, "token_logprobs": v, "top_logprobs": tp, "text_offset": o}
+        return self.chunk([{"index": c, "text": piece, "logprobs": lp, "finish_reason": None}])
+
+    def final_chunks(self, outcomes) -> list[bytes]:
+        out, n = [], self.n
+        for c, o in enumerate(outcomes):
+            g = o.generation
+            if not self.chat and self.req.echo and not self.echoed[c]:
+                out += self.echo_chunks(c // n, outcomes[(c // n) * n].scored)[c % n:c % n + 1]
+            if g is not None and (self.tokens_sent[c] < len(g.ids) or self.text_sent[c] < len(g.text)):
+                out.append(self.token_chunk(c, g, self.tokens_sent[c], len(g.ids)))
+            reason = g.finish_reason if g is not None else "length"
+            delta = {"delta": {}} if self.chat else {"text": ""}
+            out.append(self.chunk([{"index": c, **delta, "logprobs": None, "finish_reason": reason}]))
+        if self.req.include_usage:
+            out.append(self.chunk([], proto.usage_with_cache(sum(map(len, self.prompts)), _generated(outcomes),
+                                                             _cached(outcomes, n))))
+        return out

@@ -90,7 +90,7 @@ def test_generate_with_a_shared_prefix_equals_without(models, tmp_path):
 
 
 def test_two_launcher_workers_each_compute_the_prefix_once(tmp_path):
-    from test_distributed import DEMO, launch, read
+    from test_runs_sharding import DEMO, launch, read
 
     common = ["classify", *DEMO, "--template", FEW_SHOT, "--input", builders.DEMO_QUERIES, "--limit", 20]
     single = tmp_path / "single.jsonl"

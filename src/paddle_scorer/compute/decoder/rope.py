@@ -1,0 +1,101 @@
+"""Rotary tables: read from the model's own rotary module (every variant and its float32 rounding), per call for
+dynamic ones; positions past a bounded table are refused with one sentence."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paddle_scorer.errors import UsageError
+
+
+class ContextLimit(UsageError):
+    """A position past the model's rotary table (PaddleNLP's Llama tables stop at max_position_embeddings)."""
+
+    def __init__(self, position: int, limit: int):
+        self.position, self.limit = position, limit
+        super().__init__(
+            f"a prompt needs position {position}, but this model's rotary table ends at {limit} positions "
+            f"(max_position_embeddings): nothing can be computed past it, --force-max-length included; use "
+            f"--max-length {limit} (or less), with --truncate left to cut long prompts from the start."
+        )
+
+
+def rotary_is_dynamic(library: str, module) -> bool:
+    """A rotary module whose frequencies depend on the length of the call (dynamic NTK scaling: PaddleNLP's
+    ``LlamaDynamicNTKScalingRotaryEmbedding``; PaddleFormers' ``rope_type`` dynamic or longrope)."""
+    if library == "paddlenlp":
+        return "DynamicNTK" in type(module).__name__
+    return getattr(module, "rope_type", "default") in ("dynamic", "longrope")
+
+
+class Rope:
+    """cos/sin rows ``[N, head_dim]`` for position ids, read from the model's rotary module (its table or its
+    per-position formula).
+
+    A static module's table is kept and grown. A dynamic one (:func:`rotary_is_dynamic`) rescales every frequency
+    for the length of the call once that passes the trained context, so its rows are asked for per call, with the
+    length the library's forward would give it: PaddleNLP's ``kv_seq_len`` (cached + padded new tokens), or
+    PaddleFormers' largest position id + 1. A longer table would rotate every position differently (round 4 of the
+    hostile tests: 0.165 off in log-prob); so results depend on how the work is split into calls, as in the
+    library, and prefix reuse is off for such models (:attr:`dynamic`)."""
+
+    def __init__(self, library: str, module):
+        self.library = library
+        self.module = module
+        self.dynamic = rotary_is_dynamic(library, module)
+        self.cos = np.zeros((0, 0), np.float32)
+        self.sin = np.zeros((0, 0), np.float32)
+        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _table(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The module's rows for positions ``0..n-1`` (asked as the library asks: a length, or position ids)."""
+        from paddle_scorer.compute.gemm import to_numpy
+        from paddle_scorer.process.environment import paddle
+
+        pd = paddle()
+        x = pd.zeros([1], dtype="float32")
+        with pd.no_grad():
+            if self.library == "paddlenlp":
+                cos, sin = self.module(x, seq_len=n)
+            else:
+                cos, sin = self.module(x, pd.arange(n, dtype="int64").unsqueeze(0))
+        cos = to_numpy(cos.astype("float32").cpu()).reshape(-1, cos.shape[-1]).copy()
+        sin = to_numpy(sin.astype("float32").cpu()).reshape(-1, sin.shape[-1]).copy()
+        return cos, sin
+
+    def _extend(self, n: int) -> None:
+        self.cos, self.sin = self._table(n)
+
+    def __call__(self, positions: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for ``positions`` (the real tokens'). ``span``: the call's length as a dynamic module sees it
+        (:meth:`span`); without it, the largest position + 1."""
+        top = int(positions.max()) + 1 if positions.size else 1
+        if self.dynamic:
+            n = max(top, span or 0)
+            if self._last is None or self._last[0] != n:
+                self._last = (n, *self._table(n))
+            _, cos, sin = self._last
+        else:
+            if top > self.cos.shape[0]:
+                self._extend(max(top, 2 * self.cos.shape[0], 64))
+            cos, sin = self.cos, self.sin
+        if top > cos.shape[0]:  # PaddleNLP's table stops at max_position_embeddings
+            raise ContextLimit(top - 1, cos.shape[0])
+        return cos[positions], sin[positions]
+
+    def span(self, positions: np.ndarray, past: int = 0) -> int:
+        """The call's length for a dynamic module, from the call's whole ``[B, T]`` position ids (padding slots
+        included, as the library gets them) and the cached tokens: PaddleNLP ``past + T``, PaddleFormers
+        ``max(position ids) + 1``."""
+        positions = np.asarray(positions)
+        if self.library == "paddlenlp":
+            return past + (positions.shape[-1] if positions.ndim else 1)
+        return int(positions.max()) + 1 if positions.size else 1
+
+
+def find_rotary(body):
+    """The rotary-embedding module of a decoder body (PaddleFormers: the body's; PaddleNLP: layer 0's attention)."""
+    mod = getattr(body, "rotary_emb", None)
+    if mod is None and hasattr(body, "layers") and len(body.layers):
+        mod = getattr(body.layers[0].self_attn, "rotary_emb", None)
+    return mod
