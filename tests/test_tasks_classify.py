@@ -1,5 +1,6 @@
 """classify: exact label probabilities checked against plain forward passes, through the real CLI."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -344,3 +345,36 @@ def test_non_finite_probabilities_are_refused_loudly(models, copy_of, tmp_path):
 
 def test_parse_labels_keeps_order():
     assert parse_labels("goods, life ,other") == ["goods", "life", "other"]
+
+
+def test_a_resumable_classify_of_a_file_from_python_equals_the_cli(tmp_path):
+    """tasks.classify.classify_file is the classify pipeline: interrupted after its first block and resumed from
+    Python, its output equals the CLI's, record for record."""
+    from paddle_scorer import Destination, Hooks, LoadOptions, Source, classify_file
+    from paddle_scorer.tasks.classify import options_with_defaults
+
+    cli_out, py_out = tmp_path / "cli.jsonl", tmp_path / "py.jsonl"
+    r = runner.invoke(app, ["classify", "--model", str(builders.DEMO_BASE), "--lora", str(builders.DEMO_LORA), "--input",
+                            str(builders.DEMO_QUERIES), "--limit", "40", "--batch-size", "8", "--output", str(cli_out)])
+    assert r.exit_code == 0, r.output
+    load = LoadOptions(builders.DEMO_BASE, builders.DEMO_LORA)
+    opts, source_of_template = options_with_defaults(builders.DEMO_BASE, builders.DEMO_LORA, batch_size=8)
+    source = Source(input=builders.DEMO_QUERIES, limit=40)
+    notes = []
+
+    @contextlib.contextmanager
+    def stop_after_first_block(what, total):
+        def advance(n):
+            raise KeyboardInterrupt
+
+        yield advance
+
+    with pytest.raises(KeyboardInterrupt):
+        classify_file(load, opts, source, Destination(py_out), Hooks(note=notes.append, progress=stop_after_first_block),
+                      template_source=source_of_template, argv=[])
+    assert not py_out.exists() and (tmp_path / ".py.jsonl.inprogress").is_file()
+    run = classify_file(load, opts, source, Destination(py_out, resume=True), template_source=source_of_template,
+                        argv=[])
+    assert run.stats.skipped == 8 and run.stats.scored == 32 and run.written == py_out
+    assert [json.loads(x) for x in open(py_out)] == [json.loads(x) for x in open(cli_out)]
+    assert run.metrics["n"] == 40 and run.metrics == json.loads((tmp_path / "cli.jsonl.meta.json").read_text())["metrics"]
