@@ -26,7 +26,7 @@ $(VENV)/.ok-cpu: $(VENV)/.ok-python pyproject.toml
 	@touch $@
 
 $(VENV)/.ok-test: $(VENV)/.ok-cpu
-	$(PIP) install -e '.[cpu,nlp,test,test-serve]'
+	$(PIP) install -e '.[cpu,nlp,test,test-serve,test-ref-nlp]'
 	@touch $@
 
 venv: $(VENV)/.ok-cpu
@@ -39,7 +39,7 @@ $(FORMERS_VENV)/.ok-python:
 	@touch $@
 
 $(FORMERS_VENV)/.ok-test: $(FORMERS_VENV)/.ok-python pyproject.toml
-	$(FPIP) install -e '.[cpu,formers,test]'
+	$(FPIP) install -e '.[cpu,formers,test,test-ref-formers]'
 	@touch $@
 
 venv-formers: $(FORMERS_VENV)/.ok-test

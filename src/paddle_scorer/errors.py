@@ -31,6 +31,13 @@ class CheckpointError(ScorerError):
     exit_code = 4
 
 
+class UnsupportedModelError(ScorerError):
+    """A real checkpoint of an architecture (or a setting of one) paddle-scorer cannot compute yet: the message names
+    what is supported."""
+
+    exit_code = 7
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A weights file tries to run code (or reference objects) on load."""
 

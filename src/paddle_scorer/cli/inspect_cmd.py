@@ -73,6 +73,19 @@ def render(info: CheckpointInfo, a=None) -> None:
         out.print(styled(f"[bold]next:[/] {escape(info.next_command)}"), soft_wrap=True)
 
 
+def _family_line(f: dict) -> str:
+    experts = ""
+    if f["experts"]:
+        experts = (f"; {f['experts']} experts, {f['experts_per_token']} per token"
+                   + (" + shared" if f["shared_expert_intermediate"] else "")
+                   + f" in {f['moe_layers']} of {f['layers']} layers")
+    active = (f", {human_count(f['params_active'])} active per token" if f["params_active"] != f["params_total"]
+              else "")
+    gpu = "PaddleFormers' forward on a GPU" if f["family"] == "ernie4_5_moe" else "on a GPU: not supported yet"
+    return (f"{f['title']} ({f['attention']} attention, {f['rope']} RoPE){experts}; {human_count(f['params_total'])} "
+            f"parameters{active}; computed by {f['computed_by']} (no model library runs it on a CPU; {gpu})")
+
+
 def _model_rows(t: Table, info: CheckpointInfo, a) -> None:
     if info.architecture or info.model_type:
         c = info.config
@@ -94,7 +107,9 @@ def _model_rows(t: Table, info: CheckpointInfo, a) -> None:
     if info.adapter is not None and info.adapter.saved_by:
         t.add_row("saved by", f"{info.adapter.saved_by} ({info.adapter.saved_by_evidence}); LoRA A [in, r] and "
                               "B [r, out] as Paddle holds them, names mapped onto the base's on load")
-    if a is not None and a.library:
+    if a is not None and a.family:
+        t.add_row("family", _family_line(a.family))
+    elif a is not None and a.library:
         t.add_row("built by", a.library + ("" if a.library_installed else " (NOT installed here)"))
 
 

@@ -37,6 +37,14 @@ def cpu_runner(loaded):
         return None, {"forward": "library", "why": f"{FORWARD_ENV}=library"}
     mp = loaded.plan.model
     arch = mp.library.arch_for(mp.info).architecture
+    if mp.family is not None:  # no model object: the decoder over the family's tensors
+        ap = loaded.plan.adapter
+        attach = ap is not None and loaded.plan.mode == "attach"
+        runner = cr.family_runner(mp.family, arch, loaded.arrays, ap.pairs if attach else None,
+                                  ap.scaling if attach else 1.0)
+        fc = mp.family
+        _, choice = cr.gemm_for(runner.f.spec, fc.moe.intermediate if fc.moe else fc.intermediate)
+        return runner, {"forward": "paddle-scorer decoder", "family": fc.family, "gemm": choice.to_dict()}
     runner, why = cr.runner_for(loaded.model, mp.library.name, arch, loaded.config)
     if runner is None:
         return None, {"forward": "library", "why": why}

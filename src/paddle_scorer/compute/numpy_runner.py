@@ -45,10 +45,11 @@ def split_named(spec, named: dict) -> tuple[dict[int, dict], dict]:
 class NumpyRunner:
     """A loaded in-RAM model run by the CPU forward (see the module docstring)."""
 
-    def __init__(self, forward: Forward, layers: list, outside: Outside):
+    def __init__(self, forward: Forward, layers: list, outside: Outside, family_tensors: dict | None = None):
         self.f = forward
         self.layers = layers
         self.outside = outside
+        self.family_tensors = family_tensors  # a family model's per-layer tensors: adapters rebuild layers from them
 
     # the ModelRunner seam ------------------------------------------------------------------------
 
@@ -128,6 +129,9 @@ class NumpyRunner:
         import copy
 
         spec = self.f.spec
+        if self.family_tensors is not None:
+            return NumpyRunner(self.f, _family_layers(spec.family, self.family_tensors, pairs, scaling), self.outside,
+                               self.family_tensors)
         layers = []
         for layer in self.layers:
             c = copy.copy(layer)
@@ -209,3 +213,30 @@ def runner_for(model, library: str, architecture: str, config) -> tuple[NumpyRun
         return None, f"unsupported weights ({exc})"
     kernel, _ = gemm_for(spec, int(getattr(config, "intermediate_size", None) or 4 * spec.hidden))
     return NumpyRunner(Forward(spec, kernel, Rope(library, rotary)), layers, outside), None
+
+
+def _family_layers(fc, per_layer: dict[int, dict], pairs: dict, scaling: float) -> list:
+    """A family model's layers from their tensors by suffix and LoRA pairs keyed by runtime module name."""
+    by_layer: dict[int, dict] = {}
+    for module, (a, b) in pairs.items():
+        i = layer_index(module + ".")
+        if i is None or i not in per_layer:
+            raise UnsupportedWeights(f"a LoRA pair on {module!r} (outside the decoder layers' projections)")
+        suffix = module.split(f".layers.{i}.", 1)[1]
+        by_layer.setdefault(i, {})[suffix] = (np.asarray(a, np.float32), np.asarray(b, np.float32))
+    return [decoder.make_family_layer(fc, i, per_layer[i], by_layer.get(i), scaling) for i in range(fc.layers)]
+
+
+def family_runner(fc, architecture: str, arrays: dict[str, np.ndarray], pairs: dict | None = None,
+                  scaling: float = 1.0) -> NumpyRunner:
+    """The decoder over a family model's runtime tensors (:func:`paddle_scorer.model.loader.read_family`), with LoRA
+    ``pairs`` attached (``{runtime module: (A, B)}``)."""
+    spec = decoder.spec_for_family(fc, architecture)
+    per_layer, rest = split_named(spec, arrays)
+    layers = _family_layers(fc, per_layer, pairs or {}, scaling)
+    embed = rest["model.embed_tokens.weight"]
+    head = embed if fc.tie else rest["lm_head.weight"]
+    outside = Outside(embed, rest["model.norm.weight"], gemm.Mat(head), True, rest.get("lm_head.bias"))
+    inter = fc.moe.intermediate if fc.moe else fc.intermediate
+    kernel, _ = gemm.gemm(fc.hidden, inter)
+    return NumpyRunner(Forward(spec, kernel, decoder.NativeRope(fc.rope)), layers, outside, per_layer)

@@ -76,11 +76,28 @@ class StreamedBackend:
         self.no_reuse_reason = None if prefix_reuse else "--no-prefix-reuse"
         self.compute = {"forward": "library", "why": "streamed"}
         self.dtype = plan.policy.dtype
-        t = streaming_template(plan)  # every weight check the loader makes, and the one-layer template model
-        self.num_layers, self.layer_names, self.outside, self.config, self.tied = (
-            t.num_layers, t.layer_names, t.outside, t.config, t.tied)
-        self.norm_names, self.embed_name, self.head_names = t.norm_names, t.embed_name, t.head_names
         self.attach = plan.adapter is not None and plan.mode == "attach"
+        self.family = plan.model.family
+        if self.family is not None:
+            self._init_family()
+        else:
+            self._init_library()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-scorer-read")
+        self._lock = threading.Lock()
+        # the final norm is tiny: keep it resident
+        norms = self._read(self.norm_names)
+        self.norm_array = next(iter(norms.values())) if norms else None
+        if self.family is None:
+            self._set(norms)
+
+    def _init_library(self) -> None:
+        """The library's one-layer template model (checked by the loader), and the decoder's forward when it applies."""
+        plan = self.plan
+        t = streaming_template(plan)  # every weight check the loader makes, and the one-layer template model
+        self.num_layers, self.layer_names, self.outside, self.config = t.num_layers, t.layer_names, t.outside, t.config
+        self.norm_names, self.embed_name, self.head_names = t.norm_names, t.embed_name, t.head_names
+        self.tied_head = not self.head_names or any("lm_head.weight" in g for g in t.tied.values())
+        self.tied = t.tied
         model = t.model
         self.fast = self._fast_forward(model)
         if self.attach and self.fast is None:
@@ -94,12 +111,27 @@ class StreamedBackend:
         self.final_norm = getattr(self.body, "norm", None) or getattr(self.body, "final_layernorm", None)
         if self.final_norm is None:
             raise CheckpointError(f"{type(self.body).__name__} has no final norm (`norm`); it cannot be streamed.")
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-scorer-read")
-        self._lock = threading.Lock()
-        # the final norm is tiny: keep it resident
-        norms = self._read(self.norm_names)
-        self.norm_array = next(iter(norms.values())) if norms else None
-        self._set(norms)
+
+    def _init_family(self) -> None:
+        """A family model (no library model class): the loader checked every tensor already; the decoder runs it."""
+        from paddle_scorer.compute import decoder, gemm
+
+        fc, mp = self.family, self.plan.model
+        groups = mp.conversion.layer_groups()
+        self.num_layers = fc.layers
+        self.layer_names = {i: groups[i] for i in range(fc.layers)}
+        self.outside = groups.get(None, [])
+        self.norm_names = ["model.norm.weight"]
+        self.embed_name = "model.embed_tokens.weight"
+        self.head_names = [n for n in self.outside if n.startswith("lm_head.") and not (fc.tie and n == "lm_head.weight")]
+        if fc.tie:
+            self.head_names.append(self.embed_name)  # the embedding is the head (a saved lm_head.weight is not used)
+        self.tied_head, self.tied, self.config = fc.tie, {}, None
+        kernel, choice = gemm.gemm(fc.hidden, fc.moe.intermediate if fc.moe else fc.intermediate)
+        self.compute = {"forward": "paddle-scorer decoder", "family": fc.family, "gemm": choice.to_dict()}
+        self.layer_prefix = "model.layers.0."
+        arch = mp.library.arch_for(mp.info).architecture
+        self.fast = decoder.Forward(decoder.spec_for_family(fc, arch), kernel, decoder.NativeRope(fc.rope))
 
     def _fast_forward(self, model):
         """The CPU decoder forward for this model (None, with ``compute`` saying why, when it does not apply)."""
@@ -269,13 +301,14 @@ class StreamedBackend:
         del embed, table
         scaling = self.plan.adapter.scaling if self.attach else 1.0
         n = len(self.layer_prefix)
-        for _, arrays in self._layers():
+        for i, arrays in self._layers():
             tensors = {name[n:]: arr for name, arr in arrays.items()}
             lora = {}
             for suffix in [x for x in tensors if x.endswith(".lora_A")]:
                 module = suffix[: -len(".lora_A")]
                 lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
-            layer = decoder.make_layer(tensors, lora, scaling)
+            layer = decoder.make_family_layer(self.family, i, tensors, lora, scaling) if self.family is not None \
+                else decoder.make_layer(tensors, lora, scaling)
             del arrays, tensors, lora
             kv = {}
             for node in nodes:
@@ -292,8 +325,8 @@ class StreamedBackend:
         head = self._read(self.head_names or [self.embed_name])
         weight = head.get("lm_head.weight", head.get(self.embed_name))
         # a tied head (no lm_head tensor, or one the model shares with the embedding) is laid out [vocab, hidden]
-        tied = not self.head_names or any("lm_head.weight" in g for g in self.tied.values())
-        outside = decoder.Outside(None, self.norm_array, Mat(weight), f.spec.head_out_in or tied, head.get("lm_head.bias"))
+        outside = decoder.Outside(None, self.norm_array, Mat(weight), f.spec.head_out_in or self.tied_head,
+                                  head.get("lm_head.bias"))
         results = []
         for p, st in zip(packs, states):
             idx = np.asarray(rows_fn(p), dtype=np.int64).reshape(-1, 2)

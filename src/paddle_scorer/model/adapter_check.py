@@ -55,12 +55,53 @@ def map_adapter_keys(adapter_keys: list[str], base_modules: set[str],
     return {k: k for k in adapter_keys}, None
 
 
+def split_parts(conversion) -> dict[str, tuple[str, int, int, tuple | None, int]]:
+    """Split modules of fused runtime ones: ``{model.layers.0.self_attn.q_proj: (model.layers.0.self_attn.qkv_proj,
+    first column, end column, the fused module's column permutation, its width)}`` (columns before the permutation)."""
+    out = {}
+    for t in conversion.tensors.values():
+        if len(t.parts) < 2 or not t.name.endswith(".weight"):
+            continue
+        fused = t.name[: -len(".weight")]
+        stem = fused.rsplit(".", 1)[0]
+        for part in t.parts:
+            out[f"{stem}.{part.source.rsplit('.', 2)[-2]}"] = (fused, part.start, part.stop, t.perm, t.shape[-1])
+    return out
+
+
+def combine_split_pairs(pairs: dict, splits: dict) -> tuple[dict, list[str]]:
+    """LoRA pairs on split modules (``q_proj``, ``k_proj``...) of a fused runtime module (``qkv_proj``) as one pair on
+    it: ``A = [A_q | A_k | A_v]`` and a block of ``B`` rows per part in its columns (zeros elsewhere, then the fused
+    module's column order), so ``x @ A @ B`` adds exactly what the split pairs add. Its rank is their ranks' sum."""
+    grouped: dict[str, list] = {}
+    out = {m: ab for m, ab in pairs.items() if m not in splits}
+    for m in sorted(set(pairs) & set(splits)):
+        grouped.setdefault(splits[m][0], []).append((m, *splits[m][1:], *pairs[m]))
+    problems = []
+    for fused, items in grouped.items():
+        if fused in out:
+            problems.append(f"{fused}: the adapter adapts it and also its parts ({', '.join(i[0] for i in items)})")
+            continue
+        perm, width = items[0][3], items[0][4]
+        a = np.concatenate([np.asarray(i[5], np.float32) for i in items], axis=1)
+        b = np.zeros((a.shape[1], width), np.float32)
+        row = 0
+        for _, start, stop, _, _, _, bi in items:
+            b[row:row + bi.shape[0], start:stop] = bi
+            row += bi.shape[0]
+        out[fused] = (a, np.ascontiguousarray(b[:, list(perm)]) if perm is not None else b)
+    return out, problems
+
+
 def validate_adapter(
     adapter: dict[str, np.ndarray], base_shapes: dict[str, tuple[int, ...]], settings: LoraSettings, where: str,
-    *, allow_noop: bool = False, aliases: tuple[str, ...] = (),
+    *, allow_noop: bool = False, aliases: tuple[str, ...] = (), splits: dict | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
     """Check every adapter tensor against the runtime model's shapes; return ``{module: (A, B)}`` or raise
-    listing every problem. A no-op adapter (every B zero, or scaling 0) is refused unless ``allow_noop``."""
+    listing every problem. A no-op adapter (every B zero, or scaling 0) is refused unless ``allow_noop``.
+    ``splits`` (:func:`split_parts`; paddle-scorer's decoder only, which takes a pair of any rank): adapters on the
+    split modules of a fused runtime module are combined onto it (:func:`combine_split_pairs`)."""
+    splits = splits or {}
     problems: list[str] = []
     non_lora = [k for k in adapter if not (k.endswith(".lora_A") or k.endswith(".lora_B"))]
     for k in non_lora:
@@ -70,12 +111,13 @@ def validate_adapter(
         raise WeightMismatchError(f"{where}: the adapter file holds no lora_A/lora_B tensors:", problems or ["(empty)"],
                                   "Check that this is the adapter saved by LoRAModel.save_pretrained.")
     base_modules = {k[: -len(".weight")] for k in base_shapes if k.endswith(".weight")}
-    mapping, mapping_note = map_adapter_keys(keys, base_modules, aliases)
+    split_widths = {m: (base_shapes[f + ".weight"][0], stop - start) for m, (f, start, stop, _, _) in splits.items()}
+    mapping, mapping_note = map_adapter_keys(keys, base_modules | set(splits), aliases)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for k in keys:
         target = mapping[k]
         module, part = target.rsplit(".", 1)
-        if module not in base_modules:
+        if module not in base_modules and module not in splits:
             problems.append(f"{k}: no module `{module}` in the base model (adapter for another architecture or prefix?)")
             continue
         pairs.setdefault(module, {})[part] = adapter[k]
@@ -86,7 +128,7 @@ def validate_adapter(
             problems.append(f"{module}: {missing} is missing")
             continue
         a, b = parts["lora_A"], parts["lora_B"]
-        w = base_shapes[module + ".weight"]
+        w = split_widths[module] if module in splits else base_shapes[module + ".weight"]
         if len(w) != 2:
             problems.append(f"{module}: base weight has shape {tuple(w)}, not a Linear")
             continue
@@ -102,10 +144,14 @@ def validate_adapter(
     if targets:
         expected = {m for m in base_modules if any(t.fullmatch(m) for t in targets)}
         expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
-        for m in sorted(expected - set(pairs)):
+        covered = set(pairs) | {splits[m][0] for m in pairs if m in splits}
+        for m in sorted(expected - covered):
             problems.append(f"{m}: matches target_modules but the adapter has no weights for it (would stay a zero adapter)")
     problems += nonfinite({f"{m}.lora_A": ab[0] for m, ab in result.items()}
                           | {f"{m}.lora_B": ab[1] for m, ab in result.items()})
+    if splits and not problems:
+        result, combined = combine_split_pairs(result, splits)
+        problems += combined
     if problems:
         raise WeightMismatchError(
             f"{where}: the adapter does not fit the base model ({len(problems)} problem(s)):", problems,

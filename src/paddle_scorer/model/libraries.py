@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from paddle_scorer.errors import CheckpointError, UsageError
+from paddle_scorer.errors import CheckpointError, UnsupportedModelError, UsageError
+from paddle_scorer.model.families import ARCHITECTURES, FUSED
 
 PADDLENLP = "paddlenlp"
 PADDLEFORMERS = "paddleformers"
+NATIVE = "paddle-scorer"
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,15 @@ class Arch:
 
 @dataclass(frozen=True)
 class LibrarySpec:
-    name: str  # PADDLENLP | PADDLEFORMERS
+    name: str  # PADDLENLP | PADDLEFORMERS | NATIVE
     distribution: str
     version_pin: str
     archs: tuple[Arch, ...] = field(default_factory=tuple)
+    native: bool = False  # paddle-scorer's own decoder: no model class, CPU only, in every environment
 
     @property
     def installed(self) -> bool:
-        return importlib.util.find_spec(self.name) is not None
+        return self.native or importlib.util.find_spec(self.name) is not None
 
     def arch_for(self, info) -> Arch | None:
         for a in self.archs:
@@ -77,6 +80,12 @@ class LibrarySpec:
 
     def check_device(self, info, device: str) -> None:
         arch = self.arch_for(info)
+        if self.native and device != "cpu":
+            raise CheckpointError(
+                f"{info.path}: {arch.architecture} is computed by paddle-scorer's own CPU decoder (no model library here "
+                "runs it: PaddleFormers builds it only through paddlefleet, which is not on the package index); "
+                "run it with --device cpu."
+            )
         if arch.gpu_only and device == "cpu":
             raise CheckpointError(
                 f"{info.path}: {arch.architecture} cannot run on CPU: {arch.gpu_only}; run it on a GPU "
@@ -175,6 +184,11 @@ LIBRARIES: tuple[LibrarySpec, ...] = (
              gpu_only="its mixture-of-experts layers need a GPU-only kernel (`expand_modality_expert_id is not "
                       "registered` in PaddleFormers 1.2.0)"),
     )),
+    # paddle-scorer's decoder (model/families.py): the models neither library runs on a CPU; on a GPU the library
+    # that builds one (ERNIE 4.5 MoE: PaddleFormers) is chosen instead.
+    LibrarySpec(NATIVE, "paddle-scorer", "", tuple(
+        Arch(arch, family, "", "", "", "model", fused=FUSED[family], lm_head_out_in=True)
+        for arch, family in ARCHITECTURES.items()), native=True),
 )
 
 
@@ -200,22 +214,41 @@ def _arch_name(info) -> str:
 
 
 def supported_sentence() -> str:
-    return "; ".join(f"{lib.name} builds {', '.join(lib.architectures)}" for lib in LIBRARIES)
+    libs = [lib for lib in LIBRARIES if not lib.native]
+    from paddle_scorer.model.families import TITLES
+
+    return ("; ".join(f"{lib.name} builds {', '.join(lib.architectures)}" for lib in libs)
+            + f"; paddle-scorer's own CPU decoder computes {', '.join(TITLES.values())}")
+
+
+def _causal(name: str) -> bool:
+    return name.endswith(("ForCausalLM", "LMHeadModel", "ForCausalLMDeprecated"))
 
 
 def check_buildable(info) -> None:
-    """Refuse an architecture no library here can build (one sentence naming what each supports)."""
-    if not any(lib.arch_for(info) for lib in LIBRARIES):
+    """Refuse an architecture nothing here computes: a causal LM not supported yet (exit 7, naming what is), or a
+    model that is not a causal LM at all (a classifier head: exit 4)."""
+    if any(lib.arch_for(info) for lib in LIBRARIES):
+        return
+    name = _arch_name(info)
+    if info.architecture and not _causal(info.architecture):
         raise CheckpointError(
-            f"{info.path}: {_arch_name(info)} is not a causal language model paddle-scorer can build (tried "
-            f"{', '.join(lib.name for lib in LIBRARIES)}: {supported_sentence()})."
+            f"{info.path}: {name} is not a causal language model (paddle-scorer scores the next-token distribution of "
+            f"a ...ForCausalLM); pass the causal LM it was fine-tuned from ({supported_sentence()})."
         )
+    raise UnsupportedModelError(
+        f"{info.path}: {name} is not supported yet; paddle-scorer runs {supported_sentence()} (docs/checkpoints.md)."
+    )
 
 
-def choose(info, layout=None, requested: str | None = None) -> LibrarySpec:
-    """The installed library that builds this architecture (PaddleNLP preferred when both could)."""
+def choose(info, layout=None, requested: str | None = None, device: str | None = None) -> LibrarySpec:
+    """The installed library that builds this architecture (PaddleNLP preferred when both could); paddle-scorer's
+    own decoder for the families only it runs on a CPU, unless ``device`` is ``gpu`` and a library builds it there."""
     check_buildable(info)
     candidates = [lib for lib in LIBRARIES if lib.arch_for(info) is not None]
+    if requested is None and len(candidates) > 1 and any(c.native for c in candidates):
+        gpu = device == "gpu" and any(not c.native and c.installed for c in candidates)
+        candidates = [c for c in candidates if c.native != gpu]
     if requested is not None:
         lib = spec(requested)
         if lib not in candidates:
@@ -235,9 +268,22 @@ def choose(info, layout=None, requested: str | None = None) -> LibrarySpec:
 
 
 def likely(info) -> LibrarySpec | None:
-    """The library that would build this architecture here (installed first), for reports; None if none can."""
-    candidates = [lib for lib in LIBRARIES if lib.arch_for(info) is not None]
+    """The library that would build this architecture here on a CPU (installed first; paddle-scorer's decoder for
+    the families only it runs there), for reports; None if none can."""
+    candidates = sorted((lib for lib in LIBRARIES if lib.arch_for(info) is not None), key=lambda lib: not lib.native)
     return next((lib for lib in candidates if lib.installed), candidates[0] if candidates else None)
+
+
+def tokenizer_library() -> LibrarySpec:
+    """The installed model library whose AutoTokenizer reads a checkpoint's tokenizer files (any will do: the files
+    are HF's formats); the decoder's families have no library of their own."""
+    for lib in LIBRARIES:
+        if not lib.native and lib.installed:
+            return lib
+    from paddle_scorer.errors import SetupError
+
+    raise SetupError("neither PaddleNLP nor PaddleFormers is installed, and one of them reads the tokenizer: install "
+                     "one (pip install -e '.[cpu,nlp]' or '.[cpu,formers]', README, install).")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from paddle_scorer.checkpoint import describe as ckpt
-from paddle_scorer.model import libraries
-from paddle_scorer.model import memory_budget
-from paddle_scorer.model.adapter_check import validate_adapter
+from paddle_scorer.model import families, family_layout, family_tensors, libraries, memory_budget
+from paddle_scorer.model.adapter_check import split_parts, validate_adapter
 from paddle_scorer.model.arrays import nonfinite
 from paddle_scorer.model.dtype_policy import GpuInfo, Policy, plan_policy
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
@@ -61,9 +60,13 @@ class ModelPlan:
     layout: Layout
     library: libraries.LibrarySpec
     conversion: Conversion  # runtime parameter name -> recipe from the source tensors
+    family: families.FamilyConfig | None = None  # a model paddle-scorer's decoder computes without a model class
 
     @property
     def num_params(self) -> int:
+        """Parameters of the model that runs (next-n / MTP layers a checkpoint carries are not run, nor counted)."""
+        if self.family is not None:
+            return int(sum(int(np.prod(t.shape)) for t in self.conversion.tensors.values()))
         return self.info.weights.num_params
 
     @property
@@ -80,6 +83,8 @@ class ModelPlan:
         body prefix other libraries give the same architecture (``llama.`` in PaddleNLP, ``model.`` here)."""
         runtime = self.library.arch_for(self.info).prefix
         names = {ckpt.key_prefix(self.refs)} | libraries.prefixes_of(self.library.arch_for(self.info).architecture)
+        if self.family is not None:
+            names |= {families.PADDLENLP_PREFIX.get(self.family.family)}
         return tuple(sorted(p for p in names if p and p != runtime))
 
     def runtime_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -158,8 +163,11 @@ class LoadPlan:
         return self.memory.execution == memory_budget.STREAMED
 
 
-def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, library: str | None = None) -> ModelPlan:
-    """Describe and check a model folder, pick the runtime library and the layout conversion."""
+def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, library: str | None = None,
+               device: str | None = None) -> ModelPlan:
+    """Describe and check a model folder, pick the runtime library (or paddle-scorer's own decoder) and the layout
+    conversion. ``device``: where it will run, when known (a library that builds the model on a GPU is preferred
+    there to the CPU decoder)."""
     info = info or ckpt.describe(model_dir)
     check_model_folder(info)
     refs = info.tensors
@@ -167,11 +175,21 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
     src_prefix = ckpt.key_prefix(shapes)
     layout = resolve_layout(info.raw_config, shapes, info.weights.metadata, info.merged_from, str(model_dir),
                             src_prefix, libraries.paddle_layout_prefixes())
-    lib = libraries.choose(info, layout, requested=library)
+    lib = libraries.choose(info, layout, requested=library, device=device)
     arch = lib.arch_for(info)
-    conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
-                                 lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
-    return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion)
+    if not lib.native:
+        conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
+                                     lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
+        return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion)
+    fc = families.read(info.raw_config, str(model_dir))
+    conversion = family_layout.conversion(fc, shapes, layout, src_prefix)
+    problems = family_tensors.problems(fc, {n: t.shape for n, t in conversion.tensors.items()})
+    if problems:
+        raise WeightMismatchError(
+            f"{model_dir}: the weights do not match the {fc.title} model config.json describes ({len(problems)} "
+            "problem(s)):", problems,
+            f"Check that config.json and the weights come from the same model (weights read as: {layout.description}).")
+    return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion, fc)
 
 
 def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
@@ -184,8 +202,9 @@ def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
     if bad:
         raise WeightMismatchError(f"{lora_dir}: the adapter weights contain NaN/inf, so every score would be meaningless:",
                                   bad, "Re-export the adapter from a healthy training step.")
+    splits = split_parts(model.conversion) if model.family is not None else None
     pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop,
-                                   aliases=model.prefix_aliases)
+                                   aliases=model.prefix_aliases, splits=splits)
     sha = adapter_sha256(info)
     check_not_merged_already(model, Path(lora_dir), sha)
     return AdapterPlan(Path(lora_dir), info, settings, pairs, note, sha, base_note, allow_noop)
@@ -230,7 +249,9 @@ def make_plan(
 
         gpu = GpuInfo(False, 0) if device == "cpu" else probe_gpu()
     plan_policy(device, dtype, "float32", None, gpu)  # impossible device/dtype: refuse before reading anything
-    mp = plan_model(model_dir, library=library)
+    wants_gpu = device.strip().lower().startswith("gpu") or (
+        device.strip().lower() == "auto" and gpu.compiled_with_cuda and gpu.device_count > 0)
+    mp = plan_model(model_dir, library=library, device="gpu" if wants_gpu else "cpu")
     ap = plan_adapter(lora_dir, mp, allow_noop=allow_noop_adapter) if lora_dir is not None else None
     return assemble(mp, ap, device=device, dtype=dtype, mode=mode, tokenizer=tokenizer, memory_limit=memory_limit,
                     execution=execution, gpu=gpu)
@@ -245,6 +266,8 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
         raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
     tok_dir = tokenizer_folder(mp.folder, ap.folder if ap else None, tokenizer)
     check_tokenizer_files(tok_dir)
+    if mp.library.native and device.strip().lower() == "auto":
+        device = "cpu"  # paddle-scorer's decoder runs on the CPU (a GPU, if any, is not used)
     policy = plan_policy(device, dtype, mp.stored_dtype, mp.info.config_dtype, gpu)
     if check_device:
         mp.library.check_device(mp.info, policy.device)
@@ -259,4 +282,8 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
                                                                    if mp.conversion.prefix_note else ""))
     if ap is not None and ap.base_note:
         notes.append(ap.base_note)
+    if mp.family is not None:
+        fc = mp.family
+        notes.append(f"{fc.title}: computed by paddle-scorer's CPU decoder (no model library runs it on a CPU)")
+        notes += list(fc.notes)
     return LoadPlan(mp, ap, mode, policy, tok_dir, mem, notes)

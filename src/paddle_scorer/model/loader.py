@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from paddle_scorer.errors import CheckpointError, WeightMismatchError
+from paddle_scorer.model import libraries
 from paddle_scorer.model.arrays import cast_or_refuse, merge_lora, to_paddle_array
 from paddle_scorer.model.load_plan import LoadPlan, make_plan
 from paddle_scorer.checkpoint.weights import read_tensor, read_tensors
@@ -70,6 +71,7 @@ class Loaded:
     facts: LoadFacts
     config: Any = None
     plan: LoadPlan | None = None
+    arrays: dict[str, np.ndarray] | None = None  # a family model's runtime tensors (float32; no model object)
 
     @property
     def device(self) -> str:
@@ -237,6 +239,22 @@ def build_model(plan: LoadPlan, num_layers: int | None = None):
     return model, config
 
 
+def read_family(plan: LoadPlan) -> dict[str, np.ndarray]:
+    """Every runtime tensor of a family model (:mod:`paddle_scorer.model.families`) in float32, NaN/inf refused, the
+    adapter merged in when the mode is merge. Read a layer at a time, so an expert tensor stacked in one 3-D tensor is
+    read once, not once per expert."""
+    where = str(plan.model_dir)
+    out: dict[str, np.ndarray] = {}
+    merge_pairs = plan.adapter.pairs if (plan.adapter is not None and plan.mode == "merge") else None
+    for names in plan.model.conversion.layer_groups().values():
+        arrays = {n: cast_or_refuse(n, a, "float32", where) for n, a in plan.model.read(names, check=False).items()}
+        if merge_pairs:
+            pairs = {m: ab for m, ab in merge_pairs.items() if m + ".weight" in arrays}
+            merge_lora(arrays, pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype="float32")
+        out.update({n: np.ascontiguousarray(a) for n, a in arrays.items()})
+    return out
+
+
 def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
     """Wrap with the library's ``LoRAModel`` on exactly the adapted modules and set every lora_A/lora_B."""
     from paddle_scorer.model.tensor_layout import layer_index
@@ -259,7 +277,7 @@ def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
 
 
 def load_tokenizer(plan: LoadPlan):
-    lib = plan.model.library
+    lib = plan.model.library if not plan.model.library.native else libraries.tokenizer_library()
     folder = plan.tokenizer_dir
     try:
         tok = lib.module("transformers").AutoTokenizer.from_pretrained(str(folder))
@@ -315,6 +333,8 @@ def load_plan(plan: LoadPlan, num_layers: int | None = None) -> Loaded:
     facts = facts_for(plan, tok)
     if plan.streamed:
         return Loaded(None, tok, facts, None, plan)
+    if plan.model.library.native:
+        return Loaded(None, tok, facts, None, plan, arrays=read_family(plan))
     model, config = build_model(plan, num_layers)
     if plan.adapter is not None and plan.mode == "attach":
         model = attach_adapter(plan, model, num_layers)

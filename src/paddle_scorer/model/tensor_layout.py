@@ -160,6 +160,14 @@ class Part:
     transpose: bool
     start: int  # slice of the runtime tensor along its last axis
     stop: int
+    select: tuple[int, int, int] | None = None  # (index, first row, end row) of a stacked source: source[i, r0:r1]
+
+    def take(self, a: np.ndarray) -> np.ndarray:
+        """This part's array from its source array: the selected slice of a stacked (3-D) source, transposed or not."""
+        if self.select is not None:
+            i, r0, r1 = self.select
+            a = a[i, r0:r1]
+        return a.T if self.transpose else a
 
 
 @dataclass(frozen=True)
@@ -184,9 +192,10 @@ class RuntimeTensor:
     def build(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The runtime array from the source arrays (``arrays`` keyed by source name)."""
         if len(self.parts) == 1:
-            a = arrays[self.parts[0].source]
-            return np.ascontiguousarray(a.T) if self.parts[0].transpose else a
-        cat = np.concatenate([arrays[p.source].T if p.transpose else arrays[p.source] for p in self.parts], axis=-1)
+            p = self.parts[0]
+            a = p.take(arrays[p.source])
+            return np.ascontiguousarray(a) if (p.transpose or p.select is not None) else a
+        cat = np.concatenate([p.take(arrays[p.source]) for p in self.parts], axis=-1)
         return np.ascontiguousarray(cat[..., list(self.perm)]) if self.perm is not None else cat
 
     def split(self, value: np.ndarray) -> dict[str, np.ndarray]:
@@ -195,6 +204,9 @@ class RuntimeTensor:
             cat = np.empty_like(value)
             cat[..., list(self.perm)] = value
             value = cat
+        if any(p.select is not None for p in self.parts):
+            raise CheckpointError(f"{self.name} is a slice of a stacked expert tensor ({self.parts[0].source}); a merged "
+                                  "model cannot be written back into it: merge while loading (--mode merge) instead.")
         out = {}
         for p in self.parts:
             piece = value[..., p.start:p.stop] if len(self.parts) > 1 else value

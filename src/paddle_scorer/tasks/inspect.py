@@ -39,6 +39,7 @@ class Assessment:
     library_installed: bool | None = None
     memory: dict | None = None  # execution on this machine, budget, records per streamed block
     gpu_only: str | None = None  # why the model cannot run on CPU (ERNIE 4.5 MoE), if it cannot
+    family: dict | None = None  # a model computed by paddle-scorer's own decoder: family, experts, parameters
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -77,6 +78,8 @@ def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assess
             return Assessment(False, "model", str(exc), exc.exit_code, layout=mp.layout.to_dict(),
                               library=mp.library.name, library_installed=True)
     a = Assessment(True, "model", layout=mp.layout.to_dict(), library=mp.library.name, library_installed=True)
+    if mp.family is not None:
+        a.family = family_facts(mp)
     arch = mp.library.arch_for(info)
     if arch.gpu_only:
         a.gpu_only = f"{arch.architecture} cannot run on CPU: {arch.gpu_only}; classify, generate and smoke refuse it " \
@@ -104,3 +107,20 @@ def inspect_folder(path) -> tuple[CheckpointInfo, Assessment]:
     if not a.usable and info.kind != RENAMED_ADAPTER:
         info.next_command = None
     return info, a
+
+
+def family_facts(mp) -> dict:
+    """What ``inspect`` says of a model paddle-scorer's decoder computes: the family, its experts, its parameters (all
+    of them, and those one token goes through), where it runs."""
+    fc = mp.family
+    total = mp.num_params
+    moe = fc.moe
+    return {
+        "family": fc.family, "title": fc.title, "layers": fc.layers, "moe_layers": len(fc.moe_layers),
+        "experts": moe.experts if moe else None, "experts_per_token": moe.top_k if moe else None,
+        "shared_expert_intermediate": moe.shared_intermediate if moe and moe.shared_intermediate else None,
+        "params_total": total, "params_active": fc.active_params(total),
+        "attention": "MLA (low-rank q and kv)" if fc.mla else ("q/k norm" if fc.qk_norm else "standard"),
+        "rope": fc.rope.type, "runs_on": "cpu", "computed_by": "paddle-scorer's CPU decoder",
+        "notes": list(fc.notes),
+    }

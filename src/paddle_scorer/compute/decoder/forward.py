@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from paddle_scorer.compute.decoder import moe
 from paddle_scorer.compute.decoder.batch import Batch
 from paddle_scorer.compute.decoder.ops import rms_norm, rotate, silu_mul
 from paddle_scorer.compute.decoder.rope import Rope
@@ -71,26 +72,67 @@ class Forward:
             z -= lse
         return z
 
-    def _qkv(self, layer: Layer, x: np.ndarray):
+    def _qkv(self, layer: Layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+        """Rotated q ``[N, heads, d]``, k ``[N, kv, d]`` and v of the layer's standard attention (q/k norms before
+        RoPE when the layer has them; only the first ``rot_dim`` dims rotated when the spec says so)."""
         sp = self.spec
         n, d = x.shape[0], sp.head_dim
         if layer.qkv is not None:
             y = self.linear(layer.qkv, x).reshape(n, sp.kv_heads, sp.group + 2, d)
-            q = y[:, :, : sp.group].reshape(n, sp.heads, d)
-            return q, y[:, :, sp.group], y[:, :, sp.group + 1]
-        q = self.linear(layer.q, x).reshape(n, sp.heads, d)
-        k = self.linear(layer.k, x).reshape(n, sp.kv_heads, d)
-        v = self.linear(layer.v, x).reshape(n, sp.kv_heads, d)
-        return q, k, v
+            q, k, v = y[:, :, : sp.group].reshape(n, sp.heads, d), y[:, :, sp.group], y[:, :, sp.group + 1]
+        else:
+            q = self.linear(layer.q, x).reshape(n, sp.heads, d)
+            k = self.linear(layer.k, x).reshape(n, sp.kv_heads, d)
+            v = self.linear(layer.v, x).reshape(n, sp.kv_heads, d)
+        if layer.q_norm is not None:
+            q = rms_norm(np.ascontiguousarray(q).reshape(-1, d), layer.q_norm, sp.eps).reshape(n, sp.heads, d)
+            k = rms_norm(np.ascontiguousarray(k).reshape(-1, d), layer.k_norm, sp.eps).reshape(n, sp.kv_heads, d)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
-    def _mlp(self, layer: Layer, x: np.ndarray) -> np.ndarray:
-        if layer.gate_up is not None:
-            gu = self.linear(layer.gate_up, x)
+    def _rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        r = self.spec.rot_dim
+        if r is None:
+            return rotate(x, cos, sin, self.spec.rotation)
+        out = np.array(x, dtype=np.float32)  # GLM-4.5: the first r dims rotate, the rest pass through
+        out[..., :r] = rotate(np.ascontiguousarray(x[..., :r]), cos, sin, self.spec.rotation)
+        return out
+
+    def _mla(self, layer: Layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+        """DeepSeek's MLA as rotated q, k ``[N, heads, nope + rope]`` and v ``[N, heads, v_head_dim]``: the shared
+        rotary key is one head, broadcast to all."""
+        m, fc = layer.mla, self.spec.family
+        dn, dr, dv, r = fc.mla["qk_nope"], fc.mla["qk_rope"], fc.mla["v_head_dim"], fc.mla["kv_lora_rank"]
+        n, heads = x.shape[0], self.spec.heads
+        if m.q is not None:
+            q = self.linear(m.q, x)
+        else:
+            q = self.linear(m.q_b, rms_norm(self.linear(m.q_a, x), m.q_a_norm, 1e-6))
+        q = q.reshape(n, heads, dn + dr)
+        ckv = self.linear(m.kv_a, x)
+        kv = self.linear(m.kv_b, rms_norm(np.ascontiguousarray(ckv[:, :r]), m.kv_a_norm, 1e-6))
+        kv = kv.reshape(n, heads, dn + dv)
+        k_rot = rotate(np.ascontiguousarray(ckv[:, None, r:]), cos, sin, self.spec.rotation)
+        q[..., dn:] = rotate(np.ascontiguousarray(q[..., dn:]), cos, sin, self.spec.rotation)
+        k = np.empty((n, heads, dn + dr), dtype=np.float32)
+        k[..., :dn] = kv[..., :dn]
+        k[..., dn:] = k_rot
+        return q, k, np.ascontiguousarray(kv[..., dn:])
+
+    def swiglu(self, mlp, x: np.ndarray) -> np.ndarray:
+        """``down(silu(gate(x)) * up(x))`` of anything with ``gate_up`` (fused ``[gate | up]``) or ``gate``/``up``, and
+        ``down`` (a layer's MLP, an expert)."""
+        if mlp.gate_up is not None:
+            gu = self.linear(mlp.gate_up, x)
             inter = gu.shape[1] // 2
             act = silu_mul(np.ascontiguousarray(gu[:, :inter]), gu[:, inter:])
         else:
-            act = silu_mul(self.linear(layer.gate, x), self.linear(layer.up, x))
-        return self.linear(layer.down, act)
+            act = silu_mul(self.linear(mlp.gate, x), self.linear(mlp.up, x))
+        return self.linear(mlp.down, act)
+
+    def _mlp(self, layer: Layer, x: np.ndarray) -> np.ndarray:
+        if layer.moe is not None:
+            return moe.forward(self, layer.moe, x, self.swiglu)
+        return self.swiglu(layer, x)
 
     # ---------------------------------------------------------------- attention
 
@@ -100,7 +142,7 @@ class Forward:
         copied per row: its scores are one product over all rows). Returns ``[N, heads*d]``."""
         sp = self.spec
         B, T = batch.B, batch.T
-        G, d, kv = sp.group, sp.head_dim, sp.kv_heads
+        G, d, dv, kv = sp.group, q.shape[-1], v.shape[-1], sp.kv_heads
         q4, k4, v4 = batch.spread(q), batch.spread(k), batch.spread(v)
         # [B, kv, G, T, d]: the query heads of one KV head side by side (head h uses KV head h // G)
         qh = q4.reshape(B, T, kv, G, d).transpose(0, 2, 3, 1, 4)
@@ -118,9 +160,9 @@ class Forward:
             pk_t = np.ascontiguousarray(prefix[0].transpose(0, 2, 1))  # [kv, d, P]
             pv = np.ascontiguousarray(prefix[1])  # [kv, P, d]
         bias = batch.bias()  # [B, T, S+T]
-        out = np.empty((B, kv, G, T, d), dtype=np.float32)
+        out = np.empty((B, kv, G, T, dv), dtype=np.float32)
         rows = max(1, ATTENTION_ROWS // G)
-        scale = np.float32(d ** -0.5) if sp.qk_scale == "scores" else None
+        scale = np.float32(sp.scale if sp.scale is not None else d ** -0.5) if sp.qk_scale == "scores" else None
         for t0, t1, end in batch.blocks(rows):
             n = t1 - t0
             qb = np.ascontiguousarray(qh[:, :, :, t0:t1]).reshape(B, kv, G * n, d)
@@ -151,14 +193,14 @@ class Forward:
                     total[:, :, :, sl] += pre.sum(axis=-1, keepdims=True).transpose(1, 0, 2, 3, 4)
 
             parallel_rows(softmax_rows, n, s.size + (sp_.size if sp_ is not None else 0))
-            o = self.k.bmm(s.reshape(B, kv, G * n, end), vals[:, :, :end]).reshape(B, kv, G, n, d)
+            o = self.k.bmm(s.reshape(B, kv, G * n, end), vals[:, :, :end]).reshape(B, kv, G, n, dv)
             if sp_ is not None:
-                op = self.k.bmm(sp_.reshape(kv, B * G * n, -1), pv).reshape(kv, B, G, n, d)
+                op = self.k.bmm(sp_.reshape(kv, B * G * n, -1), pv).reshape(kv, B, G, n, dv)
                 o += op.transpose(1, 0, 2, 3, 4)
             o /= total
             out[:, :, :, t0:t1] = o
         # [B, kv, G, T, d] -> [B, T, heads, d] -> the real tokens [N, heads*d]
-        o4 = out.transpose(0, 3, 1, 2, 4).reshape(B, T, sp.heads * d)
+        o4 = out.transpose(0, 3, 1, 2, 4).reshape(B, T, sp.heads * dv)
         return np.ascontiguousarray(batch.pick(o4))
 
     # ---------------------------------------------------------------- a layer
@@ -176,9 +218,7 @@ class Forward:
     def _layer(self, layer, h, batch, cos, sin, past, keep_kv, prefix=None):
         sp = self.spec
         x = rms_norm(h, layer.ln1, sp.eps)
-        q, k, v = self._qkv(layer, x)
-        q = rotate(q, cos, sin, sp.rotation)
-        k = rotate(k, cos, sin, sp.rotation)
+        q, k, v = (self._mla if layer.mla is not None else self._qkv)(layer, x, cos, sin)
         o = self.attention(q, k, v, batch, *(past or (None, None)), prefix=prefix)
         h += self.linear(layer.o, o)
         x = rms_norm(h, layer.ln2, sp.eps)

@@ -99,3 +99,70 @@ def find_rotary(body):
     if mod is None and hasattr(body, "layers") and len(body.layers):
         mod = getattr(body.layers[0].self_attn, "rotary_emb", None)
     return mod
+
+
+class NativeRope:
+    """cos/sin rows for a model with no library rotary module (the families of
+    :mod:`paddle_scorer.model.families`), computed as HF transformers does in float32: ``inv_freq = 1 / theta^(2i/d)``
+    (linear scaling divides it by the factor; YaRN blends the interpolated and extrapolated frequencies over its ramp
+    and scales cos/sin by its attention factor), ``angle = position * inv_freq``, rows ``[freqs, freqs]``. Any position
+    can be computed; the table grows as needed. Not dynamic: prefix reuse applies."""
+
+    dynamic = False
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.inv_freq, self.factor = native_inv_freq(spec)
+        self.cos = np.zeros((0, spec.dim), np.float32)
+        self.sin = np.zeros((0, spec.dim), np.float32)
+
+    def __call__(self, positions: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        top = int(positions.max()) + 1 if positions.size else 1
+        if top > self.cos.shape[0]:
+            n = max(top, 2 * self.cos.shape[0], 64)
+            ang = np.arange(n, dtype=np.float32)[:, None] * self.inv_freq[None, :]
+            emb = np.concatenate([ang, ang], axis=-1)
+            self.cos = (np.cos(emb) * np.float32(self.factor)).astype(np.float32)
+            self.sin = (np.sin(emb) * np.float32(self.factor)).astype(np.float32)
+        return self.cos[positions], self.sin[positions]
+
+    def span(self, positions: np.ndarray, past: int = 0) -> int:
+        positions = np.asarray(positions)
+        return int(positions.max()) + 1 if positions.size else 1
+
+
+def native_inv_freq(spec) -> tuple[np.ndarray, float]:
+    """``(inv_freq [d/2] float32, attention factor)`` of a :class:`~paddle_scorer.model.families.RopeSpec`."""
+    import math
+
+    d, base = spec.dim, np.float32(spec.theta)
+    exps = (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)).astype(np.float32)
+    pos_freqs = np.power(base, exps, dtype=np.float32)
+    inv = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    if spec.type == "default":
+        return inv, 1.0
+    if spec.type == "linear":
+        return (inv / np.float32(spec.factor)).astype(np.float32), 1.0
+    factor, orig = spec.factor, spec.original_max
+
+    def mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    att = spec.attention_factor
+    if att is None:
+        att = mscale(factor, spec.mscale) / mscale(factor, spec.mscale_all_dim) \
+            if (spec.mscale and spec.mscale_all_dim) else mscale(factor)
+
+    def corr(n):
+        return (d * math.log(orig / (n * 2 * math.pi))) / (2 * math.log(spec.theta))
+
+    low, high = corr(spec.beta_fast), corr(spec.beta_slow)
+    if spec.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolate = (np.float32(1) - ramp).astype(np.float32)
+    inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    return (inter * (np.float32(1) - extrapolate) + inv * extrapolate).astype(np.float32), float(att)

@@ -21,10 +21,29 @@ class ArchSpec:
     head_out_in: bool  # the LM head weight is [vocab, hidden]: logits = h @ W.T
     prefix: str  # the decoder body's name prefix ("llama", "qwen2", "model")
     zero_embedding_id: int | None = None
+    v_head_dim: int | None = None  # None: head_dim (DeepSeek's MLA: values narrower than queries and keys)
+    scale: float | None = None  # the attention scale when qk_scale is "scores" (None: head_dim^-0.5)
+    rot_dim: int | None = None  # rotated dims of a head (None: all; GLM-4.5 rotates half)
+    family: object = None  # a model.families.FamilyConfig: a model computed without the library's model class
 
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+
+def spec_for_family(fc, architecture: str) -> ArchSpec:
+    """The spec of a family model (:mod:`paddle_scorer.model.families`): HF's math, ``[vocab, hidden]`` LM head."""
+    mla = fc.mla is not None
+    return ArchSpec(
+        library="paddle-scorer", architecture=architecture, hidden=fc.hidden, heads=fc.heads,
+        kv_heads=fc.heads if mla else fc.kv_heads, head_dim=fc.head_dim, eps=fc.eps, rotation=fc.rope.layout,
+        qk_scale="scores", head_out_in=True, prefix="model", v_head_dim=fc.mla["v_head_dim"] if mla else None,
+        scale=fc.softmax_scale, rot_dim=None if fc.rope.dim == fc.head_dim else fc.rope.dim, family=fc,
+    )
 
 
 def spec_for(library: str, architecture: str, prefix: str, config) -> tuple[ArchSpec | None, str | None]:

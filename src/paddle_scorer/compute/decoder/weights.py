@@ -19,10 +19,10 @@ class Linear:
     def set_lora(self, a, b, scaling: float) -> None:
         """Attach a LoRA pair; the scaling is folded into a copy of B once (B is rank x out: small), so the
         forward adds one product instead of scaling a whole activation."""
-        b = _as_mat(b)
+        b = as_mat(b)
         if scaling != 1.0:
             b = Mat(b.np * np.float32(scaling))
-        self.lora = (_as_mat(a), b)
+        self.lora = (as_mat(a), b)
 
 
 @dataclass
@@ -38,6 +38,10 @@ class Layer:
     up: Linear | None = None
     gate_up: Linear | None = None  # fused [gate | up]
     down: Linear | None = None
+    q_norm: np.ndarray | None = None  # per-head RMSNorm of q and k before RoPE (Qwen3, GLM-4.5's use_qk_norm)
+    k_norm: np.ndarray | None = None
+    mla: object = None  # decoder.family_layers.Mla: DeepSeek's low-rank attention
+    moe: object = None  # decoder.moe.Moe: routed experts instead of the MLP
 
 
 @dataclass
@@ -61,11 +65,11 @@ class UnsupportedWeights(ValueError):
     """A tensor this forward has no place for: the library's forward is used instead."""
 
 
-def _as_mat(a) -> Mat:
+def as_mat(a) -> Mat:
     return a if isinstance(a, Mat) else Mat(np.asarray(a))
 
 
-def _vec(a) -> np.ndarray:
+def vec(a) -> np.ndarray:
     return a.np if isinstance(a, Mat) else np.asarray(a)
 
 
@@ -76,7 +80,7 @@ def make_layer(tensors: dict, lora: dict | None = None, scaling: float = 1.0) ->
     norms = {}
     for name, value in tensors.items():
         if name in NORMS:
-            norms[NORMS[name]] = _vec(value)
+            norms[NORMS[name]] = vec(value)
             continue
         module, _, kind = name.rpartition(".")
         role = LINEARS.get(module)
@@ -94,7 +98,7 @@ def make_layer(tensors: dict, lora: dict | None = None, scaling: float = 1.0) ->
     for role, p in parts.items():
         if "weight" not in p:
             raise UnsupportedWeights(f"{role} without a weight")
-        lin = Linear(_as_mat(p["weight"]), _vec(p["bias"]) if "bias" in p else None)
+        lin = Linear(as_mat(p["weight"]), vec(p["bias"]) if "bias" in p else None)
         if "lora_A" in p or "lora_B" in p:
             if not ("lora_A" in p and "lora_B" in p):
                 raise UnsupportedWeights(f"{role}: half a LoRA pair")

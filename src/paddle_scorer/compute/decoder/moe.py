@@ -1,0 +1,91 @@
+"""Mixture-of-experts layers: the router (softmax or sigmoid scores, a correction bias for the choice only,
+DeepSeek's group-limited choice, renormalisation and scaling as each family does it, all in float32) and the experts,
+each computed only for the tokens routed to it (its rows gathered, one product per projection, the weighted result
+added back): no dense pass over every expert. Shared experts (Qwen2-MoE's gated by a sigmoid) run on every token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from paddle_scorer.compute.decoder.weights import Linear
+from paddle_scorer.compute.gemm import Mat
+
+
+@dataclass
+class Expert:
+    """A SwiGLU MLP: ``down(silu(gate(x)) * up(x))``, gate and up fused (``[gate | up]``) or apart."""
+
+    down: Linear
+    gate_up: Linear | None = None
+    gate: Linear | None = None
+    up: Linear | None = None
+
+
+@dataclass
+class Moe:
+    spec: object  # model.families.MoeSpec
+    router: Mat  # [hidden, experts]
+    experts: list[Expert]
+    bias: np.ndarray | None = None  # [experts]: added to the scores to choose experts, not to weigh them
+    shared: Expert | None = None
+    shared_gate: Linear | None = None  # [hidden, 1]
+
+
+def route(spec, logits: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(experts [N, k], weights [N, k])`` from the router's float32 logits ``[N, E]`` (see the module docstring)."""
+    with np.errstate(over="ignore"):
+        if spec.router == "softmax":
+            z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            scores = z / z.sum(axis=-1, keepdims=True)
+        else:
+            scores = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
+    scores = scores.astype(np.float32, copy=False)
+    choice = scores + bias[None, :] if bias is not None else scores
+    n, e = choice.shape
+    if spec.groups > 1:  # groups ranked by the sum of their two best scores; experts of dropped groups score 0.0
+        per = e // spec.groups
+        best2 = np.sort(choice.reshape(n, spec.groups, per), axis=-1)[..., -2:].sum(axis=-1)
+        keep = np.argsort(-best2, axis=-1, kind="stable")[:, : spec.topk_groups]
+        mask = np.zeros((n, spec.groups), dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=-1)
+        choice = np.where(np.repeat(mask, per, axis=-1), choice, np.float32(0.0))
+    k = spec.top_k
+    idx = np.argpartition(-choice, k - 1, axis=-1)[:, :k] if k < e else np.tile(np.arange(e), (n, 1))
+    w = np.take_along_axis(scores, idx, axis=-1)
+    if spec.renormalize == "sum":
+        w = w / w.sum(axis=-1, keepdims=True)
+    elif spec.renormalize == "sum+eps":
+        w = w / (w.sum(axis=-1, keepdims=True) + np.float32(1e-20))
+    elif spec.renormalize == "clamp":
+        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(spec.norm_min))
+    if spec.scaling != 1.0:
+        w = w * np.float32(spec.scaling)
+    return idx, w.astype(np.float32, copy=False)
+
+
+def forward(f, m: Moe, x: np.ndarray, swiglu) -> np.ndarray:
+    """The MoE layer on ``x [N, hidden]``; ``swiglu(expert, rows)`` computes one expert (the forward's own)."""
+    logits = f.k.mm(np.ascontiguousarray(x, dtype=np.float32), m.router)
+    idx, w = route(m.spec, logits, m.bias)
+    out = np.zeros_like(x)
+    order = np.argsort(idx, axis=None, kind="stable")  # the (token, slot) pairs grouped by expert
+    flat = idx.reshape(-1)[order]
+    bounds = np.searchsorted(flat, np.arange(len(m.experts) + 1))
+    tokens, slots = np.divmod(order, idx.shape[1])
+    for e, expert in enumerate(m.experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        rows = tokens[lo:hi]
+        y = swiglu(expert, np.ascontiguousarray(x[rows]))
+        y *= w[rows, slots[lo:hi]][:, None]
+        out[rows] += y  # a token meets an expert at most once
+    if m.shared is not None:
+        y = swiglu(m.shared, x)
+        if m.shared_gate is not None:
+            g = f.linear(m.shared_gate, x)
+            y *= np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
+        out += y
+    return out

@@ -1,0 +1,315 @@
+"""The model families paddle-scorer's decoder computes without the library's model class (Qwen3, Qwen3-MoE, Qwen2-MoE,
+Mixtral, DeepSeek-V3, GLM-4.5, ERNIE 4.5 MoE): which architecture names mean which family, and their config.json read
+into one normalized :class:`FamilyConfig`, whichever library or transformers version wrote it. Pure: no paddle.
+
+On a CPU neither library runs these models (PaddleFormers builds Qwen*/GLM through ``paddlefleet``, which is not on
+the package index, and ERNIE 4.5 MoE only with GPU kernels; PaddleNLP 3.0.0b4's MoE forwards break under paddle 3.3),
+so the decoder is the way to run them; what it computes is HF transformers' eval-mode forward (the reference the tests
+hold it to) and PaddleFormers' where that runs.
+
+Config keys exist in several styles in the wild, read in this order: transformers 5's ``rope_parameters``, then
+``rope_scaling`` + ``rope_theta``, then the family's default base; the expert count as ``num_experts``,
+``num_local_experts``, ``n_routed_experts`` or ``moe_num_experts``; top-k as ``num_experts_per_tok`` or ``moe_k``.
+A value the decoder does not implement (a sliding window, another RoPE type, another router) is refused with the
+field's name (:func:`read`), never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from paddle_scorer.errors import UnsupportedModelError
+
+# architecture name (config.json "architectures"[0], PaddleFormers' class names included) -> family
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": "qwen3", "Qwen3ForCausalLMDeprecated": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen3MoeForCausalLMDeprecated": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen2MoeForCausalLMDeprecated": "qwen2_moe",
+    "MixtralForCausalLM": "mixtral",
+    "DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV3ForCausalLMDeprecated": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeForCausalLMDeprecated": "glm4_moe",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
+}
+MODEL_TYPES = {f: f for f in set(ARCHITECTURES.values())}
+TITLES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
+          "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4.5", "ernie4_5_moe": "ERNIE 4.5 MoE"}
+DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0}
+DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5}
+# Runtime modules fused as PaddleFormers holds them in memory (its LoRA adapters target these names): q/k/v as
+# ``qkv_proj`` (columns grouped per KV head) and gate/up as ``up_gate_proj`` ([gate | up]); DeepSeek and Mixtral keep
+# their projections apart.
+FUSED = {"qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
+         "qwen2_moe": ("qkv_proj", "up_gate_proj"), "glm4_moe": ("qkv_proj", "up_gate_proj"),
+         "ernie4_5_moe": ("qkv_proj", "up_gate_proj"), "deepseek_v3": (), "mixtral": ()}
+ROPE_TYPES = ("default", "linear", "yarn")
+# The decoder-body prefix PaddleNLP 3.0.0b4 gives the families it builds (its checkpoints and LoRA adapters use it).
+PADDLENLP_PREFIX = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3"}
+
+
+def family_of(architecture: str | None, model_type: str | None) -> str | None:
+    """The family of an architecture name (or, without one, of a ``model_type``), None when it is not one of ours."""
+    if architecture:
+        return ARCHITECTURES.get(architecture)
+    return MODEL_TYPES.get(model_type or "")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """What rotates: the base, the scaling type and its parameters, how many dims of a head, in which layout."""
+
+    theta: float
+    dim: int  # rotary dims per head (GLM: head_dim * partial_rotary_factor; DeepSeek: qk_rope_head_dim)
+    layout: str  # "half" (NeoX: dims j and j + dim/2) | "interleaved" (pairs 2j, 2j+1: ERNIE, DeepSeek's rope_interleave)
+    type: str = "default"
+    factor: float = 1.0
+    original_max: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    experts: int
+    top_k: int
+    intermediate: int
+    router: str  # "softmax" | "sigmoid"
+    renormalize: str  # "none" | "sum" | "sum+eps" (1e-20) | "clamp" (max(sum, norm_min))
+    norm_min: float = 0.0
+    scaling: float = 1.0  # routed_scaling_factor
+    groups: int = 1  # DeepSeek's group-limited selection: n_group, topk_group
+    topk_groups: int = 1
+    correction_bias: str | None = None  # tensor name under the MLP (selection only)
+    shared_intermediate: int = 0
+    shared_gated: bool = False  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared(x)
+    shared_name: str = "shared_experts"
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    intermediate: int
+    tie: bool
+    rope: RopeSpec
+    max_positions: int | None
+    qk_norm: bool = False
+    mla: dict | None = None  # DeepSeek: q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim
+    moe: MoeSpec | None = None
+    moe_layers: frozenset[int] = frozenset()
+    mlp_name: str = "mlp"  # Mixtral: block_sparse_moe
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
+    extra_layers: int = 0  # next-n / MTP layers in the checkpoint, never run when scoring
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def title(self) -> str:
+        return TITLES[self.family]
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention's scale: ``head_dim^-0.5``; DeepSeek-V3 ``(qk_nope + qk_rope)^-0.5`` times YaRN's mscale^2."""
+        if self.mla is None:
+            return self.head_dim ** -0.5
+        scale = (self.mla["qk_nope"] + self.mla["qk_rope"]) ** -0.5
+        r = self.rope
+        if r.type != "default" and r.mscale_all_dim:
+            m = yarn_mscale(r.factor, r.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up, down)."""
+        return 3 * self.hidden * self.moe.intermediate if self.moe else 0
+
+    def active_params(self, total_params: int) -> int:
+        """Parameters a token goes through: all but the routed experts it is not sent to."""
+        if not self.moe:
+            return total_params
+        idle = (self.moe.experts - self.moe.top_k) * self.expert_params() * len(self.moe_layers)
+        return max(0, total_params - idle)
+
+
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+class _Config:
+    """config.json with typed reads: a wrong type is refused naming the field."""
+
+    def __init__(self, cfg: dict, where: str, family: str):
+        self.cfg, self.where, self.family = cfg, where, family
+
+    def get(self, key, default=None):
+        v = self.cfg.get(key, default)
+        return default if v is None else v
+
+    def int(self, *keys, default=None) -> int:
+        for k in keys:
+            v = self.cfg.get(k)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    self.refuse(f"{k} is {v!r}, not a non-negative integer")
+                return v
+        if default is None:
+            self.refuse(f"it has none of {', '.join(keys)}")
+        return default
+
+    def num(self, key, default) -> float:
+        v = self.cfg.get(key, default)
+        v = default if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.refuse(f"{key} is {v!r}, not a number")
+        return float(v)
+
+    def refuse(self, what: str):
+        raise UnsupportedModelError(
+            f"{self.where}/config.json of this {TITLES[self.family]} model cannot be computed: {what}; fix config.json "
+            "(or tell us: paddle-scorer computes what HF transformers does for this family)."
+        )
+
+
+def rope_params(cfg: dict, family: str) -> dict:
+    """One dict ``{rope_type, rope_theta, factor, ...}`` from transformers 5's ``rope_parameters`` or 4's
+    ``rope_theta`` / ``rope_scaling`` (``type`` read as ``rope_type``), with the family's default base."""
+    rp = dict(cfg.get("rope_parameters") or {})
+    for k, v in (cfg.get("rope_scaling") or {}).items():
+        rp.setdefault(k, v)
+    if "type" in rp and "rope_type" not in rp:
+        rp["rope_type"] = rp["type"]
+    rp.setdefault("rope_type", "default")
+    if rp.get("rope_theta") is None:
+        rp["rope_theta"] = cfg.get("rope_theta") or DEFAULT_THETA.get(family, 10000.0)
+    if "partial_rotary_factor" in cfg and "partial_rotary_factor" not in rp:
+        rp["partial_rotary_factor"] = cfg["partial_rotary_factor"]
+    return rp
+
+
+def _rope(c: _Config, dim: int, layout: str, max_positions: int | None) -> tuple[RopeSpec, list[str]]:
+    rp = rope_params(c.cfg, c.family)
+    kind = rp["rope_type"]
+    if kind not in ROPE_TYPES:
+        c.refuse(f"rope type {kind!r} (the decoder computes {', '.join(ROPE_TYPES)})")
+    notes = []
+    factor = float(rp.get("factor") or 1.0)
+    orig = rp.get("original_max_position_embeddings")
+    if kind == "yarn" and orig and max_positions and abs(factor - max_positions / orig) > 1e-9:
+        notes.append(f"YaRN factor {factor:g} as config.json gives it (transformers 5; transformers 4.x used "
+                     f"max_position_embeddings / original_max_position_embeddings = {max_positions / orig:g})")
+    spec = RopeSpec(theta=float(rp["rope_theta"]), dim=dim, layout=layout, type=kind, factor=factor,
+                    original_max=int(orig) if orig else max_positions,
+                    beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
+                    mscale=rp.get("mscale"), mscale_all_dim=rp.get("mscale_all_dim"),
+                    attention_factor=rp.get("attention_factor"), truncate=bool(rp.get("truncate", True)))
+    return spec, notes
+
+
+def _check_common(c: _Config) -> None:
+    act = c.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        c.refuse(f"hidden_act {act!r} (these families use SiLU)")
+    if c.get("use_sliding_window", False) or (c.family == "mixtral" and c.get("sliding_window")):
+        c.refuse("a sliding window (use_sliding_window / sliding_window)")
+
+
+def _moe_layers(c: _Config, layers: int) -> frozenset[int]:
+    f = c.family
+    if f in ("qwen3_moe", "qwen2_moe"):
+        only, step = set(c.get("mlp_only_layers", []) or []), c.int("decoder_sparse_step", default=1) or 1
+        return frozenset(i for i in range(layers) if i not in only and (i + 1) % step == 0)
+    if f in ("deepseek_v3", "glm4_moe"):
+        freq = c.int("moe_layer_freq", default=1)
+        if freq != 1:
+            c.refuse(f"moe_layer_freq {freq} (transformers computes every layer from first_k_dense_replace on)")
+        return frozenset(range(c.int("first_k_dense_replace", default=0), layers))
+    if f == "ernie4_5_moe":
+        start, end = c.int("moe_layer_start_index", default=1), c.cfg.get("moe_layer_end_index", -1)
+        end = layers - 1 if end in (None, -1) else end
+        step = c.int("moe_layer_interval", default=1) or 1
+        return frozenset(i for i in range(layers) if (i + 1) % step == 0 and start <= i <= end)
+    if f == "mixtral":
+        return frozenset(range(layers))
+    return frozenset()
+
+
+def _moe(c: _Config) -> MoeSpec | None:
+    f = c.family
+    if f == "qwen3":
+        return None
+    experts = c.int("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    top_k = c.int("num_experts_per_tok", "moe_k")
+    inter = c.int("moe_intermediate_size", "intermediate_size")
+    if f == "mixtral":
+        return MoeSpec(experts, top_k, c.int("intermediate_size"), "softmax", "sum")
+    if f in ("qwen3_moe", "qwen2_moe"):
+        shared = c.int("shared_expert_intermediate_size", default=0) if f == "qwen2_moe" else 0
+        return MoeSpec(experts, top_k, inter, "softmax", "sum" if c.get("norm_topk_prob", False) else "none",
+                       shared_intermediate=shared, shared_gated=shared > 0, shared_name="shared_expert")
+    if f in ("deepseek_v3", "glm4_moe"):
+        for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+            if c.get(key, want) != want:
+                c.refuse(f"{key} {c.get(key)!r} (transformers computes {want})")
+        groups = c.int("n_group", default=1) or 1
+        if experts % groups or experts // groups < 2:
+            c.refuse(f"n_group {groups} does not split {experts} experts into groups of at least 2")
+        return MoeSpec(experts, top_k, inter, "sigmoid", "sum+eps" if c.get("norm_topk_prob", True) else "none",
+                       scaling=c.num("routed_scaling_factor", 1.0), groups=groups,
+                       topk_groups=c.int("topk_group", default=1) or 1, correction_bias="gate.e_score_correction_bias",
+                       shared_intermediate=inter * c.int("n_shared_experts", default=0))
+    # ernie4_5_moe
+    return MoeSpec(experts, top_k, inter, "softmax", "clamp", norm_min=c.num("moe_norm_min", 1e-12),
+                   correction_bias="moe_statics.e_score_correction_bias",
+                   shared_intermediate=inter * c.int("moe_num_shared_experts", default=0))
+
+
+def read(cfg: dict, where: str) -> FamilyConfig:
+    """The normalized config of a family's config.json (:func:`family_of` must know it)."""
+    arch = (cfg.get("architectures") or [None])[0]
+    family = family_of(arch, cfg.get("model_type"))
+    c = _Config(cfg, where, family)
+    _check_common(c)
+    hidden, heads = c.int("hidden_size"), c.int("num_attention_heads")
+    layers = c.int("num_hidden_layers")
+    kv = c.int("num_key_value_heads", default=heads)
+    if not heads or heads % max(kv, 1):
+        c.refuse(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if family == "deepseek_v3":
+        mla = {"q_lora_rank": c.cfg.get("q_lora_rank"), "kv_lora_rank": c.int("kv_lora_rank"),
+               "qk_nope": c.int("qk_nope_head_dim"), "qk_rope": c.int("qk_rope_head_dim"), "v_head_dim": c.int("v_head_dim")}
+        head_dim = mla["qk_nope"] + mla["qk_rope"]
+        rot_dim, layout = mla["qk_rope"], "interleaved" if c.get("rope_interleave", True) else "half"
+    else:
+        mla = None
+        default_dim = 128 if family == "qwen3" else hidden // heads
+        head_dim = c.int("head_dim", default=default_dim)
+        partial = float(rope_params(cfg, family).get("partial_rotary_factor", 1.0)) if family == "glm4_moe" else 1.0
+        rot_dim = int(head_dim * partial)
+        layout = "interleaved" if family == "ernie4_5_moe" else "half"
+    max_pos = cfg.get("max_position_embeddings") if isinstance(cfg.get("max_position_embeddings"), int) else None
+    rope, notes = _rope(c, rot_dim, layout, max_pos)
+    moe = _moe(c)
+    extra = c.int("num_nextn_predict_layers", default=0)
+    if extra:
+        notes.append(f"the checkpoint's {extra} next-n (MTP) layer(s) are not run: they predict further tokens, "
+                     "not the next one")
+    return FamilyConfig(
+        family=family, hidden=hidden, layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim,
+        vocab=c.int("vocab_size"), eps=c.num("rms_norm_eps", DEFAULT_EPS.get(family, 1e-6)),
+        intermediate=c.int("intermediate_size", default=4 * hidden),
+        tie=bool(cfg.get("tie_word_embeddings", family == "ernie4_5_moe")), rope=rope, max_positions=max_pos,
+        qk_norm=family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and bool(c.get("use_qk_norm", False))),
+        mla=mla, moe=moe, moe_layers=_moe_layers(c, layers) if moe else frozenset(),
+        mlp_name="block_sparse_moe" if family == "mixtral" else "mlp",
+        expert_names=("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj"),
+        extra_layers=extra, notes=tuple(notes),
+    )

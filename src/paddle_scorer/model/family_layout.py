@@ -1,0 +1,89 @@
+"""A family checkpoint's tensors as the decoder's runtime tensors (pure, no paddle): the recipes of
+:mod:`paddle_scorer.model.tensor_layout` (prefix, ``[out, in]`` -> ``[in, out]``, PaddleFormers' fused projections),
+plus what only these families have:
+
+* experts stacked in one 3-D tensor (transformers 5's ``mlp.experts.gate_up_proj [E, 2I, H]`` and ``down_proj
+  [E, H, I]``, written with ``save_original_format=False``): one runtime tensor per expert, each a slice;
+* names transformers 5 holds in memory: Mixtral's ``mlp.`` for ``block_sparse_moe.``, ERNIE's
+  ``mlp.gate.moe_statics.`` for ``mlp.moe_statics.``;
+* next-n (MTP) layers, never run when scoring: left out (nothing of them is read).
+"""
+
+from __future__ import annotations
+
+import re
+
+from paddle_scorer.model import family_tensors
+from paddle_scorer.model.families import FUSED, FamilyConfig
+from paddle_scorer.model.tensor_layout import HF, Conversion, Layout, Part, RuntimeTensor, runtime_tensors
+
+_STACKED = re.compile(r"^(?P<mlp>.*)\.experts\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def _renamed(fc: FamilyConfig, name: str) -> str:
+    if fc.family == "mixtral":
+        name = re.sub(r"\.mlp\.(gate\.|experts\.)", r".block_sparse_moe.\1", name)
+    if fc.family == "ernie4_5_moe":
+        name = name.replace(".mlp.gate.moe_statics.", ".mlp.moe_statics.")
+    return name
+
+
+def _stacked_recipes(fc: FamilyConfig, name: str, shape: tuple[int, ...], layout: Layout, rename) -> list[RuntimeTensor]:
+    """One runtime tensor per expert from a stacked ``[E, out, in]`` (HF) or ``[E, in, out]`` (Paddle) source."""
+    m = _STACKED.match(name)
+    hf = layout.kind == HF
+    experts, a, b = shape
+    n_out = a if hf else b
+    n_in = b if hf else a
+    mlp = rename(m.group("mlp"))
+    gate, up, down = fc.expert_names
+    out = []
+    for e in range(experts):
+        base = f"{mlp}.experts.{e}"
+        if m.group("kind") == "down_proj":
+            out.append(RuntimeTensor(f"{base}.{down}.weight", (n_in, n_out),
+                                     (Part(name, shape, hf, 0, n_out, (e, 0, a)),)))
+        elif "up_gate_proj" in FUSED[fc.family]:
+            out.append(RuntimeTensor(f"{base}.up_gate_proj.weight", (n_in, n_out),
+                                     (Part(name, shape, hf, 0, n_out, (e, 0, a)),)))
+        else:
+            if not hf:  # [E, in, 2I]: columns, not rows, hold gate and up
+                raise _paddle_stacked(name)
+            half = n_out // 2
+            for proj, lo in ((gate, 0), (up, half)):
+                out.append(RuntimeTensor(f"{base}.{proj}.weight", (n_in, half),
+                                         (Part(name, shape, True, 0, half, (e, lo, lo + half)),)))
+    return out
+
+
+def _paddle_stacked(name: str) -> Exception:
+    from paddle_scorer.errors import UnsupportedModelError
+
+    return UnsupportedModelError(f"{name} stacks the experts' gate and up projections in Paddle's [E, in, 2I] layout; "
+                                 "save the checkpoint with one tensor per expert (PaddleFormers' save_pretrained does).")
+
+
+def conversion(fc: FamilyConfig, shapes: dict[str, tuple[int, ...]], layout: Layout, src_prefix: str | None) -> Conversion:
+    """Recipes for every runtime tensor the decoder reads (next-n layers left out)."""
+    stacked = {n: tuple(s) for n, s in shapes.items() if len(s) == 3 and _STACKED.match(n)}
+    plain = {n: s for n, s in shapes.items() if n not in stacked and not family_tensors.unused(n, fc)}
+    dims = {"num_attention_heads": fc.heads, "num_key_value_heads": fc.kv_heads, "head_dim": fc.head_dim,
+            "hidden_size": fc.hidden}
+    conv = runtime_tensors(plain, layout, src_prefix, family_tensors.PREFIX, FUSED[fc.family], lm_head_out_in=True,
+                           config=dims)
+
+    def rename(n: str) -> str:
+        if src_prefix and src_prefix != family_tensors.PREFIX and n.startswith(src_prefix + "."):
+            n = family_tensors.PREFIX + n[len(src_prefix):]
+        return _renamed(fc, n)
+
+    tensors = {}
+    for t in conv.tensors.values():
+        new = _renamed(fc, t.name)
+        tensors[new] = RuntimeTensor(new, t.shape, t.parts, t.perm) if new != t.name else t
+    for name, shape in stacked.items():
+        if family_tensors.unused(name, fc):
+            continue
+        for t in _stacked_recipes(fc, name, shape, layout, rename):
+            tensors[t.name] = t
+    return Conversion(conv.layout, tensors, conv.prefix_note, conv.fused)

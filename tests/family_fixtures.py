@@ -1,0 +1,146 @@
+"""Tiny random checkpoints of the families paddle-scorer's decoder computes without a model library, saved by their
+reference implementation, HF transformers (CPU torch, the test-only extra), and that reference's own forward on them:
+what the tests hold the decoder to. Shared by both suites (transformers 4.55 in the PaddleNLP environment, 5.x in the
+PaddleFormers one).
+
+Every 1-D parameter the random init leaves at 0 or 1 (norm weights, biases, the routers' correction biases) is moved
+to random values: a norm or bias the decoder misread would otherwise go unseen. The demo tokenizer (512 tokens) is
+copied next to each model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import builders
+
+VOCAB = 512
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, initializer_range=0.1, max_position_embeddings=256, rms_norm_eps=1e-6,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# family -> (config class, causal-LM class, config kwargs): each exercises what sets the family apart
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    # Qwen3 dense: explicit head_dim (32) != hidden/heads (16), GQA 4/2, q/k norms, a tied head, YaRN
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        rope_theta=10000.0, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    # Qwen3-MoE: 8 experts top-2, renormalised, layer 1 dense
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[1], rope_theta=1000000.0, tie_word_embeddings=False)),
+    # Qwen2-MoE: qkv bias, top-2 of 8 NOT renormalised, a gated shared expert, MoE every 2nd layer
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, decoder_sparse_step=2, qkv_bias=True, rope_theta=1000000.0, tie_word_embeddings=False)),
+    # Mixtral: top-2 of 4, w1/w3/w2
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False)),
+    # DeepSeek-V3: MLA with q LoRA, interleaved RoPE on 8 dims, YaRN with mscale, sigmoid group-limited router
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, rope_interleave=True,
+        rope_theta=10000.0, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # GLM-4.5: partial rotary 0.5, qkv bias, q/k norm, sigmoid router, a shared expert, the first layer dense
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, rope_theta=1000000.0,
+        tie_word_embeddings=False)),
+    # ERNIE 4.5 MoE: float32 softmax router with moe_statics correction bias, 2 shared experts, layer 0 dense
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, moe_num_experts=8, moe_k=2, moe_num_shared_experts=2,
+        moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1, moe_norm_min=1e-12,
+        use_bias=False, rope_theta=500000.0, tie_word_embeddings=False)),
+}
+BIAS_SCALE = {"deepseek_v3": 0.3, "glm4_moe": 0.3, "ernie4_5_moe": 0.1}
+
+
+def _perturb(model, family: str, gen) -> None:
+    import torch
+
+    with torch.no_grad():
+        named = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                   if "e_score_correction_bias" in n]
+        for name, t in named:
+            if "e_score_correction_bias" in name:
+                t.copy_(torch.randn(t.shape, generator=gen) * BIAS_SCALE[family])
+            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
+            elif name.endswith(".bias"):
+                t.copy_(0.2 * torch.randn(t.shape, generator=gen))
+
+
+def build_hf(family: str, folder: Path, seed: int = 1234, **overrides):
+    """The family's tiny model built by transformers (eval mode, float32, perturbed), saved with the demo tokenizer.
+    Returns the torch model (the reference)."""
+    import torch
+    import transformers
+
+    cfg_name, lm_name, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_name)(**json.loads(json.dumps({**kwargs, **overrides})))
+    config._attn_implementation = "eager"
+    model = getattr(transformers, lm_name)(config).to(torch.float32).eval()
+    _perturb(model, family, torch.Generator().manual_seed(seed + 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    builders.copy_tokenizer(folder)
+    return model
+
+
+def merge_adapter_into(model, adapter: dict[str, np.ndarray], scaling: float, prefix: str) -> None:
+    """The torch reference with a LoRA adapter merged into its weights: ``W += (A @ B * scaling)^T`` for every pair
+    (Paddle's ``[in, r]`` / ``[r, out]``, keys with the adapter's ``prefix`` for the model's ``model.``)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in [k for k in adapter if k.endswith(".lora_A")]:
+            module = key[: -len(".lora_A")]
+            name = "model." + module[len(prefix) + 1:] + ".weight"
+            delta = (adapter[key].astype(np.float64) @ adapter[module + ".lora_B"].astype(np.float64)) * scaling
+            params[name].add_(torch.from_numpy(delta.T.astype(np.float32)))
+
+
+def logprobs(model, ids: list[int]) -> np.ndarray:
+    """The reference's float64 log-softmax at every position of one sequence ``[len(ids), vocab]``."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0].double().numpy()
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def label_logprobs(model, record: dict) -> dict[str, float]:
+    """log P(label | prompt) per label of a classify output record, from the reference's full forward."""
+    out = {}
+    prompt = record["prompt_token_ids"]
+    for label, ids in record["label_token_ids"].items():
+        lp = logprobs(model, prompt + ids[:-1])
+        out[label] = float(sum(lp[len(prompt) - 1 + t, tok] for t, tok in enumerate(ids)))
+    return out
+
+
+def greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """The reference's greedy continuation of ``prompt`` (a full forward per step) and each chosen token's log-prob."""
+    ids, lps = list(prompt), []
+    for _ in range(steps):
+        lp = logprobs(model, ids)[-1]
+        tok = int(np.argmax(lp))
+        ids.append(tok)
+        lps.append(float(lp[tok]))
+    return ids[len(prompt):], lps

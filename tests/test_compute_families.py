@@ -1,0 +1,157 @@
+"""The families paddle-scorer's decoder computes without a model library (Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral,
+DeepSeek-V3, GLM-4.5, ERNIE 4.5 MoE) against their reference implementation, HF transformers' forward on the same
+weights (tests/family_fixtures.py), through the CLI: classify with a multi-token label and generate, in RAM and streamed;
+LoRA adapters saved by PaddleNLP's own LoRAModel on the families PaddleNLP builds (Mixtral, Qwen2-MoE, DeepSeek-V3),
+attached and merged, against the reference with the adapter merged into its weights; what inspect says of each."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import builders
+import family_fixtures as ff
+from cli_runs import run
+
+TEMPLATE = builders.DEMO_SCORER["template"]
+LABELS = "goods,life,goods and things"  # single-token labels and a 3-token one (the tree mask)
+FAMILIES = list(ff.FAMILIES)
+TOL = 1e-4  # per label token, the issue's bound (measured: ~1e-5, see the deltas summary)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: (root / f, ff.build_hf(f, root / f)) for f in FAMILIES}
+
+
+def classify(tmp_path, folder, *extra, env=None):
+    out = tmp_path / "out.jsonl"
+    run("classify", "--model", folder, "--labels", LABELS, "--template", TEMPLATE, "--input", builders.DEMO_QUERIES,
+        "--limit", 3, "--output", out, *extra, env=env)
+    return [json.loads(x) for x in open(out)], json.loads(out.with_name(out.name + ".meta.json").read_text())
+
+
+def worst_per_token(records, model) -> float:
+    worst = 0.0
+    for rec in records:
+        ref = ff.label_logprobs(model, rec)
+        for label, lp in rec["logprobs"].items():
+            worst = max(worst, abs(lp - ref[label]) / len(rec["label_token_ids"][label]))
+    return worst
+
+
+@pytest.mark.parametrize("execution", ["in-ram", "streamed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classify_equals_transformers(hf, tmp_path, family, execution, deltas):
+    folder, model = hf[family]
+    recs, meta = classify(tmp_path, folder, "--execution", execution)
+    assert meta["model"]["compute"]["forward"] == "paddle-scorer decoder"
+    assert meta["model"]["compute"]["family"] == family and meta["execution"] == execution
+    assert any(len(ids) > 1 for ids in recs[0]["label_token_ids"].values())  # a multi-token label was scored
+    d = deltas.record(f"nlp env: {family} classify ({execution}) vs transformers, per label token",
+                      worst_per_token(recs, model))
+    assert d <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_transformers_greedy(hf, family, deltas):
+    folder, model = hf[family]
+    r = run("generate", "--model", folder, "--prompt", "what is the price of cabbage", "--raw", "--max-new-tokens", 6,
+            "--top-k", 2, "--json")
+    rec = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")][0]
+    steps = rec["steps"]
+    want, lps = ff.greedy(model, rec["prompt_token_ids"], len(steps))
+    assert [s["token_id"] for s in steps] == want
+    d = deltas.record(f"nlp env: {family} generate vs transformers greedy, per step",
+                      max(abs(s["logprob"] - lp) for s, lp in zip(steps, lps)))
+    assert d <= TOL
+
+
+# PaddleNLP's own classes for the families it builds (its forwards do not run on CPU under paddle 3.3, its LoRAModel
+# does: the adapters are real), the modules adapted, and what its class needs of the config (PaddleNLP's Qwen2-MoE
+# makes every layer sparse, whatever decoder_sparse_step says: a base with step 1 for its adapter)
+_PADDLENLP = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", [".*q_proj.*", ".*v_proj.*", ".*o_proj.*", ".*experts.*w1.*",
+                                                        ".*experts.*w2.*"], {}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", [".*q_proj.*", ".*k_proj.*", ".*v_proj.*",
+                                                            ".*experts.*gate_proj.*", ".*shared_expert.down_proj.*"],
+                  {"decoder_sparse_step": 1}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", [".*q_b_proj.*", ".*kv_b_proj.*", ".*o_proj.*",
+                                                                  ".*experts.*up_proj.*", ".*shared_experts.down_proj.*"], {}),
+}
+
+
+def paddlenlp_adapter(family: str, base: "object", folder, r: int = 4, alpha: float = 8.0):
+    """A LoRA adapter saved by PaddleNLP's LoRAModel on its own class for ``family`` (config from the HF model's),
+    with random non-zero A and B; returns its arrays and scaling."""
+    import paddlenlp.transformers as t
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    from paddle_scorer.checkpoint.describe import describe
+    from paddle_scorer.checkpoint.weights import read_files
+
+    cfg_name, lm_name, targets, _ = _PADDLENLP[family]
+    hf_cfg = base.config.to_dict()
+    if hf_cfg.get("rope_scaling"):  # PaddleNLP's DeepSeek reads the old key
+        hf_cfg["rope_scaling"] = dict(hf_cfg["rope_scaling"], type=hf_cfg["rope_scaling"].get("rope_type"))
+    config = getattr(t, cfg_name)(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "torch_dtype")})
+    model = getattr(t, lm_name)(config)
+    lora = LoRAModel(model, LoRAConfig(r=r, lora_alpha=alpha, target_modules=targets, dtype="float32",
+                                       base_model_name_or_path=None))
+    rng = np.random.default_rng(7)
+    for name, p in lora.model.named_parameters():
+        if name.endswith("lora_A") or name.endswith("lora_B"):
+            p.set_value(rng.normal(0.0, 0.2, p.shape).astype("float32"))
+    lora.save_pretrained(str(folder))
+    return read_files([Path(f) for f in describe(folder).adapter_weights.files]), alpha / r
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+@pytest.mark.parametrize("family", list(_PADDLENLP))
+def test_paddlenlp_lora_attached_and_merged_equal_transformers(hf, tmp_path, family, mode, deltas):
+    folder, model = hf[family]
+    if _PADDLENLP[family][3]:
+        folder = tmp_path / "base"
+        model = ff.build_hf(family, folder, **_PADDLENLP[family][3])
+    adapter, scaling = paddlenlp_adapter(family, model, tmp_path / "lora")
+    reference = copy.deepcopy(model)
+    ff.merge_adapter_into(reference, adapter, scaling, prefix=family)
+    for execution in ("in-ram", "streamed"):
+        recs, meta = classify(tmp_path, folder, "--lora", tmp_path / "lora", "--mode", mode, "--execution", execution,
+                              "--overwrite")
+        assert meta["model"]["adapter_path"] and meta["model"]["mode"] == mode
+        d = deltas.record(f"nlp env: {family} + PaddleNLP LoRA ({mode}, {execution}) vs transformers merged",
+                          worst_per_token(recs, reference))
+        assert d <= TOL
+        assert worst_per_token(recs, model) > 1e-3  # the adapter changes the scores
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_names_the_family_experts_and_active_parameters(hf, family):
+    folder, model = hf[family]
+    facts = json.loads(run("inspect", folder, "--json").stdout)
+    a = facts["assessment"]
+    assert a["usable"] and a["library"] == "paddle-scorer"
+    fam = a["family"]
+    assert fam["family"] == family and fam["runs_on"] == "cpu"
+    seen, total = set(), 0
+    for t in model.state_dict().values():  # what save_pretrained writes; a tied head is the embedding, counted once
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel()
+    assert fam["params_total"] == total
+    cfg = ff.FAMILIES[family][2]
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or \
+        cfg.get("moe_num_experts")
+    if experts:
+        assert fam["experts"] == experts and fam["experts_per_token"] == (cfg.get("num_experts_per_tok") or cfg["moe_k"])
+        assert fam["params_active"] < fam["params_total"]
+    else:
+        assert fam["experts"] is None and fam["params_active"] == fam["params_total"]
+    text = run("inspect", folder).stdout
+    assert ff.FAMILIES[family][1] in text and "paddle-scorer's CPU decoder" in text
