@@ -158,12 +158,32 @@ def test_unified_checkpoint_equals_paddlenlp_forward(lora, mode, prefix, deltas)
 
 
 def test_unknown_architecture_names_the_libraries_tried(tmp_path):
-    folder = relabelled(tmp_path / "qwen3", "Qwen3ForCausalLM", "qwen3")
+    """A causal LM nothing here computes: exit 7 (its own code, README), one sentence naming what runs."""
+    folder = relabelled(tmp_path / "gemma", "GemmaForCausalLM", "gemma")
     r = cli("inspect", folder, "--json")
     a = json.loads(r.stdout)["assessment"]
-    assert r.exit_code == 4 and a["usable"] is False and a["library"] is None
-    assert "Qwen3ForCausalLM is not a causal language model paddle-scorer can build (tried paddlenlp, " \
-           "paddleformers: paddlenlp builds LlamaForCausalLM, Qwen2ForCausalLM; paddleformers builds " \
-           "LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM)" in a["refusal"]
+    assert r.exit_code == 7 and a["usable"] is False and a["library"] is None
+    assert "GemmaForCausalLM is not supported yet; paddle-scorer runs paddlenlp builds LlamaForCausalLM, " \
+           "Qwen2ForCausalLM; paddleformers builds LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM; " \
+           "paddle-scorer's own CPU decoder computes Qwen3, Qwen3-MoE" in a["refusal"]
     r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
-    assert r.exit_code == 4 and r.stderr.strip().splitlines() == ["error: " + a["refusal"]]
+    assert r.exit_code == 7 and r.stderr.strip().splitlines() == ["error: " + a["refusal"]]
+
+
+def test_a_family_checkpoint_with_a_tensor_too_many_or_too_few_is_refused(tmp_path):
+    """The families without a library model class are checked against the family's own tensor list: a layer's
+    tensor missing, or one the config does not describe, refused listing each (exit 4), nothing loaded."""
+    import family_fixtures as ff
+    from paddle_scorer.checkpoint.weights import read_file, write_safetensors
+
+    folder = tmp_path / "qwen3_moe"
+    ff.build_hf("qwen3_moe", folder)
+    shard = folder / "model.safetensors"
+    sd = read_file(shard)
+    sd.pop("model.layers.0.mlp.experts.3.down_proj.weight")
+    sd["model.layers.0.mlp.experts.8.down_proj.weight"] = np.zeros((64, 32), np.float32)  # a ninth expert
+    write_safetensors(sd, shard, metadata={"format": "pt"})
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 4, r.output
+    assert "experts.3.down_proj.weight: missing from the checkpoint" in r.stderr
+    assert "experts.8.down_proj.weight: unexpected tensor" in r.stderr

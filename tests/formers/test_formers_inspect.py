@@ -72,46 +72,43 @@ def test_inspect_adapter_reports_saver_and_library(arch, formers_models):
     assert "saved by PaddleFormers 1.2.0" in flat and "next: paddle-scorer classify" in flat
 
 
-def test_moe_is_refused_on_cpu_before_loading(formers_models, copy_of):
-    """The refusal comes from the plan: a copy whose tensors are all NaN is refused with the same sentence (if
-    any weight were read, the NaN check would speak first)."""
+def test_moe_runs_on_cpu_with_the_decoder_and_is_checked_before_scoring(formers_models, copy_of):
+    """ERNIE 4.5 MoE, whose PaddleFormers forward needs GPU kernels, runs on CPU with paddle-scorer's decoder (its
+    numbers: tests/formers/test_formers_families.py); inspect, smoke and the loader's NaN check say so."""
+    r, data = inspect_json(formers_models["ernie4_5_moe"])
+    a = data["assessment"]
+    assert r.exit_code == 0 and a["gpu_only"] is None and a["library"] == "paddle-scorer"
+    assert a["family"]["family"] == "ernie4_5_moe" and a["family"]["experts"] == 4
+    text = " ".join(cli("inspect", formers_models["ernie4_5_moe"]).stdout.split())
+    assert "ERNIE 4.5 MoE" in text and "paddle-scorer's CPU decoder" in text
+    r = cli("smoke", "--model", formers_models["ernie4_5_moe"], "--lora", formers_models["ernie4_5_moe_lora"],
+            "--labels", "a,b", "--json")
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert r.exit_code == 0 and checks["score"]["status"] == "PASS" and checks["adapter fits base"]["status"] == "PASS"
     folder = copy_of(formers_models["ernie4_5_moe"])
     shard = folder / "model-00001-of-00001.safetensors"
     raw = bytearray(shard.read_bytes())
     header = 8 + int.from_bytes(raw[:8], "little")
     raw[header:] = b"\xff" * (len(raw) - header)  # every float32 a NaN
     shard.write_bytes(bytes(raw))
-    for command in (["classify", "--labels", "a,b", "--prompt", "x"], ["generate", "--prompt", "x"]):
-        r = cli(command[0], "--model", folder, *command[1:], "--device", "cpu")
-        assert r.exit_code == 4, r.output
-        line = one_sentence(r.stderr)
-        assert "Ernie4_5_MoeForCausalLM cannot run on CPU" in line and "GPU-only kernel" in line
-        assert "--device gpu" in line
-    # smoke (a CPU preflight for a GPU job) checks what it can and says the scores are left to the GPU run
-    r = cli("smoke", "--model", formers_models["ernie4_5_moe"], "--lora", formers_models["ernie4_5_moe_lora"],
-            "--labels", "a,b", "--json")
-    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
-    assert checks["CPU run"]["status"] == "WARN" and "cannot run on CPU" in checks["CPU run"]["detail"]
-    assert checks["score"]["status"] == "SKIP" and checks["adapter fits base"]["status"] == "PASS"
-    assert checks["tokenizer"]["status"] == "PASS" and checks["prompts"]["status"] == "PASS" and r.exit_code == 0
-    r, data = inspect_json(formers_models["ernie4_5_moe"])
-    assert r.exit_code == 0 and "cannot run on CPU" in data["assessment"]["gpu_only"]
-    assert "cannot run on CPU" in " ".join(cli("inspect", formers_models["ernie4_5_moe"]).stdout.split())
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 4 and "NaN/inf" in r.stderr
 
 
 def test_unknown_architecture_is_one_sentence_naming_what_each_library_builds(formers_models, copy_of):
     folder = copy_of(formers_models["llama"])
-    edit_config(folder, architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    edit_config(folder, architectures=["MambaForCausalLM"], model_type="mamba")
     r, data = inspect_json(folder)
-    assert r.exit_code != 0 and data["assessment"]["usable"] is False
+    assert r.exit_code == 7 and data["assessment"]["usable"] is False
     msg = data["assessment"]["refusal"]
-    assert "Qwen3ForCausalLM" in msg and "tried paddlenlp, paddleformers" in msg
+    assert "MambaForCausalLM is not supported yet" in msg
     assert "paddlenlp builds LlamaForCausalLM, Qwen2ForCausalLM" in msg
     assert "paddleformers builds LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM" in msg
+    assert "paddle-scorer's own CPU decoder computes Qwen3" in msg and "DeepSeek-V3" in msg
     r = cli("inspect", folder)
-    assert r.exit_code != 0 and "next:" not in r.stdout and "Traceback" not in r.output
+    assert r.exit_code == 7 and "next:" not in r.stdout and "Traceback" not in r.output
     r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
-    assert r.exit_code == 4 and one_sentence(r.stderr) == "error: " + msg
+    assert r.exit_code == 7 and one_sentence(r.stderr) == "error: " + msg
 
 
 def test_architecture_of_the_other_library_names_the_environment_to_create(formers_models, copy_of):

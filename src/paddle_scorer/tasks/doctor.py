@@ -208,6 +208,8 @@ def _library_facts() -> dict:
 
     out = {}
     for lib in libraries.LIBRARIES:
+        if lib.native:  # paddle-scorer's own decoder: nothing to install or import (its families: `inspect`)
+            continue
         v = versions((lib.distribution,)).get(lib.distribution)
         facts = {"installed": v is not None, "version": v, "import_ok": None, "error": None,
                  "architectures": lib.architectures}
