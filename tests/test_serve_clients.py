@@ -127,6 +127,10 @@ def test_several_adapters_and_the_startup_refusals(models, tmp_path):
         (["--model", str(models["llama"]), "--lora", f"bad={models['qwen2_lora']}"], "adapter"),
         (["--api-key", ""], "--api-key is empty"),
         (["--lora", f"x={builders.DEMO_LORA}", "--lora", f"x={builders.DEMO_LORA}"], "given to two adapters"),
+        # round 4: bare numbers were read as gigabytes (a 1 PiB body limit, a 512 GiB cache on a 24 GB machine)
+        (["--max-body", "1048576"], "--max-body '1048576' has no unit"),
+        (["--prefix-cache", "512"], "--prefix-cache '512' has no unit"),
+        (["--prefix-cache", "512TB"], "more than the memory budget leaves after the model"),
     ):
         cmd = [sys.executable, "-m", "paddle_scorer", "serve", "--port", "0", "--device", "cpu", "--model",
                str(builders.DEMO_BASE), *args]

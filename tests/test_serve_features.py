@@ -148,9 +148,30 @@ def test_classify_route_equals_classify(demo, client):
     assert len(one["data"]) == 1 and set(one["data"][0]["probs"]) == {"goods", "life"}
     for bad, param in (({"labels": ["goods"], "prompt": "x"}, "labels"), ({"labels": LABELS}, "prompt"),
                        ({"labels": LABELS, "records": [{"q": 1}]}, "template"),
-                       ({"labels": LABELS, "prompt": "x", "calibration": "magic"}, "calibration")):
+                       ({"labels": LABELS, "prompt": "x", "calibration": "magic"}, "calibration"),
+                       ({"labels": LABELS, "prompt": "x", "calibration": "contextual", "content_free": []},
+                        "content_free"),
+                       ({"labels": [f"w{i}" for i in range(1025)], "prompt": "x"}, "labels")):
         r = client.post("/v1/classify", json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_thousand_labels_cost_rows_not_the_square_of_a_row(client):
+    """Round 4: 2,000 one-word labels packed in one row held the engine for 20-29 s (attention grows with the square
+    of a row). A prompt's labels are cut into rows of at most packing.LABEL_ROW_TOKENS tokens; the scores equal those
+    of the labels asked a few at a time."""
+    from paddle_scorer.compute import packing
+
+    words = [f"label{i} thing" for i in range(300)]  # several tokens each: far more than one row's worth
+    got = post(client, "/v1/classify", labels=words, prompt="what is the price of cabbage today?")["data"][0]
+    assert sum(len(t) - 1 for t in got["label_token_ids"].values()) > 2 * packing.LABEL_ROW_TOKENS
+    for part in (words[:2], words[150:153], words[-2:]):
+        few = post(client, "/v1/classify", labels=part, prompt="what is the price of cabbage today?")["data"][0]
+        for lab in part:
+            assert abs(few["logprobs"][lab] - got["logprobs"][lab]) <= 1e-5
+    rows = packing.label_rows([[0] * 4] * 300)
+    assert len(rows) == -(-300 * 3 // packing.LABEL_ROW_TOKENS) and all(len(r) * 3 <= packing.LABEL_ROW_TOKENS
+                                                                        for r in rows)
 
 
 def test_several_adapters_on_one_base_equal_each_served_alone(models):

@@ -57,26 +57,48 @@ class Packed:
     positions: np.ndarray  # [B, W]
     mask: np.ndarray  # [B, 1, W, W] bool (tree mask) or [B, W] int (plain padding mask)
     rows: list[tuple[int, int]]  # (batch, position) whose next-token distribution is needed
-    targets: list[tuple[int, int | None, int]]  # per row: (batch, label index or None for the prompt's last, token)
+    targets: list[tuple[int, int | None, int]]  # per row: (prompt, label index or None for the prompt's last, token)
     continuations: list[list[list[int]]]
+
+
+LABEL_ROW_TOKENS = 256
+"""Label tokens packed behind one copy of a prompt: a prompt with more (a thousand labels of a few tokens) gets
+several rows, each with the prompt and a share of the labels, so attention grows with the labels, not with their
+square (2,000 labels in one row kept a server busy for 20-29 s)."""
+
+
+def label_rows(conts: list[list[int]], budget: int = LABEL_ROW_TOKENS) -> list[list[int]]:
+    """The labels of one prompt (their indices) cut, in order, into rows of at most ``budget`` packed tokens (a label
+    longer than that alone)."""
+    rows: list[list[int]] = [[]]
+    used = 0
+    for j, c in enumerate(conts):
+        n = len(c) - 1
+        if rows[-1] and used + n > budget:
+            rows.append([])
+            used = 0
+        rows[-1].append(j)
+        used += n
+    return rows
 
 
 def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int, offset: int = 0) -> Packed:
     """Prompts and every label's tokens in one forward, with a per-row tree attention mask. ``offset``: the prompts
-    continue a shared prefix of that many tokens (position ids start there; the prefix is not in the mask)."""
+    continue a shared prefix of that many tokens (position ids start there; the prefix is not in the mask). A prompt
+    with more than :data:`LABEL_ROW_TOKENS` label tokens gets more than one row (see :func:`label_rows`)."""
     multi = any(len(c) > 1 for conts in continuations for c in conts)
-    layout = []  # per prompt: token ids, position ids, segment id per position, start of each label
-    for p, conts in zip(prompts, continuations):
-        ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), []
-        if multi:
-            for j, c in enumerate(conts):
-                starts.append(len(ids))
-                tail = c[:-1]
+    layout = []  # per row: prompt index, token ids, position ids, segment id per position, {label: start}
+    for b, (p, conts) in enumerate(zip(prompts, continuations)):
+        for labels in (label_rows(conts) if multi else [[]]):
+            ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), {}
+            for j in labels:
+                starts[j] = len(ids)
+                tail = conts[j][:-1]
                 ids += tail
                 pos += [len(p) + t for t in range(len(tail))]
                 seg += [j + 1] * len(tail)
-        layout.append((ids, pos, seg, starts))
-    width = max(len(r[0]) for r in layout)
+            layout.append((b, ids, pos, seg, starts))
+    width = max(len(r[1]) for r in layout)
     n = len(layout)
     ids = np.full((n, width), pad_id, dtype=np.int64)
     pos = np.zeros((n, width), dtype=np.int64)
@@ -84,28 +106,28 @@ def pack(prompts: list[list[int]], continuations: list[list[list[int]]], pad_id:
         mask = np.zeros((n, 1, width, width), dtype=bool)
     else:
         mask = np.zeros((n, width), dtype=np.int64)
-    if offset:
-        layout = [(i, [x + offset for x in p], sg, st) for i, p, sg, st in layout]
-    for b, (r_ids, r_pos, r_seg, _) in enumerate(layout):
+    for r, (_, r_ids, r_pos, r_seg, _) in enumerate(layout):
         m = len(r_ids)
-        ids[b, :m] = r_ids
-        pos[b, :m] = r_pos
+        ids[r, :m] = r_ids
+        pos[r, :m] = [x + offset for x in r_pos]
         if multi:
             seg = np.array(r_seg)
             causal = np.tril(np.ones((m, m), dtype=bool))
             same = (seg[:, None] == seg[None, :]) | (seg[None, :] == 0)  # own segment, or the prompt
-            mask[b, 0, :m, :m] = causal & same
-            mask[b, 0, np.arange(m, width), np.arange(m, width)] = True  # pad rows see themselves (no NaN)
+            mask[r, 0, :m, :m] = causal & same
+            mask[r, 0, np.arange(m, width), np.arange(m, width)] = True  # pad rows see themselves (no NaN)
         else:
-            pos[b, m:] = np.arange(m, width) + offset
-            mask[b, :m] = 1
-    rows, targets = [], []
-    for b, ((_, _, _, starts), p, conts) in enumerate(zip(layout, prompts, continuations)):
-        rows.append((b, len(p) - 1))
-        targets.append((b, None, 0))
-        for j, c in enumerate(conts):
-            for t in range(len(c) - 1):
-                rows.append((b, starts[j] + t))
+            pos[r, m:] = np.arange(m, width) + offset
+            mask[r, :m] = 1
+    rows, targets, seen = [], [], set()
+    for r, (b, _, _, _, starts) in enumerate(layout):
+        if b not in seen:  # the prompt's last position: the first token of every label
+            seen.add(b)
+            rows.append((r, len(prompts[b]) - 1))
+            targets.append((b, None, 0))
+        for j, start in starts.items():
+            for t in range(len(continuations[b][j]) - 1):
+                rows.append((r, start + t))
                 targets.append((b, j, t + 1))
     return Packed(ids, pos, mask, rows, targets, continuations)
 
@@ -144,14 +166,18 @@ def regroup(items: list[tuple[list[int], list[list[int]]]], tokens: int = CALL_T
     multi = any(len(c) > 1 for _, conts in items for c in conts)
     groups: list[list[int]] = []
     current: list[int] = []
-    widest = 0
+    widest = rows = 0
     for i, (prompt, conts) in enumerate(items):
-        width = len(prompt) + (sum(len(c) - 1 for c in conts) if multi else 0)
-        if current and (len(current) + 1) * max(widest, width) > tokens:
+        n, width = 1, len(prompt)
+        if multi:  # the rows pack() makes of this item (see label_rows) and the widest of them
+            cut = label_rows(conts)
+            n = len(cut)
+            width += max(sum(len(conts[j]) - 1 for j in r) for r in cut)
+        if current and (rows + n) * max(widest, width) > tokens:
             groups.append(current)
-            current, widest = [], 0
+            current, widest, rows = [], 0, 0
         current.append(i)
-        widest = max(widest, width)
+        widest, rows = max(widest, width), rows + n
     if current:
         groups.append(current)
     return groups

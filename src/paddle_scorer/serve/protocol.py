@@ -64,6 +64,7 @@ class Limits:
     max_prompts: int = 1024  # prompts in one completions request
     max_stop: int = 16  # stop strings in one request
     max_stop_chars: int = 1000  # length of one stop string
+    max_labels: int = 1024  # labels of one /v1/classify request (their cost grows linearly: packing.label_rows)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,9 @@ def parse_classify(body: dict, limits: Limits) -> ClassifyRequest:
                             "string).", "labels")
     if len(set(labels)) != len(labels):
         raise ProtocolError("labels must be different from each other.", "labels")
+    if len(labels) > limits.max_labels:
+        raise ProtocolError(f"{len(labels)} labels in one request; at most {limits.max_labels} are allowed (split them "
+                            "over several requests).", "labels")
     given = [k for k in ("prompt", "prompts", "records") if body.get(k) is not None]
     if len(given) != 1:
         raise ProtocolError("give exactly one of prompt (a string), prompts (an array of strings) or records (an "
@@ -248,8 +252,10 @@ def parse_classify(body: dict, limits: Limits) -> ClassifyRequest:
         raise ProtocolError(f"length_norm must be one of {', '.join(LENGTH_NORMS)}; got {length_norm!r}.",
                             "length_norm")
     content_free = body.get("content_free")
-    if content_free is not None and (not isinstance(content_free, list) or not all(isinstance(x, str) for x in content_free)):
-        raise ProtocolError("content_free must be an array of strings.", "content_free")
+    if content_free is not None and (not isinstance(content_free, list) or not content_free
+                                     or not all(isinstance(x, str) for x in content_free)):
+        raise ProtocolError("content_free must be a non-empty array of strings (the content-free inputs contextual "
+                            "calibration averages over).", "content_free")
     for name in ("pmi_domain", "label_prefix"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise ProtocolError(f"{name} must be a string, not {_kind(body[name])}.", name)

@@ -86,6 +86,9 @@ def check_options(opts: "ClassifyOptions") -> None:
         raise UsageError(f"--calibration {opts.calibration!r} is not one of {', '.join(CALIBRATIONS)}.")
     if opts.truncate not in ("error", "left"):
         raise UsageError(f"--truncate {opts.truncate!r} must be error or left.")
+    if opts.calibration == "contextual" and not opts.content_free:
+        raise UsageError("--calibration contextual needs at least one content-free input (--content-free TEXT; the "
+                         "default is N/A, '' and [MASK]).")
     check_template(opts.template)
     check_gold_not_in_template(opts)
 
