@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 SPECS = {
+    # ~0.32B parameters (issue 30's long-prompt model): hidden 1024, 20 layers
+    "llama-0.3b": dict(hidden=1024, layers=20, inter=2816, heads=16, kv=16, vocab=32000, fmt="pdparams"),
     # ~0.94B parameters, 1.9 GB float16, one .pdparams (the issue's "810M" class of model)
     "llama-0.9b": dict(hidden=2048, layers=16, inter=5504, heads=16, kv=16, vocab=32000, fmt="pdparams"),
     # ~1.55B parameters, 3.1 GB float16, sharded safetensors: float32 weights 6.2 GB, >= 3x a 2 GB limit

@@ -993,8 +993,8 @@ _where, _marker = os.environ.get("HOSTILE_PAUSE", ""), os.environ.get("HOSTILE_M
 if _where == "classify":
     import paddle_scorer.runs.output_file as _o
     _real = _o.RunOutput.write_batch
-    def _write_batch(self, records):
-        _real(self, records)
+    def _write_batch(self, records, positions):
+        _real(self, records, positions)
         open(_marker, "w").close()
         time.sleep(120)
     _o.RunOutput.write_batch = _write_batch

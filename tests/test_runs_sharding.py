@@ -18,7 +18,7 @@ from paddle_scorer.cli.app import app
 from paddle_scorer.model.dtype_policy import GpuInfo, resolve_device
 from paddle_scorer.process.environment import thread_count
 from paddle_scorer.process.launcher import worker_from_env
-from paddle_scorer.runs.sharding import shard
+from paddle_scorer.runs.input_index import Shard
 
 SCORER = shutil.which("paddle-scorer") or str(Path(sys.executable).with_name("paddle-scorer"))
 DEMO = ["--model", str(builders.DEMO_BASE), "--lora", str(builders.DEMO_LORA)]
@@ -119,9 +119,12 @@ def test_worker_env_shard_threads_and_device():
     w = worker_from_env({"PADDLE_TRAINERS_NUM": "4", "PADDLE_TRAINER_ID": "1", "PADDLE_LOCAL_RANK": "1",
                          "PADDLE_LOCAL_SIZE": "4", "FLAGS_selected_gpus": "1"})
     assert (w.rank, w.world, w.selected_gpu) == (1, 4, 1)
-    assert shard(list(range(10)), w) == [1, 5, 9]
-    parts = [shard(list(range(10)), worker_from_env({"PADDLE_TRAINERS_NUM": "4", "PADDLE_TRAINER_ID": str(r)})) for r in range(4)]
-    assert sorted(sum(parts, [])) == list(range(10))
+    assert list(Shard(w.rank, w.world).positions(10)) == [1, 5, 9]
+    parts = []
+    for r in range(4):
+        wr = worker_from_env({"PADDLE_TRAINERS_NUM": "4", "PADDLE_TRAINER_ID": str(r)})
+        parts += [p for p in range(10) if p in Shard(wr.rank, wr.world)]
+    assert sorted(parts) == list(range(10))
     assert worker_from_env({}).world == 1
     # threads: divided between local workers; the launcher's inherited 1 is not a user choice
     assert thread_count({"PADDLE_LOCAL_SIZE": "2", "OMP_NUM_THREADS": "1"}, cores=16) == 8

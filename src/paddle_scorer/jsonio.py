@@ -18,22 +18,43 @@ from paddle_scorer.errors import UsageError
 
 
 def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dict, str]]:
-    """``[(id, record, where)]``; ids from ``id_field`` or the 0-based line index; all checked.
+    """``[(id, record, where)]``; ids from ``id_field`` or the 0-based line index; all checked (:func:`iter_jsonl`),
+    ids unique.
 
     Errors name the file and line: malformed JSON, bytes that are not UTF-8, a line that is not an
     object (or one with a key twice, or a lone surrogate escape), an id that is not a string or a finite
     number, a duplicate id (ids compare by their JSON form, so ``1`` and ``"1"`` are different ids).
-    Pipes are fine (``--input <(zcat data.jsonl.gz)``): the file is read once."""
-    path = Path(path)
+    The whole file is held: a run streams its input instead (:mod:`paddle_scorer.runs.input_index`)."""
+    out = []
+    seen: dict[str, tuple[str, bool]] = {}  # record key -> (where, the id was given automatically)
+    for rid, rec, where in iter_jsonl(path, id_field):
+        key = record_key(rid)
+        automatic = id_field not in rec
+        if key in seen:
+            raise duplicate_id(key, seen[key], (where, automatic), id_field)
+        seen[key] = (where, automatic)
+        out.append((rid, rec, where))
+    return out
+
+
+def check_input_path(path: Path) -> None:
     if path.is_dir():
         raise UsageError(f"--input {path} is a directory; pass a JSONL file with one JSON object per line.")
     if not path.exists():
         raise UsageError(f"--input {path} does not exist; pass a JSONL file with one JSON object per line.")
-    out = []
-    seen: dict[str, tuple[str, bool]] = {}  # record key -> (where, the id was given automatically)
+
+
+def iter_jsonl(path: str | Path, id_field: str = "id", name: str | None = None):
+    """``(id, record, where)`` of every record of ``path``, one at a time, each checked as :func:`read_jsonl` says
+    except the ids' uniqueness (a streamed run checks it on its index). ``name``: how ``where`` names the file (a
+    spooled copy of a pipe is named as the pipe). A file without records is refused."""
+    path = Path(path)
+    check_input_path(path)
+    label = name or str(path)
+    count = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            where = f"{path}:{lineno}"
+            where = f"{label}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -44,27 +65,28 @@ def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dic
             if not line.strip():
                 continue
             rec = parse_record(line, where)
-            automatic = id_field not in rec
-            rid = rec.get(id_field, len(out))
+            rid = rec.get(id_field, count)
             if isinstance(rid, (dict, list, bool)) or rid is None or (isinstance(rid, float) and not math.isfinite(rid)):
                 raise UsageError(f"{where}: the {id_field!r} field must be a string or a finite number, "
                                  f"found {json.dumps(rid)}.")
-            key = record_key(rid)
-            if key in seen:
-                first, first_automatic = seen[key]
-                if automatic or first_automatic:
-                    auto_at, given_at = (where, first) if automatic else (first, where)
-                    raise UsageError(
-                        f"{where}: the record at {auto_at} has no {id_field!r}, so it is numbered by its position "
-                        f"(from 0) as {key}, and {given_at} gives {id_field!r} {key}: automatic and given ids collide; "
-                        f"give every record an {id_field!r}, or none."
-                    )
-                raise UsageError(f"{where}: id {key} already used at {first}; ids must be unique (resume relies on them).")
-            seen[key] = (where, automatic)
-            out.append((rid, rec, where))
-    if not out:
-        raise UsageError(f"--input {path} has no records.")
-    return out
+            count += 1
+            yield rid, rec, where
+    if not count:
+        raise UsageError(f"--input {label} has no records.")
+
+
+def duplicate_id(key: str, first: tuple[str, bool], second: tuple[str, bool], id_field: str) -> UsageError:
+    """The refusal of a second record with the id ``key``: ``first``/``second`` are ``(where, automatic)`` (an
+    automatic id is the record's position, given when it has no ``id_field``)."""
+    (first_at, first_automatic), (where, automatic) = first, second
+    if automatic or first_automatic:
+        auto_at, given_at = (where, first_at) if automatic else (first_at, where)
+        return UsageError(
+            f"{where}: the record at {auto_at} has no {id_field!r}, so it is numbered by its position "
+            f"(from 0) as {key}, and {given_at} gives {id_field!r} {key}: automatic and given ids collide; "
+            f"give every record an {id_field!r}, or none."
+        )
+    return UsageError(f"{where}: id {key} already used at {first_at}; ids must be unique (resume relies on them).")
 
 
 class _DuplicateKey(ValueError):

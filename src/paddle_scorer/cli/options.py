@@ -21,18 +21,50 @@ def _busy(what: str):
     return err.status(what, spinner="dots") if err.is_terminal else contextlib.nullcontext()
 
 
+LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log file, a batch job)
+
+
 @contextlib.contextmanager
 def progress_bar(what: str, total: int):
-    """A rich progress bar on stderr (only on a terminal); yields ``advance(n)``."""
+    """A rich progress bar on stderr on a terminal (done/total, records per second, elapsed, time left); elsewhere a
+    line every :data:`LOG_EVERY` seconds while it runs (none for a short run). Yields ``advance(n)``."""
     if not err.is_terminal:
-        yield lambda n: None
+        yield _log_lines(what, total)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
-    with Progress(TextColumn(f"{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn(f"{what}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
                   console=err, transient=False) as progress:
-        task = progress.add_task(what, total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task(what, total=total, rate="")
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+            speed = progress.tasks[0].speed
+            progress.update(task, rate=f"{speed:,.0f} rec/s" if speed else "")
+
+        yield advance
+
+
+def _log_lines(what: str, total: int):
+    import time
+
+    start = last = time.monotonic()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= LOG_EVERY and done < total:
+            last = now
+            rate = done / max(now - start, 1e-9)
+            left = (total - done) / rate if rate else float("nan")
+            err.print(f"{what}: {done}/{total} records, {rate:,.0f} records/s, about {left / 60:.1f} min left",
+                      highlight=False, markup=False)
+
+    return advance
 
 
 def hooks() -> Hooks:

@@ -34,9 +34,47 @@ class Reused:
     savings: prefix_tree.Savings = field(default_factory=prefix_tree.Savings)
     cached_tokens: int = 0  # prompt tokens read from the cache instead of computed
 
+    costs: dict | None = None  # what keeping a prefix costs on this runner (measure_costs)
+
     def to_dict(self, cache: PrefixCache) -> dict:
         return {"enabled": True, **self.savings.to_dict(), "tokens_from_cache": self.cached_tokens,
-                "cache": cache.stats()}
+                "cache": cache.stats(), "costs": self.costs}
+
+
+def measure_costs(runner, pad_id: int) -> dict:
+    """What keeping a prefix costs on this runner, measured on it (a few ms for a small model, about a second for a
+    1B one), against what a token costs in a batch: ``token_seconds`` (the slope between a 4-token and a
+    128-token forward), ``node_seconds`` (two calls of two rows on top of a 16-token prefix: the kept prefix's own
+    members call and its share of the extend calls), and ``min_saved_tokens``, the token computations a kept
+    prefix must save to pay for itself (at least :data:`prefix_tree.MIN_SAVED`, at most two full calls' tokens).
+    Results never depend on it, only the time."""
+    import math
+    import time
+
+    def fastest(fn, reps: int) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    tok = 1 if pad_id != 1 else 2
+
+    def call(rows: int, width: int, prefix=None):
+        ids, mask, pos = padded([[tok] * width] * rows, pad_id, prefix.length if prefix is not None else 0)
+        return lambda: runner.hidden(ids, mask, pos, prefix=prefix)
+
+    call(2, 64)()  # warm: threads started, the GEMM kernel chosen
+    small = fastest(call(1, 4), 3)
+    big = fastest(call(2, 64), 3)
+    token = max((big - small) / 124, 1e-9)
+    prefix = runner.extend(None, [tok] * prefix_tree.MIN_TOKENS)
+    node = 2 * fastest(call(2, 2, prefix), 3)
+    # Saving two full calls' worth of tokens always pays for two small calls: the bound keeps a noisy measurement
+    # from turning reuse off where it plainly helps.
+    need = min(max(prefix_tree.MIN_SAVED, math.ceil(node / token)), 2 * CALL_TOKENS)
+    return {"token_seconds": token, "node_seconds": node, "min_saved_tokens": need}
 
 
 class Reuse:
@@ -46,6 +84,20 @@ class Reuse:
         self.cache = PrefixCache(cache_bytes)
         self.owner = owner  # the adapter the keys belong to (serve: several adapters, one cache)
         self.stats = Reused()
+        self.costs: dict | None = None  # measure_costs(), once, when a plan first keeps a prefix
+
+    def plan(self, seqs: list[list[int]]) -> prefix_tree.Node:
+        """The radix plan of ``seqs``, keeping only the prefixes that save more than they cost on this runner
+        (:func:`measure_costs`): a small model's shared 30-token queries are cheaper recomputed in big batches than
+        given calls of their own; a large model's are not."""
+        root = prefix_tree.plan(seqs)
+        if not root.children:
+            return root
+        if self.costs is None:
+            self.costs = self.stats.costs = measure_costs(self.runner, self.pad_id)
+        if self.costs["min_saved_tokens"] > prefix_tree.MIN_SAVED:
+            root = prefix_tree.plan(seqs, min_saved=self.costs["min_saved_tokens"])
+        return root
 
     # ------------------------------------------------------------------ prefixes
 
@@ -100,7 +152,7 @@ class Reuse:
     def score(self, items: list[tuple[list[int], list[list[int]]]]):
         """Per ``(prompt, continuations)`` item, what :meth:`Backend.score` returns for it."""
         prompts = [p for p, _ in items]
-        root = prefix_tree.plan(prompts)
+        root = self.plan(prompts)
         self.stats.savings.add(root, prompts)
         results: list = [None] * len(items)
 
@@ -119,7 +171,7 @@ class Reuse:
 
     def next_token(self, prompts: list[list[int]]) -> np.ndarray:
         """log P(next token | prompt) per prompt ``[len(prompts), V]``."""
-        root = prefix_tree.plan(prompts)
+        root = self.plan(prompts)
         self.stats.savings.add(root, prompts)
         out: list = [None] * len(prompts)
 
@@ -180,7 +232,7 @@ class Reuse:
         Sequences that share a prefix with each other go through the radix plan. The others (typically one
         request's one sequence) are looked up in the cache, and kept in it for the requests that follow: lm-eval
         sends one request per answer choice with the same context, and the second finds the first's."""
-        root = prefix_tree.plan(seqs)
+        root = self.plan(seqs)
         self.stats.savings.add(root, seqs)
         out: list = [None] * len(seqs)
         cached = [0] * len(seqs)

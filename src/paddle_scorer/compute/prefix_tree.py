@@ -187,52 +187,126 @@ def common_length(a, b) -> int:
     return int(diff[0]) if diff.size else n
 
 
+CHUNK = MIN_TOKENS  # the cache's index walks token ids in chunks of this many
+CANDIDATES = 16  # entries compared token by token at the deepest chunk a lookup reaches (most recently used first)
+
+
+class _Node:
+    __slots__ = ("children", "through", "ends")
+
+    def __init__(self):
+        self.children: dict[tuple, _Node] = {}
+        self.through: dict[int, None] = {}  # entries whose first chunks lead here (insertion/use order)
+        self.ends: set[int] = set()  # entries whose last full chunk is this node's
+
+
 class PrefixCache:
     """Computed prefixes kept for later requests, least recently used evicted first, within ``max_bytes``.
     Keyed by an owner (the adapter the keys were computed with) and the token ids: a lookup returns the entry
-    sharing the most leading tokens with a request (any of its heads is usable)."""
+    sharing the most leading tokens with a request (any of its heads is usable).
+
+    Lookups cost the request's length, not the cache's size: entries are indexed by their ids in chunks of
+    :data:`CHUNK` (a trie per owner); a lookup walks the chunks it shares with the entries, then compares the last
+    partial chunk with the most recently used entries there. A head shorter than one chunk is never returned (the
+    plan does not keep such prefixes either: recomputing them is cheaper)."""
 
     def __init__(self, max_bytes: int):
         from collections import OrderedDict
 
         self.max_bytes = max(0, int(max_bytes))
         self._entries: "OrderedDict[int, tuple[object, Prefix]]" = OrderedDict()
+        self._roots: dict[object, _Node] = {}
         self._next = 0
         self.bytes = 0
         self.hits = 0
         self.lookups = 0
         self.cached_tokens = 0
 
+    @staticmethod
+    def _chunks(tokens) -> list[tuple]:
+        t = [int(x) for x in tokens]
+        return [tuple(t[i:i + CHUNK]) for i in range(0, len(t) - CHUNK + 1, CHUNK)]
+
+    def _path(self, owner, tokens, create: bool = False) -> list[_Node]:
+        node = self._roots.get(owner)
+        if node is None:
+            if not create:
+                return []
+            node = self._roots[owner] = _Node()
+        path = []
+        for chunk in self._chunks(tokens):
+            nxt = node.children.get(chunk)
+            if nxt is None:
+                if not create:
+                    break
+                nxt = node.children[chunk] = _Node()
+            path.append(nxt)
+            node = nxt
+        return path
+
     def longest(self, owner, tokens) -> tuple[Prefix | None, int]:
         self.lookups += 1
+        path = self._path(owner, tokens)
+        while path and not path[-1].through:
+            path.pop()
+        if not path:
+            return None, 0
         best, best_m, best_key = None, 0, None
-        for key, (o, entry) in self._entries.items():
-            if o != owner:
-                continue
+        for n, key in enumerate(reversed(path[-1].through)):
+            if n >= CANDIDATES:
+                break
+            entry = self._entries[key][1]
             m = common_length(entry.tokens, tokens)
             if m > best_m:
                 best, best_m, best_key = entry, m, key
-        if best_key is not None:
-            self._entries.move_to_end(best_key)
-            self.hits += 1
+        self._touch(best_key, best.tokens)
+        self.hits += 1
         return best, best_m
 
+    def _touch(self, key: int, tokens) -> None:
+        self._entries.move_to_end(key)
+        for node in self._path(self._entries[key][0], tokens):
+            if key in node.through:
+                node.through.pop(key)
+                node.through[key] = None
+
     def put(self, owner, prefix: Prefix) -> None:
-        if self.max_bytes <= 0 or prefix.nbytes > self.max_bytes:
+        if self.max_bytes <= 0 or prefix.nbytes > self.max_bytes or prefix.length < CHUNK:
             return
-        for key, (o, entry) in list(self._entries.items()):  # a shorter head of the same tokens is redundant
-            if o == owner and entry.length <= prefix.length and common_length(entry.tokens, prefix.tokens) == entry.length:
-                self.bytes -= entry.nbytes
-                del self._entries[key]
-        self._entries[self._next] = (owner, prefix)
+        path = self._path(owner, prefix.tokens, create=True)
+        for node in path:  # a shorter head of the same tokens is redundant
+            for key in list(node.ends):
+                entry = self._entries[key][1]
+                if entry.length <= prefix.length and common_length(entry.tokens, prefix.tokens) == entry.length:
+                    self._remove(key)
+        key = self._next
         self._next += 1
+        self._entries[key] = (owner, prefix)
+        for node in path:
+            node.through[key] = None
+        path[-1].ends.add(key)
         self.bytes += prefix.nbytes
         while self.bytes > self.max_bytes and self._entries:
-            _, (_, old) = self._entries.popitem(last=False)
-            self.bytes -= old.nbytes
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: int) -> None:
+        owner, entry = self._entries.pop(key)
+        self.bytes -= entry.nbytes
+        path = self._path(owner, entry.tokens)
+        for node in path:
+            node.through.pop(key, None)
+        if path:
+            path[-1].ends.discard(key)
+        parent = self._roots.get(owner)  # drop the branches no entry passes through any more
+        for chunk, node in zip(self._chunks(entry.tokens), path):
+            if not node.through:
+                parent.children.pop(chunk, None)
+                break
+            parent = node
 
     def clear(self) -> None:
         self._entries.clear()
+        self._roots.clear()
         self.bytes = 0
 
     def stats(self) -> dict:

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from paddle_scorer.errors import CheckpointError, WeightMismatchError
-from paddle_scorer.model import libraries
 from paddle_scorer.model.arrays import cast_or_refuse, merge_lora, to_paddle_array
 from paddle_scorer.model.load_plan import LoadPlan, make_plan
 from paddle_scorer.checkpoint.weights import read_tensor, read_tensors
 from paddle_scorer.model.tensor_layout import layer_index
+from paddle_scorer.model.tokenizer import load_tokenizer, tokenizer_facts
 
 
 
@@ -56,6 +56,7 @@ class LoadFacts:
     layout: dict | None = None
     execution: dict | None = None
     compute: dict | None = None  # which forward and GEMM kernel ran (execution.backend_for)
+    tokenizer: dict | None = None  # its class, fast or not, what the fast one was checked against
     model_fingerprint: str | None = None  # content hash, computed when a run's identity needs it (Loaded.fingerprint)
     noop_adapter_allowed: bool = False
     notes: list[str] = field(default_factory=list)
@@ -134,7 +135,6 @@ def expected_params(model) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], 
 
 def check_names(plan: LoadPlan, model, where: str, only_layers: set | None = None) -> dict[str, Any]:
     """Every parameter provided, every checkpoint tensor used, every shape equal — or one error listing all."""
-    from paddle_scorer.model.tensor_layout import layer_index
 
     params, shapes, tied = expected_params(model)
     recipes = plan.model.conversion.tensors
@@ -230,7 +230,6 @@ def build_model(plan: LoadPlan, num_layers: int | None = None):
     model = mp.library.build_skeleton(mp.info, config)
     keep = None if num_layers is None else {None, *range(num_layers)}
     params = check_names(plan, model, str(mp.folder), only_layers=keep)
-    from paddle_scorer.model.tensor_layout import layer_index
 
     names = [n for n in mp.conversion.tensors if keep is None or layer_index(n) in keep]
     merge_pairs = plan.adapter.pairs if (plan.adapter is not None and plan.mode == "merge") else None
@@ -257,7 +256,6 @@ def read_family(plan: LoadPlan) -> dict[str, np.ndarray]:
 
 def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
     """Wrap with the library's ``LoRAModel`` on exactly the adapted modules and set every lora_A/lora_B."""
-    from paddle_scorer.model.tensor_layout import layer_index
 
     pairs = plan.adapter.pairs
     if num_layers is not None:
@@ -274,23 +272,6 @@ def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
         params[module + ".lora_A"].set_value(to_paddle_array(a, dtype))
         params[module + ".lora_B"].set_value(to_paddle_array(b, dtype))
     return lora_model
-
-
-def load_tokenizer(plan: LoadPlan):
-    lib = plan.model.library if not plan.model.library.native else libraries.tokenizer_library()
-    folder = plan.tokenizer_dir
-    try:
-        tok = lib.module("transformers").AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:  # the libraries raise many types here
-        detail = " ".join(str(exc).split())[:300]  # one line: library messages carry newlines
-        raise CheckpointError(f"the tokenizer in {folder} could not be loaded ({type(exc).__name__}: {detail}).") from exc
-    vocab = plan.model.info.config.get("vocab_size")
-    if isinstance(vocab, int) and len(tok) > vocab:
-        raise CheckpointError(
-            f"the tokenizer in {folder} has {len(tok)} tokens but the model's vocab_size is {vocab}; "
-            "they do not belong together: pass the matching --tokenizer."
-        )
-    return tok
 
 
 def facts_for(plan: LoadPlan, tok) -> LoadFacts:
@@ -319,7 +300,9 @@ def facts_for(plan: LoadPlan, tok) -> LoadFacts:
         layout=mp.layout.to_dict(),
         execution=plan.memory.to_dict(),
         noop_adapter_allowed=bool(ap and ap.noop_allowed),
-        notes=list(plan.notes) + (list(ap.settings.notes) if ap else []),
+        notes=list(plan.notes) + (list(ap.settings.notes) if ap else [])
+        + ([tok.paddle_scorer_note] if getattr(tok, "paddle_scorer_note", None) else []),
+        tokenizer=tokenizer_facts(tok),
     )
 
 

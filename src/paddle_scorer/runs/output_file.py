@@ -25,13 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from paddle_scorer.jsonio import meta_path, read_json_file, record_key, stream_into, write_json_atomic, write_json_temp
 from paddle_scorer.errors import UsageError
+from paddle_scorer.runs.input_index import fingerprint  # noqa: F401 - the input fingerprint every line carries
 from paddle_scorer.process.signals import InterruptedAfterCommit, pid_alive, signals_held
 
 
@@ -110,12 +114,6 @@ def is_our_output(output: Path) -> bool:
     return isinstance(meta, dict) and str(meta.get("tool", "")).startswith("paddle-scorer")
 
 
-def fingerprint(record: dict) -> str:
-    """A short hash of an input record's content (canonical JSON): what resume compares per id."""
-    blob = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
 def ids_digest(ids: list) -> str:
     h = hashlib.sha256()
     for rid in ids:
@@ -127,29 +125,35 @@ def file_digest(path: Path) -> str:
     return stream_into(hashlib.sha256(), path).hexdigest()
 
 
+def iter_complete_lines(path: Path):
+    """``(raw line, start offset)`` of every complete line of ``path`` (a torn last line from a killed run is dropped),
+    read a line at a time, and whether it parsed: ``(raw, start, record)``. A malformed line in the middle is refused
+    (the file was edited)."""
+    with open(path, "rb") as fh:
+        pos, lineno = 0, 0
+        for raw in fh:
+            lineno += 1
+            if not raw.endswith(b"\n"):
+                return  # torn last line
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                if not fh.peek(1):
+                    return  # a half-written last line that happens to end in a newline byte
+                raise UsageError(f"{path}:{lineno}: not a JSON line (the file was edited or damaged); use "
+                                 "--overwrite to start over.") from None
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise UsageError(f"{path}:{lineno}: not an output record (no id); use --overwrite to start over.")
+            yield raw, pos, rec
+            pos += len(raw)
+
+
 def read_complete_lines(path: Path) -> tuple[list[dict], int]:
-    """Records of every complete line of ``path`` (a torn last line from a killed run is dropped) and the
-    byte length they occupy. A malformed line in the middle is refused (the file was edited)."""
-    data = Path(path).read_bytes()
-    records, pos, good, lineno = [], 0, 0, 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break  # torn last line
-        lineno += 1
-        line = data[pos:nl]
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if data.find(b"\n", nl + 1) < 0 and nl + 1 >= len(data):
-                break  # a half-written last line that happens to end in a newline byte
-            raise UsageError(f"{path}:{lineno}: not a JSON line (the file was edited or damaged); use --overwrite "
-                             "to start over.") from None
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise UsageError(f"{path}:{lineno}: not an output record (no id); use --overwrite to start over.")
+    """Records of every complete line of ``path`` and the byte length they occupy (:func:`iter_complete_lines`)."""
+    records, good = [], 0
+    for raw, start, rec in iter_complete_lines(path):
         records.append(rec)
-        pos = nl + 1
-        good = pos
+        good = start + len(raw)
     return records, good
 
 
@@ -171,13 +175,14 @@ class ResumeReport:
 
 @dataclass
 class RunOutput:
-    """One output file (or part file) of a run; see the module docstring."""
+    """One output file (or part file) of a run; see the module docstring. It holds no record: per input position only
+    where its line is in the working file (12 bytes a record); resume and the final input-order rewrite read the lines
+    back from there. :meth:`reconcile` first (with the run's :class:`~paddle_scorer.runs.input_index.InputIndex`)."""
 
     output: Path
     identity: dict
     resume: bool = False
     overwrite: bool = False
-    done: dict = field(default_factory=dict)  # record key -> record (kept from a previous run)
     report: ResumeReport = field(default_factory=ResumeReport)
 
     def __post_init__(self):
@@ -185,7 +190,10 @@ class RunOutput:
         self.working = working_path(self.output)
         self.working_meta = meta_path(self.working)
         self._fh = None
+        self.offsets = np.zeros(0, dtype=np.int64)  # by input position: its line's offset in the working file, or -1
+        self.lengths = np.zeros(0, dtype=np.int32)
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._continues = None  # (file to continue, its meta) with --resume
         if self.resume:
             self._load_previous()
         else:
@@ -217,21 +225,16 @@ class RunOutput:
                 f"{self.output} was produced with a different configuration ({', '.join(diffs)} differ); resuming "
                 "would mix results: use the same options, --overwrite, or another --output."
             )
-        records, good = read_complete_lines(source)
-        if source == self.working:
-            with open(self.working, "r+b") as fh:
-                fh.truncate(good)
-        else:  # continue a complete output: a working copy, so the output stays until the new one is complete
-            self._copy_to_working(records, meta)
+        self._continues = (source, meta)
         self.report.source = label
-        self.done = {record_key(r["id"]): r for r in records}
 
-    def _copy_to_working(self, records: list[dict], meta: dict) -> None:
+    def _copy_to_working(self, meta: dict, good: int) -> None:
+        """Continue a complete output in a working copy (its first ``good`` bytes), so the output stays until the end."""
         fd, tmp = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for r in records:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            with os.fdopen(fd, "wb") as fh, open(self.output, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
+                fh.truncate(good)
             chmod_default(Path(tmp))
             os.replace(tmp, self.working)
         except BaseException:
@@ -239,25 +242,45 @@ class RunOutput:
             raise
         write_json_atomic(self.working_meta, meta)
 
-    def reconcile(self, items: list, fingerprints: dict[str, str]) -> list:
-        """Items still to score: not done, or done from an input that has changed since. Drops done records
-        whose id is no longer in the input. ``fingerprints``: record key -> input fingerprint."""
-        keys = {record_key(it.id) for it in items}
-        for k in [k for k in self.done if k not in keys]:
-            del self.done[k]
-            self.report.removed += 1
-        todo = []
-        for it in items:
-            k = record_key(it.id)
-            old = self.done.get(k)
-            if old is not None and old.get("input_fingerprint") == fingerprints.get(k):
-                self.report.kept += 1
-                continue
-            if old is not None:
-                del self.done[k]
-                self.report.changed += 1
-            todo.append(it)
-        return todo
+    def reconcile(self, index, shard) -> np.ndarray:
+        """Which of ``shard``'s input positions (an :class:`~paddle_scorer.runs.input_index.InputIndex` and a
+        :class:`~paddle_scorer.runs.input_index.Shard`) are still to score: a boolean array by position, True for
+        records not done, or done from an input that has changed since. Lines of ids no longer in this shard's input
+        are dropped (not copied to the output). All counted in :attr:`report`."""
+        from paddle_scorer.runs.input_index import fingerprint_int
+
+        n = index.n
+        self.offsets = np.full(n, -1, dtype=np.int64)
+        self.lengths = np.zeros(n, dtype=np.int32)
+        line_fp = np.zeros(n, dtype=np.uint64)
+        gone: set[str] = set()
+        if self._continues:
+            source, source_meta = self._continues
+            good = 0
+            for raw, start, rec in iter_complete_lines(source):
+                good = start + len(raw)
+                k = record_key(rec["id"])
+                pos = index.position(k)
+                if pos < 0 or pos not in shard:
+                    gone.add(k)
+                    continue
+                self.offsets[pos], self.lengths[pos] = start, len(raw)  # a later line of one id replaces an earlier
+                line_fp[pos] = fingerprint_int(rec.get("input_fingerprint"))
+            if source == self.working:
+                with open(self.working, "r+b") as fh:
+                    fh.truncate(good)  # a torn last line from a killed run
+            else:
+                self._copy_to_working(source_meta, good)
+        mine = np.zeros(n, dtype=bool)
+        mine[shard.rank::shard.world] = True
+        done = self.offsets >= 0
+        same = done & (line_fp == index.fingerprints)
+        changed = done & ~same
+        self.offsets[changed] = -1
+        self.report.kept += int(same.sum())
+        self.report.changed += int(changed.sum())
+        self.report.removed += len(gone)
+        return mine & ~same
 
     # ------------------------------------------------------------------ writing
 
@@ -268,12 +291,16 @@ class RunOutput:
             self.working.touch()
             chmod_default(self.working)
 
-    def write_batch(self, records: list[dict]) -> None:
+    def write_batch(self, records: list[dict], positions: list[int]) -> None:
+        """Append ``records`` (those of input ``positions``) to the working file and fsync it."""
         if self._fh is None:
-            self._fh = open(self.working, "a", encoding="utf-8")
-        for rec in records:
-            self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            self.done[record_key(rec["id"])] = rec
+            self._fh = open(self.working, "ab")
+        pos = self._fh.tell()
+        for rec, at in zip(records, positions, strict=True):
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+            self._fh.write(line)
+            self.offsets[at], self.lengths[at] = pos, len(line)
+            pos += len(line)
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -282,46 +309,68 @@ class RunOutput:
             self._fh.close()
             self._fh = None
 
-    def finalize(self, order: list, meta: dict, summarise=None) -> list[dict]:
-        """Rewrite in input order, rename onto the output, then its meta (:func:`publish`). Returns the records in
-        order. ``summarise(records) -> dict`` adds computed results (metrics) to the meta before it is written."""
+    def lines(self, positions):
+        """The done lines (bytes) of input ``positions``, in that order, read back from the working file one at a
+        time."""
+        with open(self.working, "rb") as fh:
+            for at in positions:
+                fh.seek(int(self.offsets[at]))
+                yield fh.read(int(self.lengths[at]))
+
+    def finalize(self, positions, ids_sha256: str, meta: dict, summarise=None) -> None:
+        """Rewrite the records of input ``positions`` (a sequence, in input order; ``ids_sha256`` the digest of their
+        ids) in that order and rename onto the output, then its meta (:func:`publish`), streaming: one record in memory
+        at a time. ``summarise`` (an object with ``add(record)`` and ``result() -> dict``, e.g. a metrics collector)
+        adds what it computes from the records to the meta."""
         self.close()
-        records = [self.done[record_key(rid)] for rid in order]
-        if summarise is not None:
-            meta.update(summarise(records))
+        idx = np.asarray(positions, dtype=np.int64)
+        missing = idx[self.offsets[idx] < 0] if idx.size else idx
+        if missing.size:
+            raise UsageError(f"{self.output}: the record at input position {int(missing[0])} has no result in the "
+                             "working file; nothing was published: rerun with --resume.")
+
+        def lines():
+            for line in self.lines(positions):
+                if summarise is not None:
+                    summarise.add(json.loads(line))
+                yield line
 
         def final_meta(sha: str) -> dict:
+            if summarise is not None:
+                meta.update(summarise.result())
             final = dict(meta, identity=self.identity, status="complete", resume=self.report.to_dict(),
-                         records=len(records), ids_sha256=ids_digest(order), output_sha256=sha)
+                         records=len(idx), ids_sha256=ids_sha256, output_sha256=sha)
             final.pop("pid", None)
             return final
 
-        final = publish(self.output, records, final_meta, also_remove=(self.working, self.working_meta),
-                        done=f"{self.output} had just been completed ({len(records)} records, with its .meta.json); "
+        final = publish(self.output, lines(), final_meta, also_remove=(self.working, self.working_meta),
+                        done=f"{self.output} had just been completed ({len(idx)} records, with its .meta.json); "
                              "nothing is lost.")
         meta.clear()
         meta.update(final)
-        return records
 
 
-def publish(output: Path, records: list[dict], make_meta, *, also_remove=(), done: str) -> dict:
-    """Publish a complete output: the records written to a hidden temporary file next to ``output`` (fsynced,
-    permissions from the umask), its provenance ``make_meta(sha256 of that file)`` to another, then both renamed into
-    place with stop signals held, so Ctrl-C/SIGTERM never separates results from their provenance (a SIGKILL between
-    the renames leaves what ``--resume``/``gather`` redo); ``also_remove`` (the working files) goes with them. A stop
-    signal that arrived meanwhile is honoured after, as :class:`InterruptedAfterCommit` saying ``done``. Nothing is left
-    behind on failure. The one publish step of a run and of ``gather``. Returns the meta written."""
+def publish(output: Path, lines, make_meta, *, also_remove=(), done: str) -> dict:
+    """Publish a complete output: ``lines`` (JSON lines as bytes, each ending in a newline, in order) written to a hidden
+    temporary file next to ``output`` (fsynced, permissions from the umask), its provenance ``make_meta(sha256 of that
+    file)`` to another, then both renamed into place with stop signals held, so Ctrl-C/SIGTERM never separates results
+    from their provenance (a SIGKILL between the renames leaves what ``--resume``/``gather`` redo); ``also_remove`` (the
+    working files) goes with them. A stop signal that arrived meanwhile is honoured after, as
+    :class:`InterruptedAfterCommit` saying ``done``. Nothing is left behind on failure. The one publish step of a run
+    and of ``gather``; nothing but one line is held in memory. Returns the meta written."""
     output = Path(output)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     meta_tmp = None
+    h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        with os.fdopen(fd, "wb") as fh:
+            for line in lines:
+                fh.write(line)
+                h.update(line)
             fh.flush()
             os.fsync(fh.fileno())
         chmod_default(Path(tmp))
-        final = make_meta(file_digest(Path(tmp)))
+        final = make_meta(h.hexdigest())
         meta_tmp = write_json_temp(meta_path(output), final)
         with signals_held() as got:
             os.replace(tmp, output)

@@ -1,11 +1,12 @@
 """Data-parallel scoring under ``python -m paddle.distributed.launch``.
 
 Each worker reads its rank and world size from the launcher's environment, scores the records
-``i`` with ``i % world == rank`` (a disjoint, deterministic, length-balanced shard), and writes its
-own part file ``<output>.parts/part-<rank>-of-<world>.jsonl`` (flushed per batch, resumable exactly
+at input positions ``i`` with ``i % world == rank`` (a disjoint, deterministic, length-balanced shard; every worker
+indexes the whole input, :mod:`paddle_scorer.runs.input_index`), and writes its own part file ``<output>.parts/part-<rank>-of-<world>.jsonl`` (flushed per batch, resumable exactly
 like a single run). No collective is needed for the scores: when a worker finishes and finds every
 part complete, it assembles ``<output>`` in input order (part ``r``'s ``j``-th record is input
-record ``j * world + r``). ``paddle-scorer gather <output>`` does the same by hand.
+record ``j * world + r``), streaming the parts side by side. ``paddle-scorer gather <output>`` does the same by
+hand.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ from paddle_scorer.errors import UsageError
 from paddle_scorer.process.launcher import Worker
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})\.jsonl$")
-
-
-def shard(items: list, worker: Worker) -> list:
-    return items[worker.rank::worker.world]
 
 
 def parts_dir(output: Path) -> Path:
@@ -119,43 +116,90 @@ def _read_meta(path: Path) -> dict:
     return read_json_file(path)
 
 
-def _verified_part(s: dict) -> list[dict]:
-    """A complete part's records, checked against its .meta.json: every line JSON, the count, the ids in
-    order and the file's sha256 (a part edited after its worker finished is refused, never assembled)."""
-    from paddle_scorer.runs.output_file import file_digest, ids_digest
+class _Part:
+    """One complete part read line by line while the output is assembled, checked against its .meta.json as it goes:
+    every line JSON with an id, and at the end the count, the ids in order and the file's sha256 (a part edited after
+    its worker finished is refused, never assembled)."""
 
-    path, meta, rank = Path(s["path"]), s["meta"], s["rank"]
-    records = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                rec = json.loads(raw)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                rec = None
-            if not isinstance(rec, dict) or "id" not in rec:
-                raise UsageError(f"{path}:{lineno}: not an output record (a JSON object with an id); the part was "
-                                 f"damaged: rerun rank {rank} with --overwrite (it alone).") from None
-            records.append(rec)
-    problems = []
-    if meta.get("records") is not None and len(records) != meta["records"]:
-        problems.append(f"it has {len(records)} records but its .meta.json says {meta['records']}")
-    elif meta.get("ids_sha256") and ids_digest([r.get("id") for r in records]) != meta["ids_sha256"]:
-        problems.append("its ids are not the ones (or not in the order) its .meta.json records")
-    elif meta.get("output_sha256") and file_digest(path) != meta["output_sha256"]:
-        problems.append("its content changed after the worker finished (sha256 differs from its .meta.json)")
-    if problems:
-        raise UsageError(f"part {path.name} of rank {rank}: {problems[0]}; it was modified after its worker finished: "
-                         f"rerun rank {rank} (the same launch command with --resume redoes it).")
-    return records
+    def __init__(self, s: dict):
+        import hashlib
+
+        self.path, self.meta, self.rank = Path(s["path"]), s["meta"], s["rank"]
+        self.fh = open(self.path, "rb")
+        self.lineno = 0
+        self.sha, self.ids = hashlib.sha256(), hashlib.sha256()
+
+    def next(self) -> tuple[bytes, dict] | None:
+        raw = self.fh.readline()
+        if not raw:
+            return None
+        self.lineno += 1
+        self.sha.update(raw)
+        try:
+            rec = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            rec = None
+        if not isinstance(rec, dict) or "id" not in rec or not raw.endswith(b"\n"):
+            raise UsageError(f"{self.path}:{self.lineno}: not an output record (a JSON object with an id); the part was "
+                             f"damaged: rerun rank {self.rank} with --overwrite (it alone).") from None
+        self.ids.update(record_key(rec["id"]).encode("utf-8") + b"\n")
+        return raw, rec
+
+    def check(self) -> None:
+        """After its last expected line: nothing more, and what its .meta.json recorded."""
+        meta, problems = self.meta, []
+        lines = self.lineno + sum(1 for _ in self.fh)  # lines past the expected ones, if any
+        if meta.get("records") is not None and lines != meta["records"]:
+            problems.append(f"it has {lines} records but its .meta.json says {meta['records']}")
+        elif lines != self.lineno:
+            problems.append(f"it has {lines} records, more than the input gives its rank ({self.lineno})")
+        elif meta.get("ids_sha256") and self.ids.hexdigest() != meta["ids_sha256"]:
+            problems.append("its ids are not the ones (or not in the order) its .meta.json records")
+        elif meta.get("output_sha256") and self.sha.hexdigest() != meta["output_sha256"]:
+            problems.append("its content changed after the worker finished (sha256 differs from its .meta.json)")
+        if problems:
+            raise UsageError(f"part {self.path.name} of rank {self.rank}: {problems[0]}; it was modified after its "
+                             f"worker finished: rerun rank {self.rank} (the same launch command with --resume redoes it).")
+
+    def close(self) -> None:
+        self.fh.close()
 
 
-def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | None:
-    """Assemble ``output`` from complete, verified parts, in input order. Returns the final meta, or None if
-    parts are missing or running.
+def _interleaved(output: Path, parts: list[_Part], n_input: int, ids_sha: str | None, summary):
+    """The output's lines in input order (position ``p`` is part ``p % world``'s next line), checked on the way:
+    every part holds exactly its positions, the ids in order are the input's (``ids_sha``)."""
+    import hashlib
+
+    world = len(parts)
+    ids = hashlib.sha256()
+    for p in range(n_input):
+        part = parts[p % world]
+        got = part.next()
+        if got is None:
+            part.check()  # its .meta.json's count, when that is what differs
+            raise UsageError(f"part {part.path.name} of rank {part.rank} ends after {part.lineno} records but the "
+                             f"input had {n_input} (it should hold {len(range(part.rank, n_input, world))}); a part is "
+                             "stale or was edited: rerun with --resume.")
+        raw, rec = got
+        ids.update(record_key(rec["id"]).encode("utf-8") + b"\n")
+        if summary is not None:
+            summary.add(rec)
+        yield raw
+    for part in parts:
+        part.check()
+    if ids_sha and ids.hexdigest() != ids_sha:
+        raise UsageError(f"the parts of {output} do not hold the input's ids in input order; a part is stale or was "
+                         "edited: rerun with --resume.")
+
+
+def gather(output: Path, summariser=None, launch: str | None = None) -> dict | None:
+    """Assemble ``output`` from complete, verified parts, in input order, streaming (one line of each part in memory).
+    Returns the final meta, or None if parts are missing or running. ``summariser(labels)``: an object that sees every
+    record (``add``/``result``: the metrics of a classify output), or None.
 
     ``launch``: only parts written by this launch (same launcher endpoints) count as complete.
     """
-    from paddle_scorer.runs.output_file import check_output_path, ids_digest, publish
+    from paddle_scorer.runs.output_file import check_output_path, publish
 
     output = Path(output)
     with _lock(output):
@@ -177,45 +221,39 @@ def gather(output: Path, metrics_fn=None, launch: str | None = None) -> dict | N
         if len(inputs) > 1:
             raise UsageError(f"part files of {output} were produced from different inputs (the input file changed "
                              "between workers); rerun with --resume so every rank sees the same input.")
-        parts = [_verified_part(s) for s in status]
-        records = []
-        for j in range(max(len(p) for p in parts)):
-            for r in range(world):
-                if j < len(parts[r]):
-                    records.append(parts[r][j])
-        ids = [r["id"] for r in records]
         n_input, ids_sha = inputs.pop()
-        if len({record_key(i) for i in ids}) != len(ids):
-            raise UsageError(f"part files of {output} contain duplicate ids; rerun with --overwrite.")
-        if (n_input is not None and len(records) != n_input) or (ids_sha and ids_digest(ids) != ids_sha):
-            raise UsageError(
-                f"the parts of {output} hold {len(records)} records but the input had {n_input}, or not in input order; "
-                "a part is stale or was edited: rerun with --resume."
-            )
+        if not isinstance(n_input, int):
+            raise UsageError(f"the parts of {output} do not record their input's size (written by an older "
+                             "paddle-scorer?); rerun with --overwrite.")
         check_output_path(output, [], resume=False, overwrite=True, what="gather's output")
-        meta = _assembled_meta(status, records, ids, world, metrics_fn)
-        meta = publish(output, records, lambda sha: dict(meta, output_sha256=sha),
-                       done=f"{output} had just been assembled ({len(records)} records, with its .meta.json); "
-                            "nothing is lost.")
-        meta["_records"] = records
-        return meta
+        labels = (status[0]["meta"].get("identity") or {}).get("labels")
+        summary = summariser(labels) if (summariser is not None and labels) else None
+        meta = _assembled_meta(status, n_input, ids_sha, world)
+        parts = [_Part(s) for s in status]
+        try:
+            def final(sha: str) -> dict:
+                return dict(meta, output_sha256=sha, **(summary.result() if summary is not None else {}))
+
+            return publish(output, _interleaved(output, parts, n_input, ids_sha, summary), final,
+                           done=f"{output} had just been assembled ({n_input} records, with its .meta.json); "
+                                "nothing is lost.")
+        finally:
+            for p in parts:
+                p.close()
 
 
-def _assembled_meta(status: list[dict], records: list[dict], ids: list, world: int, metrics_fn) -> dict:
+def _assembled_meta(status: list[dict], n: int, ids_sha: str | None, world: int) -> dict:
     """The provenance of an assembled output: rank 0's, without the per-worker fields, with every worker's counts."""
-    from paddle_scorer.runs.output_file import ids_digest
-
     base = dict(status[0]["meta"])
-    labels = (base.get("identity") or {}).get("labels")
     meta = {k: v for k, v in base.items()
             if k not in ("counts", "seconds", "seconds_per_record", "worker", "metrics", "records", "ids_sha256",
-                         "output_sha256", "resume")}
+                         "output_sha256", "resume", "windows")}
     meta.update({
         "status": "complete",
         "world_size": world,
-        "counts": {"total": len(records)},
-        "records": len(records),
-        "ids_sha256": ids_digest(ids),
+        "counts": {"total": n},
+        "records": n,
+        "ids_sha256": ids_sha,
         "workers": [{"rank": s["rank"], "host": s["meta"].get("worker", {}).get("host"),
                      "counts": s["meta"].get("counts"), "seconds": s["meta"].get("seconds"),
                      "started": s["meta"].get("started"), "finished": s["meta"].get("finished"),
@@ -223,6 +261,4 @@ def _assembled_meta(status: list[dict], records: list[dict], ids: list, world: i
         "started": min(s["meta"].get("started", "") for s in status),
         "finished": max(s["meta"].get("finished", "") for s in status),
     })
-    if metrics_fn is not None and labels:
-        meta["metrics"] = metrics_fn(records, labels)
     return meta

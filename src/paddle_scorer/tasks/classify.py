@@ -16,7 +16,7 @@ import numpy as np
 from paddle_scorer.compute import packing
 from paddle_scorer.compute.choose_backend import backend_for
 from paddle_scorer.errors import ScoringError, UsageError
-from paddle_scorer.tasks.prompts import PromptOptions, Prompter, check_template, encode_pair, resolve_prefix, template_fields
+from paddle_scorer.tasks.prompts import PromptOptions, Prompter, check_template, resolve_prefix, template_fields
 
 LENGTH_NORMS = ("none", "per-token")
 CALIBRATIONS = ("none", "contextual", "pmi")
@@ -109,18 +109,37 @@ class LabelEncoder:
         self.use_chat = self.prompter.use_chat
         self.special = self.prompter.special
         self.max_length = self.prompter.max_length
+        self.encoder = self.prompter.encoder
 
     def prompt_text(self, record: dict, where: str) -> str:
         return self.prompter.text(record, where)
 
     def encode(self, prompt: str, where: str, rid=None, gold=None) -> Prepared:
-        contexts, label_ids = [], []
-        for label in self.opts.labels:
-            pair = encode_pair(self.tok, prompt, resolve_prefix(self.opts.label_prefix, prompt) + label, self.special)
-            if not pair.continuation:
+        return self.encode_many([(prompt, where, rid, gold)])[0]
+
+    def encode_many(self, items: list[tuple]) -> list[Prepared]:
+        """``[(prompt, where, id, gold)]`` -> :class:`Prepared`, the tokenizer called twice for all of them (two
+        batches: every prompt, and every prompt + label). The boundary rule is lm-eval's (see
+        :func:`~paddle_scorer.tasks.prompts.encode_pair`): prompt and label encoded together, split at the prompt's
+        own length, the prompt's trailing whitespace moved into the label."""
+        labels = self.opts.labels
+        stripped, wholes = [], []
+        for prompt, *_ in items:
+            base = prompt.rstrip()
+            tail = prompt[len(base):] + resolve_prefix(self.opts.label_prefix, prompt)
+            stripped.append(base)
+            wholes += [base + tail + label for label in labels]
+        contexts = self.encoder.many(stripped, self.special)
+        encoded = self.encoder.many(wholes, self.special)
+        n = len(labels)
+        return [self._split(item, len(contexts[k]), encoded[k * n:(k + 1) * n]) for k, item in enumerate(items)]
+
+    def _split(self, item: tuple, ctx_len: int, wholes: list[list[int]]) -> Prepared:
+        prompt, where, rid, gold = item
+        contexts, label_ids = [w[:ctx_len] for w in wholes], [w[ctx_len:] for w in wholes]
+        for label, ids in zip(self.opts.labels, label_ids):
+            if not ids:
                 raise UsageError(f"label {label!r} tokenizes to nothing after this prompt ({where}); choose another label text.")
-            contexts.append(pair.context)
-            label_ids.append(pair.continuation)
         context = contexts[0]
         if any(c != context for c in contexts):
             # A label's first characters merged with the prompt's last token: keep the honest split
@@ -142,13 +161,24 @@ class LabelEncoder:
         context, truncated = self.prompter.fit(context, where, following=max(len(x) for x in label_ids) - 1)
         return Prepared(rid, prompt, context, label_ids, None if gold is None else gold, truncated)
 
-    def prepare(self, record: dict, rid, where: str) -> Prepared:
+    def prepare_many(self, rows) -> list[Prepared]:
+        """``[(id, record, where)]`` -> :class:`Prepared` (see :meth:`encode_many`)."""
+        items = []
+        for rid, rec, where in rows:
+            gold = self.gold(rec, where)
+            items.append((self.prompt_text(rec, where), where, rid, gold))
+        return self.encode_many(items)
+
+    def gold(self, record: dict, where: str):
         gold = record.get(self.opts.gold_field)
         if gold is not None and (isinstance(gold, (bool, list, dict)) or
                                  (isinstance(gold, float) and not math.isfinite(gold))):
             raise UsageError(f"{where}: the gold label field {self.opts.gold_field!r} is {json.dumps(gold)[:40]}, not a "
                              "label; give it as text (or a number), or null for no gold label.")
-        return self.encode(self.prompt_text(record, where), where, rid, gold)
+        return gold
+
+    def prepare(self, record: dict, rid, where: str) -> Prepared:
+        return self.prepare_many([(rid, record, where)])[0]
 
 
 class Classifier:
@@ -178,6 +208,9 @@ class Classifier:
 
     def prepare(self, record: dict, rid, where: str) -> Prepared:
         return self.encoder.prepare(record, rid, where)
+
+    def prepare_many(self, rows) -> list[Prepared]:
+        return self.encoder.prepare_many(rows)
 
     # ------------------------------------------------------------------ calibration
 
@@ -344,11 +377,12 @@ def options_with_defaults(model, lora, *, labels=None, template=None, label_pref
 
 @dataclass
 class ClassifyRun:
-    """What a classify run did: its records (all of them, or this launcher worker's part), the metrics, the
-    calibration, the loaded model's facts, and the output written (None: nothing, or only a part)."""
+    """What a classify run did: its records (a list without ``--output``; with one, a view that reads them from the
+    output file when asked, so a million-record run is not held in memory), the metrics, the calibration, the loaded
+    model's facts, and the output written (None: nothing, or only a launcher worker's part)."""
 
     stats: object  # runs.loop.RunStats
-    records: list[dict]
+    records: object  # list[dict] or runs.loop.OutputRecords
     metrics: dict | None
     calibration: dict
     loaded: object
@@ -365,8 +399,11 @@ def classify_file(load, opts: ClassifyOptions, source, dest, hooks=None, *, stre
                   template_source: str = "--template", argv: list[str] | None = None) -> ClassifyRun:
     """Score every record of ``source`` (a :class:`~paddle_scorer.tasks.job.Source`) with the model of ``load`` (a
     :class:`~paddle_scorer.tasks.loading.LoadOptions`) into ``dest`` (a :class:`~paddle_scorer.tasks.job.Destination`):
-    resumable, with provenance, single-process or as one ``paddle.distributed.launch`` worker. Every input error is
-    refused before any output is written. What the CLI prints comes through ``hooks``."""
+    resumable, with provenance, single-process or as one ``paddle.distributed.launch`` worker, streaming the input in
+    windows (:mod:`paddle_scorer.runs.loop`). Every line of the input is checked before the model is loaded; a
+    record that cannot be prepared stops the run at its window with everything before it kept. What the CLI prints
+    comes through ``hooks``."""
+    from paddle_scorer.runs.loop import index_input
     from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
     from paddle_scorer.tasks.loading import load_model, say_notes
 
@@ -375,64 +412,98 @@ def classify_file(load, opts: ClassifyOptions, source, dest, hooks=None, *, stre
     check_numbers(batch_size=opts.batch_size, max_length=opts.max_length, stream_block_records=stream_block_records)
     check_options(opts)
     template_note(opts.template, template_source, hooks)
-    rows = source.rows()
-    loaded = load_model(load, hooks)
-    clf = Classifier(loaded, opts)
-    say_notes(loaded, hooks)
-    preps = _prepare_all(clf, rows)
-    calib = clf.calibrate()
-    return _run(clf, preps, calib, source, dest, hooks, stream_block_records, argv)
+    with source.records() as records:
+        with hooks.busy("reading the input"):
+            indexed = index_input(records, source.id_field)
+        loaded = load_model(load, hooks)
+        _check_tokenizer(loaded, opts, records, hooks)
+        clf = Classifier(loaded, opts)
+        say_notes(loaded, hooks)
+        calib = clf.calibrate()
+        return _run(clf, calib, records, indexed, source, dest, hooks, stream_block_records, argv)
 
 
-def _prepare_all(clf: Classifier, rows) -> list[Prepared]:
-    """Every record prepared (all input errors before any output), each with its input fingerprint."""
-    from paddle_scorer.runs.output_file import fingerprint
+def _check_tokenizer(loaded, opts: ClassifyOptions, records, hooks) -> None:
+    """The fast tokenizer against the slow one on what the run encodes first: prompts, and prompts with each label."""
+    from paddle_scorer.tasks.loading import check_tokenizer
 
-    preps = []
-    for rid, rec, where in rows:
-        p = clf.prepare(rec, rid, where)
-        p.fingerprint = fingerprint(rec)
-        preps.append(p)
-    return preps
+    enc = LabelEncoder(loaded.tokenizer, opts, loaded.context_length)
+
+    def texts_of(rec, where):
+        prompt = enc.prompt_text(rec, where)
+        return [prompt.rstrip()] + [prompt + resolve_prefix(opts.label_prefix, prompt) + label for label in opts.labels]
+
+    check_tokenizer(loaded, records, texts_of, hooks)
 
 
-def _run(clf: Classifier, preps, calib, source, dest, hooks, stream_block_records, argv) -> ClassifyRun:
+def _task(clf: Classifier, hooks, stream_block_records) -> "object":
+    from paddle_scorer.runs.loop import WINDOW_RECORDS, Task
+
+    loaded = clf.loaded
+
+    def prepare(rows):
+        return clf.prepare_many(rows)
+
+    def records_per_flush(preps):
+        if loaded.streamed:
+            return stream_block_records or clf.backend.block_size(preps)
+        return clf.records_per_flush(preps)
+
+    def window_records(preps):
+        if not loaded.streamed:
+            return WINDOW_RECORDS
+        width = max(len(p.context) + sum(len(x) - 1 for x in p.label_ids) for p in preps)
+        block = stream_block_records or clf.backend.block_size_for(width, 1 << 40)
+        hooks.info(f"streaming: blocks of up to {block} record(s); each decoder layer is read once per block.")
+        return max(block, 1)
+
+    order = None
+    if getattr(clf.backend, "reuse", None) is not None:
+        def order(preps):  # records that share a prompt prefix are neighbours, in blocks that reuse it
+            return sorted(preps, key=lambda p: p.context)
+
+    return Task("classify", prepare, clf.score, records_per_flush, order, window_records)
+
+
+def _run(clf: Classifier, calib, records, indexed, source, dest, hooks, stream_block_records, argv) -> ClassifyRun:
     import sys
 
     from paddle_scorer.runs.identity import classify_identity
     from paddle_scorer.runs.loop import execute
-    from paddle_scorer.tasks.metrics import evaluate
+    from paddle_scorer.tasks.metrics import Collector, evaluate
 
     loaded, opts = clf.loaded, clf.opts
     # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
     identity = classify_identity(loaded, opts, use_chat=clf.use_chat, max_length=clf.max_length,
                                  id_field=source.id_field, limit=source.limit) if dest.output is not None else {}
-    block = clf.records_per_flush(preps)
     execution_info = {"execution": loaded.facts.execution["execution"]}
-    if loaded.streamed:
-        block = stream_block_records or clf.backend.block_size(preps)
-        execution_info.update(block_records=block, blocks=-(-len(preps) // block))
-        hooks.info(f"streaming: {len(preps)} record(s) in {execution_info['blocks']} block(s) of up to {block}; "
-                   "each decoder layer is read once per block.")
+    if loaded.streamed and stream_block_records:
+        execution_info["block_records"] = stream_block_records
 
     def finish_extra() -> dict:
         extra = {"prefix_reuse": clf.backend.reuse_stats()}
         if loaded.streamed:
             extra["streaming"] = clf.backend.stats.to_dict()
+            extra["blocks"] = clf.backend.stats.blocks
         return extra
 
-    with hooks.progress("classify", len(preps)) as advance:
-        outcome = execute("classify", preps, clf.score, block, output=dest.output, resume=dest.resume,
-                          overwrite=dest.overwrite, identity=identity, loaded=loaded, advance=advance,
-                          meta_extra={"options": opts.to_dict(), "input": str(source.input) if source.input else None,
-                                      "argv": sys.argv[1:] if argv is None else argv, "calibration": calib,
-                                      "forced": clf.encoder.prompter.forced, "run_config": identity, **execution_info},
-                          metrics_fn=evaluate, labels=opts.labels, finish_extra=finish_extra)
+    outcome = execute(_task(clf, hooks, stream_block_records), records, indexed, output=dest.output,
+                      resume=dest.resume, overwrite=dest.overwrite, identity=identity, loaded=loaded,
+                      progress=lambda total: hooks.progress("classify", total),
+                      meta_extra={"options": opts.to_dict(), "input": str(source.input) if source.input else None,
+                                  "argv": sys.argv[1:] if argv is None else argv, "calibration": calib,
+                                  "forced": clf.encoder.prompter.forced, "run_config": identity, **execution_info},
+                      summariser=lambda: Collector(opts.labels), finish_extra=finish_extra)
     stats = outcome.stats
     stats.records = outcome.records
     whole = outcome.assembled or not outcome.worker.distributed
-    run = ClassifyRun(stats, outcome.records, evaluate(stats.records, opts.labels) if whole else None, calib, loaded,
-                      outcome, dest.output if whole else None)
+    if not whole:
+        metrics = None
+    elif outcome.final_meta is not None and "metrics" in outcome.final_meta:
+        metrics = outcome.final_meta["metrics"]
+    else:
+        metrics = evaluate(outcome.records, opts.labels)
+    run = ClassifyRun(stats, outcome.records, metrics, calib, loaded, outcome, dest.output if whole else None)
     if run.part_only:
         hooks.info(f"worker {outcome.worker.rank}/{outcome.worker.world}: wrote {outcome.part}; {dest.output} is "
                    f"assembled by the last worker to finish (or `paddle-scorer gather {dest.output}`).")

@@ -20,7 +20,7 @@ class Gathered:
 
 def gather_output(output: Path) -> Gathered:
     from paddle_scorer.runs.sharding import gather, part_status
-    from paddle_scorer.tasks.metrics import evaluate
+    from paddle_scorer.tasks.metrics import Collector
 
     world, status = part_status(output)
-    return Gathered(world, status, gather(output, evaluate))
+    return Gathered(world, status, gather(output, Collector))

@@ -181,57 +181,52 @@ def options_with_defaults(model, lora, *, template=None, raw: bool = False, **op
 @dataclass
 class GenerateRun:
     stats: object  # runs.loop.RunStats
-    records: list[dict]
+    records: object  # list[dict], or runs.loop.OutputRecords (read from the output file when asked)
     loaded: object
 
 
 def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, template_source: str = "--template",
                   argv: list[str] | None = None) -> GenerateRun:
-    """Per-step traces for every record of ``source`` into ``dest`` (resumable, with provenance), the whole model
-    in memory (a model that does not fit is refused before loading). See :func:`paddle_scorer.tasks.classify.classify_file`."""
+    """Per-step traces for every record of ``source`` into ``dest`` (resumable, with provenance, the input streamed in
+    windows), the whole model in memory (a model that does not fit is refused before loading). See
+    :func:`paddle_scorer.tasks.classify.classify_file`."""
     import sys
 
     from paddle_scorer.runs.identity import generate_identity
-    from paddle_scorer.runs.loop import execute
+    from paddle_scorer.runs.loop import Task, execute, index_input
     from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
-    from paddle_scorer.tasks.loading import load_model, plan_in_ram, say_notes
+    from paddle_scorer.tasks.loading import check_tokenizer, load_model, plan_in_ram, say_notes
 
     hooks = hooks or Hooks()
     check_io(source, dest)
     check_numbers(max_new_tokens=opts.max_new_tokens, top_k=opts.top_k)
     check_options(opts)
     template_note(opts.template, template_source, hooks)
-    rows = source.rows()
-    load = dataclasses.replace(load, execution="in-ram")
-    loaded = load_model(load, hooks, plan_in_ram(load, "generate"))
-    gen = Generator(loaded, opts)
-    say_notes(loaded, hooks)
-    items = _prepare_all(gen, rows)
-    # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
-    identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
-                                 limit=source.limit, id_field=source.id_field) if dest.output is not None else {}
+    with source.records() as records:
+        with hooks.busy("reading the input"):
+            indexed = index_input(records, source.id_field)
+        load = dataclasses.replace(load, execution="in-ram")
+        loaded = load_model(load, hooks, plan_in_ram(load, "generate"))
+        prompter = prompter_for(loaded.tokenizer, opts, loaded.context_length)
+        check_tokenizer(loaded, records, lambda rec, where: [prompter.text(rec, where)], hooks)
+        gen = Generator(loaded, opts)
+        say_notes(loaded, hooks)
+        # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
+        identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
+                                     limit=source.limit, id_field=source.id_field) if dest.output is not None else {}
 
-    def score_block(block):
-        return [gen.generate(it.id, it.prompt, it.context) for it in block]
+        def prepare(rows):
+            return [gen.prepare(rec, rid, where) for rid, rec, where in rows]
 
-    with hooks.progress("generate", len(items)) as advance:
-        outcome = execute("generate", items, score_block, 1, output=dest.output, resume=dest.resume,
-                          overwrite=dest.overwrite, identity=identity, loaded=loaded, advance=advance,
+        def score_block(block):
+            return [gen.generate(it.id, it.prompt, it.context) for it in block]
+
+        task = Task("generate", prepare, score_block, lambda _items: 1)
+        outcome = execute(task, records, indexed, output=dest.output, resume=dest.resume, overwrite=dest.overwrite,
+                          identity=identity, loaded=loaded, progress=lambda total: hooks.progress("generate", total),
                           meta_extra={"input": str(source.input) if source.input else None,
                                       "argv": sys.argv[1:] if argv is None else argv, "options": opts.to_dict(),
                                       "run_config": identity},
                           finish_extra=lambda: {"prefix_reuse": gen.backend.reuse_stats()})
     outcome.stats.records = outcome.records
     return GenerateRun(outcome.stats, outcome.records, loaded)
-
-
-def _prepare_all(gen: Generator, rows) -> list[GenItem]:
-    """Every record prepared (all input errors before any output), each with its input fingerprint."""
-    from paddle_scorer.runs.output_file import fingerprint
-
-    items = []
-    for rid, rec, where in rows:
-        it = gen.prepare(rec, rid, where)
-        it.fingerprint = fingerprint(rec)
-        items.append(it)
-    return items

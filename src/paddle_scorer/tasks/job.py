@@ -5,6 +5,9 @@ CLI prints, a Python caller may collect or ignore; tasks never print)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -43,7 +46,7 @@ class Source:
     limit: int | None = None
 
     def rows(self) -> list[tuple[object, dict, str]]:
-        """``[(id, record, where)]``, every record checked (:func:`paddle_scorer.jsonio.read_jsonl`)."""
+        """``[(id, record, where)]``, every record checked (:func:`paddle_scorer.jsonio.read_jsonl`), all in memory."""
         from paddle_scorer import jsonio
 
         if self.input is not None:
@@ -51,6 +54,55 @@ class Source:
         else:
             rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(self.prompts)]
         return rows if self.limit is None else rows[: self.limit]
+
+    @contextlib.contextmanager
+    def records(self):
+        """The records as an iterable that can be read again (a run reads its input twice: an index, then the
+        windows it scores), one record in memory at a time. An input that is not a regular file (a pipe,
+        ``<(zcat data.jsonl.gz)``) is copied once to a temporary file, removed at the end."""
+        if self.input is None:
+            yield _Prompts(self.prompts, self.limit)
+            return
+        from paddle_scorer import jsonio
+
+        path = Path(self.input)
+        jsonio.check_input_path(path)
+        spool = None
+        if not path.is_file():
+            fd, spool = tempfile.mkstemp(prefix="paddle-scorer-input-", suffix=".jsonl")
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        try:
+            yield _JsonlRecords(Path(spool) if spool else path, str(path), self.id_field, self.limit)
+        finally:
+            if spool:
+                Path(spool).unlink(missing_ok=True)
+
+
+@dataclass
+class _Prompts:
+    prompts: list[str]
+    limit: int | None
+
+    def __iter__(self):
+        for i, p in enumerate(self.prompts if self.limit is None else self.prompts[: self.limit]):
+            yield i, {"query": p}, f"--prompt #{i + 1}"
+
+
+@dataclass
+class _JsonlRecords:
+    path: Path
+    name: str
+    id_field: str
+    limit: int | None
+
+    def __iter__(self):
+        from paddle_scorer import jsonio
+
+        for n, row in enumerate(jsonio.iter_jsonl(self.path, self.id_field, self.name)):
+            if self.limit is not None and n >= self.limit:
+                return
+            yield row
 
 
 @dataclass

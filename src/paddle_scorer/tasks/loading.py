@@ -75,3 +75,28 @@ def say_notes(loaded, hooks: Hooks) -> None:
     for note in loaded.facts.notes[said:]:
         hooks.note(note)
     loaded.notes_said = len(loaded.facts.notes)
+
+
+FIRST_PROMPTS = 64  # records whose texts check the fast tokenizer against the slow one before a run
+
+
+def check_tokenizer(loaded, records, texts_of, hooks: Hooks) -> None:
+    """The fast tokenizer against the slow one it replaced (:func:`paddle_scorer.model.tokenizer.check_first_prompts`)
+    on the texts ``texts_of(record, where)`` of the run's first :data:`FIRST_PROMPTS` records: on a difference the slow
+    one is used from here on, said in a note. A record whose text cannot be made is left to its window's refusal."""
+    import itertools
+
+    from paddle_scorer.errors import UsageError
+    from paddle_scorer.model.tokenizer import check_first_prompts
+
+    if getattr(loaded.tokenizer, "paddle_scorer_slow", None) is None:
+        return
+    texts = []
+    for _rid, rec, where in itertools.islice(records, FIRST_PROMPTS):
+        try:
+            texts += texts_of(rec, where)
+        except UsageError:
+            continue
+    note = check_first_prompts(loaded, texts)
+    if note:
+        hooks.note(note)

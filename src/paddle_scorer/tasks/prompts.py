@@ -18,6 +18,7 @@ import string
 from dataclasses import dataclass
 
 from paddle_scorer.errors import UsageError
+from paddle_scorer.model.tokenizer import Encoder, encode  # noqa: F401 - encode: the one text -> ids call
 
 DEFAULT_FIELDS = ("query", "prompt", "text")
 
@@ -154,10 +155,6 @@ def resolve_prefix(prefix: str, prompt: str) -> str:
     return "" if (prompt and prompt[-1].isspace()) else " "
 
 
-def encode(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
 @dataclass(frozen=True)
 class EncodedPair:
     context: list[int]
@@ -213,6 +210,7 @@ class Prompter:
         if options.chat_template and not has_chat:
             raise UsageError("--chat-template was asked for but the tokenizer has no chat template; drop the flag.")
         self.use_chat = has_chat if options.chat_template is None else bool(options.chat_template)
+        self.encoder = Encoder(tokenizer)
         self.special = not self.use_chat  # a chat template writes its own special tokens
         self.context_length = context_length
         self.forced: list[str] = []
@@ -239,7 +237,7 @@ class Prompter:
                           self.use_chat, where)
 
     def encode(self, text: str) -> list[int]:
-        return encode(self.tok, text, self.special)
+        return self.encoder.one(text, self.special)
 
     def fit(self, ids: list[int], where: str, following: int = 0) -> tuple[list[int], int]:
         """``ids`` cut to leave ``following`` tokens of room within ``max_length``: (ids, tokens dropped)."""

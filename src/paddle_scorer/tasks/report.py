@@ -19,7 +19,7 @@ from pathlib import Path
 
 from paddle_scorer.jsonio import meta_path
 from paddle_scorer.errors import UsageError
-from paddle_scorer.tasks.metrics import evaluate, reliability
+from paddle_scorer.tasks.metrics import Collector
 
 METRICS = ("accuracy", "log_loss", "brier", "ece")
 METRIC_NAMES = {"accuracy": "accuracy", "log_loss": "log-loss", "brier": "Brier score", "ece": "ECE"}
@@ -28,11 +28,18 @@ HIST_BINS = 20
 
 @dataclass
 class RunData:
+    """A classify output as the report needs it: per record its label probabilities, prediction and gold label, in
+    flat arrays (:class:`~paddle_scorer.tasks.metrics.Collector`; a million records in a few tens of MB)."""
+
     path: Path
-    records: list[dict]
+    data: Collector
     meta: dict | None
     labels: list[str]
     notes: list[str] = field(default_factory=list)  # said first: a run still writing, killed, a stale meta
+
+    @property
+    def n(self) -> int:
+        return len(self.data)
 
 
 def run_notes(path: Path, meta: dict | None) -> list[str]:
@@ -112,7 +119,7 @@ def load_run(path: str | Path) -> RunData:
             raise UsageError(f"{mp} is not a JSON object; re-run classify or delete it.")
     recorded = ((meta or {}).get("run_config") or (meta or {}).get("identity") or {}).get("labels")
     labels = list(recorded) if isinstance(recorded, list) and all(isinstance(x, str) for x in recorded) else None
-    records = []
+    data = None
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -130,45 +137,42 @@ def load_run(path: str | Path) -> RunData:
                 hint = ("report reads the output of `paddle-scorer classify --output`, not generate traces or inputs"
                         if problem.startswith("not a classify") else "re-run classify with --overwrite")
                 raise UsageError(f"{path}:{lineno}: {problem}; {hint}.")
-            records.append(rec)
-    if not records:
+            if data is None:
+                data = Collector(labels)
+            data.add(rec)
+    if data is None:
         raise UsageError(f"{path} has no records; run classify first.")
-    return RunData(path, records, meta, list(labels), run_notes(path, meta))
+    return RunData(path, data, meta, list(labels), run_notes(path, meta))
 
 
-def confidence(rec: dict) -> float:
-    """The probability of the predicted label."""
-    return float(rec["probs"][rec["prediction"]])
-
-
-def histogram(values: list[float], bins: int = HIST_BINS) -> list[int]:
+def histogram(values, bins: int = HIST_BINS) -> list[int]:
     """Counts over ``bins`` equal bins of [0, 1] (1.0 falls in the last)."""
-    counts = [0] * bins
-    for v in values:
-        counts[min(bins - 1, max(0, int(v * bins)))] += 1
-    return counts
+    import numpy as np
+
+    idx = np.clip((np.asarray(values, dtype=np.float64) * bins).astype(np.int64), 0, bins - 1)
+    return np.bincount(idx, minlength=bins).tolist()
 
 
 def summarize(run: RunData, bins: int = 10) -> dict:
     """Metrics (recomputed), reliability bins, per-label statistics, and agreement with the .meta.json."""
-    labels, records = run.labels, run.records
-    metrics = evaluate(records, labels, bins)
+    labels, data = run.labels, run.data
+    metrics = data.evaluate(bins)
     has_gold = bool(metrics and metrics.get("n"))
-    known = [r for r in records if r.get("gold") is not None and str(r["gold"]) in labels]
+    known = data.known()
+    probs, pred, gold = data.probs, data.pred, data.gold
     per_label = {}
-    for lab in labels:
-        ps = [float(r["probs"][lab]) for r in records]
-        per_label[lab] = {"mean_prob": sum(ps) / len(ps), "predicted": sum(r["prediction"] == lab for r in records),
-                          "gold": sum(str(r.get("gold")) == lab for r in known)}
+    for j, lab in enumerate(labels):
+        per_label[lab] = {"mean_prob": float(probs[:, j].mean()), "predicted": int((pred == j).sum()),
+                          "gold": int((gold[known] == j).sum())}
     out = {
         "file": str(run.path),
-        "n_records": len(records),
+        "n_records": run.n,
         "labels": labels,
         "has_gold": has_gold,
         "metrics": metrics if has_gold else None,
-        "reliability": reliability(known, bins) if has_gold else None,
+        "reliability": data.reliability(known, bins) if has_gold else None,
         "per_label": per_label,
-        "confidence_histogram": histogram([confidence(r) for r in records]),
+        "confidence_histogram": histogram(data.confidence()),
         "recorded_metrics": (run.meta or {}).get("metrics"),
         "recorded_metrics_agree": None,
     }
@@ -224,29 +228,30 @@ def reliability_png(rel: list[dict]) -> bytes:
     return _png(fig)
 
 
-def confidence_png(records: list[dict], with_gold: bool) -> bytes:
+def confidence_png(data: Collector, with_gold: bool) -> bytes:
     fig = _figure(5, 4)
     ax = fig.add_subplot()
     edges = [i / HIST_BINS for i in range(HIST_BINS + 1)]
+    conf = data.confidence()
     if with_gold:
-        right = [confidence(r) for r in records if r.get("gold") is not None and r["prediction"] == str(r["gold"])]
-        wrong = [confidence(r) for r in records if r.get("gold") is not None and r["prediction"] != str(r["gold"])]
-        ax.hist([right, wrong], bins=edges, stacked=True, color=["#1f77b4", "#d62728"],
-                label=[f"correct ({len(right)})", f"wrong ({len(wrong)})"])
+        has = data.gold != -1  # records with a gold label (one that is not a label counts as wrong)
+        right = data.pred == data.gold
+        r, w = conf[has & right], conf[has & ~right]
+        ax.hist([r, w], bins=edges, stacked=True, color=["#1f77b4", "#d62728"],
+                label=[f"correct ({len(r)})", f"wrong ({len(w)})"])
         ax.legend(loc="upper left", fontsize=8)
     else:
-        ax.hist([confidence(r) for r in records], bins=edges, color="#1f77b4")
+        ax.hist(conf, bins=edges, color="#1f77b4")
     ax.set(xlim=(0, 1), xlabel="probability of the predicted label", ylabel="records",
            title="Confidence of the predictions")
     return _png(fig)
 
 
-def label_histogram_png(records: list[dict], label: str) -> bytes:
+def label_histogram_png(data: Collector, label: str) -> bytes:
     fig = _figure(4, 3)
     ax = fig.add_subplot()
-    ax.hist([float(r["probs"][label]) for r in records], bins=[i / HIST_BINS for i in range(HIST_BINS + 1)],
-            color="#1f77b4")
-    ax.set(xlim=(0, 1), xlabel=f"P({label})", ylabel="records", title=f"P({label}) over {len(records)} records")
+    ax.hist(data.probs[:, data.index[label]], bins=[i / HIST_BINS for i in range(HIST_BINS + 1)], color="#1f77b4")
+    ax.set(xlim=(0, 1), xlabel=f"P({label})", ylabel="records", title=f"P({label}) over {len(data)} records")
     return _png(fig)
 
 
@@ -267,12 +272,12 @@ def _figures(run: RunData, summary: dict) -> list[tuple[str, str, bytes]]:
         figs.append(("reliability", "Reliability diagram: accuracy against confidence per bin (closer to the "
                                     "diagonal is better calibrated).", reliability_png(summary["reliability"])))
         figs.append(("confidence", "Probability of the predicted label, split by correct and wrong predictions.",
-                     confidence_png(run.records, True)))
+                     confidence_png(run.data, True)))
     else:
         for i, lab in enumerate(run.labels):
             figs.append((f"label-{i}", f"Distribution of P({lab}) over all records.",
-                         label_histogram_png(run.records, lab)))
-        figs.append(("confidence", "Probability of the predicted label.", confidence_png(run.records, False)))
+                         label_histogram_png(run.data, lab)))
+        figs.append(("confidence", "Probability of the predicted label.", confidence_png(run.data, False)))
     return figs
 
 
