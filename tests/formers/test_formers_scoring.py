@@ -199,13 +199,16 @@ def test_cpu_decoder_equals_paddleformers_own_layers(arch, mode, execution, form
 
 FEW_SHOT = "".join(f"Query: {q}\nAnswer: {a}\n" for q, a in [
     ("how much are tomatoes", "goods"), ("my landlord raised the rent", "life"), ("price of a new phone", "goods"),
-    ("where to go on holiday", "life")]) + "Query: {query}\nAnswer:"
+    ("where to go on holiday", "life"), ("cheap winter boots", "goods"), ("my cat is sick", "life")]) + \
+    "Query: {query}\nAnswer:"
+# 32 records share a ~60-token prefix: over 2 x CALL_TOKENS token computations saved, which a kept prefix always pays
+# for (prefix_reuse.measure_costs); a smaller saving may rightly be recomputed on these tiny models.
 
 
 @pytest.mark.parametrize("arch,execution", [("llama", "in-ram"), ("ernie4_5", "streamed"), ("ernie4_5", "in-ram")])
 def test_prefix_reuse_equals_the_computation_without_it(arch, execution, formers_models, tmp_path, deltas):
     common = ["classify", "--model", formers_models[arch], "--lora", formers_models[f"{arch}_lora"], "--labels", LABELS,
-              "--template", FEW_SHOT, "--input", QUERIES, "--limit", 8, "--execution", execution]
+              "--template", FEW_SHOT, "--input", QUERIES, "--limit", 36, "--execution", execution]
     got = {}
     for flag in ("--prefix-reuse", "--no-prefix-reuse"):
         out = tmp_path / f"{flag}.jsonl"
@@ -213,6 +216,6 @@ def test_prefix_reuse_equals_the_computation_without_it(arch, execution, formers
         assert r.exit_code == 0, r.output
         got[flag] = ([json.loads(x) for x in open(out)], json.loads(out.with_name(out.name + ".meta.json").read_text()))
     (a, meta), (b, _) = got["--prefix-reuse"], got["--no-prefix-reuse"]
-    assert meta["prefix_reuse"]["shared_prefixes"] >= 1 and meta["prefix_reuse"]["tokens_saved"] > 7 * 40
+    assert meta["prefix_reuse"]["shared_prefixes"] >= 1 and meta["prefix_reuse"]["tokens_saved"] > 35 * 60
     worst = max(abs(x["logprobs"][k] - y["logprobs"][k]) for x, y in zip(a, b) for k in x["logprobs"])
     assert deltas.record(f"formers env: prefix reuse vs none ({arch}, {execution})", worst) <= TOL
