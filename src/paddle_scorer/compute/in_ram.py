@@ -48,9 +48,9 @@ class Backend:
                                 or "the library's forward cannot continue a computed prefix")
         if prefix_reuse and strategy is None and getattr(runner, "supports_prefix", False):
             self.no_reuse_reason = None
-            from paddle_scorer.compute.prefix_reuse import DEFAULT_CACHE_BYTES, Reuse
+            from paddle_scorer.compute.prefix_reuse import Reuse
 
-            self.reuse = Reuse(runner, pad_id, DEFAULT_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes)
+            self.reuse = Reuse(runner, pad_id, prefix_cache_bytes)
 
     def reuse_stats(self) -> dict:
         """What prefix reuse did (provenance)."""

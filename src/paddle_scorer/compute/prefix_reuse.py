@@ -24,7 +24,22 @@ from paddle_scorer.compute import prefix_tree
 from paddle_scorer.compute.packing import CALL_TOKENS, SequenceLogprobs, pack, padded, regroup, top_k, unpack
 from paddle_scorer.compute.prefix_tree import Prefix, PrefixCache
 
-DEFAULT_CACHE_BYTES = 1 << 30  # in-process default (classify, generate); serve sizes it from --prefix-cache
+DEFAULT_CACHE_BYTES = 256 << 20  # in-process default (classify, generate); serve sizes it from --prefix-cache
+CACHE_TOKENS = 2048  # ... raised so that it holds this many tokens of the model's prefixes (a few-shot prefix)
+MAX_DEFAULT_CACHE = 2 << 30
+
+
+def default_cache_bytes(runner) -> int:
+    """classify's and generate's prefix cache: :data:`DEFAULT_CACHE_BYTES`, or what :data:`CACHE_TOKENS` tokens of this
+    model's prefixes take (keys, values and hidden state of every layer) when that is more (a 7B model's 1,000-token
+    few-shot prefix is ~1 GB), at most :data:`MAX_DEFAULT_CACHE`. A run's windows are ordered so that records sharing
+    a prefix are neighbours: the cache carries prefixes between blocks, not the whole input's."""
+    f = getattr(runner, "f", None)
+    spec, layers = getattr(f, "spec", None), getattr(runner, "layers", None)
+    if spec is None or not layers:
+        return DEFAULT_CACHE_BYTES
+    per_token = 4 * (len(layers) * spec.kv_heads * (spec.head_dim + spec.value_dim) + spec.hidden)
+    return int(min(MAX_DEFAULT_CACHE, max(DEFAULT_CACHE_BYTES, CACHE_TOKENS * per_token)))
 
 
 @dataclass
@@ -78,10 +93,10 @@ def measure_costs(runner, pad_id: int) -> dict:
 
 
 class Reuse:
-    def __init__(self, runner, pad_id: int, cache_bytes: int = DEFAULT_CACHE_BYTES, owner=None):
+    def __init__(self, runner, pad_id: int, cache_bytes: int | None = None, owner=None):
         self.runner = runner
         self.pad_id = pad_id
-        self.cache = PrefixCache(cache_bytes)
+        self.cache = PrefixCache(default_cache_bytes(runner) if cache_bytes is None else cache_bytes)
         self.owner = owner  # the adapter the keys belong to (serve: several adapters, one cache)
         self.stats = Reused()
         self.costs: dict | None = None  # measure_costs(), once, when a plan first keeps a prefix

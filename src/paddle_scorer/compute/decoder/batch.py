@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MASKED = np.finfo(np.float32).min  # what the libraries add at masked positions (not -inf: no NaN rows)
+BLOCK_SCORES = 1 << 24  # attention scores held at once (64 MB); above it keys are taken in blocks (online softmax)
+KEY_BLOCK_STEP = 256  # key blocks are a multiple of this many keys (numpy reduces long rows faster than short ones)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Batch:
     past_keep: np.ndarray | None = None
     _bias: np.ndarray | None = field(default=None, repr=False)
     _blocks: list | None = field(default=None, repr=False)
+    _plan: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def from_mask(cls, mask: np.ndarray, T: int, past: int = 0, lengths=None) -> "Batch":
@@ -82,6 +85,61 @@ class Batch:
                 out.append((t0, t1, int(cols[-1]) + 1 if cols.size else 1))
             self._blocks = (rows, out)
         return self._blocks[1]
+
+
+    def attention_plan(self, rows: int, heads: int, prefix: int = 0) -> list[tuple[int, int, list, int]]:
+        """Per query block ``(t0, t1, key_blocks, size)``: the keys the block sees as ``(k0, k1, masked)`` blocks of at
+        most ``size`` keys. First the keys every query of the block sees (for one causal sequence: all before the
+        block), with no mask to add; then the rest up to the block's last visible key, masked (the causal diagonal,
+        padding, the tree of packed labels); blocks no query sees are left out. ``size`` keeps ``heads x (t1 - t0) x
+        size`` scores within :data:`BLOCK_SCORES` (every key in one block when they fit, as short prompts always do).
+        ``heads``: the scores' leading dimensions (rows x query heads); ``prefix``: keys of a shared prefix before
+        them (every query sees them; in blocks of the same size)."""
+        key = (rows, heads, prefix)
+        if self._plan is None or self._plan[0] != key:
+            keep = self.bias() > MASKED  # [B, T, K]
+            out = []
+            for t0, t1, end in self.blocks(rows):
+                n = t1 - t0
+                seen = keep[:, t0:t1, :end]
+                step = KEY_BLOCK_STEP
+                size = max(end, prefix, 1)
+                if heads * n * (end + prefix) > BLOCK_SCORES:
+                    size = max(step, (BLOCK_SCORES // max(1, heads * n)) // step * step)
+                blocks = []
+                for k0, k1, masked in _runs(seen.all(axis=(0, 1)), min(step, 64)):
+                    for c0 in range(k0, k1, size):
+                        c1 = min(k1, c0 + size)
+                        if not masked or seen[:, :, c0:c1].any():
+                            blocks.append((c0, c1, masked))
+                out.append((t0, t1, blocks, size))
+            self._plan = (key, out)
+        return self._plan[1]
+
+
+def _runs(full: np.ndarray, shortest: int) -> list[tuple[int, int, bool]]:
+    """``full`` (keys every query sees) as runs ``(k0, k1, masked)``. A run of fully seen keys keeps a multiple of
+    ``shortest`` keys (the rest, and any shorter run, counted as masked: a mask added to a few more keys costs less
+    than another block)."""
+    edges = [0, *(np.flatnonzero(np.diff(full.astype(np.int8))) + 1).tolist(), len(full)]
+    runs: list[list] = []
+
+    def add(k0: int, k1: int, masked: bool) -> None:
+        if k1 <= k0:
+            return
+        if runs and runs[-1][2] == masked:
+            runs[-1][1] = k1
+        else:
+            runs.append([k0, k1, masked])
+
+    for k0, k1 in zip(edges[:-1], edges[1:]):
+        if full[k0]:
+            cut = k0 + (k1 - k0) // shortest * shortest
+            add(k0, cut, False)
+            add(cut, k1, True)
+        else:
+            add(k0, k1, True)
+    return [tuple(r) for r in runs]
 
 
 def real_lengths(mask: np.ndarray, T: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The decoder's float32 CPU forward, written out: RMSNorm, rotary embeddings, attention over packed (tree-masked)
-batches with an optional KV cache, SwiGLU MLP, LoRA; the matrix products on the kernel :mod:`paddle_scorer.compute.gemm`
+batches with an optional KV cache (in blocks, with an online softmax for long prompts), SwiGLU MLP, LoRA; the matrix products on the kernel :mod:`paddle_scorer.compute.gemm`
 chose. The math of PaddleNLP's Llama / Qwen2 and PaddleFormers' Llama / ERNIE 4.5 (dense), as those libraries
 compute it in eval mode (read in their sources and checked against their forward: the tests hold every
 reference to 1e-5), without their eager overheads: measured on a ~58M Llama, a packed batch of 800 tokens took
@@ -30,7 +30,7 @@ from paddle_scorer.compute.decoder.threads import parallel_rows
 from paddle_scorer.compute.decoder.weights import Layer, Linear, Outside
 from paddle_scorer.compute.gemm import Kernel
 
-ATTENTION_ROWS = 512  # query rows per attention block: scores stay ~heads x 512 x keys floats
+ATTENTION_ROWS = 128  # query rows per attention block (divided by the query heads per KV head): its scores stay in cache
 
 
 class Forward:
@@ -139,69 +139,60 @@ class Forward:
     def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None, prefix=None) -> np.ndarray:
         """q ``[N, heads, d]``, k/v ``[N, kv, d]`` of the new (real) tokens; ``past_k/v [B, kv, S, d]`` (per row);
         ``prefix``: ``(K, V) [kv, P, d]`` of a prefix every row continues (seen by every query, computed once, never
-        copied per row: its scores are one product over all rows). Returns ``[N, heads*d]``."""
+        copied per row: its scores are one product over all rows). Returns ``[N, heads*d]``.
+
+        Exact attention in blocks (flash attention's algorithm, in float32): queries in blocks, and where a block's
+        scores would be large (long prompts), keys in blocks too, with an online softmax (a running maximum and sum
+        per query, earlier blocks rescaled when the maximum grows), so the scores in memory stay ~:data:`BLOCK_SCORES`
+        floats. Key blocks no query of the block sees are skipped (causal, padding, packed labels' tree); blocks
+        every query sees fully get no mask. The query heads of one KV head share its keys (GQA, never repeated)."""
         sp = self.spec
         B, T = batch.B, batch.T
         G, d, dv, kv = sp.group, q.shape[-1], v.shape[-1], sp.kv_heads
         q4, k4, v4 = batch.spread(q), batch.spread(k), batch.spread(v)
         # [B, kv, G, T, d]: the query heads of one KV head side by side (head h uses KV head h // G)
         qh = q4.reshape(B, T, kv, G, d).transpose(0, 2, 3, 1, 4)
-        if sp.qk_scale == "multiply-q":
-            qh = qh * np.float32(1.0 / np.sqrt(d))
-        elif sp.qk_scale == "divide-q":
+        if sp.qk_scale == "divide-q":
             qh = qh / np.float32(np.sqrt(d))
+        else:  # the scores' scale applied to q: one pass over q instead of one over every score
+            qh = qh * np.float32(1.0 / np.sqrt(d) if sp.qk_scale == "multiply-q"
+                                 else sp.scale if sp.scale is not None else d ** -0.5)
         keys, vals = k4.transpose(0, 2, 1, 3), v4.transpose(0, 2, 1, 3)  # [B, kv, T, d]
         if past_k is not None and past_k.shape[2]:
             keys = np.concatenate([past_k, keys], axis=2)
             vals = np.concatenate([past_v, vals], axis=2)
         kt = np.ascontiguousarray(keys.transpose(0, 1, 3, 2))  # [B, kv, d, S+T]
         vals = np.ascontiguousarray(vals)
-        if prefix is not None:
-            pk_t = np.ascontiguousarray(prefix[0].transpose(0, 2, 1))  # [kv, d, P]
-            pv = np.ascontiguousarray(prefix[1])  # [kv, P, d]
-        bias = batch.bias()  # [B, T, S+T]
+        pre = None
+        if prefix is not None:  # [kv, d, P] and [kv, P, dv]
+            pre = (np.ascontiguousarray(prefix[0].transpose(0, 2, 1)), np.ascontiguousarray(prefix[1]))
         out = np.empty((B, kv, G, T, dv), dtype=np.float32)
         rows = max(1, ATTENTION_ROWS // G)
-        scale = np.float32(sp.scale if sp.scale is not None else d ** -0.5) if sp.qk_scale == "scores" else None
-        for t0, t1, end in batch.blocks(rows):
-            n = t1 - t0
-            qb = np.ascontiguousarray(qh[:, :, :, t0:t1]).reshape(B, kv, G * n, d)
-            s = self.k.bmm(qb, np.ascontiguousarray(kt[..., :end])).reshape(B, kv, G, n, end)
-            total = np.empty((B, kv, G, n, 1), dtype=np.float32)
-            sp_ = None
-            if prefix is not None:  # [kv, B*G*n, P]: every row's queries against the one prefix
-                qp = np.ascontiguousarray(qb.transpose(1, 0, 2, 3)).reshape(kv, B * G * n, d)
-                sp_ = self.k.bmm(qp, pk_t).reshape(kv, B, G, n, -1)
-
-            def softmax_rows(sl, s=s, sp_=sp_, t0=t0, end=end, total=total):  # unnormalised: the output is divided
-                part = s[:, :, :, sl]
-                if scale is not None:
-                    part *= scale
-                part += bias[:, None, None, t0 + sl.start:t0 + sl.stop, :end]
-                top = part.max(axis=-1, keepdims=True)
-                if sp_ is not None:
-                    pre = sp_[:, :, :, sl]
-                    if scale is not None:
-                        pre *= scale
-                    top = np.maximum(top, pre.max(axis=-1, keepdims=True).transpose(1, 0, 2, 3, 4))
-                    pre -= top.transpose(1, 0, 2, 3, 4)
-                    np.exp(pre, out=pre)
-                part -= top
-                np.exp(part, out=part)
-                np.sum(part, axis=-1, keepdims=True, out=total[:, :, :, sl])
-                if sp_ is not None:
-                    total[:, :, :, sl] += pre.sum(axis=-1, keepdims=True).transpose(1, 0, 2, 3, 4)
-
-            parallel_rows(softmax_rows, n, s.size + (sp_.size if sp_ is not None else 0))
-            o = self.k.bmm(s.reshape(B, kv, G * n, end), vals[:, :, :end]).reshape(B, kv, G, n, dv)
-            if sp_ is not None:
-                op = self.k.bmm(sp_.reshape(kv, B * G * n, -1), pv).reshape(kv, B, G, n, dv)
-                o += op.transpose(1, 0, 2, 3, 4)
-            o /= total
-            out[:, :, :, t0:t1] = o
+        for t0, t1, key_blocks, size in batch.attention_plan(rows, B * kv * G, (pre[0].shape[2] if pre else 0)):
+            qb = np.ascontiguousarray(qh[:, :, :, t0:t1]).reshape(B, kv, G * (t1 - t0), d)
+            out[:, :, :, t0:t1] = self._attend(qb, kt, vals, batch, t0, t1, key_blocks, size, pre, G)
         # [B, kv, G, T, d] -> [B, T, heads, d] -> the real tokens [N, heads*d]
         o4 = out.transpose(0, 3, 1, 2, 4).reshape(B, T, sp.heads * dv)
         return np.ascontiguousarray(batch.pick(o4))
+
+    def _attend(self, qb, kt, vals, batch: Batch, t0: int, t1: int, key_blocks: list, size: int, pre,
+                G: int) -> np.ndarray:
+        """One query block's attention output ``[B, kv, G, n, dv]``: the prefix's key blocks, then its own."""
+        B, kv, n, dv = qb.shape[0], qb.shape[1], t1 - t0, vals.shape[-1]
+        state = _Online(B, kv, G, n)
+        if pre is not None:  # [kv, B*G*n, P]: every row's queries against the one prefix, in its own layout
+            qp = np.ascontiguousarray(qb.transpose(1, 0, 2, 3)).reshape(kv, B * G * n, -1)
+            for p0, p1 in _spans(pre[0].shape[2], size):
+                s = self.k.bmm(qp, np.ascontiguousarray(pre[0][:, :, p0:p1])).reshape(kv, B, G, n, p1 - p0)
+                state.add(s, None, swapped=True)
+                pv = self.k.bmm(s.reshape(kv, B * G * n, p1 - p0), pre[1][:, p0:p1]).reshape(kv, B, G, n, dv)
+                state.accumulate(pv.transpose(1, 0, 2, 3, 4))
+        bias = batch.bias()
+        for k0, k1, masked in key_blocks:
+            s = self.k.bmm(qb, np.ascontiguousarray(kt[..., k0:k1])).reshape(B, kv, G, n, k1 - k0)
+            state.add(s, bias[:, None, None, t0:t1, k0:k1] if masked else None)
+            state.accumulate(self.k.bmm(s.reshape(B, kv, G * n, k1 - k0), vals[:, :, k0:k1]).reshape(B, kv, G, n, dv))
+        return state.result()
 
     # ---------------------------------------------------------------- a layer
 
@@ -228,3 +219,66 @@ class Forward:
             new = (np.ascontiguousarray(batch.spread(k).transpose(0, 2, 1, 3)),
                    np.ascontiguousarray(batch.spread(np.ascontiguousarray(v)).transpose(0, 2, 1, 3)))
         return h, new
+
+
+def _spans(total: int, size: int) -> list[tuple[int, int]]:
+    size = max(1, size)
+    return [(i, min(total, i + size)) for i in range(0, total, size)]
+
+
+class _Online:
+    """The running state of one query block's softmax over key blocks: per query row the largest score so far
+    (``top``), the sum of ``exp(score - top)`` (``total``) and the output accumulated with the same weights
+    (``acc``). A new block's scores are exponentiated in place (they become its weights); when the largest score
+    grows, the earlier sum and output are rescaled. The first block needs no rescaling (one block is the plain
+    softmax); the result is ``acc / total``."""
+
+    def __init__(self, B: int, kv: int, G: int, n: int):
+        self.top = None
+        self.total = np.empty((B, kv, G, n, 1), dtype=np.float32)
+        self.acc = None
+        self.n = n
+
+    def add(self, s: np.ndarray, bias: np.ndarray | None, swapped: bool = False) -> None:
+        """Scores ``s [B, kv, G, n, k]`` (``[kv, B, G, n, k]`` when ``swapped``: a prefix's), masked by ``bias``
+        (``[B, 1, 1, n, k]`` additive) when given, turned into this block's weights; then the caller passes
+        ``weights @ values`` to :meth:`accumulate`."""
+        first = self.top is None
+        if first:
+            self.top = np.empty_like(self.total)
+        top, total, acc = self.top, self.total, self.acc
+        if swapped:
+            top, total = top.transpose(1, 0, 2, 3, 4), total.transpose(1, 0, 2, 3, 4)
+            acc = acc.transpose(1, 0, 2, 3, 4) if acc is not None else None
+
+        def rows(sl):
+            part = s[:, :, :, sl]
+            if bias is not None:
+                part += bias[:, :, :, sl]
+            m = part.max(axis=-1, keepdims=True)
+            if not first:
+                old = top[:, :, :, sl]
+                np.maximum(m, old, out=m)
+                scale = np.exp(old - m)
+                total[:, :, :, sl] *= scale
+                acc[:, :, :, sl] *= scale
+            top[:, :, :, sl] = m
+            part -= m
+            np.exp(part, out=part)
+            if first:
+                np.sum(part, axis=-1, keepdims=True, out=total[:, :, :, sl])
+            else:
+                total[:, :, :, sl] += part.sum(axis=-1, keepdims=True)
+
+        parallel_rows(rows, self.n, s.size)
+
+    def accumulate(self, weighted: np.ndarray) -> None:
+        """Add a block's ``weights @ values`` (``[B, kv, G, n, dv]``, or a view in that order)."""
+        if self.acc is None:
+            self.acc = np.ascontiguousarray(weighted)  # the first block's product as it is (a prefix's: reordered)
+        else:
+            self.acc += weighted
+
+    def result(self) -> np.ndarray:
+        self.acc /= self.total
+        return self.acc
