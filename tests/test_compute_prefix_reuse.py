@@ -178,8 +178,11 @@ def test_cache_keeps_the_longest_match_within_its_bound_per_owner():
         c.put("a", pre([1000 + i] * 20, 800))
     assert c.bytes <= c.max_bytes and c.longest("a", list(range(50)))[1] == 0  # the oldest were evicted
     assert c.longest("a", [1039] * 20)[1] == 20
-    c.put("a", pre([1039] * 30, 800))  # a longer entry replaces its own head
+    c.put("a", pre([1039] * 30, 800))  # a longer entry replaces its own head, and is found
     assert sum(1 for _ in c._entries.values() if _[1].tokens[0] == 1039) == 1
+    assert c.longest("a", [1039] * 35)[1] == 30
+    c.put("a", pre([1039] * 30, 800))  # the same prefix again (a repeated request): one entry, still found
+    assert sum(1 for _ in c._entries.values() if _[1].tokens[0] == 1039) == 1 and c.longest("a", [1039] * 30)[1] == 30
 
 
 def test_a_prefix_is_kept_only_when_it_saves_more_than_it_costs_on_this_runner(models):
@@ -230,3 +233,24 @@ def test_a_cache_lookup_compares_a_bounded_number_of_entries(monkeypatch):
     assert len(compared) <= prefix_tree.CANDIDATES
     entry, m = c.longest("a", head + [17, 43] + [1] * 30)  # leaves every entry within a chunk
     assert m >= 64 and len(compared) <= 2 * prefix_tree.CANDIDATES
+
+
+def test_a_window_groups_only_what_is_worth_sharing_and_sorts_the_rest_by_length(models):
+    """A run's window: records sharing a prefix that pays for itself side by side; every other record longest first,
+    as without reuse (#29: sorting unrelated prompts by their ids mixed lengths in every batch)."""
+    from paddle_scorer.compute.choose_backend import backend_for
+    from paddle_scorer.model.loader import load
+
+    reuse = backend_for(load(models["llama"], device="cpu")).reuse
+    reuse.costs = {"token_seconds": 1e-5, "node_seconds": 1e-3, "min_saved_tokens": 200}
+    shared = list(range(3, 43))  # 40 tokens
+    few = [shared + [100 + i, 7] for i in range(3)]  # saves 2 x 41 = 82 < 200: not worth it
+    many = [list(range(300, 340)) + [i, 7] for i in range(9)]  # saves 8 x 41 = 328 >= 200
+    alone = [[5] * n for n in (3, 30, 12)]
+    seqs = alone + few + many
+    order = reuse.window_order(seqs)
+    assert sorted(order) == list(range(len(seqs)))
+    group = order[:9]
+    assert {seqs[i][0] for i in group} == {300}  # the group that pays, first, together
+    rest = [len(seqs[i]) for i in order[9:]]
+    assert rest == sorted(rest, reverse=True)  # everything else longest first

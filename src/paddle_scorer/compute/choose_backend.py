@@ -66,6 +66,13 @@ def backend_for(loaded, strategy: Strategy | None = None, prefix_reuse: bool = T
         return backend
     runner, facts = cpu_runner(loaded) if loaded.plan is not None else (None, {"forward": "library"})
     record_compute(loaded, facts)
+    if prefix_cache_bytes is None and runner is not None:
+        from paddle_scorer.compute.prefix_reuse import default_cache_bytes
+
+        prefix_cache_bytes = default_cache_bytes(runner)
+        m = loaded.plan.memory
+        if m.budget:  # within what the memory budget leaves after the model, as serve's cache
+            prefix_cache_bytes = min(prefix_cache_bytes, max(0, m.budget - m.in_ram_need) // 2)
     return Backend(runner or ModelRunner(loaded.model, loaded.facts.library), pad_id=pad, strategy=strategy,
                    prefix_reuse=prefix_reuse, prefix_cache_bytes=prefix_cache_bytes)
 

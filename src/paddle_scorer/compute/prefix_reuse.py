@@ -32,7 +32,8 @@ MAX_DEFAULT_CACHE = 2 << 30
 def default_cache_bytes(runner) -> int:
     """classify's and generate's prefix cache: :data:`DEFAULT_CACHE_BYTES`, or what :data:`CACHE_TOKENS` tokens of this
     model's prefixes take (keys, values and hidden state of every layer) when that is more (a 7B model's 1,000-token
-    few-shot prefix is ~1 GB), at most :data:`MAX_DEFAULT_CACHE`. A run's windows are ordered so that records sharing
+    few-shot prefix is ~1 GB), at most :data:`MAX_DEFAULT_CACHE` (and at most half of what the memory budget leaves
+    after the model: ``backend_for``). A run's windows are ordered so that records sharing
     a prefix are neighbours: the cache carries prefixes between blocks, not the whole input's."""
     f = getattr(runner, "f", None)
     spec, layers = getattr(f, "spec", None), getattr(runner, "layers", None)
@@ -62,7 +63,8 @@ def measure_costs(runner, pad_id: int) -> dict:
     128-token forward), ``node_seconds`` (two calls of two rows on top of a 16-token prefix: the kept prefix's own
     members call and its share of the extend calls), and ``min_saved_tokens``, the token computations a kept
     prefix must save to pay for itself (at least :data:`prefix_tree.MIN_SAVED`, at most two full calls' tokens).
-    Results never depend on it, only the time."""
+    Which prefixes are kept then depends on this machine's timing; results agree either way to float32 rounding
+    (tests: 1e-5), as with reuse off."""
     import math
     import time
 
@@ -101,6 +103,34 @@ class Reuse:
         self.stats = Reused()
         self.costs: dict | None = None  # measure_costs(), once, when a plan first keeps a prefix
 
+    def min_saved(self) -> int:
+        """The token computations a kept prefix must save on this runner (:func:`measure_costs`, measured once)."""
+        if self.costs is None:
+            self.costs = self.stats.costs = measure_costs(self.runner, self.pad_id)
+        return self.costs["min_saved_tokens"]
+
+    def window_order(self, seqs: list[list[int]]) -> list[int]:
+        """An order for a run's window of prompts (indices into ``seqs``): records that share a prefix worth keeping
+        side by side (sorted by their ids, so that a block holds a group and the cache carries it to the next), every
+        other record after them, longest first (the length-sorted batches of a run without reuse: little padding).
+        In sorted order the tokens a group shares are the sum of its neighbours' common prefixes."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+        runs, run, saved = [], order[:1], 0
+        for a, b in zip(order, order[1:]):
+            n = _shared(seqs[a], seqs[b])
+            if n:
+                run.append(b)
+                saved += n
+            else:
+                runs.append((run, saved))
+                run, saved = [b], 0
+        if run:
+            runs.append((run, saved))
+        need = self.min_saved() if any(sv >= prefix_tree.MIN_SAVED for _, sv in runs) else None
+        grouped = [i for r, sv in runs if need is not None and sv >= need for i in r]
+        rest = [i for r, sv in runs if need is None or sv < need for i in r]
+        return grouped + sorted(rest, key=lambda i: -len(seqs[i]))
+
     def plan(self, seqs: list[list[int]]) -> prefix_tree.Node:
         """The radix plan of ``seqs``, keeping only the prefixes that save more than they cost on this runner
         (:func:`measure_costs`): a small model's shared 30-token queries are cheaper recomputed in big batches than
@@ -108,10 +138,8 @@ class Reuse:
         root = prefix_tree.plan(seqs)
         if not root.children:
             return root
-        if self.costs is None:
-            self.costs = self.stats.costs = measure_costs(self.runner, self.pad_id)
-        if self.costs["min_saved_tokens"] > prefix_tree.MIN_SAVED:
-            root = prefix_tree.plan(seqs, min_saved=self.costs["min_saved_tokens"])
+        if self.min_saved() > prefix_tree.MIN_SAVED:
+            root = prefix_tree.plan(seqs, min_saved=self.min_saved())
         return root
 
     # ------------------------------------------------------------------ prefixes
@@ -298,6 +326,18 @@ class Reuse:
         prefix, got = self.prefix_for(prompts[0][:depth])
         self.stats.savings.prefixes.append(depth)
         return prefix, depth, got
+
+
+def _shared(a, b) -> int:
+    """The tokens two prompts share from the start when that is at least a kept prefix's minimum, else 0."""
+    m = prefix_tree.MIN_TOKENS
+    if len(a) <= m or len(b) <= m or a[:m] != b[:m]:
+        return 0
+    n = m
+    top = min(len(a), len(b)) - 1  # every record keeps its last token
+    while n < top and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _chunks(order: list[int], seqs, depth: int):

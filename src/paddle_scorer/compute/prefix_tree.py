@@ -273,12 +273,12 @@ class PrefixCache:
     def put(self, owner, prefix: Prefix) -> None:
         if self.max_bytes <= 0 or prefix.nbytes > self.max_bytes or prefix.length < CHUNK:
             return
-        path = self._path(owner, prefix.tokens, create=True)
-        for node in path:  # a shorter head of the same tokens is redundant
+        for node in self._path(owner, prefix.tokens):  # a shorter head of the same tokens is redundant
             for key in list(node.ends):
                 entry = self._entries[key][1]
                 if entry.length <= prefix.length and common_length(entry.tokens, prefix.tokens) == entry.length:
                     self._remove(key)
+        path = self._path(owner, prefix.tokens, create=True)  # after the removals, which may prune its branch
         key = self._next
         self._next += 1
         self._entries[key] = (owner, prefix)

@@ -125,6 +125,9 @@ def _check_unique(index: InputIndex, records, id_field: str) -> None:
     suspects = {int(h) for h in same}
     seen: dict[str, tuple[int, str, bool]] = {}
     for pos, (rid, rec, where) in enumerate(records):
+        if pos >= index.n:
+            raise UsageError(f"{where}: the input changed while this run was reading it (it has more records than at "
+                             "first); let the input settle, then rerun.")
         if int(index.keys[pos]) not in suspects:
             continue
         k = record_key(rid)

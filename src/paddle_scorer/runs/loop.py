@@ -90,9 +90,10 @@ def _windows(task: Task, records, todo, index: InputIndex, timing: dict):
     """Prepared windows of the records still to score, in input order: lists of items with position and fingerprint."""
     size = None
     window, tokens, chunk = [], 0, []
+    per_chunk = min(CHUNK, 64)  # the first chunk small: its prompts' length sets the next chunks' size
 
     def flush_chunk():
-        nonlocal size, tokens
+        nonlocal size, tokens, per_chunk
         t = time.perf_counter()
         items = task.prepare([row for _, _, row in chunk])
         timing["prepare"] += time.perf_counter() - t
@@ -101,7 +102,10 @@ def _windows(task: Task, records, todo, index: InputIndex, timing: dict):
         if size is None:
             size = task.window_records(items) if task.window_records else WINDOW_RECORDS
         window.extend(items)
-        tokens += sum(_length(it) for it in items)
+        got = sum(_length(it) for it in items)
+        tokens += got
+        mean = max(1, got // max(1, len(items)))
+        per_chunk = max(1, min(CHUNK, WINDOW_TOKENS // (8 * mean)))  # a chunk of long prompts stays 1/8 window
         chunk.clear()
 
     seen = 0
@@ -114,9 +118,13 @@ def _windows(task: Task, records, todo, index: InputIndex, timing: dict):
         fp = fingerprint(row[1])
         check_same_input(index, pos, fp, row[2])
         chunk.append((pos, fp, row))
-        if len(chunk) >= CHUNK:
+        if len(chunk) >= per_chunk:
             flush_chunk()
-            if len(window) >= size or tokens >= WINDOW_TOKENS:
+            while len(window) >= size:  # windows of exactly ``size`` (streamed: one block each, whole)
+                yield window[:size]
+                window = window[size:]
+                tokens = sum(_length(it) for it in window)
+            if tokens >= WINDOW_TOKENS:
                 yield window
                 window, tokens = [], 0
     if seen != index.n:
@@ -124,8 +132,9 @@ def _windows(task: Task, records, todo, index: InputIndex, timing: dict):
                          f"{'more' if seen > index.n else seen} now); let the input settle, then rerun with --resume.")
     if chunk:
         flush_chunk()
-    if window:
-        yield window
+    while window:
+        yield window[:size]
+        window = window[size:]
 
 
 def _score_window(task: Task, window: list, out: RunOutput | None, results: dict | None, stats: RunStats,

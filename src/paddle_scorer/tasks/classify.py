@@ -458,9 +458,10 @@ def _task(clf: Classifier, hooks, stream_block_records) -> "object":
         return max(block, 1)
 
     order = None
-    if getattr(clf.backend, "reuse", None) is not None:
-        def order(preps):  # records that share a prompt prefix are neighbours, in blocks that reuse it
-            return sorted(preps, key=lambda p: p.context)
+    reuse = getattr(clf.backend, "reuse", None)
+    if hasattr(reuse, "window_order"):  # in RAM (streamed: a window is a block, planned whole)
+        def order(preps):  # records sharing a prefix worth keeping side by side, the others longest first
+            return [preps[i] for i in reuse.window_order([p.context for p in preps])]
 
     return Task("classify", prepare, clf.score, records_per_flush, order, window_records)
 

@@ -68,15 +68,28 @@ class Source:
         path = Path(self.input)
         jsonio.check_input_path(path)
         spool = None
-        if not path.is_file():
-            fd, spool = tempfile.mkstemp(prefix="paddle-scorer-input-", suffix=".jsonl")
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
         try:
+            if not path.is_file():  # in $TMPDIR; with --limit only the lines it reads
+                fd, spool = tempfile.mkstemp(prefix="paddle-scorer-input-", suffix=".jsonl")
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                    _copy_lines(src, out, self.limit)
             yield _JsonlRecords(Path(spool) if spool else path, str(path), self.id_field, self.limit)
         finally:
             if spool:
                 Path(spool).unlink(missing_ok=True)
+
+
+def _copy_lines(src, out, limit: int | None) -> None:
+    """All of ``src``, or its lines up to the ``limit``-th that is not blank (what a run with ``--limit`` reads)."""
+    if limit is None:
+        shutil.copyfileobj(src, out, 1 << 20)
+        return
+    records = 0
+    for line in src:
+        out.write(line)
+        records += bool(line.strip())
+        if records >= limit:
+            return
 
 
 @dataclass

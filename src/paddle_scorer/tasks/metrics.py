@@ -24,6 +24,7 @@ class Collector:
         self._probs = array("d")
         self._pred = array("i")
         self._gold = array("i")
+        self._cached = None
         self.unknown: set[str] = set()
 
     def __len__(self) -> int:
@@ -48,19 +49,27 @@ class Collector:
 
     # ------------------------------------------------------------------ arrays
 
-    # copies (a view would stop the arrays from growing while it lives)
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The records as numpy arrays, made once after the last :meth:`add` (copies: a view would stop the arrays
+        from growing)."""
+        if self._cached is None or self._cached[0] != len(self):
+            n = len(self)
+            self._cached = (n, np.array(self._probs, dtype=np.float64).reshape(n, len(self.labels)),
+                            np.array(self._pred, dtype=np.int64), np.array(self._gold, dtype=np.int64))
+        return self._cached[1:]
+
     @property
     def probs(self) -> np.ndarray:
         """``[records, labels]`` float64."""
-        return np.array(self._probs, dtype=np.float64).reshape(len(self), len(self.labels))
+        return self._arrays()[0]
 
     @property
     def pred(self) -> np.ndarray:
-        return np.array(self._pred, dtype=np.int64)
+        return self._arrays()[1]
 
     @property
     def gold(self) -> np.ndarray:
-        return np.array(self._gold, dtype=np.int64)
+        return self._arrays()[2]
 
     def confidence(self) -> np.ndarray:
         """The probability of each record's predicted label."""

@@ -179,7 +179,7 @@ class Forward:
                 G: int) -> np.ndarray:
         """One query block's attention output ``[B, kv, G, n, dv]``: the prefix's key blocks, then its own."""
         B, kv, n, dv = qb.shape[0], qb.shape[1], t1 - t0, vals.shape[-1]
-        state = _Online(B, kv, G, n)
+        state = _Online(B, kv, G, n, dv)
         if pre is not None:  # [kv, B*G*n, P]: every row's queries against the one prefix, in its own layout
             qp = np.ascontiguousarray(qb.transpose(1, 0, 2, 3)).reshape(kv, B * G * n, -1)
             for p0, p1 in _spans(pre[0].shape[2], size):
@@ -233,11 +233,11 @@ class _Online:
     grows, the earlier sum and output are rescaled. The first block needs no rescaling (one block is the plain
     softmax); the result is ``acc / total``."""
 
-    def __init__(self, B: int, kv: int, G: int, n: int):
+    def __init__(self, B: int, kv: int, G: int, n: int, dv: int):
         self.top = None
         self.total = np.empty((B, kv, G, n, 1), dtype=np.float32)
         self.acc = None
-        self.n = n
+        self.n, self.dv = n, dv
 
     def add(self, s: np.ndarray, bias: np.ndarray | None, swapped: bool = False) -> None:
         """Scores ``s [B, kv, G, n, k]`` (``[kv, B, G, n, k]`` when ``swapped``: a prefix's), masked by ``bias``
@@ -280,5 +280,7 @@ class _Online:
             self.acc += weighted
 
     def result(self) -> np.ndarray:
+        if self.acc is None:  # no key seen (a padding slot's block): its output is never read
+            return np.zeros(self.total.shape[:-1] + (self.dv,), dtype=np.float32)
         self.acc /= self.total
         return self.acc
