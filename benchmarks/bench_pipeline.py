@@ -18,7 +18,8 @@ reuse
     windows ordered so that shared prefixes are neighbours, a prefix kept only when it saves more than it costs on
     this runner) and off (``--no-prefix-reuse``: longest first), interleaved, the faster of each kept:
     ``repeated`` (the demo queries, each 10 times: the issue's case), ``unique`` (no two prompts share more than
-    the template's head), ``few-shot`` (a ~1000-token prefix before every query).
+    the template's head), ``few-shot`` (a ~1000-token prefix before every query; ~190 on the demo, whose context
+    is 256 tokens).
 
     python benchmarks/bench_pipeline.py [--sections pipeline,tokenizer,reuse] [--sizes 10000,100000,1000000]
         [--ref REV] [--models demo,58m,0.9b] [--json OUT]
@@ -172,25 +173,35 @@ def section_tokenizer(n: int = 10_000) -> dict:
             "mean_prompt_tokens": sum(len(p.context) for p in preps) / n}
 
 
-def _datasets(tok, n_repeated: int, n_unique: int, n_few: int) -> dict:
+def _datasets(tok, n_repeated: int, n_unique: int, n_few: int, context: int) -> dict:
     import bench_prefix
 
     queries = common.read_queries()
     repeated = [dict(q, id=f"{q['id']}-{k}") for k in range(10) for q in queries][:n_repeated]
     unique = [dict(queries[i % len(queries)], id=f"u{i}", query=f"{queries[i % len(queries)]['query']} #{i}")
               for i in range(n_unique)]
-    few_template, prefix_tokens = bench_prefix.few_shot_template(tok)
+    target = bench_prefix.TARGET_PREFIX_TOKENS
+    bench_prefix.TARGET_PREFIX_TOKENS = min(target, context - 64)  # the demo's context is 256 tokens
+    try:
+        few_template, prefix_tokens = bench_prefix.few_shot_template(tok)
+    finally:
+        bench_prefix.TARGET_PREFIX_TOKENS = target
     few = [dict(queries[i % len(queries)], id=f"f{i}") for i in range(n_few)]
     return {"repeated": (common.demo_template(), repeated), "unique": (common.demo_template(), unique),
             "few-shot": (few_template, few), "_prefix_tokens": prefix_tokens}
 
 
 def _score_like_the_loop(clf, preps, reuse: bool) -> float:
-    order = sorted(preps, key=lambda p: p.context) if reuse else sorted(preps, key=lambda p: -len(p.context))
+    """A window as ``classify`` scores it (``tasks.classify._task``): ordered (with reuse: ``Reuse.window_order``), cut
+    into blocks of ``records_per_flush``; the ordering counts in the time, as in a run."""
     block = clf.records_per_flush(preps)
     if reuse:
         clf.backend.reuse.cache.clear()
     t = time.perf_counter()
+    if reuse:
+        order = [preps[i] for i in clf.backend.reuse.window_order([p.context for p in preps])]
+    else:
+        order = sorted(preps, key=lambda p: -len(p.context))
     for s in range(0, len(order), block):
         clf.score(order[s:s + block])
     return time.perf_counter() - t
@@ -201,7 +212,7 @@ def bench_reuse_model(name: str, folder: Path, sizes: tuple[int, int, int], reps
     from paddle_scorer.tasks.classify import Classifier, ClassifyOptions
 
     loaded = load(folder, None, device="cpu")
-    data = _datasets(loaded.tokenizer, *sizes)
+    data = _datasets(loaded.tokenizer, *sizes, loaded.context_length or 4096)
     rows = {"model": name, "params": int(loaded.facts.num_params), "prefix_tokens": data.pop("_prefix_tokens"),
             "datasets": {}}
     for ds, (template, recs) in data.items():
