@@ -3,6 +3,7 @@ holds for records far apart, in later windows, in launcher shards, from a pipe. 
 records, prepared 8 at a time) so that 60 records cross several of them; the code is the production code."""
 
 import contextlib
+import gc
 import json
 import os
 import threading
@@ -271,3 +272,26 @@ def test_report_of_a_large_output_streams(tmp_path, reference):
     for k in ("accuracy", "log_loss", "brier", "ece"):
         assert s["metrics"][k] == pytest.approx(expect[k], rel=1e-9, abs=1e-12)
     assert s["metrics"]["n"] == 21000
+
+
+def test_the_collector_skips_the_model_while_scoring_and_is_restored(tmp_path, monkeypatch, small_windows, reference):
+    """The objects alive before the loop (model, tokenizer, libraries) are frozen out of the cycle collector's walks
+    while windows are scored, and given back to it when the run ends, on success and on a record error alike."""
+    data, want = reference
+    seen = []
+    score_window = loop._score_window
+
+    def spy(*args, **kw):
+        seen.append(gc.get_freeze_count())
+        return score_window(*args, **kw)
+
+    monkeypatch.setattr(loop, "_score_window", spy)
+    out = tmp_path / "o.jsonl"
+    r = classify("--input", data, "--output", out)
+    assert r.exit_code == 0, r.output
+    same_scores(lines(out), want)
+    assert len(seen) == 4 and min(seen) > 10_000  # 60 records in windows of 16; the model's objects frozen
+    assert gc.get_freeze_count() == 0
+    bad = write_input(tmp_path / "bad.jsonl", 60, edit=lambda i, rec: {"id": rec["id"], "text": "x"} if i == 40 else rec)
+    r = classify("--input", bad, "--output", tmp_path / "e.jsonl")
+    assert r.exit_code == 2 and gc.get_freeze_count() == 0

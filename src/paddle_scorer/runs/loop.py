@@ -162,6 +162,22 @@ def _score_window(task: Task, window: list, out: RunOutput | None, results: dict
             on_progress(len(recs))
 
 
+def _collector_quiet() -> None:
+    """Python's cycle collector out of the scoring loop's way: the objects alive when the loop starts (the model, the
+    tokenizer, the libraries: hundreds of thousands) live as long as the process, yet every full collection walked
+    them again (a third of preparing a record on the demo: 113 -> 90 us). They are frozen for the loop
+    (``gc.freeze``: still freed by their reference counts, only not walked by the collector)."""
+    import gc
+
+    gc.freeze()
+
+
+def _collector_normal() -> None:
+    import gc
+
+    gc.unfreeze()
+
+
 def run_job(task: Task, records, index: InputIndex, shard: Shard, out: RunOutput | None, meta: dict | None,
             on_progress: Callable[[int], None] | None = None, index_seconds: float = 0.0) -> RunStats:
     """Score the records of ``shard`` still to do (skipping those done with unchanged input), window by window, each
@@ -185,6 +201,7 @@ def run_job(task: Task, records, index: InputIndex, shard: Shard, out: RunOutput
     t0 = time.perf_counter()
     results: dict | None = {} if out is None else None
     try:
+        _collector_quiet()
         windows = _windows(task, records, todo, index, stats.timing)
         while True:
             try:
@@ -200,6 +217,7 @@ def run_job(task: Task, records, index: InputIndex, shard: Shard, out: RunOutput
             stats.windows += 1
             _score_window(task, window, out, results, stats, on_progress, t0)
     finally:
+        _collector_normal()
         stats.seconds = time.perf_counter() - t0
         if out is not None:
             out.close()
