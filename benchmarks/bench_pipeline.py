@@ -89,10 +89,16 @@ def run_classify(src: Path, n: int, tmp: Path, records: Path) -> dict:
     if res["rc"] != 0:
         raise SystemExit(f"classify failed ({res['rc']}): {res['err']}")
     meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    # report on the finished output (streams it: its memory must not grow with the records either)
+    rep = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([sys.executable, "-m", "paddle_scorer", "report",
+                                                                     str(out)]), str(tmp / "none")],
+                         capture_output=True, text=True, env=env, check=True)
+    rres = json.loads(rep.stdout)
     out.unlink()
     return {"records": n, "wall_s": res["wall"], "first_record_s": res["first"], "peak_rss_mib": res["rss"] / 2**20,
             "timing": meta.get("timing"), "windows": meta.get("windows"),
-            "scoring_s_per_record": meta.get("seconds_per_record")}
+            "scoring_s_per_record": meta.get("seconds_per_record"),
+            "report": {"rc": rres["rc"], "wall_s": rres["wall"], "peak_rss_mib": rres["rss"] / 2**20}}
 
 
 def worktree(ref: str) -> Path:

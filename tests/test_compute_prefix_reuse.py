@@ -254,3 +254,15 @@ def test_a_window_groups_only_what_is_worth_sharing_and_sorts_the_rest_by_length
     assert {seqs[i][0] for i in group} == {300}  # the group that pays, first, together
     rest = [len(seqs[i]) for i in order[9:]]
     assert rest == sorted(rest, reverse=True)  # everything else longest first
+    # Records that share a head every record has (10 tokens: not a prefix of its own) and, in fours, 50 more tokens:
+    # 3 x 60 counted from the start would pay, but the plan keeps nothing (3 x 50 beyond the head < 200), so nothing
+    # is grouped: a window ordered by ids there mixed lengths in every batch (the ~58M model's unique prompts).
+    head = list(range(500, 510))
+    quads = [head + list(range(600 + 50 * q, 650 + 50 * q)) + [i] * (1 + 3 * q + i) for q in range(3) for i in range(4)]
+    assert not reuse.plan(quads).children
+    order = reuse.window_order(quads)
+    assert [len(quads[i]) for i in order] == sorted(map(len, quads), reverse=True)
+    # ... and what the plan does keep is grouped, whole
+    keep = quads + [head + list(range(900, 1000)) + [i] for i in range(3)]  # 2 x 100 >= 200
+    order = reuse.window_order(keep)
+    assert set(order[:3]) == {12, 13, 14} and [len(keep[i]) for i in order[3:]] == sorted(map(len, quads), reverse=True)

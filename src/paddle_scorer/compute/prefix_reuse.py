@@ -110,26 +110,14 @@ class Reuse:
         return self.costs["min_saved_tokens"]
 
     def window_order(self, seqs: list[list[int]]) -> list[int]:
-        """An order for a run's window of prompts (indices into ``seqs``): records that share a prefix worth keeping
-        side by side (sorted by their ids, so that a block holds a group and the cache carries it to the next), every
-        other record after them, longest first (the length-sorted batches of a run without reuse: little padding).
-        In sorted order the tokens a group shares are the sum of its neighbours' common prefixes."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i])
-        runs, run, saved = [], order[:1], 0
-        for a, b in zip(order, order[1:]):
-            n = _shared(seqs[a], seqs[b])
-            if n:
-                run.append(b)
-                saved += n
-            else:
-                runs.append((run, saved))
-                run, saved = [b], 0
-        if run:
-            runs.append((run, saved))
-        need = self.min_saved() if any(sv >= prefix_tree.MIN_SAVED for _, sv in runs) else None
-        grouped = [i for r, sv in runs if need is not None and sv >= need for i in r]
-        rest = [i for r, sv in runs if need is None or sv < need for i in r]
-        return grouped + sorted(rest, key=lambda i: -len(seqs[i]))
+        """An order for a run's window of prompts (indices into ``seqs``): the records under a prefix the plan keeps
+        (:meth:`plan`, the rule every block's scoring applies) side by side, so that a block holds a group and the
+        cache carries it to the next; every other record after them, longest first (the length-sorted batches of a
+        run without reuse: little padding). Grouping records whose shared head the plan would not keep only mixed
+        lengths in every batch (the ~58M model's unique prompts: 20 % slower)."""
+        root = self.plan(seqs)
+        grouped = [i for child in root.children for i in child.subtree_members()]
+        return grouped + sorted(root.members, key=lambda i: -len(seqs[i]))
 
     def plan(self, seqs: list[list[int]]) -> prefix_tree.Node:
         """The radix plan of ``seqs``, keeping only the prefixes that save more than they cost on this runner
@@ -326,18 +314,6 @@ class Reuse:
         prefix, got = self.prefix_for(prompts[0][:depth])
         self.stats.savings.prefixes.append(depth)
         return prefix, depth, got
-
-
-def _shared(a, b) -> int:
-    """The tokens two prompts share from the start when that is at least a kept prefix's minimum, else 0."""
-    m = prefix_tree.MIN_TOKENS
-    if len(a) <= m or len(b) <= m or a[:m] != b[:m]:
-        return 0
-    n = m
-    top = min(len(a), len(b)) - 1  # every record keeps its last token
-    while n < top and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _chunks(order: list[int], seqs, depth: int):
