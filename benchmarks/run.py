@@ -451,6 +451,7 @@ def render_reuse(x: dict) -> str:
     """Section 15: prefix reuse on vs off, decided by cost (bench_pipeline.py reuse)."""
     L = ["## 15. Prefix reuse decided by cost: on vs off (issue 29)\n"]
     a = L.append
+    x = x.get("reuse", x)  # bench_pipeline.py's JSON: {"machine", "reuse": {"rows"}}
     a("Prepared records scored as a run's window is: with reuse (the default: records sharing a prefix neighbours, a "
       "prefix kept only when the token computations it saves pay for its own calls, measured on the runner) and "
       "without (longest first); interleaved, the faster of the repetitions. *repeated*: the demo queries, each 10 "
@@ -462,9 +463,9 @@ def render_reuse(x: dict) -> str:
     for m in x["rows"]:
         for ds, r in m["datasets"].items():
             saved = f"{r['tokens_saved'] / r['prompt_tokens']:.0%}" if r.get("prompt_tokens") else "-"
-            need = r["costs"]["min_saved_tokens"] if r.get("costs") else "-"
+            need = f"{r['costs']['min_saved_tokens']} tokens" if r.get("costs") else "- (none measured: no plan kept one)"
             a(f"| {m['model']} | {ds} | {r['records']} | {r['on_s']:.2f} | {r['off_s']:.2f} | **{r['on_vs_off']:.2f}x** | "
-              f"{saved} | {r.get('shared_prefixes', '-')} | {need} tokens |")
+              f"{saved} | {r.get('shared_prefixes', '-')} | {need} |")
     return "\n".join(L) + "\n"
 
 
@@ -493,6 +494,17 @@ def render_long(x: dict) -> str:
         a("\n*before*: the same script on the code before this round (attention in blocks of 512 query rows over all "
           "their keys, every block masked), in the run just after; the machine's speed drifts by up to ~20 % between "
           "runs, so compare each row's ratio, measured in one process.")
+    ab = x.get("ab_prefix32")
+    if ab:
+        import statistics
+
+        a(f"\nThe prefix + 32 queries case, ours only, the code before and after this round alternating in fresh "
+          f"processes on the same machine minutes apart (seconds): before {', '.join(f'{t:.2f}' for t in ab['before'])} "
+          f"(median {statistics.median(ab['before']):.2f}); after {', '.join(f'{t:.2f}' for t in ab['after'])} (median "
+          f"{statistics.median(ab['after']):.2f}): the same within this machine's noise. The table's rows with a higher "
+          "*before* ratio (this case, the short prompts) differ by the drift between the two runs (the table's "
+          "after-run was a slower period for ours in this case and a faster one for PyTorch on short prompts), not "
+          "by the code.")
     prof = [r for r in x["rows"] if "profile" in r]
     if prof:
         groups = sorted({g for r in prof for who in ("ours", "torch") for g in r["profile"][who]})
