@@ -145,6 +145,25 @@ def section_pipeline(sizes: list[int], ref: str | None) -> dict:
     return out
 
 
+def section_pairs(k: int) -> dict:
+    """10k then 100k records, ``k`` times in a row: the issue's ratios (peak RSS, first record, time per record)
+    from runs minutes apart, so that a slow spell of the machine shows as spread, not as a result."""
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        inputs = {n: tmp / f"in-{n}.jsonl" for n in (10_000, 100_000)}
+        for n, path in inputs.items():
+            write_records(path, n)
+        for _ in range(k):
+            s, b = (run_classify(common.REPO / "src", n, tmp, inputs[n]) for n in (10_000, 100_000))
+            rows.append({"rss_growth_mib": b["peak_rss_mib"] - s["peak_rss_mib"],
+                         "first_record_ratio": b["first_record_s"] / s["first_record_s"],
+                         "per_record_ratio": b["scoring_s_per_record"] / s["scoring_s_per_record"],
+                         "small": s, "big": b})
+            print("pair", {k2: v for k2, v in rows[-1].items() if k2 not in ("small", "big")}, flush=True)
+    return {"rows": rows}
+
+
 def section_tokenizer(n: int = 10_000) -> dict:
     from paddle_scorer import LoadOptions
     from paddle_scorer.tasks.classify import Classifier, options_with_defaults
@@ -267,10 +286,14 @@ def main() -> None:
     ap.add_argument("--ref", help="also run the pipeline section on this git revision (before/after)")
     ap.add_argument("--models", default="demo,58m,0.9b")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="section 'pairs': this many alternating 10k/100k runs (the done-when ratios, with their spread)")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = {"machine": common.machine()}
     sections = args.sections.split(",")
+    if "pairs" in sections:
+        out["pairs"] = section_pairs(args.pairs or 3)
     if "pipeline" in sections:
         out["pipeline"] = section_pipeline([int(x) for x in args.sizes.split(",")], args.ref)
     if "tokenizer" in sections:

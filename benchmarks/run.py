@@ -421,6 +421,18 @@ def render_pipeline(x: dict) -> str:
             a(f"- {name}: 1M vs 100k records: peak RSS {m['peak_rss_mib'] - b['peak_rss_mib']:+.0f} MiB, first record "
               f"{m['first_record_s']:.1f} s (the index of a million lines: {m['timing']['index']:.1f} s), "
               f"{m['records'] / m['wall_s']:.0f} records/s over the whole run.")
+    pairs = x.get("pairs", {}).get("rows")
+    if pairs:
+        import statistics
+
+        def spread(key, fmt):
+            vals = [r[key] for r in pairs]
+            return f"{fmt.format(statistics.median(vals))} (runs: {', '.join(fmt.format(v) for v in vals)})"
+
+        a(f"\nThe same ratios from {len(pairs)} more 10k/100k pairs run back to back (this machine's speed drifts by up "
+          f"to ~30 % within minutes): peak RSS 100k vs 10k {spread('rss_growth_mib', '{:+.0f} MiB')}, first record "
+          f"{spread('first_record_ratio', '{:.2f}x')}, scoring time per record {spread('per_record_ratio', '{:.2f}x')} "
+          "(medians; targets 100 MiB, 1.5x, 1.15x).")
     t = x.get("tokenizer")
     if t:
         a("\nPer record, in one process on the same 10,000 records: the fast tokenizer's batched encode, and the "
