@@ -124,6 +124,9 @@ def test_zero_copy_views_share_memory_both_ways():
     m = gemm.Mat(np.ones((3, 2), np.float32))
     m.np[1, 1] = 7.0
     assert float(m.pd.numpy()[1, 1]) == 7.0
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)  # the view keeps dtype and shape
+    v = gemm.paddle_view(ids)
+    assert str(v.dtype).endswith("int64") and v.numpy().tolist() == ids.tolist()
 
 
 def test_the_paddle_kernel_views_its_operands_and_leaks_nothing():

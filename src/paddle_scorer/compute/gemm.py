@@ -81,6 +81,20 @@ def to_numpy(tensor) -> np.ndarray:
     return np.asarray(_Borrowed(tensor))
 
 
+def paddle_view(a: np.ndarray):
+    """A paddle CPU tensor on the memory of ``a`` (C-contiguous, writable; no copy; dtype and shape are ``a``'s).
+    Not ``paddle.utils.dlpack.from_dlpack``: Paddle 3.3's ``Tensor(...)`` constructor, which it and
+    ``paddle.to_tensor`` call, leaks a Python list (its keyword names) on every call: ~90 bytes a GEMM operand, ~0.3 GB
+    over a million demo records, without bound in a server (and weights made again for every streamed block). A
+    tensor made by an op and given the array's memory leaks nothing, and costs half (4 us vs 9)."""
+    from paddle_scorer.process.environment import paddle
+
+    pd = paddle()
+    t = pd.empty([0], dtype="float32")
+    t.get_tensor()._share_data_with(pd.base.core.from_dlpack(a.__dlpack__()))
+    return t
+
+
 @dataclass
 class Mat:
     """A weight matrix as numpy, with its paddle tensor made on first use (zero copy both ways)."""
@@ -91,11 +105,9 @@ class Mat:
     @property
     def pd(self):
         if self._pd is None:
-            from paddle_scorer.process.environment import paddle
-
             arr = self.np if self.np.flags.writeable and self.np.flags.c_contiguous else np.ascontiguousarray(
                 self.np).copy()
-            self._pd = paddle().utils.dlpack.from_dlpack(arr)
+            self._pd = paddle_view(arr)
             self.np = arr
         return self._pd
 
@@ -139,21 +151,15 @@ class PaddleKernel(Kernel):
         from paddle_scorer.process.environment import paddle
 
         self.pd = paddle()
-        self._empty = self.pd.empty
-        self._from_dlpack = self.pd.base.core.from_dlpack
 
     def _t(self, a: np.ndarray):
-        """A paddle tensor on ``a``'s memory (no copy). Not ``paddle.utils.dlpack.from_dlpack``: Paddle 3.3's
-        ``Tensor(...)`` constructor, which it and ``paddle.to_tensor`` call, leaks a Python list (its keyword
-        names) on every call: ~90 bytes a GEMM operand, ~0.3 GB over a million demo records, without bound in a
-        server. A tensor made by an op and given the array's memory leaks nothing, and costs half (4 us vs 9)."""
+        """A paddle tensor on ``a``'s memory (:func:`paddle_view`; copied first only when it is not C-contiguous or
+        not writable)."""
         if not (a.flags.c_contiguous and a.flags.writeable):
             a = np.ascontiguousarray(a)
             if not a.flags.writeable:
                 a = a.copy()
-        t = self._empty([0], dtype="float32")
-        t.get_tensor()._share_data_with(self._from_dlpack(a.__dlpack__()))  # dtype and shape are a's
-        return t
+        return paddle_view(a)
 
     def mm(self, x, w, trans_w=False):
         return to_numpy(self.pd.matmul(self._t(x), w.pd, transpose_y=trans_w))
