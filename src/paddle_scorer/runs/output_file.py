@@ -292,15 +292,19 @@ class RunOutput:
             chmod_default(self.working)
 
     def write_batch(self, records: list[dict], positions: list[int]) -> None:
-        """Append ``records`` (those of input ``positions``) to the working file and fsync it."""
+        """Append ``records`` (those of input ``positions``) to the working file in one write, and fsync it: a kill
+        lands between batches, not after part of one (written line by line, a batch of long records reached the disk
+        in buffer-sized pieces; resume keeps only whole lines either way)."""
         if self._fh is None:
             self._fh = open(self.working, "ab")
         pos = self._fh.tell()
+        lines = []
         for rec, at in zip(records, positions, strict=True):
             line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
-            self._fh.write(line)
+            lines.append(line)
             self.offsets[at], self.lengths[at] = pos, len(line)
             pos += len(line)
+        self._fh.write(b"".join(lines))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
