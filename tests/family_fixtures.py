@@ -23,6 +23,22 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, initializer_range=0.1, max_posit
 
 # family -> (config class, causal-LM class, config kwargs): each exercises what sets the family apart
 FAMILIES: dict[str, tuple[str, str, dict]] = {
+    # Llama 3.1's rotary scaling (llama3) in transformers 5's spelling (see REWRITE), attention and MLP biases:
+    # PaddleNLP 3.0.0b4 would compute plain RoPE without biases, so the decoder computes it
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rope_theta=500000.0, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    # Qwen2.5's long-context recipe: YaRN, which PaddleNLP's Qwen2 does not compute; q/k/v biases
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    # Mistral dense: a sliding window longer than the test prompts (exact there), explicit head_dim
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        rope_theta=1000000.0, sliding_window=96, tie_word_embeddings=False)),
     # Qwen3 dense: explicit head_dim (32) != hidden/heads (16), GQA 4/2, q/k norms, a tied head, YaRN
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -69,6 +85,23 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 BIAS_SCALE = {"deepseek_v3": 0.3, "glm4_moe": 0.3, "ernie4_5_moe": 0.1}
 
 
+def v5_rope(cfg: dict) -> dict:
+    """config.json as transformers 5 writes it: ``rope_parameters`` (type, base and scaling), no ``rope_theta`` or
+    ``rope_scaling`` at the top."""
+    out = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
+    out["rope_parameters"] = {**(cfg.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": cfg["rope_theta"]}
+    return out
+
+
+# families whose fixture's config.json is rewritten in another dialect after saving
+REWRITE = {"llama": v5_rope}
+
+
+def rewrite_config(folder: Path, change) -> None:
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text())), indent=2))
+
+
 def _perturb(model, family: str, gen) -> None:
     import torch
 
@@ -98,6 +131,8 @@ def build_hf(family: str, folder: Path, seed: int = 1234, **overrides):
     _perturb(model, family, torch.Generator().manual_seed(seed + 1))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
+    if family in REWRITE:
+        rewrite_config(folder, REWRITE[family])
     builders.copy_tokenizer(folder)
     return model
 

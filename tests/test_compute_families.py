@@ -20,7 +20,7 @@ from cli_runs import run
 TEMPLATE = builders.DEMO_SCORER["template"]
 LABELS = "goods,life,goods and things"  # single-token labels and a 3-token one (the tree mask)
 FAMILIES = list(ff.FAMILIES)
-TOL = 1e-4  # per label token, the bound (measured: ~1e-5, see the deltas summary)
+TOL = 1e-5  # per label token, what docs/checkpoints.md promises (measured: ~1e-6, see the deltas summary)
 
 
 @pytest.fixture(scope="module")

@@ -229,6 +229,23 @@ def test_bad_requests_over_http_then_still_serving(server):
         assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
+def test_a_client_hanging_up_mid_body_is_not_a_server_error(server):
+    """A client that closes its connection while sending its body: nothing to answer, and no "unexpected error" with a
+    traceback in the server's log (test_ctrl_c_stops_cleanly reads the log of this server when it stops)."""
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    for _ in range(3):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\": \"half a bo")
+        time.sleep(0.2)
+        s.close()
+    time.sleep(0.5)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
 def test_api_key_over_http(servers):
     import openai
 
@@ -250,6 +267,7 @@ def test_sigterm_stops_cleanly(servers):
 def test_ctrl_c_stops_cleanly(servers):
     code, err = servers["open"].stop(signal.SIGINT)
     assert code == 0 and "interrupted: the server stopped." in err and "Traceback" not in err
+    assert "unexpected error" not in err  # the clients that hung up mid-body (above) were no server error
 
 
 def test_startup_errors_are_one_sentence_and_a_nonzero_exit(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from paddle_scorer.errors import UsageError
 
 
-def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dict, str]]:
+def read_jsonl(path: str | Path, id_field: str = "id", max_line_bytes: int | None = None) -> list[tuple[object, dict, str]]:
     """``[(id, record, where)]``; ids from ``id_field`` or the 0-based line index; all checked (:func:`iter_jsonl`),
     ids unique.
 
@@ -27,7 +27,7 @@ def read_jsonl(path: str | Path, id_field: str = "id") -> list[tuple[object, dic
     The whole file is held: a run streams its input instead (:mod:`paddle_scorer.runs.input_index`)."""
     out = []
     seen: dict[str, tuple[str, bool]] = {}  # record key -> (where, the id was given automatically)
-    for rid, rec, where in iter_jsonl(path, id_field):
+    for rid, rec, where in iter_jsonl(path, id_field, max_line_bytes=max_line_bytes or MAX_LINE_BYTES):
         key = record_key(rid)
         automatic = id_field not in rec
         if key in seen:
@@ -44,17 +44,26 @@ def check_input_path(path: Path) -> None:
         raise UsageError(f"--input {path} does not exist; pass a JSONL file with one JSON object per line.")
 
 
-def iter_jsonl(path: str | Path, id_field: str = "id", name: str | None = None):
+MAX_LINE_BYTES = 8 << 20  # 8 MB: ~2M tokens of text, past any model's context (--max-line-size)
+
+
+def iter_jsonl(path: str | Path, id_field: str = "id", name: str | None = None, max_line_bytes: int = MAX_LINE_BYTES):
     """``(id, record, where)`` of every record of ``path``, one at a time, each checked as :func:`read_jsonl` says
     except the ids' uniqueness (a streamed run checks it on its index). ``name``: how ``where`` names the file (a
-    spooled copy of a pipe is named as the pipe). A file without records is refused."""
+    spooled copy of a pipe is named as the pipe). A file without records is refused, and so is a line longer than
+    ``max_line_bytes``, by its length alone: nothing of it is parsed or tokenized (a 50 MB line once took 12 GB of
+    memory in the tokenizer before the process was aborted)."""
     path = Path(path)
     check_input_path(path)
     label = name or str(path)
     count = 0
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(iter(lambda: fh.readline(max_line_bytes + 1), b""), 1):
             where = f"{label}:{lineno}"
+            if len(raw) > max_line_bytes and not (len(raw) == max_line_bytes + 1 and raw.endswith(b"\n")):
+                raise UsageError(f"{where}: the line is longer than {max_line_bytes:,} bytes (--max-line-size), so it "
+                                 "was not read further; shorten the record, or pass a larger --max-line-size if "
+                                 "it is meant to be this long.")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

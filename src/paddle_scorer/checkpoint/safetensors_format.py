@@ -19,6 +19,32 @@ _ST_DTYPES = {
 }
 
 
+class _Duplicate(ValueError):
+    def __init__(self, name: str):
+        super().__init__(f"the header names the tensor {name!r} twice")
+        self.name = name
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object whose names are unique (``json`` keeps the last of two silently; the safetensors library
+    refuses the file)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _check_no_overlap(path: Path, refs: dict) -> None:
+    """Every entry's bytes are its own: two entries on the same bytes, or one running into the next, would give two
+    tensors one content (the safetensors library refuses such a file: "invalid offset")."""
+    spans = sorted((r.ranges[0][0], r.ranges[0][0] + r.ranges[0][1], name) for name, r in refs.items() if r.ranges)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise crafted(path, n1, f"shares bytes {b1:,}-{min(e0, e1):,} with the entry {n0!r}")
+
+
 def _safetensors_header_at(path: Path) -> tuple[dict, int, int]:
     """(header, offset of the data block, file size)."""
     try:
@@ -27,10 +53,12 @@ def _safetensors_header_at(path: Path) -> tuple[dict, int, int]:
             n = int.from_bytes(fh.read(8), "little")
             if n <= 0 or n > 100_000_000 or n > size - 8:
                 raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
+            header = json.loads(fh.read(n), object_pairs_hook=_no_duplicates)
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
             return header, 8 + n, size
+    except _Duplicate as exc:
+        raise crafted(path, exc.name, "is named twice in the header") from exc
     except (OSError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a readable .safetensors file ({exc}); check that it was copied completely."
@@ -86,6 +114,7 @@ def index_safetensors(path: Path) -> dict[str, TensorRef]:
             ranges=((start + begin, nbytes),) if nbytes else (),
             byteswap=sys.byteorder == "big" and dtype_size(dtype) > 1,
         )
+    _check_no_overlap(path, refs)
     return refs
 
 

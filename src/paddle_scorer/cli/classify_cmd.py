@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Token limit for prompt + label (default: the model's context)."),
         truncate: flags.Truncate = "error",
         limit: flags.Limit = None,
+        max_line_size: flags.MaxLineSize = None,
         show: int = typer.Option(5, "--show", help="Print this many records after the summary (the rest: --output FILE, or --json for all)."),
         mode: flags.Mode = "attach",
         device: flags.Device = "auto",
@@ -76,7 +77,7 @@ def register(app: typer.Typer) -> None:
         from paddle_scorer.tasks.job import Destination, Source, check_numbers
         from paddle_scorer.tasks.loading import LoadOptions
 
-        source, dest = Source(prompt, input, id_field, limit), Destination(output, resume, overwrite)
+        source, dest = Source(prompt, input, id_field, limit, max_line_size), Destination(output, resume, overwrite)
         check_numbers(show=show)
         opts, template_source = options_with_defaults(
             model, lora, labels=labels, template=template, label_prefix=label_prefix, chat_template=chat_template,

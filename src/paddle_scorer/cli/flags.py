@@ -59,6 +59,9 @@ ChatTemplate = Annotated[Optional[bool], typer.Option(
 IdField = Annotated[str, typer.Option(
     "--id-field", help="Record field holding the id (default: id; else the 0-based line index).")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")]
+MaxLineSize = Annotated[Optional[str], typer.Option(
+    "--max-line-size", show_default="8MB", help="Longest input line accepted, e.g. 64MB: a longer line is refused by "
+                                                "its length, before it is parsed or tokenized.")]
 Truncate = Annotated[str, typer.Option(
     "--truncate", help="error | left: what to do with a prompt longer than the context.")]
 CoerceFields = Annotated[bool, typer.Option(

@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         id_field: flags.IdField = "id",
         truncate: flags.Truncate = "error",
         limit: flags.Limit = None,
+        max_line_size: flags.MaxLineSize = None,
         mode: flags.Mode = "attach",
         device: flags.Device = "auto",
         dtype: flags.Dtype = "auto",
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
         from paddle_scorer.tasks.job import Destination, Source
         from paddle_scorer.tasks.loading import LoadOptions
 
-        source, dest = Source(prompt, input, id_field, limit), Destination(output, resume, overwrite)
+        source, dest = Source(prompt, input, id_field, limit, max_line_size), Destination(output, resume, overwrite)
         opts, template_source = options_with_defaults(
             model, lora, template=template, raw=raw, max_new_tokens=max_new_tokens, top_k=top_k, sample=sample,
             temperature=temperature, seed=seed, renormalize_top_k=renormalize_top_k, chat_template=chat_template,

@@ -239,4 +239,4 @@ def family_runner(fc, architecture: str, arrays: dict[str, np.ndarray], pairs: d
     outside = Outside(embed, rest["model.norm.weight"], gemm.Mat(head), True, rest.get("lm_head.bias"))
     inter = fc.moe.intermediate if fc.moe else fc.intermediate
     kernel, _ = gemm.gemm(fc.hidden, inter)
-    return NumpyRunner(Forward(spec, kernel, decoder.NativeRope(fc.rope)), layers, outside, per_layer)
+    return NumpyRunner(Forward(spec, kernel, decoder.NativeRope(fc.rope, fc.window)), layers, outside, per_layer)

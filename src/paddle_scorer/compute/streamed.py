@@ -131,7 +131,7 @@ class StreamedBackend:
         self.compute = {"forward": "paddle-scorer decoder", "family": fc.family, "gemm": choice.to_dict()}
         self.layer_prefix = "model.layers.0."
         arch = mp.library.arch_for(mp.info).architecture
-        self.fast = decoder.Forward(decoder.spec_for_family(fc, arch), kernel, decoder.NativeRope(fc.rope))
+        self.fast = decoder.Forward(decoder.spec_for_family(fc, arch), kernel, decoder.NativeRope(fc.rope, fc.window))
 
     def _fast_forward(self, model):
         """The CPU decoder forward for this model (None, with ``compute`` saying why, when it does not apply)."""

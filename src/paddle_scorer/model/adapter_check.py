@@ -140,13 +140,7 @@ def validate_adapter(
             )
             continue
         result[module] = (a, b)
-    targets = [re.compile(t) for t in settings.target_modules]
-    if targets:
-        expected = {m for m in base_modules if any(t.fullmatch(m) for t in targets)}
-        expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
-        covered = set(pairs) | {splits[m][0] for m in pairs if m in splits}
-        for m in sorted(expected - covered):
-            problems.append(f"{m}: matches target_modules but the adapter has no weights for it (would stay a zero adapter)")
+    problems += _target_problems(settings, keys, mapping, pairs, base_modules, base_shapes, splits)
     problems += nonfinite({f"{m}.lora_A": ab[0] for m, ab in result.items()}
                           | {f"{m}.lora_B": ab[1] for m, ab in result.items()})
     if splits and not problems:
@@ -160,6 +154,35 @@ def validate_adapter(
     if not allow_noop:
         check_not_noop(result, settings, where)
     return result, mapping_note
+
+
+def _target_problems(settings: LoraSettings, keys: list[str], mapping: dict, pairs: dict, base_modules: set[str],
+                     base_shapes: dict, splits: dict) -> list[str]:
+    """What ``target_modules`` says against what the file holds. PaddleNLP's ``LoRAModel`` adapts exactly the modules
+    its regexes fully match and ignores tensors for any other: a module with weights in the file that no target
+    matches (under its name in the file or in the base), targets that match no module, or matched modules without
+    weights are each refused, so the adapter means one thing."""
+    targets = [re.compile(t) for t in settings.target_modules]
+    if not targets:
+        return []
+    problems = []
+    original = {mapping[k].rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k in keys}
+    expected = {m for m in base_modules if any(t.fullmatch(m) for t in targets)}
+    expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
+    covered = set(pairs) | {splits[m][0] for m in pairs if m in splits}
+    untargeted = sorted(m for m in pairs if not any(t.fullmatch(x) for t in targets for x in (m, original.get(m, m))))
+    if not expected and len(untargeted) == len(pairs):
+        return [f"target_modules {settings.target_modules} match no module of the base model, while the file has "
+                f"weights for {len(pairs)} module(s) (e.g. {original.get(untargeted[0], untargeted[0]) if untargeted else '-'}): "
+                "PaddleNLP's LoRAModel would apply none of them; fix target_modules in the adapter's config"]
+    for m in untargeted[:20]:
+        problems.append(f"{original.get(m, m)}: the file has LoRA weights for it, but target_modules "
+                        f"{settings.target_modules} do not match it (PaddleNLP's LoRAModel would not apply them)")
+    if len(untargeted) > 20:
+        problems.append(f"... and {len(untargeted) - 20} more module(s) with weights that target_modules do not match")
+    for m in sorted(expected - covered):
+        problems.append(f"{m}: matches target_modules but the adapter has no weights for it (would stay a zero adapter)")
+    return problems
 
 
 def check_not_noop(pairs: dict[str, tuple[np.ndarray, np.ndarray]], settings: LoraSettings, where: str) -> None:

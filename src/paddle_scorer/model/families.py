@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass, field
 
 from paddle_scorer.errors import UnsupportedModelError
+from paddle_scorer.model import rope_config
 
 # architecture name (config.json "architectures"[0], PaddleFormers' class names included) -> family
 ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "Qwen3ForCausalLMDeprecated": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen3MoeForCausalLMDeprecated": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen2MoeForCausalLMDeprecated": "qwen2_moe",
@@ -32,17 +34,22 @@ ARCHITECTURES = {
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
 }
 MODEL_TYPES = {f: f for f in set(ARCHITECTURES.values())}
-TITLES = {"qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
+TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
           "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4.5", "ernie4_5_moe": "ERNIE 4.5 MoE"}
 DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0}
 DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5}
 # Runtime modules fused as PaddleFormers holds them in memory (its LoRA adapters target these names): q/k/v as
 # ``qkv_proj`` (columns grouped per KV head) and gate/up as ``up_gate_proj`` ([gate | up]); DeepSeek and Mixtral keep
 # their projections apart.
-FUSED = {"qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
+FUSED = {"llama": (), "mistral": (), "qwen2": (), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
          "qwen2_moe": ("qkv_proj", "up_gate_proj"), "glm4_moe": ("qkv_proj", "up_gate_proj"),
          "ernie4_5_moe": ("qkv_proj", "up_gate_proj"), "deepseek_v3": (), "mixtral": ()}
-ROPE_TYPES = ("default", "linear", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# Families a model library also builds (PaddleNLP: Llama, Qwen2): the library runs them where it computes what
+# config.json declares; the decoder takes them where it would not (model/rope_config.py) or where no library that
+# builds them is installed (Qwen2 in the PaddleFormers environment).
+LIBRARY_FIRST = frozenset({"llama", "qwen2"})
+DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # The decoder-body prefix PaddleNLP 3.0.0b4 gives the families it builds (its checkpoints and LoRA adapters use it).
 PADDLENLP_PREFIX = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3"}
 
@@ -70,6 +77,8 @@ class RopeSpec:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class FamilyConfig:
     mlp_name: str = "mlp"  # Mixtral: block_sparse_moe
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
     extra_layers: int = 0  # next-n / MTP layers in the checkpoint, never run when scoring
+    biases: frozenset[str] = frozenset()  # modules whose bias config.json declares (q_proj, o_proj, gate_proj...)
+    window: int | None = None  # a sliding window some layer uses: exact up to this many positions
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -179,24 +190,14 @@ class _Config:
         )
 
 
-def rope_params(cfg: dict, family: str) -> dict:
-    """One dict ``{rope_type, rope_theta, factor, ...}`` from transformers 5's ``rope_parameters`` or 4's
-    ``rope_theta`` / ``rope_scaling`` (``type`` read as ``rope_type``), with the family's default base."""
-    rp = dict(cfg.get("rope_parameters") or {})
-    for k, v in (cfg.get("rope_scaling") or {}).items():
-        rp.setdefault(k, v)
-    if "type" in rp and "rope_type" not in rp:
-        rp["rope_type"] = rp["type"]
-    rp.setdefault("rope_type", "default")
-    if rp.get("rope_theta") is None:
-        rp["rope_theta"] = cfg.get("rope_theta") or DEFAULT_THETA.get(family, 10000.0)
-    if "partial_rotary_factor" in cfg and "partial_rotary_factor" not in rp:
-        rp["partial_rotary_factor"] = cfg["partial_rotary_factor"]
-    return rp
+def rope_params(cfg: dict, family: str, where: str = "this model") -> dict:
+    """One dict ``{rope_type, rope_theta, factor, ...}`` of what config.json declares in any dialect
+    (:func:`paddle_scorer.model.rope_config.declared`), with the family's default base."""
+    return rope_config.declared(cfg, where, DEFAULT_THETA.get(family, 10000.0))
 
 
 def _rope(c: _Config, dim: int, layout: str, max_positions: int | None) -> tuple[RopeSpec, list[str]]:
-    rp = rope_params(c.cfg, c.family)
+    rp = rope_params(c.cfg, c.family, c.where)
     kind = rp["rope_type"]
     if kind not in ROPE_TYPES:
         c.refuse(f"rope type {kind!r} (the decoder computes {', '.join(ROPE_TYPES)})")
@@ -210,7 +211,16 @@ def _rope(c: _Config, dim: int, layout: str, max_positions: int | None) -> tuple
                     original_max=int(orig) if orig else max_positions,
                     beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
                     mscale=rp.get("mscale"), mscale_all_dim=rp.get("mscale_all_dim"),
-                    attention_factor=rp.get("attention_factor"), truncate=bool(rp.get("truncate", True)))
+                    attention_factor=rp.get("attention_factor"), truncate=bool(rp.get("truncate", True)),
+                    low_freq_factor=float(rp.get("low_freq_factor") or 1.0),
+                    high_freq_factor=float(rp.get("high_freq_factor") or 4.0))
+    if kind == "llama3":
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if rp.get(k) is None:
+                c.refuse(f"llama3 rotary scaling without {k}")
+        if spec.low_freq_factor >= spec.high_freq_factor:
+            c.refuse(f"llama3 rotary scaling with low_freq_factor {spec.low_freq_factor:g} >= high_freq_factor "
+                     f"{spec.high_freq_factor:g}")
     return spec, notes
 
 
@@ -218,8 +228,54 @@ def _check_common(c: _Config) -> None:
     act = c.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         c.refuse(f"hidden_act {act!r} (these families use SiLU)")
-    if c.get("use_sliding_window", False) or (c.family == "mixtral" and c.get("sliding_window")):
-        c.refuse("a sliding window (use_sliding_window / sliding_window)")
+    if c.family == "llama" and c.int("pretraining_tp", default=1) < 1:
+        c.refuse("pretraining_tp below 1")
+
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _biases(c: _Config) -> frozenset[str]:
+    """The modules whose bias the config declares, as transformers builds them: each must be in the checkpoint, and
+    a bias on any other module is refused (transformers would not use it)."""
+    f, on = c.family, lambda key, default=False: bool(c.get(key, default))
+    if f in ("llama", "qwen3", "qwen3_moe"):
+        out = set(_ATTN) if on("attention_bias") else set()
+        if f == "llama" and on("mlp_bias"):
+            out |= {"gate_proj", "up_proj", "down_proj"}
+        return frozenset(out)
+    if f == "qwen2":
+        return frozenset(_ATTN[:3])
+    if f == "qwen2_moe":
+        return frozenset(_ATTN[:3]) if on("qkv_bias", True) else frozenset()
+    if f == "glm4_moe":
+        return frozenset(_ATTN[:3]) if on("attention_bias") else frozenset()
+    if f == "deepseek_v3":
+        return frozenset({"q_a_proj", "kv_a_proj_with_mqa", "o_proj"}) if on("attention_bias") else frozenset()
+    if f == "ernie4_5_moe" and on("use_bias"):
+        c.refuse("use_bias true (transformers 4.55 and 5 disagree on whether its experts carry biases)")
+    return frozenset()
+
+
+def _window(c: _Config, layers: int) -> int | None:
+    """The sliding window some layer attends through (None: every layer sees the whole prefix). Mistral and Mixtral:
+    ``sliding_window`` on every layer when set; Qwen2/Qwen3(-MoE): ``use_sliding_window`` for the layers from
+    ``max_window_layers`` on, or ``layer_types`` naming sliding layers."""
+    w = c.cfg.get("sliding_window")
+    types = c.cfg.get("layer_types")
+    if c.family in ("mistral", "mixtral"):
+        sliding = w is not None
+    elif isinstance(types, list) and types:
+        if len(types) != layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+            c.refuse(f"layer_types {types!r} (one of full_attention / sliding_attention per layer)")
+        sliding = "sliding_attention" in types
+    else:
+        sliding = bool(c.get("use_sliding_window", False)) and c.int("max_window_layers", default=layers) < layers
+    if not sliding:
+        return None
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        c.refuse(f"sliding_window {w!r} with sliding layers (a positive number of tokens)")
+    return w
 
 
 def _moe_layers(c: _Config, layers: int) -> frozenset[int]:
@@ -244,10 +300,12 @@ def _moe_layers(c: _Config, layers: int) -> frozenset[int]:
 
 def _moe(c: _Config) -> MoeSpec | None:
     f = c.family
-    if f == "qwen3":
+    if f in DENSE:
         return None
     experts = c.int("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     top_k = c.int("num_experts_per_tok", "moe_k")
+    if not 1 <= top_k <= experts:
+        c.refuse(f"num_experts_per_tok {top_k} with {experts} experts (each token goes to between 1 and all of them)")
     inter = c.int("moe_intermediate_size", "intermediate_size")
     if f == "mixtral":
         return MoeSpec(experts, top_k, c.int("intermediate_size"), "softmax", "sum")
@@ -262,6 +320,10 @@ def _moe(c: _Config) -> MoeSpec | None:
         groups = c.int("n_group", default=1) or 1
         if experts % groups or experts // groups < 2:
             c.refuse(f"n_group {groups} does not split {experts} experts into groups of at least 2")
+        kept = c.int("topk_group", default=1) or 1
+        if kept > groups or kept * (experts // groups) < top_k:
+            c.refuse(f"topk_group {kept} of n_group {groups} groups leaves fewer than num_experts_per_tok {top_k} "
+                     "experts to choose from")
         return MoeSpec(experts, top_k, inter, "sigmoid", "sum+eps" if c.get("norm_topk_prob", True) else "none",
                        scaling=c.num("routed_scaling_factor", 1.0), groups=groups,
                        topk_groups=c.int("topk_group", default=1) or 1, correction_bias="gate.e_score_correction_bias",
@@ -299,6 +361,10 @@ def read(cfg: dict, where: str) -> FamilyConfig:
     rope, notes = _rope(c, rot_dim, layout, max_pos)
     moe = _moe(c)
     extra = c.int("num_nextn_predict_layers", default=0)
+    window = _window(c, layers)
+    if window is not None:
+        notes.append(f"sliding window of {window} tokens: exact for prompts up to {window} tokens (every key is in "
+                     "the window), longer ones refused")
     if extra:
         notes.append(f"the checkpoint's {extra} next-n (MTP) layer(s) are not run: they predict further tokens, "
                      "not the next one")
@@ -311,5 +377,5 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         mla=mla, moe=moe, moe_layers=_moe_layers(c, layers) if moe else frozenset(),
         mlp_name="block_sparse_moe" if family == "mixtral" else "mlp",
         expert_names=("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj"),
-        extra_layers=extra, notes=tuple(notes),
+        extra_layers=extra, biases=_biases(c), window=window, notes=tuple(notes),
     )

@@ -17,48 +17,53 @@ PREFIX = "model"
 _MTP = re.compile(r"(^|\.)mtp")
 
 
-def _linear(out: dict, opt: dict, name: str, n_in: int, n_out: int, bias: str = "optional") -> None:
+_BIAS_OF = {"qkv_proj": "q_proj", "up_gate_proj": "gate_proj"}
+
+
+def _linear(out: dict, opt: dict, name: str, n_in: int, n_out: int, biases: frozenset[str] = frozenset()) -> None:
+    """A linear map's weight, and its bias when config.json declares one on this module (``biases``: module names;
+    a fused module has one when its first part does)."""
     out[f"{name}.weight"] = (n_in, n_out)
-    if bias == "optional":
-        opt[f"{name}.bias"] = (n_out,)
-    elif bias == "required":
+    leaf = name.rsplit(".", 1)[-1]
+    if _BIAS_OF.get(leaf, leaf) in biases:
         out[f"{name}.bias"] = (n_out,)
 
 
 def _swiglu(fc: FamilyConfig, out: dict, opt: dict, name: str, inter: int, names=("gate_proj", "up_proj", "down_proj"),
-            fused: bool = True) -> None:
+            fused: bool = True, biases: frozenset[str] = frozenset()) -> None:
     h = fc.hidden
     if fused and "up_gate_proj" in FUSED[fc.family]:
-        _linear(out, opt, f"{name}.up_gate_proj", h, 2 * inter)
+        _linear(out, opt, f"{name}.up_gate_proj", h, 2 * inter, biases)
     else:
-        _linear(out, opt, f"{name}.{names[0]}", h, inter)
-        _linear(out, opt, f"{name}.{names[1]}", h, inter)
-    _linear(out, opt, f"{name}.{names[2]}", inter, h)
+        _linear(out, opt, f"{name}.{names[0]}", h, inter, biases)
+        _linear(out, opt, f"{name}.{names[1]}", h, inter, biases)
+    _linear(out, opt, f"{name}.{names[2]}", inter, h, biases)
 
 
 def _attention(fc: FamilyConfig, out: dict, opt: dict, p: str) -> None:
     h, H, K, D = fc.hidden, fc.heads, fc.kv_heads, fc.head_dim
+    b = fc.biases
     if fc.mla is not None:
         m = fc.mla
         qk, dv = m["qk_nope"] + m["qk_rope"], m["v_head_dim"]
         if m["q_lora_rank"]:
-            _linear(out, opt, f"{p}.q_a_proj", h, m["q_lora_rank"])
+            _linear(out, opt, f"{p}.q_a_proj", h, m["q_lora_rank"], b)
             out[f"{p}.q_a_layernorm.weight"] = (m["q_lora_rank"],)
-            _linear(out, opt, f"{p}.q_b_proj", m["q_lora_rank"], H * qk, bias="none")
+            _linear(out, opt, f"{p}.q_b_proj", m["q_lora_rank"], H * qk)
         else:
-            _linear(out, opt, f"{p}.q_proj", h, H * qk, bias="none")
-        _linear(out, opt, f"{p}.kv_a_proj_with_mqa", h, m["kv_lora_rank"] + m["qk_rope"])
+            _linear(out, opt, f"{p}.q_proj", h, H * qk)
+        _linear(out, opt, f"{p}.kv_a_proj_with_mqa", h, m["kv_lora_rank"] + m["qk_rope"], b)
         out[f"{p}.kv_a_layernorm.weight"] = (m["kv_lora_rank"],)
-        _linear(out, opt, f"{p}.kv_b_proj", m["kv_lora_rank"], H * (m["qk_nope"] + dv), bias="none")
-        _linear(out, opt, f"{p}.o_proj", H * dv, h)
+        _linear(out, opt, f"{p}.kv_b_proj", m["kv_lora_rank"], H * (m["qk_nope"] + dv))
+        _linear(out, opt, f"{p}.o_proj", H * dv, h, b)
         return
     if "qkv_proj" in FUSED[fc.family]:
-        _linear(out, opt, f"{p}.qkv_proj", h, (H + 2 * K) * D)
+        _linear(out, opt, f"{p}.qkv_proj", h, (H + 2 * K) * D, b)
     else:
-        _linear(out, opt, f"{p}.q_proj", h, H * D)
-        _linear(out, opt, f"{p}.k_proj", h, K * D)
-        _linear(out, opt, f"{p}.v_proj", h, K * D)
-    _linear(out, opt, f"{p}.o_proj", H * D, h)
+        _linear(out, opt, f"{p}.q_proj", h, H * D, b)
+        _linear(out, opt, f"{p}.k_proj", h, K * D, b)
+        _linear(out, opt, f"{p}.v_proj", h, K * D, b)
+    _linear(out, opt, f"{p}.o_proj", H * D, h, b)
     if fc.qk_norm:
         out[f"{p}.q_norm.weight"] = (D,)
         out[f"{p}.k_norm.weight"] = (D,)
@@ -91,15 +96,15 @@ def layer_tensors(fc: FamilyConfig, i: int) -> tuple[dict[str, tuple[int, ...]],
     if i in fc.moe_layers:
         _moe(fc, out, opt, f"{p}.{fc.mlp_name}")
     else:
-        _swiglu(fc, out, opt, f"{p}.mlp", fc.intermediate, fused=fc.family != "deepseek_v3")
+        _swiglu(fc, out, opt, f"{p}.mlp", fc.intermediate, fused=fc.family != "deepseek_v3", biases=fc.biases)
     return out, opt
 
 
 def outside_tensors(fc: FamilyConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     out = {f"{PREFIX}.embed_tokens.weight": (fc.vocab, fc.hidden), f"{PREFIX}.norm.weight": (fc.hidden,)}
-    opt = {"lm_head.bias": (fc.vocab,)}
+    opt: dict[str, tuple[int, ...]] = {}
     if fc.tie:
-        opt["lm_head.weight"] = (fc.vocab, fc.hidden)  # the embedding is the head; a saved copy is not used
+        opt["lm_head.weight"] = (fc.vocab, fc.hidden)  # the embedding is the head: a saved copy must equal it
     else:
         out["lm_head.weight"] = (fc.vocab, fc.hidden)
     return out, opt
@@ -127,13 +132,17 @@ def problems(fc: FamilyConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     found = []
     for name in sorted(req):
         if name not in shapes:
-            found.append(f"{name}: missing from the checkpoint")
+            found.append(f"{name}: missing from the checkpoint" + (" (config.json declares this bias)"
+                                                                    if name.endswith(".bias") else ""))
         elif tuple(shapes[name]) != req[name]:
             found.append(f"{name}: checkpoint shape {tuple(shapes[name])} != model shape {req[name]}")
     for name in sorted(set(shapes) - set(req)):
         if name in opt:
             if tuple(shapes[name]) != opt[name]:
                 found.append(f"{name}: checkpoint shape {tuple(shapes[name])} != model shape {opt[name]}")
+        elif name.endswith(".bias") and f"{name[:-5]}.weight" in req:
+            found.append(f"{name}: a bias config.json does not declare (transformers would not use it; set the "
+                         f"config's bias flag if the model was trained with it, or remove the tensor)")
         elif not unused(name, fc):
             found.append(f"{name}: unexpected tensor (the {fc.title} model of config.json has no such weight)")
     return found

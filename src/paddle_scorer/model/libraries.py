@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from paddle_scorer.errors import CheckpointError, UnsupportedModelError, UsageError
-from paddle_scorer.model.families import ARCHITECTURES, FUSED
+from paddle_scorer.model.families import ARCHITECTURES, FUSED, LIBRARY_FIRST
 
 PADDLENLP = "paddlenlp"
 PADDLEFORMERS = "paddleformers"
@@ -241,19 +241,62 @@ def check_buildable(info) -> None:
     )
 
 
+def _family(info, candidates) -> str | None:
+    native = next((c for c in candidates if c.native), None)
+    return native.arch_for(info).model_type if native is not None else None
+
+
+def declared_differs(lib: LibrarySpec, info) -> str | None:
+    """Why ``lib`` would compute something other than config.json declares (its rotary settings), or None."""
+    if lib.native:
+        return None
+    from paddle_scorer.model import rope_config
+
+    family = ARCHITECTURES.get(info.architecture or "") or (lib.arch_for(info).model_type if lib.arch_for(info) else "")
+    cfg = info.raw_config
+    if lib.name == PADDLENLP and family == "llama":
+        # PaddleNLP 3.0.0b4's Llama builds no biases and derives head_dim from hidden_size
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key) is True:
+                return f"PaddleNLP 3.0.0b4's Llama has no biases, and config.json declares {key} true"
+        hd, hidden, heads = cfg.get("head_dim"), cfg.get("hidden_size"), cfg.get("num_attention_heads")
+        if isinstance(hd, int) and isinstance(hidden, int) and isinstance(heads, int) and heads and hd != hidden // heads:
+            return (f"PaddleNLP 3.0.0b4's Llama computes head_dim as hidden_size / num_attention_heads = "
+                    f"{hidden // heads}, and config.json declares head_dim {hd}")
+    return rope_config.library_differs(lib.name, family, cfg, str(info.path))
+
+
 def choose(info, layout=None, requested: str | None = None, device: str | None = None) -> LibrarySpec:
-    """The installed library that builds this architecture (PaddleNLP preferred when both could); paddle-scorer's
-    own decoder for the families only it runs on a CPU, unless ``device`` is ``gpu`` and a library builds it there."""
+    """The installed library that builds this architecture and computes what its config.json declares (PaddleNLP
+    preferred when both could); paddle-scorer's own decoder for the families only it runs on a CPU (unless ``device``
+    is ``gpu`` and a library builds them there), and for a Llama or Qwen2 whose declared settings no installed
+    library computes (:func:`declared_differs`): on a GPU that is refused, never computed otherwise."""
     check_buildable(info)
     candidates = [lib for lib in LIBRARIES if lib.arch_for(info) is not None]
-    if requested is None and len(candidates) > 1 and any(c.native for c in candidates):
-        gpu = device == "gpu" and any(not c.native and c.installed for c in candidates)
-        candidates = [c for c in candidates if c.native != gpu]
+    family = _family(info, candidates)
     if requested is not None:
         lib = spec(requested)
         if lib not in candidates:
             raise UsageError(f"{lib.name} cannot build {_arch_name(info)} ({supported_sentence()}).")
+        why = declared_differs(lib, info) if lib.installed else None
+        if why:
+            raise UnsupportedModelError(f"{info.path}: {why}; leave out --library {lib.name}: paddle-scorer's decoder "
+                                        "computes what config.json declares (on a CPU).")
         candidates = [lib]
+    elif family in LIBRARY_FIRST:
+        libs = [c for c in candidates if not c.native and c.installed]
+        good = [c for c in libs if not declared_differs(c, info)]
+        if good:
+            candidates = good
+        elif libs and device == "gpu":
+            raise UnsupportedModelError(
+                f"{info.path}: {declared_differs(libs[0], info)}, and only paddle-scorer's CPU decoder computes it as "
+                "declared: run it with --device cpu (or fix config.json if the library's reading is what you meant).")
+        else:
+            candidates = [c for c in candidates if c.native]
+    elif len(candidates) > 1 and any(c.native for c in candidates):
+        gpu = device == "gpu" and any(not c.native and c.installed for c in candidates)
+        candidates = [c for c in candidates if c.native != gpu]
     installed = [lib for lib in candidates if lib.installed]
     if not installed:
         need = candidates[0]
@@ -267,11 +310,24 @@ def choose(info, layout=None, requested: str | None = None, device: str | None =
     return installed[0]
 
 
+def decoder_reason(info) -> str | None:
+    """Why a Llama or Qwen2, which a library also builds, is computed by paddle-scorer's decoder (for notes)."""
+    candidates = [lib for lib in LIBRARIES if lib.arch_for(info) is not None]
+    libs = [c for c in candidates if not c.native and c.installed]
+    if not libs:
+        names = sorted({c.name for c in candidates if not c.native})
+        return f"{' and '.join(names) or 'no library'} builds it, and none is installed here" if names else None
+    return declared_differs(libs[0], info)
+
+
 def likely(info) -> LibrarySpec | None:
-    """The library that would build this architecture here on a CPU (installed first; paddle-scorer's decoder for
-    the families only it runs there), for reports; None if none can."""
-    candidates = sorted((lib for lib in LIBRARIES if lib.arch_for(info) is not None), key=lambda lib: not lib.native)
-    return next((lib for lib in candidates if lib.installed), candidates[0] if candidates else None)
+    """The library that would build this architecture here on a CPU (:func:`choose`), for reports; None if none
+    can."""
+    try:
+        return choose(info, device="cpu")
+    except Exception:  # noqa: BLE001 - a report names what it can; loading says why not
+        candidates = sorted((lib for lib in LIBRARIES if lib.arch_for(info) is not None), key=lambda lib: not lib.native)
+        return next((lib for lib in candidates if lib.installed), candidates[0] if candidates else None)
 
 
 def tokenizer_library() -> LibrarySpec:

@@ -41,7 +41,16 @@ from paddle_scorer.model.folders import (
     resolve_paths,
     tokenizer_folder,
 )
-from paddle_scorer.model.tensor_layout import Conversion, Layout, layer_index, resolve_layout, runtime_tensors
+from paddle_scorer.model.config_sizes import check_config_sizes, check_tied_head
+from paddle_scorer.model.tensor_layout import (
+    FUSED_SPLITS,
+    Conversion,
+    Layout,
+    incomplete_fusions,
+    layer_index,
+    resolve_layout,
+    runtime_tensors,
+)
 from paddle_scorer.checkpoint.lora import LoraSettings
 from paddle_scorer.checkpoint.weights import TensorRef, read_tensors
 
@@ -170,6 +179,7 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
     there to the CPU decoder)."""
     info = info or ckpt.describe(model_dir)
     check_model_folder(info)
+    check_config_sizes(info)
     refs = info.tensors
     shapes = {n: r.shape for n, r in refs.items()}
     src_prefix = ckpt.key_prefix(shapes)
@@ -178,18 +188,40 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
     lib = libraries.choose(info, layout, requested=library, device=device)
     arch = lib.arch_for(info)
     if not lib.native:
+        check_tied_head(info, info.raw_config.get("tie_word_embeddings") is True)
         conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
                                      lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
         return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion)
     fc = families.read(info.raw_config, str(model_dir))
     conversion = family_layout.conversion(fc, shapes, layout, src_prefix)
-    problems = family_tensors.problems(fc, {n: t.shape for n, t in conversion.tensors.items()})
+    problems = incomplete_fusions(shapes, families.FUSED[fc.family])
+    covered = _fusion_names(problems, families.FUSED[fc.family])
+    problems += [p for p in family_tensors.problems(fc, {n: t.shape for n, t in conversion.tensors.items()})
+                 if _unprefixed(p.split(":")[0]) not in covered]
     if problems:
         raise WeightMismatchError(
             f"{model_dir}: the weights do not match the {fc.title} model config.json describes ({len(problems)} "
             "problem(s)):", problems,
             f"Check that config.json and the weights come from the same model (weights read as: {layout.description}).")
+    check_tied_head(info, fc.tie)
     return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion, fc)
+
+
+def _unprefixed(name: str) -> str:
+    return name.split(".", 1)[1] if "." in name else name
+
+
+def _fusion_names(problems: list[str], fused: tuple[str, ...]) -> set[str]:
+    """Every runtime or source name (without its prefix) of the fused groups :func:`incomplete_fusions` reported: the
+    family check would otherwise call their present parts unexpected and the fused tensor missing."""
+    out = set()
+    for p in problems:
+        name = _unprefixed(p.split(":")[0])
+        stem, part, leaf = name.rsplit(".", 2)
+        for f in fused:
+            if part in FUSED_SPLITS[f]:
+                out |= {f"{stem}.{x}.{leaf}" for x in FUSED_SPLITS[f]} | {f"{stem}.{f}.{leaf}"}
+    return out
 
 
 def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
@@ -284,6 +316,8 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
         notes.append(ap.base_note)
     if mp.family is not None:
         fc = mp.family
-        notes.append(f"{fc.title}: computed by paddle-scorer's CPU decoder (no model library runs it on a CPU)")
+        why = libraries.decoder_reason(mp.info) if fc.family in families.LIBRARY_FIRST else None
+        notes.append(f"{fc.title}: computed by paddle-scorer's CPU decoder as config.json declares ({why})" if why else
+                     f"{fc.title}: computed by paddle-scorer's CPU decoder (no model library runs it on a CPU)")
         notes += list(fc.notes)
     return LoadPlan(mp, ap, mode, policy, tok_dir, mem, notes)

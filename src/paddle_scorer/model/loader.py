@@ -113,7 +113,9 @@ class Loaded:
         """The model's context (max_position_embeddings), from config.json."""
         if self.plan is not None:
             v = self.plan.model.info.config.get("max_position_embeddings")
-            return v if isinstance(v, int) else None
+            v = v if isinstance(v, int) else None
+            window = self.plan.model.family.window if self.plan.model.family is not None else None
+            return min(v, window) if v is not None and window is not None else (window or v)
         return getattr(self.config, "max_position_embeddings", None)
 
 

@@ -257,6 +257,27 @@ def _is_lm_head(name: str) -> bool:
     return name == "lm_head.weight" or name.endswith(".lm_head.weight")
 
 
+def incomplete_fusions(shapes, fused: tuple[str, ...]) -> list[str]:
+    """The parts of fused modules (``qkv_proj`` from q/k/v, ``up_gate_proj`` from gate/up) the checkpoint lacks while
+    it has their siblings, in the file's own names: ``model.layers.0.self_attn.k_proj.bias: missing (its q_proj and
+    v_proj are there)``, rather than calling the present parts unexpected."""
+    out = []
+    for fused_name in fused:
+        splits = FUSED_SPLITS[fused_name]
+        stems: dict[tuple[str, str], set[str]] = {}
+        for n in shapes:
+            m = re.match(rf"^(.*\.)({'|'.join(splits)})\.(weight|bias)$", n)
+            if m:
+                stems.setdefault((m.group(1), m.group(3)), set()).add(m.group(2))
+        for (stem, leaf), have in sorted(stems.items()):
+            for x in splits:
+                if x not in have:
+                    there = [f"{y}.{leaf}" for y in splits if y in have]
+                    out.append(f"{stem}{x}.{leaf}: missing from the checkpoint (its {' and '.join(there)} "
+                               f"{'is' if len(there) == 1 else 'are'} there)")
+    return out
+
+
 def runtime_tensors(shapes: dict[str, tuple[int, ...]], layout: Layout, src_prefix: str | None,
                     dst_prefix: str | None, fused: tuple[str, ...] = (), *, lm_head_out_in: bool = False,
                     config: dict | None = None) -> Conversion:

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from paddle_scorer.serve.engine import Cancelled, EngineStopped
 from paddle_scorer.serve.protocol import (
@@ -67,6 +68,9 @@ def guarded(route):
         except EngineStopped as exc:
             return _error(503, str(exc), type="server_error", code="shutting_down")
         except (ClientGone, Cancelled):  # nobody is listening; the work was cancelled
+            return Response(status_code=499)
+        except ClientDisconnect:  # the client hung up while sending its body: nothing to answer, nothing wrong here
+            log.info("client hung up during its request body (%s %s)", request.method, request.url.path)
             return Response(status_code=499)
         except FloatingPointError as exc:
             return _error(500, str(exc), type="server_error", code="non_finite")

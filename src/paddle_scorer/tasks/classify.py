@@ -404,6 +404,7 @@ def classify_file(load, opts: ClassifyOptions, source, dest, hooks=None, *, stre
     record that cannot be prepared stops the run at its window with everything before it kept. What the CLI prints
     comes through ``hooks``."""
     from paddle_scorer.runs.loop import index_input
+    from paddle_scorer.runs.output_lock import output_held
     from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
     from paddle_scorer.tasks.loading import load_model, say_notes
 
@@ -412,7 +413,7 @@ def classify_file(load, opts: ClassifyOptions, source, dest, hooks=None, *, stre
     check_numbers(batch_size=opts.batch_size, max_length=opts.max_length, stream_block_records=stream_block_records)
     check_options(opts)
     template_note(opts.template, template_source, hooks)
-    with source.records() as records:
+    with output_held(dest.output), source.records() as records:
         with hooks.busy("reading the input"):
             indexed = index_input(records, source.id_field)
         loaded = load_model(load, hooks)

@@ -194,6 +194,7 @@ def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, temp
 
     from paddle_scorer.runs.identity import generate_identity
     from paddle_scorer.runs.loop import Task, execute, index_input
+    from paddle_scorer.runs.output_lock import output_held
     from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
     from paddle_scorer.tasks.loading import check_tokenizer, load_model, plan_in_ram, say_notes
 
@@ -202,7 +203,7 @@ def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, temp
     check_numbers(max_new_tokens=opts.max_new_tokens, top_k=opts.top_k)
     check_options(opts)
     template_note(opts.template, template_source, hooks)
-    with source.records() as records:
+    with output_held(dest.output), source.records() as records:
         with hooks.busy("reading the input"):
             indexed = index_input(records, source.id_field)
         load = dataclasses.replace(load, execution="in-ram")

@@ -44,13 +44,27 @@ class Source:
     input: Path | None = None
     id_field: str = "id"
     limit: int | None = None
+    max_line_size: int | str | None = None  # bytes, or a size like "8MB" (default: jsonio.MAX_LINE_BYTES)
+
+    @property
+    def max_line_bytes(self) -> int:
+        from paddle_scorer import jsonio
+        from paddle_scorer.model.memory_budget import parse_size
+
+        if self.max_line_size is None:
+            return jsonio.MAX_LINE_BYTES
+        if isinstance(self.max_line_size, int) and not isinstance(self.max_line_size, bool):
+            if self.max_line_size < 1:
+                raise UsageError(f"--max-line-size must be positive, got {self.max_line_size}.")
+            return self.max_line_size
+        return parse_size(str(self.max_line_size), "--max-line-size")
 
     def rows(self) -> list[tuple[object, dict, str]]:
         """``[(id, record, where)]``, every record checked (:func:`paddle_scorer.jsonio.read_jsonl`), all in memory."""
         from paddle_scorer import jsonio
 
         if self.input is not None:
-            rows = jsonio.read_jsonl(self.input, self.id_field)
+            rows = jsonio.read_jsonl(self.input, self.id_field, self.max_line_bytes)
         else:
             rows = [(i, {"query": p}, f"--prompt #{i + 1}") for i, p in enumerate(self.prompts)]
         return rows if self.limit is None else rows[: self.limit]
@@ -73,7 +87,7 @@ class Source:
                 fd, spool = tempfile.mkstemp(prefix="paddle-scorer-input-", suffix=".jsonl")
                 with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                     _copy_lines(src, out, self.limit)
-            yield _JsonlRecords(Path(spool) if spool else path, str(path), self.id_field, self.limit)
+            yield _JsonlRecords(Path(spool) if spool else path, str(path), self.id_field, self.limit, self.max_line_bytes)
         finally:
             if spool:
                 Path(spool).unlink(missing_ok=True)
@@ -108,11 +122,12 @@ class _JsonlRecords:
     name: str
     id_field: str
     limit: int | None
+    max_line_bytes: int
 
     def __iter__(self):
         from paddle_scorer import jsonio
 
-        for n, row in enumerate(jsonio.iter_jsonl(self.path, self.id_field, self.name)):
+        for n, row in enumerate(jsonio.iter_jsonl(self.path, self.id_field, self.name, self.max_line_bytes)):
             if self.limit is not None and n >= self.limit:
                 return
             yield row
@@ -141,6 +156,7 @@ def check_io(source: Source, dest: Destination) -> None:
         raise UsageError("--overwrite needs --output (the file to replace).")
     if source.limit is not None and source.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {source.limit}.")
+    source.max_line_bytes  # noqa: B018 - an unreadable --max-line-size is refused before anything runs
     if dest.output is not None:
         inputs = [Path(source.input)] if source.input is not None else []
         check_output_path(Path(dest.output), inputs, resume=dest.resume, overwrite=dest.overwrite)

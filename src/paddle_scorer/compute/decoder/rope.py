@@ -20,6 +20,18 @@ class ContextLimit(UsageError):
         )
 
 
+class WindowLimit(UsageError):
+    """A position past a sliding window: exact only while every key is inside the window."""
+
+    def __init__(self, position: int, window: int):
+        self.position, self.limit = position, window
+        super().__init__(
+            f"a prompt needs position {position}, but this model attends through a sliding window of {window} tokens, "
+            f"which paddle-scorer computes exactly only while the whole sequence fits in it: use --max-length {window} "
+            "(or less), with --truncate left to cut long prompts from the start."
+        )
+
+
 def rotary_is_dynamic(library: str, module) -> bool:
     """A rotary module whose frequencies depend on the length of the call (dynamic NTK scaling: PaddleNLP's
     ``LlamaDynamicNTKScalingRotaryEmbedding``; PaddleFormers' ``rope_type`` dynamic or longrope)."""
@@ -110,14 +122,17 @@ class NativeRope:
 
     dynamic = False
 
-    def __init__(self, spec):
+    def __init__(self, spec, window: int | None = None):
         self.spec = spec
+        self.window = window
         self.inv_freq, self.factor = native_inv_freq(spec)
         self.cos = np.zeros((0, spec.dim), np.float32)
         self.sin = np.zeros((0, spec.dim), np.float32)
 
     def __call__(self, positions: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         top = int(positions.max()) + 1 if positions.size else 1
+        if self.window is not None and top > self.window:
+            raise WindowLimit(top - 1, self.window)
         if top > self.cos.shape[0]:
             n = max(top, 2 * self.cos.shape[0], 64)
             ang = np.arange(n, dtype=np.float32)[:, None] * self.inv_freq[None, :]
@@ -129,6 +144,20 @@ class NativeRope:
     def span(self, positions: np.ndarray, past: int = 0) -> int:
         positions = np.asarray(positions)
         return int(positions.max()) + 1 if positions.size else 1
+
+
+def _llama3(inv: np.ndarray, spec) -> np.ndarray:
+    """Llama 3.1's frequency-dependent scaling, as transformers computes it in float32: long wavelengths divided by
+    the factor, short ones kept, the band between blended smoothly."""
+    factor, low, high = np.float32(spec.factor), np.float32(spec.low_freq_factor), np.float32(spec.high_freq_factor)
+    old = np.float32(spec.original_max)
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = (np.float32(2 * np.pi) / inv).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+    smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((np.float32(1) - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def native_inv_freq(spec) -> tuple[np.ndarray, float]:
@@ -143,6 +172,8 @@ def native_inv_freq(spec) -> tuple[np.ndarray, float]:
         return inv, 1.0
     if spec.type == "linear":
         return (inv / np.float32(spec.factor)).astype(np.float32), 1.0
+    if spec.type == "llama3":
+        return _llama3(inv, spec), 1.0
     factor, orig = spec.factor, spec.original_max
 
     def mscale(s, m=1.0):

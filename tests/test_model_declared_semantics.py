@@ -1,0 +1,206 @@
+"""What config.json declares is what is computed (model/rope_config.py, model/families.py, libraries.choose): every
+rotary dialect read into one declaration, contradictions refused naming both fields, the installed library used only
+where it computes the declaration (PaddleNLP 3.0.0b4's Llama and Qwen2 readings), the decoder elsewhere, a refusal on
+a GPU; the same Llama in transformers 4.x's spelling runs on PaddleNLP's model and equals transformers; a sliding
+window exact up to its length and refused past it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import builders
+import family_fixtures as ff
+from cli_runs import run
+from hostile_table import cli
+from paddle_scorer.checkpoint.describe import describe
+from paddle_scorer.errors import UnsupportedModelError
+from paddle_scorer.model import libraries, rope_config
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+# ---------------------------------------------------------------------------- the dialects, pure
+
+
+@pytest.mark.parametrize("cfg", [
+    {"rope_parameters": {**LLAMA3, "rope_theta": 500000.0}},  # transformers 5
+    {"rope_theta": 500000.0, "rope_scaling": dict(LLAMA3)},  # transformers 4.x, rope_type
+    {"rope_theta": 500000.0, "rope_scaling": {**{k: v for k, v in LLAMA3.items() if k != "rope_type"},
+                                              "type": "llama3"}},  # 4.x, the older `type`
+    {"rope_theta": 500000.0, "rope_scaling": dict(LLAMA3), "rope_parameters": {**LLAMA3, "rope_theta": 500000.0}},
+], ids=["v5", "v4-rope_type", "v4-type", "both-agreeing"])
+def test_every_dialect_reads_to_one_declaration(cfg):
+    d = rope_config.declared(cfg, "m")
+    assert d["rope_type"] == "llama3" and d["rope_theta"] == 500000.0 and d["factor"] == 8.0
+    assert d["original_max_position_embeddings"] == 16
+
+
+def test_paddlenlp_dialect_reads_as_the_transformers_types():
+    d = rope_config.declared({"rope_theta": 10000.0, "rope_scaling_type": "linear", "rope_scaling_factor": 2.0}, "m")
+    assert (d["rope_type"], d["factor"]) == ("linear", 2.0)
+    d = rope_config.declared({"rope_scaling_type": "dynamic_ntk", "rope_scaling_factor": 4.0}, "m")
+    assert (d["rope_type"], d["factor"], d["rope_theta"]) == ("dynamic", 4.0, 10000.0)
+    d = rope_config.declared({"rope_scaling_type": None, "rope_scaling_factor": 1.0}, "m")  # what PaddleNLP saves
+    assert d["rope_type"] == "default"
+
+
+@pytest.mark.parametrize("cfg, words", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     ("rope_parameters.factor 2.0", "rope_scaling.factor 4.0")),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_scaling": {"type": "yarn", "factor": 2.0}},
+     ("rope_parameters.rope_type 'linear'", "rope_scaling type 'yarn'")),
+    ({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+     ("rope_theta 10000.0", "rope_parameters.rope_theta 500000.0")),
+    ({"rope_scaling": {"type": "linear", "rope_type": "yarn", "factor": 2.0}},
+     ("rope_scaling.type 'linear'", "rope_scaling.rope_type 'yarn'")),
+    ({"rope_scaling_type": "linear", "rope_scaling_factor": 2.0, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+     ("rope_scaling_type 'linear'", "'yarn' rope type")),
+    ({"rope_scaling_type": "ntk", "rope_scaling_factor": 2.0, "rope_scaling": {"rope_type": "ntk", "factor": 3.0}},
+     ("rope_scaling_factor 2.0", "rope factor 3.0")),
+    ({"rope_scaling_type": "dynamic"}, ("rope_scaling_type 'dynamic'", "linear, ntk, dynamic_ntk")),
+    ({"rope_scaling": "yarn"}, ("rope_scaling 'yarn'", "not an object")),
+])
+def test_contradictions_are_refused_naming_both_fields(cfg, words):
+    with pytest.raises(UnsupportedModelError) as e:
+        rope_config.declared(cfg, "m")
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("cfg, differs", [
+    ({"rope_parameters": {**LLAMA3, "rope_theta": 500000.0}}, "'llama3' rotary scaling, which it would compute as "
+                                                               "'default'"),
+    ({"rope_theta": 500000.0, "rope_scaling": dict(LLAMA3)}, None),  # PaddleNLP's Llama reads llama3 this way
+    ({"rope_theta": 500000.0, "rope_scaling": {k: v for k, v in LLAMA3.items() if k != "rope_type"} | {"type": "llama3"}},
+     "'llama3' rotary scaling"),  # ... but not with the older `type` key
+    ({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear' rotary scaling"),
+    ({"rope_theta": 10000.0, "rope_scaling_type": "linear", "rope_scaling_factor": 2.0}, None),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, "rope_parameters.rope_theta declares base "
+                                                                           "500000.0, where it would use 10000.0"),
+    ({"rope_theta": 500000.0}, None),
+])
+def test_paddlenlp_llama_reading_against_the_declaration(cfg, differs):
+    why = rope_config.library_differs("paddlenlp", "llama", cfg, "m")
+    assert (why is None) if differs is None else (differs in why), why
+    assert rope_config.library_differs("paddleformers", "llama", cfg, "m") is None
+
+
+def test_paddlenlp_qwen2_has_no_rotary_scaling():
+    yarn = {"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
+    assert "'yarn' rotary scaling" in rope_config.library_differs("paddlenlp", "qwen2", yarn, "m")
+    assert rope_config.library_differs("paddlenlp", "qwen2", {"rope_theta": 1e6}, "m") is None
+
+
+# ---------------------------------------------------------------------------- which forward runs it
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """The same Llama 3.1-style weights twice: config in transformers 5's spelling and in 4.x's (no biases, so
+    PaddleNLP's Llama builds it), with transformers' forward as the reference."""
+    root = tmp_path_factory.mktemp("declared")
+    v4 = root / "v4"
+    model = ff.build_hf("llama", v4, attention_bias=False, mlp_bias=False)
+    cfg = json.loads((v4 / "config.json").read_text())  # build_hf wrote transformers 5's spelling
+    v5 = root / "v5"
+    shutil.copytree(v4, v5)
+    assert "rope_parameters" in cfg and "rope_scaling" not in cfg
+    params = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = params
+    (v4 / "config.json").write_text(json.dumps(cfg))
+    return model, v4, v5
+
+
+def _classify(tmp_path, folder, *extra):
+    out = tmp_path / "out.jsonl"
+    run("classify", "--model", folder, "--labels", "goods,life,goods and things", "--template",
+        builders.DEMO_SCORER["template"], "--input", builders.DEMO_QUERIES, "--limit", 3, "--output", out,
+        "--overwrite", *extra)
+    return [json.loads(x) for x in open(out)], json.loads(out.with_name(out.name + ".meta.json").read_text())
+
+
+def _worst(records, model) -> float:
+    return max(abs(lp - ff.label_logprobs(model, rec)[label]) / len(rec["label_token_ids"][label])
+               for rec in records for label, lp in rec["logprobs"].items())
+
+
+def test_both_spellings_equal_transformers_one_on_paddlenlps_model_one_on_the_decoder(llama, tmp_path, deltas):
+    model, v4, v5 = llama
+    recs4, meta4 = _classify(tmp_path, v4)
+    assert meta4["model"]["library"] == "paddlenlp"  # PaddleNLP's Llama computes llama3 from rope_scaling
+    recs5, meta5 = _classify(tmp_path, v5)
+    assert meta5["model"]["library"] == "paddle-scorer" and meta5["model"]["compute"]["family"] == "llama"
+    assert any("PaddleNLP 3.0.0b4 would not compute what config.json declares" in n and "rope_parameters" in n
+               for n in meta5["model"]["notes"])
+    assert deltas.record("nlp env: llama3 rope, 4.x spelling on PaddleNLP's model vs transformers",
+                         _worst(recs4, model)) <= 1e-5
+    assert deltas.record("nlp env: llama3 rope, transformers 5 spelling on the decoder vs transformers",
+                         _worst(recs5, model)) <= 1e-5
+
+
+def test_what_plain_rope_would_have_scored_is_far_off(llama, tmp_path):
+    """The silent error this replaces: the v5 config read as PaddleNLP reads it (plain RoPE, base 10000)."""
+    model, v4, _ = llama
+    plain = tmp_path / "plain"
+    shutil.copytree(v4, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg.pop("rope_scaling")
+    cfg["rope_theta"] = 10000.0
+    (plain / "config.json").write_text(json.dumps(cfg))
+    recs, _ = _classify(tmp_path, plain)
+    assert _worst(recs, model) > 1e-2
+
+
+def test_on_a_gpu_or_with_the_library_forced_it_is_refused(llama):
+    _, _, v5 = llama
+    info = describe(v5)
+    with pytest.raises(UnsupportedModelError, match="would not compute what config.json declares.*--device cpu"):
+        libraries.choose(info, device="gpu")
+    with pytest.raises(UnsupportedModelError, match="leave out --library paddlenlp"):
+        libraries.choose(info, requested="paddlenlp")
+    assert libraries.choose(info, device="cpu").native
+
+
+def test_inspect_says_the_decoder_runs_it_and_why(llama):
+    _, _, v5 = llama
+    r = cli("inspect", v5, "--json")
+    a = json.loads(r.stdout)["assessment"]
+    assert r.exit_code == 0 and a["library"] == "paddle-scorer" and a["family"]["family"] == "llama"
+
+
+# ---------------------------------------------------------------------------- sliding windows
+
+
+def test_a_prompt_past_the_sliding_window_is_refused_and_max_length_defaults_to_it(tmp_path):
+    m = tmp_path / "mistral"
+    ff.build_hf("mistral", m, sliding_window=12)
+    long = "cabbage " * 30
+    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", long)
+    assert r.exit_code == 2 and "longer than the context of 12" in r.stderr and "Traceback" not in r.output
+    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", long, "--truncate", "left", "--json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
+    assert len(rec["prompt_token_ids"]) + 1 <= 12
+    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", "cabbage " * 4, "--max-length", "40",
+            "--force-max-length")
+    assert r.exit_code == 2 and "sliding window of 12 tokens" in r.stderr and "--max-length 12" in r.stderr, r.output
+
+
+def test_qwen_sliding_layers_are_read_from_every_spelling():
+    from paddle_scorer.model import families
+
+    base = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4,
+            "vocab_size": 8, "sliding_window": 32}
+    assert families.read({**base, "use_sliding_window": False}, "m").window is None
+    assert families.read({**base, "use_sliding_window": True, "max_window_layers": 4}, "m").window is None
+    assert families.read({**base, "use_sliding_window": True, "max_window_layers": 2}, "m").window == 32
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert families.read({**base, "layer_types": types}, "m").window == 32
+    with pytest.raises(UnsupportedModelError, match="layer_types"):
+        families.read({**base, "layer_types": ["chunked_attention"] * 4}, "m")
+    assert np.isfinite(families.read(base, "m").rope.theta)
