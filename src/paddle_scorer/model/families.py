@@ -354,7 +354,13 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         mla = None
         default_dim = 128 if family == "qwen3" else hidden // heads
         head_dim = c.int("head_dim", default=default_dim)
-        partial = float(rope_params(cfg, family).get("partial_rotary_factor", 1.0)) if family == "glm4_moe" else 1.0
+        # GLM-4.5 rotates the first partial_rotary_factor of each head; the other families' forwards rotate whole
+        # heads (transformers sizes their tables by the factor, then fails on the shapes): refused, not ignored
+        partial = float(rope_params(cfg, family, where).get("partial_rotary_factor", 1.0))
+        if family != "glm4_moe" and partial != 1.0:
+            c.refuse(f"partial_rotary_factor {partial:g} (this family's forward rotates whole heads)")
+        if not 0 < partial <= 1 or (head_dim * partial) % 2:
+            c.refuse(f"partial_rotary_factor {partial:g} (an even number of a head's {head_dim} dims, up to all)")
         rot_dim = int(head_dim * partial)
         layout = "interleaved" if family == "ernie4_5_moe" else "half"
     max_pos = cfg.get("max_position_embeddings") if isinstance(cfg.get("max_position_embeddings"), int) else None
