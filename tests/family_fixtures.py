@@ -35,6 +35,14 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    # Phi-3 (the 128k recipe): q/k/v stored as one qkv_proj, gate/up as one gate_up_proj, LongRoPE with short and
+    # long factors over a partial rotary (12 of 16 dims), a sliding window longer than the test prompts
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rope_theta=10000.0, partial_rotary_factor=0.75, original_max_position_embeddings=64, sliding_window=120,
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                      "long_factor": [1.0, 2.0, 3.0, 5.0, 8.0, 12.0]})),
     # Mistral dense: a sliding window longer than the test prompts (exact there), explicit head_dim
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,

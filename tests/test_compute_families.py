@@ -155,3 +155,68 @@ def test_inspect_names_the_family_experts_and_active_parameters(hf, family):
         assert fam["experts"] is None and fam["params_active"] == fam["params_total"]
     text = run("inspect", folder).stdout
     assert ff.FAMILIES[family][1] in text and "paddle-scorer's CPU decoder" in text
+
+
+def _paddle_format_adapter(folder, targets: dict[str, tuple[int, int]], r: int = 4, alpha: float = 8.0, seed: int = 5):
+    """A LoRA adapter in PaddleNLP's format (lora_config.json + lora_model_state.pdparams, ``[in, r]`` / ``[r, out]``)
+    on ``targets`` (module -> (in, out)), random non-zero A and B: for a family no installed library builds, so no
+    library's LoRAModel can save one here. Returns its arrays and scaling."""
+    from paddle_scorer.checkpoint.weights import write_pdparams
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for module, (n_in, n_out) in targets.items():
+        arrays[f"{module}.lora_A"] = rng.normal(0, 0.2, (n_in, r)).astype(np.float32)
+        arrays[f"{module}.lora_B"] = rng.normal(0, 0.2, (r, n_out)).astype(np.float32)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_pdparams(arrays, Path(folder) / "lora_model_state.pdparams")
+    (Path(folder) / "lora_config.json").write_text(json.dumps({
+        "r": r, "lora_alpha": alpha, "target_modules": [".*qkv_proj.*", ".*gate_up_proj.*"], "dtype": "float32"}))
+    return arrays, alpha / r
+
+
+@pytest.mark.parametrize("mode", ["attach", "merge"])
+def test_phi3_lora_on_its_stored_fused_modules_equals_transformers_merged(hf, tmp_path, mode, deltas):
+    """Phi-3 stores q/k/v as one [q | k | v] qkv_proj (run grouped per KV head) and gate/up as one gate_up_proj: an
+    adapter trained on those modules has their column order, and lands on them exactly."""
+    folder, model = hf["phi3"]
+    cfg = model.config
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
+    targets = {}
+    for i in range(cfg.num_hidden_layers):
+        targets[f"model.layers.{i}.self_attn.qkv_proj"] = (cfg.hidden_size, qkv)
+        targets[f"model.layers.{i}.mlp.gate_up_proj"] = (cfg.hidden_size, 2 * cfg.intermediate_size)
+    adapter, scaling = _paddle_format_adapter(tmp_path / "lora", targets)
+    reference = copy.deepcopy(model)
+    ff.merge_adapter_into(reference, adapter, scaling, prefix="model")
+    for execution in ("in-ram", "streamed"):
+        recs, meta = classify(tmp_path, folder, "--lora", tmp_path / "lora", "--mode", mode, "--execution", execution,
+                              "--overwrite")
+        d = deltas.record(f"nlp env: phi3 + LoRA on qkv_proj/gate_up_proj ({mode}, {execution}) vs transformers merged",
+                          worst_per_token(recs, reference))
+        assert d <= TOL
+        assert worst_per_token(recs, model) > 1e-3
+
+
+def test_phi3_merge_writes_its_stored_fused_layout_back(hf, tmp_path):
+    folder, model = hf["phi3"]
+    cfg = model.config
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
+    adapter, scaling = _paddle_format_adapter(tmp_path / "lora", {"model.layers.0.self_attn.qkv_proj": (cfg.hidden_size, qkv),
+                                                                  "model.layers.1.self_attn.qkv_proj": (cfg.hidden_size, qkv),
+                                                                  "model.layers.0.mlp.gate_up_proj": (cfg.hidden_size, 2 * cfg.intermediate_size),
+                                                                  "model.layers.1.mlp.gate_up_proj": (cfg.hidden_size, 2 * cfg.intermediate_size)})
+    run("merge", "--model", folder, "--lora", tmp_path / "lora", "--out", tmp_path / "merged")
+    from safetensors.numpy import load_file
+
+    merged = {}
+    for f in sorted((tmp_path / "merged").glob("*.safetensors")):
+        merged.update(load_file(str(f)))
+    want = model.state_dict()["model.layers.0.self_attn.qkv_proj.weight"].numpy().astype(np.float64) + \
+        (adapter["model.layers.0.self_attn.qkv_proj.lora_A"].astype(np.float64)
+         @ adapter["model.layers.0.self_attn.qkv_proj.lora_B"].astype(np.float64) * scaling).T
+    np.testing.assert_allclose(merged["model.layers.0.self_attn.qkv_proj.weight"], want, atol=1e-5)
+    reference = copy.deepcopy(model)
+    ff.merge_adapter_into(reference, adapter, scaling, prefix="model")
+    recs, _ = classify(tmp_path, tmp_path / "merged", "--overwrite")
+    assert worst_per_token(recs, reference) <= TOL

@@ -204,3 +204,14 @@ def test_qwen_sliding_layers_are_read_from_every_spelling():
     with pytest.raises(UnsupportedModelError, match="layer_types"):
         families.read({**base, "layer_types": ["chunked_attention"] * 4}, "m")
     assert np.isfinite(families.read(base, "m").rope.theta)
+
+
+def test_longrope_past_its_original_context_is_refused_and_max_length_defaults_to_it(tmp_path):
+    m = tmp_path / "phi3"
+    ff.build_hf("phi3", m, sliding_window=None)  # LongRoPE with original_max_position_embeddings 64
+    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", "cabbage " * 40)
+    assert r.exit_code == 2 and "longer than the context of 64" in r.stderr, r.output
+    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", "cabbage " * 15, "--max-length", "200",
+            "--force-max-length")
+    assert r.exit_code == 2 and "LongRoPE switches every position to its long factors" in r.stderr, r.output
+    assert "--max-length 64" in r.stderr and "Traceback" not in r.output

@@ -96,11 +96,13 @@ def combine_split_pairs(pairs: dict, splits: dict) -> tuple[dict, list[str]]:
 def validate_adapter(
     adapter: dict[str, np.ndarray], base_shapes: dict[str, tuple[int, ...]], settings: LoraSettings, where: str,
     *, allow_noop: bool = False, aliases: tuple[str, ...] = (), splits: dict | None = None,
+    file_names: dict[str, str] | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
     """Check every adapter tensor against the runtime model's shapes; return ``{module: (A, B)}`` or raise
     listing every problem. A no-op adapter (every B zero, or scaling 0) is refused unless ``allow_noop``.
     ``splits`` (:func:`split_parts`; paddle-scorer's decoder only, which takes a pair of any rank): adapters on the
-    split modules of a fused runtime module are combined onto it (:func:`combine_split_pairs`)."""
+    split modules of a fused runtime module are combined onto it (:func:`combine_split_pairs`). ``file_names``: the
+    adapter's names as its file has them, for the keys a family renamed (``target_modules`` match those)."""
     splits = splits or {}
     problems: list[str] = []
     non_lora = [k for k in adapter if not (k.endswith(".lora_A") or k.endswith(".lora_B"))]
@@ -140,7 +142,7 @@ def validate_adapter(
             )
             continue
         result[module] = (a, b)
-    problems += _target_problems(settings, keys, mapping, pairs, base_modules, base_shapes, splits)
+    problems += _target_problems(settings, keys, mapping, pairs, base_modules, base_shapes, splits, file_names or {})
     problems += nonfinite({f"{m}.lora_A": ab[0] for m, ab in result.items()}
                           | {f"{m}.lora_B": ab[1] for m, ab in result.items()})
     if splits and not problems:
@@ -157,7 +159,7 @@ def validate_adapter(
 
 
 def _target_problems(settings: LoraSettings, keys: list[str], mapping: dict, pairs: dict, base_modules: set[str],
-                     base_shapes: dict, splits: dict) -> list[str]:
+                     base_shapes: dict, splits: dict, file_names: dict[str, str]) -> list[str]:
     """What ``target_modules`` says against what the file holds. PaddleNLP's ``LoRAModel`` adapts exactly the modules
     its regexes fully match and ignores tensors for any other: a module with weights in the file that no target
     matches (under its name in the file or in the base), targets that match no module, or matched modules without
@@ -166,7 +168,7 @@ def _target_problems(settings: LoraSettings, keys: list[str], mapping: dict, pai
     if not targets:
         return []
     problems = []
-    original = {mapping[k].rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k in keys}
+    original = {mapping[k].rsplit(".", 1)[0]: file_names.get(k, k).rsplit(".", 1)[0] for k in keys}
     expected = {m for m in base_modules if any(t.fullmatch(m) for t in targets)}
     expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
     covered = set(pairs) | {splits[m][0] for m in pairs if m in splits}

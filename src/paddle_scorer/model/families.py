@@ -25,6 +25,7 @@ from paddle_scorer.model import rope_config
 # architecture name (config.json "architectures"[0], PaddleFormers' class names included) -> family
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
     "Qwen3ForCausalLM": "qwen3", "Qwen3ForCausalLMDeprecated": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen3MoeForCausalLMDeprecated": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen2MoeForCausalLMDeprecated": "qwen2_moe",
@@ -34,22 +35,26 @@ ARCHITECTURES = {
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
 }
 MODEL_TYPES = {f: f for f in set(ARCHITECTURES.values())}
-TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
+TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi-3", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
           "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4.5", "ernie4_5_moe": "ERNIE 4.5 MoE"}
 DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0}
-DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5}
+DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5, "phi3": 1e-5}
 # Runtime modules fused as PaddleFormers holds them in memory (its LoRA adapters target these names): q/k/v as
 # ``qkv_proj`` (columns grouped per KV head) and gate/up as ``up_gate_proj`` ([gate | up]); DeepSeek and Mixtral keep
 # their projections apart.
-FUSED = {"llama": (), "mistral": (), "qwen2": (), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
+FUSED = {"llama": (), "mistral": (), "qwen2": (), "phi3": ("qkv_proj", "up_gate_proj"), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
          "qwen2_moe": ("qkv_proj", "up_gate_proj"), "glm4_moe": ("qkv_proj", "up_gate_proj"),
          "ernie4_5_moe": ("qkv_proj", "up_gate_proj"), "deepseek_v3": (), "mixtral": ()}
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
+# Families whose checkpoints store q/k/v as one [q | k | v] tensor (and gate/up as one [gate | up]): Phi-3
+STORED_FUSED = frozenset({"phi3"})
+# Families whose forward rotates only the first partial_rotary_factor of each head
+PARTIAL_ROTARY = frozenset({"glm4_moe", "phi3"})
 # Families a model library also builds (PaddleNLP: Llama, Qwen2): the library runs them where it computes what
 # config.json declares; the decoder takes them where it would not (model/rope_config.py) or where no library that
 # builds them is installed (Qwen2 in the PaddleFormers environment).
 LIBRARY_FIRST = frozenset({"llama", "qwen2"})
-DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 # The decoder-body prefix PaddleNLP 3.0.0b4 gives the families it builds (its checkpoints and LoRA adapters use it).
 PADDLENLP_PREFIX = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3"}
 
@@ -79,6 +84,8 @@ class RopeSpec:
     truncate: bool = True
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to original_max
+    long_factor: tuple[float, ...] = ()  # longrope: past original_max (not computed: refused there)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,14 @@ class FamilyConfig:
     @property
     def title(self) -> str:
         return TITLES[self.family]
+
+    @property
+    def exact_positions(self) -> int | None:
+        """Positions the decoder computes exactly (None: any): a sliding window's length, LongRoPE's original context."""
+        limits = [self.window] if self.window else []
+        if self.rope.type == "longrope" and self.rope.long_factor != self.rope.short_factor:
+            limits.append(self.rope.original_max)
+        return min(limits) if limits else None
 
     @property
     def softmax_scale(self) -> float:
@@ -214,6 +229,8 @@ def _rope(c: _Config, dim: int, layout: str, max_positions: int | None) -> tuple
                     attention_factor=rp.get("attention_factor"), truncate=bool(rp.get("truncate", True)),
                     low_freq_factor=float(rp.get("low_freq_factor") or 1.0),
                     high_freq_factor=float(rp.get("high_freq_factor") or 4.0))
+    if kind == "longrope":
+        spec = _longrope(c, rp, spec, max_positions)
     if kind == "llama3":
         for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if rp.get(k) is None:
@@ -222,6 +239,29 @@ def _rope(c: _Config, dim: int, layout: str, max_positions: int | None) -> tuple
             c.refuse(f"llama3 rotary scaling with low_freq_factor {spec.low_freq_factor:g} >= high_freq_factor "
                      f"{spec.high_freq_factor:g}")
     return spec, notes
+
+
+def _longrope(c: _Config, rp: dict, spec: RopeSpec, max_positions: int | None) -> RopeSpec:
+    """LongRoPE (Phi-3's 128k models) as transformers computes it: ``inv_freq = 1 / (short_factor * base^(2i/d))``
+    up to ``original_max_position_embeddings`` (config.json's top level, or the rope settings'), its attention factor
+    ``sqrt(1 + ln(max / original) / ln(original))`` unless given. Past ``original`` transformers switches every position
+    to the long factors: not computed here, refused at run time."""
+    import dataclasses
+
+    orig = c.cfg.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings")
+    short, long_ = rp.get("short_factor"), rp.get("long_factor")
+    half = spec.dim // 2
+    for name, v in (("short_factor", short), ("long_factor", long_)):
+        if not isinstance(v, list) or len(v) != half or not all(isinstance(x, (int, float)) and x > 0 for x in v):
+            c.refuse(f"longrope {name} {str(v)[:60]} (one positive number per rotated frequency: {half})")
+    if not isinstance(orig, int) or orig < 1:
+        c.refuse("longrope without original_max_position_embeddings")
+    factor = (max_positions / orig) if max_positions else float(rp.get("factor") or 1.0)
+    att = rp.get("attention_factor")
+    if att is None:
+        att = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return dataclasses.replace(spec, original_max=int(orig), factor=float(factor), attention_factor=float(att),
+                               short_factor=tuple(float(x) for x in short), long_factor=tuple(float(x) for x in long_))
 
 
 def _check_common(c: _Config) -> None:
@@ -263,7 +303,7 @@ def _window(c: _Config, layers: int) -> int | None:
     ``max_window_layers`` on, or ``layer_types`` naming sliding layers."""
     w = c.cfg.get("sliding_window")
     types = c.cfg.get("layer_types")
-    if c.family in ("mistral", "mixtral"):
+    if c.family in ("mistral", "mixtral", "phi3"):
         sliding = w is not None
     elif isinstance(types, list) and types:
         if len(types) != layers or any(t not in ("full_attention", "sliding_attention") for t in types):
@@ -357,7 +397,7 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         # GLM-4.5 rotates the first partial_rotary_factor of each head; the other families' forwards rotate whole
         # heads (transformers sizes their tables by the factor, then fails on the shapes): refused, not ignored
         partial = float(rope_params(cfg, family, where).get("partial_rotary_factor", 1.0))
-        if family != "glm4_moe" and partial != 1.0:
+        if family not in PARTIAL_ROTARY and partial != 1.0:
             c.refuse(f"partial_rotary_factor {partial:g} (this family's forward rotates whole heads)")
         if not 0 < partial <= 1 or (head_dim * partial) % 2:
             c.refuse(f"partial_rotary_factor {partial:g} (an even number of a head's {head_dim} dims, up to all)")

@@ -14,6 +14,7 @@ READ = frozenset({
     "vocab_size", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "hidden_act",
     # rotary (model/rope_config.py)
     "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rope_interleave",
+    "original_max_position_embeddings",
     # biases (families._biases)
     "attention_bias", "mlp_bias", "qkv_bias", "use_bias",
     # sliding windows (families._window)
@@ -33,6 +34,7 @@ READ = frozenset({
 INERT = frozenset({
     # training only: dropout, init, the router's auxiliary loss and jitter noise (applied in training mode only)
     "attention_dropout", "initializer_range", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits",
+    "resid_pdrop", "embd_pdrop",
     # token ids (tokenizer and generation bookkeeping; the embedding's padding row only matters for training) and the
     # cache switch
     "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",

@@ -14,13 +14,29 @@ from __future__ import annotations
 import re
 
 from paddle_scorer.model import family_tensors
-from paddle_scorer.model.families import FUSED, FamilyConfig
-from paddle_scorer.model.tensor_layout import HF, Conversion, Layout, Part, RuntimeTensor, runtime_tensors
+from paddle_scorer.model.families import FUSED, STORED_FUSED, FamilyConfig
+from paddle_scorer.model.tensor_layout import (
+    HF,
+    Conversion,
+    Layout,
+    Part,
+    RuntimeTensor,
+    qkv_permutation,
+    runtime_tensors,
+)
 
 _STACKED = re.compile(r"^(?P<mlp>.*)\.experts\.(?P<kind>gate_up_proj|down_proj)$")
 
 
+def runtime_name(fc: FamilyConfig, name: str) -> str:
+    """A checkpoint's (or an adapter's) tensor name as the decoder names it (module renames only; prefixes are
+    mapped elsewhere)."""
+    return _renamed(fc, name)
+
+
 def _renamed(fc: FamilyConfig, name: str) -> str:
+    if fc.family in STORED_FUSED:
+        name = name.replace(".mlp.gate_up_proj.", ".mlp.up_gate_proj.")  # [gate | up], the runtime's order
     if fc.family == "mixtral":
         name = re.sub(r"\.mlp\.(gate\.|experts\.)", r".block_sparse_moe.\1", name)
     if fc.family == "ernie4_5_moe":
@@ -86,4 +102,9 @@ def conversion(fc: FamilyConfig, shapes: dict[str, tuple[int, ...]], layout: Lay
             continue
         for t in _stacked_recipes(fc, name, shape, layout, rename):
             tensors[t.name] = t
+    if fc.family in STORED_FUSED:  # one stored [q | k | v] tensor: columns grouped per KV head, as the decoder's qkv_proj
+        perm = qkv_permutation(fc.heads, fc.kv_heads, fc.head_dim)
+        for n, t in list(tensors.items()):
+            if re.search(r"\.self_attn\.qkv_proj\.(weight|bias)$", n) and len(t.parts) == 1 and t.shape[-1] == len(perm):
+                tensors[n] = RuntimeTensor(t.name, t.shape, t.parts, perm)
     return Conversion(conv.layout, tensors, conv.prefix_note, conv.fused)

@@ -235,11 +235,29 @@ def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
         raise WeightMismatchError(f"{lora_dir}: the adapter weights contain NaN/inf, so every score would be meaningless:",
                                   bad, "Re-export the adapter from a healthy training step.")
     splits = split_parts(model.conversion) if model.family is not None else None
+    file_names = {}
+    if model.family is not None:  # the family's module renames (Phi-3's gate_up_proj, Mixtral's mlp.experts...)
+        file_names = {family_layout.runtime_name(model.family, k): k for k in arrays}
+        arrays = {new: arrays[old] for new, old in file_names.items()}
     pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop,
-                                   aliases=model.prefix_aliases, splits=splits)
+                                   aliases=model.prefix_aliases, splits=splits, file_names=file_names)
+    pairs = _columns_in_runtime_order(pairs, model)
     sha = adapter_sha256(info)
     check_not_merged_already(model, Path(lora_dir), sha)
     return AdapterPlan(Path(lora_dir), info, settings, pairs, note, sha, base_note, allow_noop)
+
+
+def _columns_in_runtime_order(pairs: dict, model: ModelPlan) -> dict:
+    """A pair on a module stored fused as one tensor whose columns the runtime reorders (Phi-3's ``qkv_proj``, stored
+    ``[q | k | v]``, run grouped per KV head): its B gets the same column order, as the weight does (a pair trained
+    on the stored module has the stored order)."""
+    out = {}
+    for module, (a, b) in pairs.items():
+        t = model.conversion.tensors.get(module + ".weight")
+        if t is not None and t.perm is not None and len(t.parts) == 1 and b.shape[-1] == len(t.perm):
+            b = np.ascontiguousarray(b[:, list(t.perm)])
+        out[module] = (a, b)
+    return out
 
 
 def check_not_merged_already(model: ModelPlan, lora_dir: Path, sha: str) -> None:

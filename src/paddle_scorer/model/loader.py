@@ -114,8 +114,8 @@ class Loaded:
         if self.plan is not None:
             v = self.plan.model.info.config.get("max_position_embeddings")
             v = v if isinstance(v, int) else None
-            window = self.plan.model.family.window if self.plan.model.family is not None else None
-            return min(v, window) if v is not None and window is not None else (window or v)
+            exact = self.plan.model.family.exact_positions if self.plan.model.family is not None else None
+            return min(v, exact) if v is not None and exact is not None else (exact or v)
         return getattr(self.config, "max_position_embeddings", None)
 
 

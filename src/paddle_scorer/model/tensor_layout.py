@@ -173,8 +173,8 @@ class Part:
 @dataclass(frozen=True)
 class RuntimeTensor:
     """One runtime parameter and how to make it from the checkpoint's tensors: the parts (each maybe
-    transposed) concatenated along the last axis, then, for ERNIE 4.5's ``qkv_proj``, the columns
-    reordered (``perm[j]`` = the concatenated column that becomes runtime column ``j``)."""
+    transposed) concatenated along the last axis, then, for ERNIE 4.5's ``qkv_proj`` (and Phi-3's, stored as one
+    tensor), the columns reordered (``perm[j]`` = the concatenated column that becomes runtime column ``j``)."""
 
     name: str
     shape: tuple[int, ...]
@@ -187,13 +187,15 @@ class RuntimeTensor:
 
     @property
     def identity(self) -> bool:
-        return len(self.parts) == 1 and not self.parts[0].transpose
+        return len(self.parts) == 1 and not self.parts[0].transpose and self.perm is None
 
     def build(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The runtime array from the source arrays (``arrays`` keyed by source name)."""
         if len(self.parts) == 1:
             p = self.parts[0]
             a = p.take(arrays[p.source])
+            if self.perm is not None:  # one stored fused tensor whose columns the runtime reorders (Phi-3's qkv_proj)
+                return np.ascontiguousarray(a[..., list(self.perm)])
             return np.ascontiguousarray(a) if (p.transpose or p.select is not None) else a
         cat = np.concatenate([p.take(arrays[p.source]) for p in self.parts], axis=-1)
         return np.ascontiguousarray(cat[..., list(self.perm)]) if self.perm is not None else cat

@@ -32,6 +32,18 @@ class WindowLimit(UsageError):
         )
 
 
+class LongRopeLimit(UsageError):
+    """A position past LongRoPE's original context, where transformers switches every position to the long factors."""
+
+    def __init__(self, position: int, limit: int):
+        self.position, self.limit = position, limit
+        super().__init__(
+            f"a prompt needs position {position}, but past {limit} positions (original_max_position_embeddings) this "
+            "model's LongRoPE switches every position to its long factors, which paddle-scorer does not compute yet: "
+            f"use --max-length {limit} (or less), with --truncate left to cut long prompts from the start."
+        )
+
+
 def rotary_is_dynamic(library: str, module) -> bool:
     """A rotary module whose frequencies depend on the length of the call (dynamic NTK scaling: PaddleNLP's
     ``LlamaDynamicNTKScalingRotaryEmbedding``; PaddleFormers' ``rope_type`` dynamic or longrope)."""
@@ -133,6 +145,9 @@ class NativeRope:
         top = int(positions.max()) + 1 if positions.size else 1
         if self.window is not None and top > self.window:
             raise WindowLimit(top - 1, self.window)
+        if self.spec.type == "longrope" and top > self.spec.original_max and \
+                self.spec.long_factor != self.spec.short_factor:
+            raise LongRopeLimit(top - 1, self.spec.original_max)
         if top > self.cos.shape[0]:
             n = max(top, 2 * self.cos.shape[0], 64)
             ang = np.arange(n, dtype=np.float32)[:, None] * self.inv_freq[None, :]
@@ -174,6 +189,9 @@ def native_inv_freq(spec) -> tuple[np.ndarray, float]:
         return (inv / np.float32(spec.factor)).astype(np.float32), 1.0
     if spec.type == "llama3":
         return _llama3(inv, spec), 1.0
+    if spec.type == "longrope":
+        ext = np.asarray(spec.short_factor, dtype=np.float32)
+        return (np.float32(1.0) / (ext * pos_freqs)).astype(np.float32), float(spec.attention_factor)
     factor, orig = spec.factor, spec.original_max
 
     def mscale(s, m=1.0):
