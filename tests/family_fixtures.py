@@ -43,6 +43,14 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         tie_word_embeddings=False, rms_norm_eps=1e-5,
         rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                       "long_factor": [1.0, 2.0, 3.0, 5.0, 8.0, 12.0]})),
+    # Gemma 3 (text): GeLU-tanh, (1 + w) norms, four per layer, q/k norms, embedding scale, local layers with their own
+    # rotary base and global ones with linear scaling, query_pre_attn_scalar, soft-capped logits, a tied head
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        COMMON, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        query_pre_attn_scalar=24, sliding_window=100, layer_types=["sliding_attention", "full_attention",
+                                                                   "sliding_attention"],
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        final_logit_softcapping=30.0, attn_logit_softcapping=None, tie_word_embeddings=True)),
     # Mistral dense: a sliding window longer than the test prompts (exact there), explicit head_dim
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
@@ -91,6 +99,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         use_bias=False, rope_theta=500000.0, tie_word_embeddings=False)),
 }
 BIAS_SCALE = {"deepseek_v3": 0.3, "glm4_moe": 0.3, "ernie4_5_moe": 0.1}
+NORM_OFFSET = {"gemma3"}
 
 
 def v5_rope(cfg: dict) -> dict:
@@ -120,7 +129,8 @@ def _perturb(model, family: str, gen) -> None:
             if "e_score_correction_bias" in name:
                 t.copy_(torch.randn(t.shape, generator=gen) * BIAS_SCALE[family])
             elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                t.copy_(1.0 + 0.3 * torch.randn(t.shape, generator=gen))
+                center = 0.0 if family in NORM_OFFSET else 1.0  # Gemma's norms multiply by (1 + weight)
+                t.copy_(center + 0.3 * torch.randn(t.shape, generator=gen))
             elif name.endswith(".bias"):
                 t.copy_(0.2 * torch.randn(t.shape, generator=gen))
 

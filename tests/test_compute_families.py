@@ -171,28 +171,32 @@ def _paddle_format_adapter(folder, targets: dict[str, tuple[int, int]], r: int =
     Path(folder).mkdir(parents=True, exist_ok=True)
     write_pdparams(arrays, Path(folder) / "lora_model_state.pdparams")
     (Path(folder) / "lora_config.json").write_text(json.dumps({
-        "r": r, "lora_alpha": alpha, "target_modules": [".*qkv_proj.*", ".*gate_up_proj.*"], "dtype": "float32"}))
+        "r": r, "lora_alpha": alpha, "target_modules": [".*(" + "|".join(sorted({m.rsplit(".", 1)[-1] for m in targets}))
+                                                        + ")"], "dtype": "float32"}))
     return arrays, alpha / r
 
 
+_ADAPTED = ("q_proj", "o_proj", "qkv_proj", "gate_proj", "down_proj", "gate_up_proj")
+
+
 @pytest.mark.parametrize("mode", ["attach", "merge"])
-def test_phi3_lora_on_its_stored_fused_modules_equals_transformers_merged(hf, tmp_path, mode, deltas):
-    """Phi-3 stores q/k/v as one [q | k | v] qkv_proj (run grouped per KV head) and gate/up as one gate_up_proj: an
-    adapter trained on those modules has their column order, and lands on them exactly."""
-    folder, model = hf["phi3"]
-    cfg = model.config
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
-    targets = {}
-    for i in range(cfg.num_hidden_layers):
-        targets[f"model.layers.{i}.self_attn.qkv_proj"] = (cfg.hidden_size, qkv)
-        targets[f"model.layers.{i}.mlp.gate_up_proj"] = (cfg.hidden_size, 2 * cfg.intermediate_size)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gemma3"])
+def test_lora_on_the_new_dense_families_equals_transformers_merged(hf, tmp_path, family, mode, deltas):
+    """An adapter on the attention and MLP projections, under the names the checkpoint has (Phi-3's stored fused
+    qkv_proj [q | k | v], run grouped per KV head, and gate_up_proj), attached and merged, in RAM and streamed."""
+    import torch
+
+    folder, model = hf[family]
+    targets = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in _ADAPTED}
+    assert targets
     adapter, scaling = _paddle_format_adapter(tmp_path / "lora", targets)
     reference = copy.deepcopy(model)
     ff.merge_adapter_into(reference, adapter, scaling, prefix="model")
     for execution in ("in-ram", "streamed"):
         recs, meta = classify(tmp_path, folder, "--lora", tmp_path / "lora", "--mode", mode, "--execution", execution,
                               "--overwrite")
-        d = deltas.record(f"nlp env: phi3 + LoRA on qkv_proj/gate_up_proj ({mode}, {execution}) vs transformers merged",
+        d = deltas.record(f"nlp env: {family} + LoRA ({mode}, {execution}) vs transformers merged",
                           worst_per_token(recs, reference))
         assert d <= TOL
         assert worst_per_token(recs, model) > 1e-3

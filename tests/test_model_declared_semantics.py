@@ -215,3 +215,25 @@ def test_longrope_past_its_original_context_is_refused_and_max_length_defaults_t
             "--force-max-length")
     assert r.exit_code == 2 and "LongRoPE switches every position to its long factors" in r.stderr, r.output
     assert "--max-length 64" in r.stderr and "Traceback" not in r.output
+
+
+def test_gemma3_rotary_per_layer_type_reads_the_same_in_both_spellings():
+    """transformers 5 writes Gemma 3's rotary settings per layer type; 4.x as rope_theta + rope_scaling (global) and
+    rope_local_base_freq (local): one reading."""
+    from paddle_scorer.model import families
+
+    base = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3,
+            "head_dim": 16, "vocab_size": 8, "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    v4 = families.read({**base, "rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                        "rope_local_base_freq": 10000.0}, "m")
+    v5 = families.read({**base, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}, "m")
+    assert v4.rope == v5.rope and v4.local_rope == v5.local_rope
+    assert (v5.rope.type, v5.rope.factor, v5.rope.theta, v5.local_rope.theta) == ("linear", 8.0, 1e6, 10000.0)
+    assert v5.local_layers == frozenset({0, 2}) and v5.window == 32
+    with pytest.raises(UnsupportedModelError, match=r"rope_parameters per layer type \(chunked_attention\)"):
+        families.read({**base, "rope_parameters": {"chunked_attention": {"rope_type": "default"}}}, "m")
+    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping 50.0"):
+        families.read({**base, "attn_logit_softcapping": 50.0}, "m")

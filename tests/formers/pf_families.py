@@ -60,8 +60,13 @@ FAMILIES = {
                           moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
                           num_nextn_predict_layers=0),
                      [r".*\.self_attn\.(qkv_proj|o_proj)", r".*\.mlp\.experts\.[0-9]+\.(up_gate_proj|down_proj)"]),
+    # Phi-3: PaddleFormers builds and runs it on a CPU, but no library here exposes it to paddle-scorer (PaddleFormers'
+    # Llama-style API has no Phi-3 entry point): the decoder computes it; q/k/v fused [q | k | v], gate_up fused
+    "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM",
+             dict(intermediate_size=128, num_hidden_layers=2, partial_rotary_factor=0.75),
+             [r".*\.self_attn\.(qkv_proj|o_proj)", r".*\.mlp\.(gate_up_proj|down_proj)"]),
 }
-RUNS_ON_CPU = ("qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe")  # PaddleFormers' own forward does
+RUNS_ON_CPU = ("qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v3", "glm4_moe", "phi3")  # PaddleFormers' own forward does
 
 
 def install_stubs() -> None:

@@ -121,3 +121,22 @@ def test_inspect_says_what_each_is_and_that_paddle_scorer_runs_it(saved):
         assert data["assessment"]["usable"] and data["assessment"]["gpu_only"] is None
         text = " ".join(run("inspect", lora).stdout.split())
         assert "next: paddle-scorer classify" in text
+
+
+def test_a_paddleformers_saved_gemma3_is_refused_not_misread(tmp_path):
+    """PaddleFormers 1.2.0 saves Gemma 3 with the first layer's MLP split (HF [out, in]) and the others' fused
+    `up_gate_proj` in Paddle's [in, out], and no `lm_head` although config.json says the head is not tied: the decoder
+    refuses it naming the tensors, rather than guessing which layout each holds."""
+    import importlib
+
+    pf.install_stubs()
+    mod = importlib.import_module("paddleformers.transformers.gemma3_text.modeling")
+    cfg = importlib.import_module("paddleformers.transformers.gemma3_text.configuration").Gemma3TextConfig(
+        **{**pf.COMMON, "intermediate_size": 128, "num_hidden_layers": 2, "head_dim": 16, "sliding_window": 100,
+           "layer_types": ["sliding_attention", "full_attention"]})
+    model = getattr(mod, "Gemma3ForCausalLM")(cfg)
+    folder = pf.save(model, tmp_path / "gemma3")
+    r = runner.invoke(app, ["classify", "--model", str(folder), "--labels", "a,b", "--prompt", "x"])
+    assert r.exit_code == 4 and "Traceback" not in r.output
+    assert "model.layers.1.mlp.up_gate_proj.weight: unexpected tensor" in r.output
+    assert "lm_head.weight: missing from the checkpoint" in r.output

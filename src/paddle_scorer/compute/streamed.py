@@ -89,6 +89,10 @@ class StreamedBackend:
         self.norm_array = next(iter(norms.values())) if norms else None
         if self.family is None:
             self._set(norms)
+        elif self.norm_array is not None:
+            from paddle_scorer.compute.numpy_runner import final_norm
+
+            self.norm_array = final_norm(self.family, self.norm_array)
 
     def _init_library(self) -> None:
         """The library's one-layer template model (checked by the loader), and the decoder's forward when it applies."""
@@ -131,7 +135,7 @@ class StreamedBackend:
         self.compute = {"forward": "paddle-scorer decoder", "family": fc.family, "gemm": choice.to_dict()}
         self.layer_prefix = "model.layers.0."
         arch = mp.library.arch_for(mp.info).architecture
-        self.fast = decoder.Forward(decoder.spec_for_family(fc, arch), kernel, decoder.NativeRope(fc.rope, fc.window))
+        self.fast = decoder.Forward(decoder.spec_for_family(fc, arch), kernel, decoder.native_rope(fc))
 
     def _fast_forward(self, model):
         """The CPU decoder forward for this model (None, with ``compute`` saying why, when it does not apply)."""

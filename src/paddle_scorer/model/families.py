@@ -25,7 +25,7 @@ from paddle_scorer.model import rope_config
 # architecture name (config.json "architectures"[0], PaddleFormers' class names included) -> family
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Phi3ForCausalLM": "phi3",
+    "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
     "Qwen3ForCausalLM": "qwen3", "Qwen3ForCausalLMDeprecated": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen3MoeForCausalLMDeprecated": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen2MoeForCausalLMDeprecated": "qwen2_moe",
@@ -34,15 +34,15 @@ ARCHITECTURES = {
     "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeForCausalLMDeprecated": "glm4_moe",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
 }
-MODEL_TYPES = {f: f for f in set(ARCHITECTURES.values())}
-TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi-3", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
+MODEL_TYPES = {**{f: f for f in set(ARCHITECTURES.values())}, "gemma3_text": "gemma3"}
+TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi-3", "gemma3": "Gemma 3", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
           "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4.5", "ernie4_5_moe": "ERNIE 4.5 MoE"}
-DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0}
+DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0, "gemma3": 1e6}
 DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5, "phi3": 1e-5}
 # Runtime modules fused as PaddleFormers holds them in memory (its LoRA adapters target these names): q/k/v as
 # ``qkv_proj`` (columns grouped per KV head) and gate/up as ``up_gate_proj`` ([gate | up]); DeepSeek and Mixtral keep
 # their projections apart.
-FUSED = {"llama": (), "mistral": (), "qwen2": (), "phi3": ("qkv_proj", "up_gate_proj"), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
+FUSED = {"llama": (), "mistral": (), "qwen2": (), "phi3": ("qkv_proj", "up_gate_proj"), "gemma3": (), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
          "qwen2_moe": ("qkv_proj", "up_gate_proj"), "glm4_moe": ("qkv_proj", "up_gate_proj"),
          "ernie4_5_moe": ("qkv_proj", "up_gate_proj"), "deepseek_v3": (), "mixtral": ()}
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
@@ -54,7 +54,7 @@ PARTIAL_ROTARY = frozenset({"glm4_moe", "phi3"})
 # config.json declares; the decoder takes them where it would not (model/rope_config.py) or where no library that
 # builds them is installed (Qwen2 in the PaddleFormers environment).
 LIBRARY_FIRST = frozenset({"llama", "qwen2"})
-DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"})
 # The decoder-body prefix PaddleNLP 3.0.0b4 gives the families it builds (its checkpoints and LoRA adapters use it).
 PADDLENLP_PREFIX = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "deepseek_v3": "deepseek_v3"}
 
@@ -128,6 +128,17 @@ class FamilyConfig:
     extra_layers: int = 0  # next-n / MTP layers in the checkpoint, never run when scoring
     biases: frozenset[str] = frozenset()  # modules whose bias config.json declares (q_proj, o_proj, gate_proj...)
     window: int | None = None  # a sliding window some layer uses: exact up to this many positions
+    # Gemma 3: GeLU (tanh) gate, RMSNorm weights as offsets from 1, the embedding scaled by sqrt(hidden), a norm
+    # after attention and after the MLP, local layers (sliding window) with their own rotary base, a query scale,
+    # soft-capped logits
+    activation: str = "silu"  # "silu" | "gelu_tanh"
+    norm_offset: float = 0.0
+    embed_scale: float | None = None
+    post_norms: bool = False
+    local_layers: frozenset[int] = frozenset()
+    local_rope: RopeSpec | None = None
+    query_scale: float | None = None  # the attention's scale when the config sets it (query_pre_attn_scalar^-0.5)
+    final_softcap: float | None = None
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -145,6 +156,8 @@ class FamilyConfig:
     @property
     def softmax_scale(self) -> float:
         """The attention's scale: ``head_dim^-0.5``; DeepSeek-V3 ``(qk_nope + qk_rope)^-0.5`` times YaRN's mscale^2."""
+        if self.query_scale is not None:
+            return self.query_scale
         if self.mla is None:
             return self.head_dim ** -0.5
         scale = (self.mla["qk_nope"] + self.mla["qk_rope"]) ** -0.5
@@ -265,6 +278,14 @@ def _longrope(c: _Config, rp: dict, spec: RopeSpec, max_positions: int | None) -
 
 
 def _check_common(c: _Config) -> None:
+    if c.family == "gemma3":
+        act = c.get("hidden_activation", c.get("hidden_act", "gelu_pytorch_tanh"))
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            c.refuse(f"hidden_activation {act!r} (Gemma 3 uses gelu_pytorch_tanh)")
+        for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+            if c.get(key):
+                c.refuse(f"{key} {c.get(key)!r} (not computed by the decoder yet)")
+        return
     act = c.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         c.refuse(f"hidden_act {act!r} (these families use SiLU)")
@@ -279,7 +300,7 @@ def _biases(c: _Config) -> frozenset[str]:
     """The modules whose bias the config declares, as transformers builds them: each must be in the checkpoint, and
     a bias on any other module is refused (transformers would not use it)."""
     f, on = c.family, lambda key, default=False: bool(c.get(key, default))
-    if f in ("llama", "qwen3", "qwen3_moe"):
+    if f in ("llama", "qwen3", "qwen3_moe", "gemma3"):
         out = set(_ATTN) if on("attention_bias") else set()
         if f == "llama" and on("mlp_bias"):
             out |= {"gate_proj", "up_proj", "down_proj"}
@@ -305,6 +326,10 @@ def _window(c: _Config, layers: int) -> int | None:
     types = c.cfg.get("layer_types")
     if c.family in ("mistral", "mixtral", "phi3"):
         sliding = w is not None
+    elif c.family == "gemma3" and not (isinstance(types, list) and types):
+        pattern = c.int("sliding_window_pattern", default=6)  # transformers 4.5x's default: 5 local, 1 global
+        types = ["sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention" for i in range(layers)]
+        sliding = "sliding_attention" in types
     elif isinstance(types, list) and types:
         if len(types) != layers or any(t not in ("full_attention", "sliding_attention") for t in types):
             c.refuse(f"layer_types {types!r} (one of full_attention / sliding_attention per layer)")
@@ -316,6 +341,51 @@ def _window(c: _Config, layers: int) -> int | None:
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         c.refuse(f"sliding_window {w!r} with sliding layers (a positive number of tokens)")
     return w
+
+
+def _global_rope_view(cfg: dict) -> dict:
+    """config.json with transformers 5's per-layer-type rotary settings narrowed to the full-attention layers'."""
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()) and "full_attention" in rp:
+        return {**cfg, "rope_parameters": rp["full_attention"]}
+    return cfg
+
+
+def _gemma3(c: _Config, layers: int, rot_dim: int, max_pos: int | None) -> dict:
+    """What Gemma 3 adds (transformers' Gemma3ForCausalLM): local (sliding-window) layers from ``layer_types`` or
+    ``sliding_window_pattern``, each kind with its own rotary settings (transformers 5: ``rope_parameters`` per layer
+    type; 4.x: ``rope_theta`` + ``rope_scaling`` for the global layers, ``rope_local_base_freq`` for the local ones),
+    RMSNorm weights as offsets from 1, the embedding times sqrt(hidden), ``query_pre_attn_scalar``, soft-capped
+    logits."""
+    types = c.cfg.get("layer_types")
+    if not (isinstance(types, list) and types):
+        pattern = c.int("sliding_window_pattern", default=6)
+        types = ["sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention" for i in range(layers)]
+    rp = c.cfg.get("rope_parameters")
+    if isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
+        unknown = set(rp) - {"full_attention", "sliding_attention"}
+        if unknown:
+            c.refuse(f"rope_parameters for layer types {sorted(unknown)}")
+        global_cfg = {**c.cfg, "rope_parameters": rp.get("full_attention", {})}
+        local_cfg = {"rope_parameters": rp.get("sliding_attention", {"rope_type": "default"}),
+                     "rope_theta": None}
+    else:
+        global_cfg = c.cfg
+        local_cfg = {"rope_theta": c.num("rope_local_base_freq", 10000.0)}
+    out = {}
+    for key, view in (("rope", global_cfg), ("local_rope", local_cfg)):
+        sub = _Config(view, c.where, c.family)
+        out[key], notes = _rope(sub, rot_dim, "half", max_pos)
+        out.setdefault("notes", []).extend(notes)
+    scalar = c.num("query_pre_attn_scalar", 256.0)
+    if scalar <= 0:
+        c.refuse(f"query_pre_attn_scalar {scalar:g} (a positive number)")
+    cap = c.cfg.get("final_logit_softcapping")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
+        c.refuse(f"final_logit_softcapping {cap!r} (a positive number, or null)")
+    return dict(local_layers=frozenset(i for i, t in enumerate(types) if t == "sliding_attention"),
+                query_scale=scalar ** -0.5, final_softcap=float(cap) if cap else None, activation="gelu_tanh",
+                norm_offset=1.0, post_norms=True, qk_norm=True, **out)
 
 
 def _moe_layers(c: _Config, layers: int) -> frozenset[int]:
@@ -396,7 +466,7 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         head_dim = c.int("head_dim", default=default_dim)
         # GLM-4.5 rotates the first partial_rotary_factor of each head; the other families' forwards rotate whole
         # heads (transformers sizes their tables by the factor, then fails on the shapes): refused, not ignored
-        partial = float(rope_params(cfg, family, where).get("partial_rotary_factor", 1.0))
+        partial = float(rope_params(_global_rope_view(cfg), family, where).get("partial_rotary_factor", 1.0))
         if family not in PARTIAL_ROTARY and partial != 1.0:
             c.refuse(f"partial_rotary_factor {partial:g} (this family's forward rotates whole heads)")
         if not 0 < partial <= 1 or (head_dim * partial) % 2:
@@ -404,7 +474,13 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         rot_dim = int(head_dim * partial)
         layout = "interleaved" if family == "ernie4_5_moe" else "half"
     max_pos = cfg.get("max_position_embeddings") if isinstance(cfg.get("max_position_embeddings"), int) else None
-    rope, notes = _rope(c, rot_dim, layout, max_pos)
+    extras: dict = {}
+    if family == "gemma3":
+        extras = _gemma3(c, layers, rot_dim, max_pos)
+        rope, notes = extras.pop("rope"), extras.pop("notes")
+        extras["embed_scale"] = float(hidden) ** 0.5
+    else:
+        rope, notes = _rope(c, rot_dim, layout, max_pos)
     moe = _moe(c)
     extra = c.int("num_nextn_predict_layers", default=0)
     window = _window(c, layers)
@@ -418,10 +494,11 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         family=family, hidden=hidden, layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim,
         vocab=c.int("vocab_size"), eps=c.num("rms_norm_eps", DEFAULT_EPS.get(family, 1e-6)),
         intermediate=c.int("intermediate_size", default=4 * hidden),
-        tie=bool(cfg.get("tie_word_embeddings", family == "ernie4_5_moe")), rope=rope, max_positions=max_pos,
-        qk_norm=family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and bool(c.get("use_qk_norm", False))),
+        tie=bool(cfg.get("tie_word_embeddings", family in ("ernie4_5_moe", "gemma3"))), rope=rope, max_positions=max_pos,
+        qk_norm=extras.pop("qk_norm", family in ("qwen3", "qwen3_moe") or (family == "glm4_moe"
+                                                                              and bool(c.get("use_qk_norm", False)))),
         mla=mla, moe=moe, moe_layers=_moe_layers(c, layers) if moe else frozenset(),
         mlp_name="block_sparse_moe" if family == "mixtral" else "mlp",
         expert_names=("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj"),
-        extra_layers=extra, biases=_biases(c), window=window, notes=tuple(notes),
+        extra_layers=extra, biases=_biases(c), window=window, notes=tuple(notes), **extras,
     )

@@ -26,6 +26,9 @@ READ = frozenset({
     "mlp_only_layers", "first_k_dense_replace", "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval",
     # attention variants
     "use_qk_norm", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    # Gemma 3 (families._gemma3, _check_common)
+    "hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping",
+    "rope_local_base_freq", "use_bidirectional_attention", "sliding_window_pattern",
     # checked to be what the forward does with it (families._check_common): Llama 2's tensor-parallel slicing is the
     # same product split in pieces
     "pretraining_tp",

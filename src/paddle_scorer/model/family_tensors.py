@@ -92,6 +92,9 @@ def layer_tensors(fc: FamilyConfig, i: int) -> tuple[dict[str, tuple[int, ...]],
     p = f"{PREFIX}.layers.{i}"
     out[f"{p}.input_layernorm.weight"] = (fc.hidden,)
     out[f"{p}.post_attention_layernorm.weight"] = (fc.hidden,)
+    if fc.post_norms:  # Gemma 3: the attention's output normed too, and a norm before and after the MLP
+        out[f"{p}.pre_feedforward_layernorm.weight"] = (fc.hidden,)
+        out[f"{p}.post_feedforward_layernorm.weight"] = (fc.hidden,)
     _attention(fc, out, opt, f"{p}.self_attn")
     if i in fc.moe_layers:
         _moe(fc, out, opt, f"{p}.{fc.mlp_name}")

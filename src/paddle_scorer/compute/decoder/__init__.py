@@ -6,7 +6,15 @@ from paddle_scorer.compute.decoder.batch import KV, MASKED, Batch, keep_from_mas
 from paddle_scorer.compute.decoder.forward import ATTENTION_ROWS, Forward  # noqa: F401
 from paddle_scorer.compute.decoder.ops import rms_norm, rotate, silu_mul  # noqa: F401
 from paddle_scorer.compute.decoder.family_layers import make_family_layer  # noqa: F401
-from paddle_scorer.compute.decoder.rope import ContextLimit, NativeRope, Rope, find_rotary, rotary_is_dynamic  # noqa: F401
+from paddle_scorer.compute.decoder.rope import (  # noqa: F401
+    ContextLimit,
+    DualRope,
+    NativeRope,
+    Rope,
+    find_rotary,
+    native_rope,
+    rotary_is_dynamic,
+)
 from paddle_scorer.compute.decoder.spec import ArchSpec, spec_for, spec_for_family  # noqa: F401
 from paddle_scorer.compute.decoder.threads import PARALLEL_ELEMENTS, parallel_rows  # noqa: F401
 from paddle_scorer.compute.decoder.weights import (  # noqa: F401

@@ -106,7 +106,13 @@ def _attention(fc, mods: _Modules, layer: Layer) -> None:
 def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, scaling: float = 1.0) -> Layer:
     """Layer ``index`` of a family model from its tensors by suffix and LoRA pairs ``{module suffix: (A, B)}``."""
     mods = _Modules(tensors, lora, scaling)
-    layer = Layer(mods.vector("input_layernorm.weight"), mods.vector("post_attention_layernorm.weight"))
+    if fc.post_norms:  # Gemma 3: post_attention_layernorm norms the attention's output; the MLP has its own pair
+        layer = Layer(mods.vector("input_layernorm.weight"), mods.vector("pre_feedforward_layernorm.weight"),
+                      post_attn=mods.vector("post_attention_layernorm.weight"),
+                      post_mlp=mods.vector("post_feedforward_layernorm.weight"))
+    else:
+        layer = Layer(mods.vector("input_layernorm.weight"), mods.vector("post_attention_layernorm.weight"))
+    layer.local = index in fc.local_layers
     _attention(fc, mods, layer)
     if index in fc.moe_layers:
         layer.moe = _moe(fc, mods, fc.mlp_name)
@@ -114,6 +120,12 @@ def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, s
         e = _expert(mods, "mlp", ("gate_proj", "up_proj", "down_proj"))
         layer.down, layer.gate_up, layer.gate, layer.up = e.down, e.gate_up, e.gate, e.up
     mods.check_all_used()
+    if fc.norm_offset:  # Gemma's RMSNorm multiplies by (1 + weight), computed in float32
+        off = np.float32(fc.norm_offset)
+        for name in ("ln1", "ln2", "post_attn", "post_mlp", "q_norm", "k_norm"):
+            v = getattr(layer, name)
+            if v is not None:
+                setattr(layer, name, (np.asarray(v, np.float32) + off).astype(np.float32))
     return layer
 
 

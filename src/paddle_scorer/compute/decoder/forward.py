@@ -23,7 +23,7 @@ import numpy as np
 
 from paddle_scorer.compute.decoder import moe
 from paddle_scorer.compute.decoder.batch import Batch
-from paddle_scorer.compute.decoder.ops import rms_norm, rotate, silu_mul
+from paddle_scorer.compute.decoder.ops import gelu_tanh_mul, rms_norm, rotate, silu_mul
 from paddle_scorer.compute.decoder.rope import Rope
 from paddle_scorer.compute.decoder.spec import ArchSpec
 from paddle_scorer.compute.decoder.threads import parallel_rows
@@ -40,6 +40,11 @@ class Forward:
         self.spec = spec
         self.k = kernel
         self.rope = rope
+        fam = spec.family
+        self.gate_act = gelu_tanh_mul if fam is not None and fam.activation == "gelu_tanh" else silu_mul
+        self.embed_scale = np.float32(fam.embed_scale) if fam is not None and fam.embed_scale else None
+        self.softcap = np.float32(fam.final_softcap) if fam is not None and fam.final_softcap else None
+        self.dual = getattr(rope, "dual", False)  # per-layer rotary tables side by side (Gemma 3: global | local)
 
     # ---------------------------------------------------------------- pieces
 
@@ -57,6 +62,8 @@ class Forward:
         h = out.embed[flat].astype(np.float32, copy=True)
         if self.spec.zero_embedding_id is not None:
             h[flat == self.spec.zero_embedding_id] = 0.0
+        if self.embed_scale is not None:
+            h *= self.embed_scale
         return h
 
     def logprobs(self, out: Outside, rows: np.ndarray, normed: bool = False) -> np.ndarray:
@@ -66,6 +73,10 @@ class Forward:
             logits = self.k.mm(np.ascontiguousarray(x), out.head, trans_w=out.head_transposed)
             if out.head_bias is not None:
                 logits += out.head_bias
+            if self.softcap is not None:  # Gemma: cap * tanh(logits / cap)
+                logits /= self.softcap
+                np.tanh(logits, out=logits)
+                logits *= self.softcap
             m = logits.max(axis=-1, keepdims=True)
             z = logits - m
             lse = np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float32))
@@ -124,9 +135,9 @@ class Forward:
         if mlp.gate_up is not None:
             gu = self.linear(mlp.gate_up, x)
             inter = gu.shape[1] // 2
-            act = silu_mul(np.ascontiguousarray(gu[:, :inter]), gu[:, inter:])
+            act = self.gate_act(np.ascontiguousarray(gu[:, :inter]), gu[:, inter:])
         else:
-            act = silu_mul(self.linear(mlp.gate, x), self.linear(mlp.up, x))
+            act = self.gate_act(self.linear(mlp.gate, x), self.linear(mlp.up, x))
         return self.linear(mlp.down, act)
 
     def _mlp(self, layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -208,12 +219,18 @@ class Forward:
 
     def _layer(self, layer, h, batch, cos, sin, past, keep_kv, prefix=None):
         sp = self.spec
+        if self.dual:  # this layer's table: the global one first, the local one second
+            d = cos.shape[-1] // 2
+            part = slice(d, 2 * d) if layer.local else slice(0, d)
+            cos, sin = np.ascontiguousarray(cos[:, part]), np.ascontiguousarray(sin[:, part])
         x = rms_norm(h, layer.ln1, sp.eps)
         q, k, v = (self._mla if layer.mla is not None else self._qkv)(layer, x, cos, sin)
         o = self.attention(q, k, v, batch, *(past or (None, None)), prefix=prefix)
-        h += self.linear(layer.o, o)
+        o = self.linear(layer.o, o)
+        h += o if layer.post_attn is None else rms_norm(o, layer.post_attn, sp.eps)
         x = rms_norm(h, layer.ln2, sp.eps)
-        h += self._mlp(layer, x)
+        m = self._mlp(layer, x)
+        h += m if layer.post_mlp is None else rms_norm(m, layer.post_mlp, sp.eps)
         new = None
         if keep_kv:
             new = (np.ascontiguousarray(batch.spread(k).transpose(0, 2, 1, 3)),

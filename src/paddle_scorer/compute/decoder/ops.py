@@ -1,5 +1,5 @@
 """Element-wise pieces of the forward, in place where numpy allows and split over the compute threads: RMSNorm,
-rotary embedding, SiLU-gated product."""
+rotary embedding, SiLU- and GeLU-gated products."""
 
 from __future__ import annotations
 
@@ -58,6 +58,28 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         np.exp(t, out=t)
         t += np.float32(1.0)
         np.divide(g, t, out=g)
+        g *= up[sl]
+
+    parallel_rows(rows, gate.shape[0], gate.size)
+    return gate
+
+
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``gelu_tanh(gate) * up`` (PyTorch's ``gelu(approximate="tanh")``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
+    x^3)))``, Gemma's gate), in place on ``gate``."""
+    c = np.float32(np.sqrt(2.0 / np.pi))
+
+    def rows(sl):
+        g = gate[sl]
+        t = g * g
+        t *= np.float32(0.044715)
+        t += np.float32(1.0)
+        t *= g
+        t *= c
+        np.tanh(t, out=t)
+        t += np.float32(1.0)
+        t *= np.float32(0.5)
+        g *= t
         g *= up[sl]
 
     parallel_rows(rows, gate.shape[0], gate.size)

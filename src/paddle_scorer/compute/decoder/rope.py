@@ -215,3 +215,29 @@ def native_inv_freq(spec) -> tuple[np.ndarray, float]:
     extrapolate = (np.float32(1) - ramp).astype(np.float32)
     inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
     return (inter * (np.float32(1) - extrapolate) + inv * extrapolate).astype(np.float32), float(att)
+
+
+class DualRope:
+    """Two native tables side by side, ``[global | local]`` in each row (Gemma 3: full-attention layers rotate with
+    ``rope_theta`` and its scaling, sliding ones with ``rope_local_base_freq``); the forward gives each layer its half
+    (:attr:`dual`). Everything that passes rows along (prefix reuse, the KV cache, streaming) does so unchanged."""
+
+    dynamic = False
+    dual = True
+
+    def __init__(self, spec, local_spec, window: int | None = None):
+        self.parts = (NativeRope(spec, window), NativeRope(local_spec, window))
+
+    def __call__(self, positions: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        (cg, sg), (cl, sl) = (r(positions, span) for r in self.parts)
+        return np.concatenate([cg, cl], axis=-1), np.concatenate([sg, sl], axis=-1)
+
+    def span(self, positions: np.ndarray, past: int = 0) -> int:
+        return self.parts[0].span(positions, past)
+
+
+def native_rope(fc):
+    """The rotary tables of a family model (:mod:`paddle_scorer.model.families`)."""
+    if fc.local_rope is not None:
+        return DualRope(fc.rope, fc.local_rope, fc.window)
+    return NativeRope(fc.rope, fc.window)

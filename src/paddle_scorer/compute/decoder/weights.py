@@ -42,6 +42,9 @@ class Layer:
     k_norm: np.ndarray | None = None
     mla: object = None  # decoder.family_layers.Mla: DeepSeek's low-rank attention
     moe: object = None  # decoder.moe.Moe: routed experts instead of the MLP
+    post_attn: np.ndarray | None = None  # Gemma 3: RMSNorm of the attention's output before the residual add
+    post_mlp: np.ndarray | None = None  # Gemma 3: RMSNorm of the MLP's output before the residual add
+    local: bool = False  # a sliding-window layer with its own rotary table (Gemma 3's local layers)
 
 
 @dataclass
