@@ -176,19 +176,60 @@ def test_inspect_says_the_decoder_runs_it_and_why(llama):
 # ---------------------------------------------------------------------------- sliding windows
 
 
-def test_a_prompt_past_the_sliding_window_is_refused_and_max_length_defaults_to_it(tmp_path):
-    m = tmp_path / "mistral"
-    ff.build_hf("mistral", m, sliding_window=12)
-    long = "cabbage " * 30
-    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", long)
-    assert r.exit_code == 2 and "longer than the context of 12" in r.stderr and "Traceback" not in r.output
-    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", long, "--truncate", "left", "--json")
-    assert r.exit_code == 0, r.output
-    rec = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
-    assert len(rec["prompt_token_ids"]) + 1 <= 12
-    r = cli("classify", "--model", m, "--labels", "goods,life", "--prompt", "cabbage " * 4, "--max-length", "40",
-            "--force-max-length")
-    assert r.exit_code == 2 and "sliding window of 12 tokens" in r.stderr and "--max-length 12" in r.stderr, r.output
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """Models whose sliding window (8 tokens) is far shorter than the test prompts: every layer (Mistral), the layers
+    from max_window_layers on (Qwen2 with use_sliding_window), the local layers with their own rotary table (Gemma 3)."""
+    root = tmp_path_factory.mktemp("windowed")
+    return {
+        "mistral": (root / "mistral", ff.build_hf("mistral", root / "mistral", sliding_window=8)),
+        "qwen2": (root / "qwen2", ff.build_hf("qwen2", root / "qwen2", use_sliding_window=True, sliding_window=8,
+                                              max_window_layers=1)),
+        "gemma3": (root / "gemma3", ff.build_hf("gemma3", root / "gemma3", sliding_window=8)),
+    }
+
+
+@pytest.mark.parametrize("extra", [("--execution", "in-ram"), ("--execution", "streamed"), ("--no-prefix-reuse",)],
+                         ids=["in-ram", "streamed", "no-prefix-reuse"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
+def test_prompts_longer_than_the_sliding_window_equal_transformers(windowed, tmp_path, family, extra, deltas):
+    folder, model = windowed[family]
+    recs, meta = _classify(tmp_path, folder, *extra)
+    assert min(len(r["prompt_token_ids"]) for r in recs) > 3 * 8  # far past the window
+    assert meta["model"]["library"] == "paddle-scorer"
+    assert deltas.record(f"nlp env: {family}, window 8, classify {' '.join(extra)} vs transformers",
+                         _worst(recs, model)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_generation_past_the_sliding_window_equals_transformers(windowed, family, deltas):
+    folder, model = windowed[family]
+    r = run("generate", "--model", folder, "--prompt", "what is the price of cabbage", "--raw", "--max-new-tokens", 6,
+            "--top-k", 2, "--json")
+    rec = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")][0]
+    assert len(rec["prompt_token_ids"]) > 8
+    want, lps = ff.greedy(model, rec["prompt_token_ids"], len(rec["steps"]))
+    assert [s["token_id"] for s in rec["steps"]] == want
+    assert deltas.record(f"nlp env: {family}, window 8, generate (KV cache) vs transformers greedy",
+                         max(abs(s["logprob"] - lp) for s, lp in zip(rec["steps"], lps))) <= 1e-5
+
+
+def test_a_shared_prefix_longer_than_the_window_is_reused_exactly(windowed, tmp_path, deltas):
+    """Few-shot records share a prefix much longer than the window: computed once and continued, the window masks
+    the prefix's keys too."""
+    folder, model = windowed["mistral"]
+    shots = "".join(f"Query: {w} price\nAnswer: goods\n" for w in ("apple", "bread", "milk", "rice"))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "query": q}) + "\n" for i, q in
+                            enumerate(["cabbage", "rent", "train ticket", "salt", "haircut", "a sofa"] * 3)))
+    out = tmp_path / "few.out.jsonl"
+    run("classify", "--model", folder, "--labels", "goods,life", "--template", shots + "Query: {query}\nAnswer:",
+        "--input", data, "--output", out)
+    recs = [json.loads(x) for x in open(out)]
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    assert meta["prefix_reuse"]["shared_prefixes"] >= 1  # the prefix was computed once and reused
+    assert deltas.record("nlp env: mistral, window 8, a 60-token shared prefix reused vs transformers",
+                         _worst(recs, model)) <= 1e-5
 
 
 def test_qwen_sliding_layers_are_read_from_every_spelling():
@@ -198,9 +239,11 @@ def test_qwen_sliding_layers_are_read_from_every_spelling():
             "vocab_size": 8, "sliding_window": 32}
     assert families.read({**base, "use_sliding_window": False}, "m").window is None
     assert families.read({**base, "use_sliding_window": True, "max_window_layers": 4}, "m").window is None
-    assert families.read({**base, "use_sliding_window": True, "max_window_layers": 2}, "m").window == 32
+    fc = families.read({**base, "use_sliding_window": True, "max_window_layers": 2}, "m")
+    assert fc.window == 32 and fc.local_layers == frozenset({2, 3})
     types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
-    assert families.read({**base, "layer_types": types}, "m").window == 32
+    fc = families.read({**base, "layer_types": types}, "m")
+    assert fc.window == 32 and fc.local_layers == frozenset({1, 3})
     with pytest.raises(UnsupportedModelError, match="layer_types"):
         families.read({**base, "layer_types": ["chunked_attention"] * 4}, "m")
     assert np.isfinite(families.read(base, "m").rope.theta)
@@ -237,3 +280,14 @@ def test_gemma3_rotary_per_layer_type_reads_the_same_in_both_spellings():
         families.read({**base, "rope_parameters": {"chunked_attention": {"rope_type": "default"}}}, "m")
     with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping 50.0"):
         families.read({**base, "attn_logit_softcapping": 50.0}, "m")
+
+
+def test_the_window_changes_the_scores_so_the_tests_above_see_it(windowed, tmp_path):
+    folder, model = windowed["mistral"]
+    full = tmp_path / "no-window"
+    shutil.copytree(folder, full)
+    cfg = json.loads((full / "config.json").read_text())
+    cfg["sliding_window"] = None
+    (full / "config.json").write_text(json.dumps(cfg))
+    recs, _ = _classify(tmp_path, full)
+    assert _worst(recs, model) > 1e-3

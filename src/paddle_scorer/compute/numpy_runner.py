@@ -75,6 +75,10 @@ class NumpyRunner:
         mask = np.asarray(mask)
         batch = Batch.from_mask(mask, T, past, lengths)
         positions = np.asarray(positions)
+        if self.f.window is not None:  # a sliding window counts positions: the cache's real slots continue the prefix
+            start = prefix.length if prefix is not None else 0
+            past_pos = (np.cumsum(cache.keep, axis=1) - 1 + start) if past else None
+            batch.set_positions(positions, past_pos)
         cos, sin = self.f.rope(batch.pick(positions), self.f.rope.span(positions, past))
         h = self.f.embed(self.outside, batch.pick(ids))
         new = KV(prefix=prefix) if use_cache else None

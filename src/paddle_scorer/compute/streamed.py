@@ -294,12 +294,14 @@ class StreamedBackend:
         states = []
         for p in packs:
             batch = decoder.Batch.from_mask(p.mask, p.ids.shape[1])
+            batch.set_positions(p.positions)
             cos, sin = f.rope(batch.pick(p.positions), f.rope.span(p.positions))
             states.append([f.embed(table, batch.pick(p.ids)), batch, cos, sin])
         node_states = {}
         for node in nodes:  # each prefix's own tokens: one row, causal, continuing its parent's positions
             own = np.asarray(node.tokens[node.parent.depth:], dtype=np.int64)[None]
             batch = decoder.Batch.from_mask(np.ones_like(own), own.shape[1])
+            batch.set_positions(np.arange(node.parent.depth, node.depth)[None])
             cos, sin = f.rope(np.arange(node.parent.depth, node.depth))
             node_states[id(node)] = [f.embed(table, own), batch, cos, sin]
         del embed, table

@@ -127,7 +127,7 @@ class FamilyConfig:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
     extra_layers: int = 0  # next-n / MTP layers in the checkpoint, never run when scoring
     biases: frozenset[str] = frozenset()  # modules whose bias config.json declares (q_proj, o_proj, gate_proj...)
-    window: int | None = None  # a sliding window some layer uses: exact up to this many positions
+    window: int | None = None  # the sliding window of the layers in local_layers
     # Gemma 3: GeLU (tanh) gate, RMSNorm weights as offsets from 1, the embedding scaled by sqrt(hidden), a norm
     # after attention and after the MLP, local layers (sliding window) with their own rotary base, a query scale,
     # soft-capped logits
@@ -135,7 +135,7 @@ class FamilyConfig:
     norm_offset: float = 0.0
     embed_scale: float | None = None
     post_norms: bool = False
-    local_layers: frozenset[int] = frozenset()
+    local_layers: frozenset[int] = frozenset()  # sliding-window layers (Gemma 3: also their own rotary table)
     local_rope: RopeSpec | None = None
     query_scale: float | None = None  # the attention's scale when the config sets it (query_pre_attn_scalar^-0.5)
     final_softcap: float | None = None
@@ -147,8 +147,8 @@ class FamilyConfig:
 
     @property
     def exact_positions(self) -> int | None:
-        """Positions the decoder computes exactly (None: any): a sliding window's length, LongRoPE's original context."""
-        limits = [self.window] if self.window else []
+        """Positions the decoder computes exactly (None: any): LongRoPE's original context."""
+        limits = []
         if self.rope.type == "longrope" and self.rope.long_factor != self.rope.short_factor:
             limits.append(self.rope.original_max)
         return min(limits) if limits else None
@@ -318,29 +318,31 @@ def _biases(c: _Config) -> frozenset[str]:
     return frozenset()
 
 
-def _window(c: _Config, layers: int) -> int | None:
-    """The sliding window some layer attends through (None: every layer sees the whole prefix). Mistral and Mixtral:
-    ``sliding_window`` on every layer when set; Qwen2/Qwen3(-MoE): ``use_sliding_window`` for the layers from
-    ``max_window_layers`` on, or ``layer_types`` naming sliding layers."""
+def _window(c: _Config, layers: int) -> tuple[int | None, frozenset[int]]:
+    """The sliding window and the layers that attend through it (None, nothing: every layer sees the whole
+    sequence), as transformers builds them. Mistral, Mixtral, Phi-3: ``sliding_window`` on every layer when set;
+    Qwen2/Qwen3(-MoE): ``use_sliding_window`` for the layers from ``max_window_layers`` on, or ``layer_types``; Gemma 3:
+    ``layer_types`` or every layer but each ``sliding_window_pattern``-th."""
     w = c.cfg.get("sliding_window")
     types = c.cfg.get("layer_types")
     if c.family in ("mistral", "mixtral", "phi3"):
-        sliding = w is not None
+        sliding = frozenset(range(layers)) if w is not None else frozenset()
     elif c.family == "gemma3" and not (isinstance(types, list) and types):
         pattern = c.int("sliding_window_pattern", default=6)  # transformers 4.5x's default: 5 local, 1 global
-        types = ["sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention" for i in range(layers)]
-        sliding = "sliding_attention" in types
+        sliding = frozenset(i for i in range(layers) if (i + 1) % max(pattern, 1))
     elif isinstance(types, list) and types:
         if len(types) != layers or any(t not in ("full_attention", "sliding_attention") for t in types):
             c.refuse(f"layer_types {types!r} (one of full_attention / sliding_attention per layer)")
-        sliding = "sliding_attention" in types
+        sliding = frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif c.get("use_sliding_window", False):
+        sliding = frozenset(range(c.int("max_window_layers", default=layers), layers))
     else:
-        sliding = bool(c.get("use_sliding_window", False)) and c.int("max_window_layers", default=layers) < layers
+        sliding = frozenset()
     if not sliding:
-        return None
+        return None, frozenset()
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         c.refuse(f"sliding_window {w!r} with sliding layers (a positive number of tokens)")
-    return w
+    return w, sliding
 
 
 def _global_rope_view(cfg: dict) -> dict:
@@ -357,10 +359,6 @@ def _gemma3(c: _Config, layers: int, rot_dim: int, max_pos: int | None) -> dict:
     type; 4.x: ``rope_theta`` + ``rope_scaling`` for the global layers, ``rope_local_base_freq`` for the local ones),
     RMSNorm weights as offsets from 1, the embedding times sqrt(hidden), ``query_pre_attn_scalar``, soft-capped
     logits."""
-    types = c.cfg.get("layer_types")
-    if not (isinstance(types, list) and types):
-        pattern = c.int("sliding_window_pattern", default=6)
-        types = ["sliding_attention" if (i + 1) % max(pattern, 1) else "full_attention" for i in range(layers)]
     rp = c.cfg.get("rope_parameters")
     if isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
         unknown = set(rp) - {"full_attention", "sliding_attention"}
@@ -383,8 +381,7 @@ def _gemma3(c: _Config, layers: int, rot_dim: int, max_pos: int | None) -> dict:
     cap = c.cfg.get("final_logit_softcapping")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
         c.refuse(f"final_logit_softcapping {cap!r} (a positive number, or null)")
-    return dict(local_layers=frozenset(i for i, t in enumerate(types) if t == "sliding_attention"),
-                query_scale=scalar ** -0.5, final_softcap=float(cap) if cap else None, activation="gelu_tanh",
+    return dict(query_scale=scalar ** -0.5, final_softcap=float(cap) if cap else None, activation="gelu_tanh",
                 norm_offset=1.0, post_norms=True, qk_norm=True, **out)
 
 
@@ -483,10 +480,10 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         rope, notes = _rope(c, rot_dim, layout, max_pos)
     moe = _moe(c)
     extra = c.int("num_nextn_predict_layers", default=0)
-    window = _window(c, layers)
+    window, sliding = _window(c, layers)
     if window is not None:
-        notes.append(f"sliding window of {window} tokens: exact for prompts up to {window} tokens (every key is in "
-                     "the window), longer ones refused")
+        where_ = "every layer" if len(sliding) == layers else f"{len(sliding)} of {layers} layers"
+        notes.append(f"sliding window of {window} tokens on {where_}")
     if extra:
         notes.append(f"the checkpoint's {extra} next-n (MTP) layer(s) are not run: they predict further tokens, "
                      "not the next one")
@@ -500,5 +497,5 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         mla=mla, moe=moe, moe_layers=_moe_layers(c, layers) if moe else frozenset(),
         mlp_name="block_sparse_moe" if family == "mixtral" else "mlp",
         expert_names=("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj"),
-        extra_layers=extra, biases=_biases(c), window=window, notes=tuple(notes), **extras,
+        extra_layers=extra, biases=_biases(c), window=window, local_layers=sliding, notes=tuple(notes), **extras,
     )

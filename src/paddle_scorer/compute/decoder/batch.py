@@ -32,6 +32,10 @@ class Batch:
     _bias: np.ndarray | None = field(default=None, repr=False)
     _blocks: list | None = field(default=None, repr=False)
     _plan: tuple | None = field(default=None, repr=False)
+    # positions, for sliding windows: of the new slots [B, T], and of every key slot [B, S + T] (cache, then new)
+    q_pos: np.ndarray | None = field(default=None, repr=False)
+    k_pos: np.ndarray | None = field(default=None, repr=False)
+    _windowed: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_mask(cls, mask: np.ndarray, T: int, past: int = 0, lengths=None) -> "Batch":
@@ -44,6 +48,37 @@ class Batch:
         if (lengths < T).any():
             index = np.concatenate([b * T + np.arange(n) for b, n in enumerate(lengths)])
         return cls(B, T, keep, index, past_keep)
+
+    def set_positions(self, positions: np.ndarray, past_positions: np.ndarray | None = None) -> None:
+        """The position ids of the new slots ``[B, T]`` and of the cached keys ``[B, S]`` (what a sliding window
+        counts: transformers' mask compares a key's index in its sequence with the query's, which are these)."""
+        self.q_pos = np.asarray(positions, dtype=np.int64).reshape(self.B, self.T)
+        self.k_pos = self.q_pos if past_positions is None else np.concatenate(
+            [np.asarray(past_positions, dtype=np.int64).reshape(self.B, -1), self.q_pos], axis=1)
+
+    def windowed(self, window: int) -> "Batch":
+        """This batch as a sliding-window layer sees it: a query at position p sees the keys at positions above
+        ``p - window`` (and what its mask lets it see). Key blocks no query of a block sees are then skipped by the
+        attention plan. The batch itself when no query reaches past the window."""
+        if self.q_pos is None:
+            raise ValueError("a sliding window needs the batch's positions (set_positions)")
+        if int(self.q_pos.max(initial=0)) < window:
+            return self
+        if window not in self._windowed:
+            inside = (self.q_pos[:, :, None] - self.k_pos[:, None, :]) < window
+            bias = np.where(inside, self.bias(), MASKED).astype(np.float32)
+            self._windowed[window] = Batch(self.B, self.T, self.keep, self.index, self.past_keep, _bias=bias,
+                                           q_pos=self.q_pos, k_pos=self.k_pos)
+        return self._windowed[window]
+
+    def prefix_bias(self, window: int, t0: int, t1: int, p0: int, p1: int) -> np.ndarray | None:
+        """``[1, B, 1, n, p]``: the window's mask over a shared prefix's keys ``p0..p1`` (positions) for the queries
+        ``t0..t1`` (None: every query sees them all)."""
+        q = self.q_pos[:, t0:t1]
+        if int(q.max(initial=0)) - p0 < window:
+            return None
+        inside = (q[:, :, None] - np.arange(p0, p1)[None, None, :]) < window
+        return np.where(inside, np.float32(0.0), MASKED).astype(np.float32)[None, :, None]
 
     @property
     def size(self) -> int:

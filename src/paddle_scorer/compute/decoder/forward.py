@@ -45,6 +45,7 @@ class Forward:
         self.embed_scale = np.float32(fam.embed_scale) if fam is not None and fam.embed_scale else None
         self.softcap = np.float32(fam.final_softcap) if fam is not None and fam.final_softcap else None
         self.dual = getattr(rope, "dual", False)  # per-layer rotary tables side by side (Gemma 3: global | local)
+        self.window = fam.window if fam is not None else None  # the sliding window of the layers marked local
 
     # ---------------------------------------------------------------- pieces
 
@@ -147,7 +148,7 @@ class Forward:
 
     # ---------------------------------------------------------------- attention
 
-    def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None, prefix=None) -> np.ndarray:
+    def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None, prefix=None, window=None) -> np.ndarray:
         """q ``[N, heads, d]``, k/v ``[N, kv, d]`` of the new (real) tokens; ``past_k/v [B, kv, S, d]`` (per row);
         ``prefix``: ``(K, V) [kv, P, d]`` of a prefix every row continues (seen by every query, computed once, never
         copied per row: its scores are one product over all rows). Returns ``[N, heads*d]``.
@@ -156,8 +157,11 @@ class Forward:
         scores would be large (long prompts), keys in blocks too, with an online softmax (a running maximum and sum
         per query, earlier blocks rescaled when the maximum grows), so the scores in memory stay ~:data:`BLOCK_SCORES`
         floats. Key blocks no query of the block sees are skipped (causal, padding, packed labels' tree); blocks
-        every query sees fully get no mask. The query heads of one KV head share its keys (GQA, never repeated)."""
+        every query sees fully get no mask. The query heads of one KV head share its keys (GQA, never repeated).
+        ``window``: a sliding window (keys more than ``window`` positions back are masked, the prefix's too)."""
         sp = self.spec
+        if window is not None:
+            batch = batch.windowed(window)
         B, T = batch.B, batch.T
         G, d, dv, kv = sp.group, q.shape[-1], v.shape[-1], sp.kv_heads
         q4, k4, v4 = batch.spread(q), batch.spread(k), batch.spread(v)
@@ -181,13 +185,13 @@ class Forward:
         rows = max(1, ATTENTION_ROWS // G)
         for t0, t1, key_blocks, size in batch.attention_plan(rows, B * kv * G, (pre[0].shape[2] if pre else 0)):
             qb = np.ascontiguousarray(qh[:, :, :, t0:t1]).reshape(B, kv, G * (t1 - t0), d)
-            out[:, :, :, t0:t1] = self._attend(qb, kt, vals, batch, t0, t1, key_blocks, size, pre, G)
+            out[:, :, :, t0:t1] = self._attend(qb, kt, vals, batch, t0, t1, key_blocks, size, pre, G, window)
         # [B, kv, G, T, d] -> [B, T, heads, d] -> the real tokens [N, heads*d]
         o4 = out.transpose(0, 3, 1, 2, 4).reshape(B, T, sp.heads * dv)
         return np.ascontiguousarray(batch.pick(o4))
 
     def _attend(self, qb, kt, vals, batch: Batch, t0: int, t1: int, key_blocks: list, size: int, pre,
-                G: int) -> np.ndarray:
+                G: int, window: int | None = None) -> np.ndarray:
         """One query block's attention output ``[B, kv, G, n, dv]``: the prefix's key blocks, then its own."""
         B, kv, n, dv = qb.shape[0], qb.shape[1], t1 - t0, vals.shape[-1]
         state = _Online(B, kv, G, n, dv)
@@ -195,7 +199,7 @@ class Forward:
             qp = np.ascontiguousarray(qb.transpose(1, 0, 2, 3)).reshape(kv, B * G * n, -1)
             for p0, p1 in _spans(pre[0].shape[2], size):
                 s = self.k.bmm(qp, np.ascontiguousarray(pre[0][:, :, p0:p1])).reshape(kv, B, G, n, p1 - p0)
-                state.add(s, None, swapped=True)
+                state.add(s, batch.prefix_bias(window, t0, t1, p0, p1) if window is not None else None, swapped=True)
                 pv = self.k.bmm(s.reshape(kv, B * G * n, p1 - p0), pre[1][:, p0:p1]).reshape(kv, B, G, n, dv)
                 state.accumulate(pv.transpose(1, 0, 2, 3, 4))
         bias = batch.bias()
@@ -225,7 +229,8 @@ class Forward:
             cos, sin = np.ascontiguousarray(cos[:, part]), np.ascontiguousarray(sin[:, part])
         x = rms_norm(h, layer.ln1, sp.eps)
         q, k, v = (self._mla if layer.mla is not None else self._qkv)(layer, x, cos, sin)
-        o = self.attention(q, k, v, batch, *(past or (None, None)), prefix=prefix)
+        o = self.attention(q, k, v, batch, *(past or (None, None)), prefix=prefix,
+                           window=self.window if layer.local else None)
         o = self.linear(layer.o, o)
         h += o if layer.post_attn is None else rms_norm(o, layer.post_attn, sp.eps)
         x = rms_norm(h, layer.ln2, sp.eps)

@@ -20,18 +20,6 @@ class ContextLimit(UsageError):
         )
 
 
-class WindowLimit(UsageError):
-    """A position past a sliding window: exact only while every key is inside the window."""
-
-    def __init__(self, position: int, window: int):
-        self.position, self.limit = position, window
-        super().__init__(
-            f"a prompt needs position {position}, but this model attends through a sliding window of {window} tokens, "
-            f"which paddle-scorer computes exactly only while the whole sequence fits in it: use --max-length {window} "
-            "(or less), with --truncate left to cut long prompts from the start."
-        )
-
-
 class LongRopeLimit(UsageError):
     """A position past LongRoPE's original context, where transformers switches every position to the long factors."""
 
@@ -134,17 +122,14 @@ class NativeRope:
 
     dynamic = False
 
-    def __init__(self, spec, window: int | None = None):
+    def __init__(self, spec):
         self.spec = spec
-        self.window = window
         self.inv_freq, self.factor = native_inv_freq(spec)
         self.cos = np.zeros((0, spec.dim), np.float32)
         self.sin = np.zeros((0, spec.dim), np.float32)
 
     def __call__(self, positions: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         top = int(positions.max()) + 1 if positions.size else 1
-        if self.window is not None and top > self.window:
-            raise WindowLimit(top - 1, self.window)
         if self.spec.type == "longrope" and top > self.spec.original_max and \
                 self.spec.long_factor != self.spec.short_factor:
             raise LongRopeLimit(top - 1, self.spec.original_max)
@@ -225,8 +210,8 @@ class DualRope:
     dynamic = False
     dual = True
 
-    def __init__(self, spec, local_spec, window: int | None = None):
-        self.parts = (NativeRope(spec, window), NativeRope(local_spec, window))
+    def __init__(self, spec, local_spec):
+        self.parts = (NativeRope(spec), NativeRope(local_spec))
 
     def __call__(self, positions: np.ndarray, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         (cg, sg), (cl, sl) = (r(positions, span) for r in self.parts)
@@ -239,5 +224,5 @@ class DualRope:
 def native_rope(fc):
     """The rotary tables of a family model (:mod:`paddle_scorer.model.families`)."""
     if fc.local_rope is not None:
-        return DualRope(fc.rope, fc.local_rope, fc.window)
-    return NativeRope(fc.rope, fc.window)
+        return DualRope(fc.rope, fc.local_rope)
+    return NativeRope(fc.rope)
