@@ -51,6 +51,14 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                                                                    "sliding_attention"],
         rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
         final_logit_softcapping=30.0, attn_logit_softcapping=None, tie_word_embeddings=True)),
+    # GPT-OSS: attention sinks and biases, alternating sliding/full layers, YaRN (truncate false), a router with a
+    # bias (top-k, then a softmax over those), experts stacked [E, in, out] with gate/up interleaved and biases
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        COMMON, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=100, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_theta=150000.0, layer_types=["sliding_attention", "full_attention"],
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                      "original_max_position_embeddings": 64})),
     # Mistral dense: a sliding window longer than the test prompts (exact there), explicit head_dim
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         COMMON, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
@@ -131,7 +139,7 @@ def _perturb(model, family: str, gen) -> None:
             elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 center = 0.0 if family in NORM_OFFSET else 1.0  # Gemma's norms multiply by (1 + weight)
                 t.copy_(center + 0.3 * torch.randn(t.shape, generator=gen))
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.endswith("_bias") or name.endswith(".sinks"):  # GPT-OSS: expert biases
                 t.copy_(0.2 * torch.randn(t.shape, generator=gen))
 
 

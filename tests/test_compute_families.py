@@ -7,6 +7,7 @@ attached and merged, against the reference with the adapter merged into its weig
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 from pathlib import Path
 
@@ -180,7 +181,7 @@ _ADAPTED = ("q_proj", "o_proj", "qkv_proj", "gate_proj", "down_proj", "gate_up_p
 
 
 @pytest.mark.parametrize("mode", ["attach", "merge"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gemma3", "gpt_oss"])
 def test_lora_on_the_new_dense_families_equals_transformers_merged(hf, tmp_path, family, mode, deltas):
     """An adapter on the attention and MLP projections, under the names the checkpoint has (Phi-3's stored fused
     qkv_proj [q | k | v], run grouped per KV head, and gate_up_proj), attached and merged, in RAM and streamed."""
@@ -224,3 +225,53 @@ def test_phi3_merge_writes_its_stored_fused_layout_back(hf, tmp_path):
     ff.merge_adapter_into(reference, adapter, scaling, prefix="model")
     recs, _ = classify(tmp_path, tmp_path / "merged", "--overwrite")
     assert worst_per_token(recs, reference) <= TOL
+
+
+_FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def _to_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w [E, out, in]`` as MXFP4 ``(blocks [E, out, in/32, 16], scales [E, out, in/32])``: a power-of-two scale per
+    32 values (the smallest that brings them within 6), each value rounded to the nearest E2M1 number."""
+    E, O, In = w.shape
+    g = w.reshape(E, O, In // 32, 32).astype(np.float64)
+    amax = np.abs(g).max(-1)
+    exp = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), -127).clip(-127, 127).astype(np.int32)
+    q = g / np.ldexp(1.0, exp)[..., None]
+    idx = np.abs(q[..., None] - _FP4[None, None, None, None, :8].astype(np.float64) * np.sign(q)[..., None]).argmin(-1)
+    idx = np.where(q < 0, idx + 8, idx).astype(np.uint8)
+    blocks = (idx[..., 0::2] | (idx[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exp + 127).astype(np.uint8)
+
+
+def test_gpt_oss_with_mxfp4_experts_equals_transformers_dequantized(hf, tmp_path, deltas):
+    """The released GPT-OSS checkpoints hold their experts as MXFP4 ``_blocks`` + ``_scales``: dequantized on load
+    exactly as transformers' own ``convert_moe_packed_tensors`` does (its result is the reference's expert weights)."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    folder, model = hf["gpt_oss"]
+    q = tmp_path / "mxfp4"
+    shutil.copytree(folder, q)
+    tensors = load_file(str(q / "model.safetensors"))
+    reference = copy.deepcopy(model)
+    params = dict(reference.named_parameters())
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _to_mxfp4(np.ascontiguousarray(tensors.pop(name).transpose(0, 2, 1)))  # [E, out, in]
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        deq = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+        with torch.no_grad():
+            params[name].copy_(deq.transpose(1, 2))
+    save_file(tensors, str(q / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                      "model.layers.*.mlp.router",
+                                                                                      "model.embed_tokens", "lm_head"]}
+    (q / "config.json").write_text(json.dumps(cfg))
+    for execution in ("in-ram", "streamed"):
+        recs, _ = classify(tmp_path, q, "--execution", execution, "--overwrite")
+        d = deltas.record(f"nlp env: gpt_oss with MXFP4 experts ({execution}) vs transformers dequantized",
+                          worst_per_token(recs, reference))
+        assert d <= TOL
+    assert worst_per_token(recs, model) > 1e-4  # the quantized experts were read, not some float copy

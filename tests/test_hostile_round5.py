@@ -159,10 +159,32 @@ def _(ws):
     return scored(m, ws)
 
 
-@row("checkpoint", "a-rope-type-the-decoder-does-not-compute", 7, ("rope type 'longrope'",))
+@row("checkpoint", "a-rope-type-the-decoder-does-not-compute", 7, ("rope type 'dynamic'",))
 def _(ws):
     m = family(ws, "qwen2")
-    edit_config(m, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+    edit_config(m, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    return scored(m, ws)
+
+
+@row("checkpoint", "longrope-factors-of-the-wrong-length", 7, ("longrope short_factor", "one positive number per rotated "
+                                                                 "frequency: 8"))
+def _(ws):
+    m = family(ws, "qwen2")
+    edit_config(m, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
+                original_max_position_embeddings=64)
+    return scored(m, ws)
+
+
+@row("checkpoint", "gpt-oss-mxfp4-scales-of-the-wrong-shape", 4, ("gate_up_proj_scales", "shape"))
+def _(ws):
+    m = family(ws, "gpt_oss")
+
+    def quantize(t):
+        w = t.pop("model.layers.0.mlp.experts.gate_up_proj")
+        E, n_in, n_out = w.shape
+        t["model.layers.0.mlp.experts.gate_up_proj_blocks"] = np.zeros((E, n_out, n_in // 32, 16), np.uint8)
+        t["model.layers.0.mlp.experts.gate_up_proj_scales"] = np.zeros((E, n_out, n_in // 32 + 1), np.uint8)
+    edit_tensors(m, quantize)
     return scored(m, ws)
 
 

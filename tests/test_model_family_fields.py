@@ -15,7 +15,7 @@ from paddle_scorer.model import family_fields
 CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
            "qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig", "mixtral": "MixtralConfig",
            "deepseek_v3": "DeepseekV3Config", "glm4_moe": "Glm4MoeConfig", "ernie4_5_moe": "Ernie4_5_MoeConfig",
-           "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig"}
+           "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig", "gpt_oss": "GptOssConfig"}
 SRC = Path(__file__).resolve().parents[1] / "src" / "paddle_scorer" / "model"
 
 

@@ -179,3 +179,24 @@ def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, n
             base[key] = merged
     if bad:
         raise merge_refusal(where, bad)
+
+
+# MXFP4's 4-bit values (an E2M1 float per nibble), in nibble order
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      dtype=np.float32)
+
+
+def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """An MXFP4 matrix (GPT-OSS's experts) as float32 ``[rows, groups * 32]``: ``blocks [rows, groups, 16]`` uint8, two
+    4-bit values a byte (the low nibble first), ``scales [rows, groups]`` uint8 exponents biased by 127 (one per 32
+    values): ``value * 2^(scale - 127)``, as transformers' ``convert_moe_packed_tensors`` computes it (exact: every
+    product is a float32 power-of-two multiple of an E2M1 value)."""
+    blocks = np.asarray(blocks, dtype=np.uint8)
+    scales = np.asarray(scales, dtype=np.uint8)
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair up")
+    out = np.empty(blocks.shape[:-1] + (32,), dtype=np.float32)
+    out[..., 0::2] = FP4_VALUES[blocks & 0x0F]
+    out[..., 1::2] = FP4_VALUES[blocks >> 4]
+    out = np.ldexp(out, (scales.astype(np.int32) - 127)[..., None]).astype(np.float32)
+    return out.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)

@@ -25,7 +25,7 @@ from paddle_scorer.model import rope_config
 # architecture name (config.json "architectures"[0], PaddleFormers' class names included) -> family
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3", "GptOssForCausalLM": "gpt_oss",
     "Qwen3ForCausalLM": "qwen3", "Qwen3ForCausalLMDeprecated": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen3MoeForCausalLMDeprecated": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen2MoeForCausalLMDeprecated": "qwen2_moe",
@@ -35,14 +35,14 @@ ARCHITECTURES = {
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
 }
 MODEL_TYPES = {**{f: f for f in set(ARCHITECTURES.values())}, "gemma3_text": "gemma3"}
-TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi-3", "gemma3": "Gemma 3", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
+TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi-3", "gemma3": "Gemma 3", "gpt_oss": "GPT-OSS", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE", "mixtral": "Mixtral",
           "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4.5", "ernie4_5_moe": "ERNIE 4.5 MoE"}
-DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0, "gemma3": 1e6}
-DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5, "phi3": 1e-5}
+DEFAULT_THETA = {"mixtral": 1e6, "ernie4_5_moe": 500000.0, "gemma3": 1e6, "gpt_oss": 150000.0}
+DEFAULT_EPS = {"mixtral": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5, "phi3": 1e-5, "gpt_oss": 1e-5}
 # Runtime modules fused as PaddleFormers holds them in memory (its LoRA adapters target these names): q/k/v as
 # ``qkv_proj`` (columns grouped per KV head) and gate/up as ``up_gate_proj`` ([gate | up]); DeepSeek and Mixtral keep
 # their projections apart.
-FUSED = {"llama": (), "mistral": (), "qwen2": (), "phi3": ("qkv_proj", "up_gate_proj"), "gemma3": (), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
+FUSED = {"llama": (), "mistral": (), "qwen2": (), "phi3": ("qkv_proj", "up_gate_proj"), "gemma3": (), "gpt_oss": (), "qwen3": ("qkv_proj", "up_gate_proj"), "qwen3_moe": ("qkv_proj", "up_gate_proj"),
          "qwen2_moe": ("qkv_proj", "up_gate_proj"), "glm4_moe": ("qkv_proj", "up_gate_proj"),
          "ernie4_5_moe": ("qkv_proj", "up_gate_proj"), "deepseek_v3": (), "mixtral": ()}
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
@@ -103,6 +103,11 @@ class MoeSpec:
     shared_intermediate: int = 0
     shared_gated: bool = False  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared(x)
     shared_name: str = "shared_experts"
+    router_bias: bool = False  # GPT-OSS: the router's linear map has a bias
+    expert_bias: bool = False  # GPT-OSS: every expert's projections have biases
+    activation: str = "silu"  # "silu" | "clamped_swiglu" (GPT-OSS: (clip(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit))
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class FamilyConfig:
     local_rope: RopeSpec | None = None
     query_scale: float | None = None  # the attention's scale when the config sets it (query_pre_attn_scalar^-0.5)
     final_softcap: float | None = None
+    sinks: bool = False  # GPT-OSS: a learned logit per head that joins every softmax and takes its share of nothing
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -300,6 +306,8 @@ def _biases(c: _Config) -> frozenset[str]:
     """The modules whose bias the config declares, as transformers builds them: each must be in the checkpoint, and
     a bias on any other module is refused (transformers would not use it)."""
     f, on = c.family, lambda key, default=False: bool(c.get(key, default))
+    if f == "gpt_oss":
+        return frozenset(_ATTN) if on("attention_bias", True) else frozenset()
     if f in ("llama", "qwen3", "qwen3_moe", "gemma3"):
         out = set(_ATTN) if on("attention_bias") else set()
         if f == "llama" and on("mlp_bias"):
@@ -327,6 +335,8 @@ def _window(c: _Config, layers: int) -> tuple[int | None, frozenset[int]]:
     types = c.cfg.get("layer_types")
     if c.family in ("mistral", "mixtral", "phi3"):
         sliding = frozenset(range(layers)) if w is not None else frozenset()
+    elif c.family == "gpt_oss" and not (isinstance(types, list) and types):  # transformers' default: alternate
+        sliding = frozenset(i for i in range(layers) if (i + 1) % 2) if w is not None else frozenset()
     elif c.family == "gemma3" and not (isinstance(types, list) and types):
         pattern = c.int("sliding_window_pattern", default=6)  # transformers 4.5x's default: 5 local, 1 global
         sliding = frozenset(i for i in range(layers) if (i + 1) % max(pattern, 1))
@@ -400,7 +410,7 @@ def _moe_layers(c: _Config, layers: int) -> frozenset[int]:
         end = layers - 1 if end in (None, -1) else end
         step = c.int("moe_layer_interval", default=1) or 1
         return frozenset(i for i in range(layers) if (i + 1) % step == 0 and start <= i <= end)
-    if f == "mixtral":
+    if f in ("mixtral", "gpt_oss"):
         return frozenset(range(layers))
     return frozenset()
 
@@ -416,6 +426,12 @@ def _moe(c: _Config) -> MoeSpec | None:
     inter = c.int("moe_intermediate_size", "intermediate_size")
     if f == "mixtral":
         return MoeSpec(experts, top_k, c.int("intermediate_size"), "softmax", "sum")
+    if f == "gpt_oss":  # top-k of the router's logits (with its bias), then a softmax over those k
+        limit = c.num("swiglu_limit", 7.0)
+        if limit <= 0:
+            c.refuse(f"swiglu_limit {limit:g} (a positive number)")
+        return MoeSpec(experts, top_k, c.int("intermediate_size"), "topk_softmax", "none", router_bias=True,
+                       expert_bias=True, activation="clamped_swiglu", swiglu_limit=limit)
     if f in ("qwen3_moe", "qwen2_moe"):
         shared = c.int("shared_expert_intermediate_size", default=0) if f == "qwen2_moe" else 0
         return MoeSpec(experts, top_k, inter, "softmax", "sum" if c.get("norm_topk_prob", False) else "none",
@@ -497,5 +513,6 @@ def read(cfg: dict, where: str) -> FamilyConfig:
         mla=mla, moe=moe, moe_layers=_moe_layers(c, layers) if moe else frozenset(),
         mlp_name="block_sparse_moe" if family == "mixtral" else "mlp",
         expert_names=("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj"),
-        extra_layers=extra, biases=_biases(c), window=window, local_layers=sliding, notes=tuple(notes), **extras,
+        extra_layers=extra, biases=_biases(c), window=window, local_layers=sliding, notes=tuple(notes),
+        sinks=family == "gpt_oss", **extras,
     )

@@ -35,6 +35,8 @@ def runtime_name(fc: FamilyConfig, name: str) -> str:
 
 
 def _renamed(fc: FamilyConfig, name: str) -> str:
+    if fc.family == "gpt_oss":
+        name = name.replace(".mlp.router.", ".mlp.gate.")
     if fc.family in STORED_FUSED:
         name = name.replace(".mlp.gate_up_proj.", ".mlp.up_gate_proj.")  # [gate | up], the runtime's order
     if fc.family == "mixtral":
@@ -79,8 +81,62 @@ def _paddle_stacked(name: str) -> Exception:
                                  "save the checkpoint with one tensor per expert (PaddleFormers' save_pretrained does).")
 
 
+_GPT_OSS = re.compile(r"^(?P<mlp>.*)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<kind>_bias|_blocks|_scales)?$")
+
+
+def _gpt_oss_experts(fc: FamilyConfig, shapes: dict, rename) -> dict[str, RuntimeTensor]:
+    """GPT-OSS's experts, stacked ``[E, in, out]`` (``gate_up_proj`` with gate and up interleaved, column 2j gate j,
+    2j+1 up j) with stacked biases, or quantized as MXFP4 ``_blocks`` + ``_scales`` (``[E, out, in/32, 16]`` and
+    ``[E, out, in/32]``, as the released checkpoints hold them): one runtime tensor per expert and projection, gate and
+    up de-interleaved into the decoder's ``[gate | up]``, MXFP4 dequantized on load (exactly)."""
+    from paddle_scorer.errors import CheckpointError
+
+    E, H, inter = fc.moe.experts, fc.hidden, fc.moe.intermediate
+    deint = tuple(range(0, 2 * inter, 2)) + tuple(range(1, 2 * inter, 2))
+    dims = {"gate_up_proj": (H, 2 * inter, "up_gate_proj", deint), "down_proj": (inter, H, "down_proj", None)}
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for name in shapes:
+        m = _GPT_OSS.match(name)
+        if m:
+            found.setdefault((m.group("mlp"), m.group("proj")), {})[m.group("kind") or ""] = name
+    out = {}
+    for (mlp, proj), kinds in found.items():
+        n_in, n_out, runtime, perm = dims[proj]
+        base = rename(mlp)
+
+        def want(kind: str, shape: tuple) -> str:
+            name = kinds[kind]
+            if tuple(shapes[name]) != shape:
+                raise CheckpointError(f"{name}: shape {tuple(shapes[name])}, but config.json's GPT-OSS has {shape} "
+                                      "(experts, then the projection's dims); check that config.json belongs to it.")
+            return name
+
+        for e in range(E):
+            if "" in kinds:
+                src = want("", (E, n_in, n_out))
+                out[f"{base}.experts.{e}.{runtime}.weight"] = RuntimeTensor(
+                    f"{base}.experts.{e}.{runtime}.weight", (n_in, n_out),
+                    (Part(src, (E, n_in, n_out), False, 0, n_out, (e, 0, n_in)),), perm)
+            elif "_blocks" in kinds and "_scales" in kinds:
+                groups = n_in // 32
+                blocks, scales = want("_blocks", (E, n_out, groups, 16)), want("_scales", (E, n_out, groups))
+                out[f"{base}.experts.{e}.{runtime}.weight"] = RuntimeTensor(
+                    f"{base}.experts.{e}.{runtime}.weight", (n_in, n_out),
+                    (Part(blocks, (E, n_out, groups, 16), False, 0, n_out, (e, 0, n_out)),
+                     Part(scales, (E, n_out, groups), False, 0, n_out, (e, 0, n_out))), perm, decode="mxfp4")
+            if "_bias" in kinds:
+                src = want("_bias", (E, n_out))
+                out[f"{base}.experts.{e}.{runtime}.bias"] = RuntimeTensor(
+                    f"{base}.experts.{e}.{runtime}.bias", (n_out,),
+                    (Part(src, (E, n_out), False, 0, n_out, (e, 0, n_out)),), perm)
+    return out
+
+
 def conversion(fc: FamilyConfig, shapes: dict[str, tuple[int, ...]], layout: Layout, src_prefix: str | None) -> Conversion:
     """Recipes for every runtime tensor the decoder reads (next-n layers left out)."""
+    orig_shapes = shapes
+    experts = {n for n in shapes if _GPT_OSS.match(n)} if fc.family == "gpt_oss" else set()
+    shapes = {n: s for n, s in shapes.items() if n not in experts} if experts else shapes
     stacked = {n: tuple(s) for n, s in shapes.items() if len(s) == 3 and _STACKED.match(n)}
     plain = {n: s for n, s in shapes.items() if n not in stacked and not family_tensors.unused(n, fc)}
     dims = {"num_attention_heads": fc.heads, "num_key_value_heads": fc.kv_heads, "head_dim": fc.head_dim,
@@ -102,6 +158,10 @@ def conversion(fc: FamilyConfig, shapes: dict[str, tuple[int, ...]], layout: Lay
             continue
         for t in _stacked_recipes(fc, name, shape, layout, rename):
             tensors[t.name] = t
+    if experts:
+        all_shapes = dict(shapes)
+        all_shapes.update({n: tuple(orig_shapes[n]) for n in experts})
+        tensors.update(_gpt_oss_experts(fc, all_shapes, rename))
     if fc.family in STORED_FUSED:  # one stored [q | k | v] tensor: columns grouped per KV head, as the decoder's qkv_proj
         perm = qkv_permutation(fc.heads, fc.kv_heads, fc.head_dim)
         for n, t in list(tensors.items()):

@@ -67,11 +67,21 @@ def _attention(fc: FamilyConfig, out: dict, opt: dict, p: str) -> None:
     if fc.qk_norm:
         out[f"{p}.q_norm.weight"] = (D,)
         out[f"{p}.k_norm.weight"] = (D,)
+    if fc.sinks:
+        out[f"{p}.sinks"] = (H,)
 
 
 def _moe(fc: FamilyConfig, out: dict, opt: dict, p: str) -> None:
     m = fc.moe
     out[f"{p}.gate.weight"] = (fc.hidden, m.experts)
+    if m.router_bias:
+        out[f"{p}.gate.bias"] = (m.experts,)
+    if m.expert_bias:  # GPT-OSS: experts fused [gate | up] (de-interleaved on load), every projection with a bias
+        both = frozenset({"gate_proj", "down_proj"})
+        for e in range(m.experts):
+            _linear(out, opt, f"{p}.experts.{e}.up_gate_proj", fc.hidden, 2 * m.intermediate, both)
+            _linear(out, opt, f"{p}.experts.{e}.down_proj", m.intermediate, fc.hidden, both)
+        return
     if m.correction_bias == "gate.e_score_correction_bias":
         out[f"{p}.{m.correction_bias}"] = (m.experts,)
     elif m.correction_bias:

@@ -39,13 +39,15 @@ def resolve_paths(model: str | Path | None, lora: str | Path | None) -> tuple[Pa
 
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _INTEGER_BUFFERS = ("position_ids",)  # index buffers some exporters save next to the weights (never scored)
+_MXFP4 = ("_blocks", "_scales")  # GPT-OSS's MXFP4 experts: dequantized exactly on load (model/family_layout.py)
 
 
 def check_tensor_dtypes(refs: dict, folder, what: str) -> None:
     """Every weight is a float16/bfloat16/float32/float64 tensor: a quantised (int8, float8), boolean or complex
     tensor is refused by name and dtype before anything is built (the library would fail on it deep inside)."""
     bad = [(n, r.meta.dtype) for n, r in refs.items() if r.meta.dtype not in WEIGHT_DTYPES
-           and not (n.endswith(_INTEGER_BUFFERS) and r.meta.dtype in ("int64", "int32"))]
+           and not (n.endswith(_INTEGER_BUFFERS) and r.meta.dtype in ("int64", "int32"))
+           and not (n.endswith(_MXFP4) and ".experts." in n and r.meta.dtype == "uint8")]
     if bad:
         name, dtype = bad[0]
         more = f" (and {len(bad) - 1} more non-float tensors)" if len(bad) > 1 else ""

@@ -116,7 +116,7 @@ class ModelPlan:
         """The runtime arrays ``names`` (converted to the runtime layout, stored dtype), NaN/inf refused (unless
         ``check`` is False: the caller checks after its cast, see :func:`paddle_scorer.model.arrays.cast_or_refuse`)."""
         recipes = [self.conversion.tensors[n] for n in names]
-        sources = [self.refs[s] for r in recipes for s in r.sources]
+        sources = [self.refs[s] for s in dict.fromkeys(s for r in recipes for s in r.sources)]  # a stacked tensor once
         arrays = read_tensors(sources)
         bad = nonfinite(arrays) if check else []
         if bad:
@@ -125,8 +125,16 @@ class ModelPlan:
                 "Re-export the checkpoint from a healthy training step.",
             )
         out = {}
+        users = {}
         for r in recipes:
-            out[r.name] = r.build({s: arrays.pop(s) for s in r.sources})
+            for s in r.sources:
+                users[s] = users.get(s, 0) + 1
+        for r in recipes:
+            out[r.name] = r.build({s: arrays[s] for s in r.sources})
+            for s in r.sources:  # a source no later recipe needs is let go (its bytes may be large)
+                users[s] -= 1
+                if not users[s]:
+                    del arrays[s]
         return out
 
 

@@ -180,6 +180,7 @@ class RuntimeTensor:
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
     perm: tuple[int, ...] | None = None
+    decode: str | None = None  # "mxfp4": parts are (blocks, scales) of one [out, in] matrix, dequantized, then [in, out]
 
     @property
     def sources(self) -> list[str]:
@@ -187,10 +188,16 @@ class RuntimeTensor:
 
     @property
     def identity(self) -> bool:
-        return len(self.parts) == 1 and not self.parts[0].transpose and self.perm is None
+        return len(self.parts) == 1 and not self.parts[0].transpose and self.perm is None and self.decode is None
 
     def build(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The runtime array from the source arrays (``arrays`` keyed by source name)."""
+        if self.decode == "mxfp4":
+            from paddle_scorer.model.arrays import mxfp4_dequantize
+
+            blocks, scales = (p.take(arrays[p.source]) for p in self.parts)
+            a = mxfp4_dequantize(blocks, scales).T
+            return np.ascontiguousarray(a[..., list(self.perm)] if self.perm is not None else a)
         if len(self.parts) == 1:
             p = self.parts[0]
             a = p.take(arrays[p.source])
@@ -206,7 +213,7 @@ class RuntimeTensor:
             cat = np.empty_like(value)
             cat[..., list(self.perm)] = value
             value = cat
-        if any(p.select is not None for p in self.parts):
+        if any(p.select is not None for p in self.parts) or self.decode is not None:
             raise CheckpointError(f"{self.name} is a slice of a stacked expert tensor ({self.parts[0].source}); a merged "
                                   "model cannot be written back into it: merge while loading (--mode merge) instead.")
         out = {}

@@ -73,14 +73,15 @@ def _expert(mods: _Modules, base: str, names: tuple[str, str, str]) -> Expert:
 def _moe(fc, mods: _Modules, p: str) -> Moe:
     spec = fc.moe
     router = mods.take(f"{p}.gate")
-    if router.b is not None or router.lora is not None:
+    if (router.b is not None and not spec.router_bias) or router.lora is not None:
         raise UnsupportedWeights(f"{p}.gate: a router with a bias or a LoRA pair")
     bias = mods.vector(f"{p}.{spec.correction_bias}").reshape(-1) if spec.correction_bias else None
     experts = [_expert(mods, f"{p}.experts.{e}", fc.expert_names) for e in range(spec.experts)]
     shared = _expert(mods, f"{p}.{spec.shared_name}", ("gate_proj", "up_proj", "down_proj")) \
         if spec.shared_intermediate else None
     gate = mods.take(f"{p}.shared_expert_gate") if spec.shared_gated else None
-    return Moe(spec, router.w, experts, None if bias is None else bias.astype(np.float32), shared, gate)
+    return Moe(spec, router.w, experts, None if bias is None else bias.astype(np.float32), shared, gate,
+               router_bias=None if router.b is None else np.asarray(router.b, np.float32))
 
 
 def _attention(fc, mods: _Modules, layer: Layer) -> None:
@@ -101,6 +102,8 @@ def _attention(fc, mods: _Modules, layer: Layer) -> None:
     layer.o = mods.take(f"{p}.o_proj")
     if fc.qk_norm:
         layer.q_norm, layer.k_norm = mods.vector(f"{p}.q_norm.weight"), mods.vector(f"{p}.k_norm.weight")
+    if fc.sinks:
+        layer.sinks = mods.vector(f"{p}.sinks").astype(np.float32)
 
 
 def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, scaling: float = 1.0) -> Layer:

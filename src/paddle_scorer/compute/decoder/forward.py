@@ -148,7 +148,8 @@ class Forward:
 
     # ---------------------------------------------------------------- attention
 
-    def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None, prefix=None, window=None) -> np.ndarray:
+    def attention(self, q, k, v, batch: Batch, past_k=None, past_v=None, prefix=None, window=None,
+                  sinks=None) -> np.ndarray:
         """q ``[N, heads, d]``, k/v ``[N, kv, d]`` of the new (real) tokens; ``past_k/v [B, kv, S, d]`` (per row);
         ``prefix``: ``(K, V) [kv, P, d]`` of a prefix every row continues (seen by every query, computed once, never
         copied per row: its scores are one product over all rows). Returns ``[N, heads*d]``.
@@ -158,7 +159,8 @@ class Forward:
         per query, earlier blocks rescaled when the maximum grows), so the scores in memory stay ~:data:`BLOCK_SCORES`
         floats. Key blocks no query of the block sees are skipped (causal, padding, packed labels' tree); blocks
         every query sees fully get no mask. The query heads of one KV head share its keys (GQA, never repeated).
-        ``window``: a sliding window (keys more than ``window`` positions back are masked, the prefix's too)."""
+        ``window``: a sliding window (keys more than ``window`` positions back are masked, the prefix's too);
+        ``sinks`` ``[heads]``: GPT-OSS's logits that join every softmax with a value of zero."""
         sp = self.spec
         if window is not None:
             batch = batch.windowed(window)
@@ -185,16 +187,16 @@ class Forward:
         rows = max(1, ATTENTION_ROWS // G)
         for t0, t1, key_blocks, size in batch.attention_plan(rows, B * kv * G, (pre[0].shape[2] if pre else 0)):
             qb = np.ascontiguousarray(qh[:, :, :, t0:t1]).reshape(B, kv, G * (t1 - t0), d)
-            out[:, :, :, t0:t1] = self._attend(qb, kt, vals, batch, t0, t1, key_blocks, size, pre, G, window)
+            out[:, :, :, t0:t1] = self._attend(qb, kt, vals, batch, t0, t1, key_blocks, size, pre, G, window, sinks)
         # [B, kv, G, T, d] -> [B, T, heads, d] -> the real tokens [N, heads*d]
         o4 = out.transpose(0, 3, 1, 2, 4).reshape(B, T, sp.heads * dv)
         return np.ascontiguousarray(batch.pick(o4))
 
     def _attend(self, qb, kt, vals, batch: Batch, t0: int, t1: int, key_blocks: list, size: int, pre,
-                G: int, window: int | None = None) -> np.ndarray:
+                G: int, window: int | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
         """One query block's attention output ``[B, kv, G, n, dv]``: the prefix's key blocks, then its own."""
         B, kv, n, dv = qb.shape[0], qb.shape[1], t1 - t0, vals.shape[-1]
-        state = _Online(B, kv, G, n, dv)
+        state = _Online(B, kv, G, n, dv, None if sinks is None else sinks.reshape(kv, G))
         if pre is not None:  # [kv, B*G*n, P]: every row's queries against the one prefix, in its own layout
             qp = np.ascontiguousarray(qb.transpose(1, 0, 2, 3)).reshape(kv, B * G * n, -1)
             for p0, p1 in _spans(pre[0].shape[2], size):
@@ -230,7 +232,7 @@ class Forward:
         x = rms_norm(h, layer.ln1, sp.eps)
         q, k, v = (self._mla if layer.mla is not None else self._qkv)(layer, x, cos, sin)
         o = self.attention(q, k, v, batch, *(past or (None, None)), prefix=prefix,
-                           window=self.window if layer.local else None)
+                           window=self.window if layer.local else None, sinks=layer.sinks)
         o = self.linear(layer.o, o)
         h += o if layer.post_attn is None else rms_norm(o, layer.post_attn, sp.eps)
         x = rms_norm(h, layer.ln2, sp.eps)
@@ -255,11 +257,15 @@ class _Online:
     grows, the earlier sum and output are rescaled. The first block needs no rescaling (one block is the plain
     softmax); the result is ``acc / total``."""
 
-    def __init__(self, B: int, kv: int, G: int, n: int, dv: int):
+    def __init__(self, B: int, kv: int, G: int, n: int, dv: int, sink: np.ndarray | None = None):
         self.top = None
         self.total = np.empty((B, kv, G, n, 1), dtype=np.float32)
         self.acc = None
         self.n, self.dv = n, dv
+        if sink is not None:  # a key every query sees, scored sink[head], whose value is zero: it only adds to the sum
+            self.top = np.broadcast_to(sink.astype(np.float32)[None, :, :, None, None], self.total.shape).copy()
+            self.total.fill(1.0)
+            self.acc = np.zeros((B, kv, G, n, dv), dtype=np.float32)
 
     def add(self, s: np.ndarray, bias: np.ndarray | None, swapped: bool = False) -> None:
         """Scores ``s [B, kv, G, n, k]`` (``[kv, B, G, n, k]`` when ``swapped``: a prefix's), masked by ``bias``

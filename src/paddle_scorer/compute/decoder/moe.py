@@ -5,6 +5,7 @@ added back): no dense pass over every expert. Shared experts (Qwen2-MoE's gated 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,18 @@ class Moe:
     bias: np.ndarray | None = None  # [experts]: added to the scores to choose experts, not to weigh them
     shared: Expert | None = None
     shared_gate: Linear | None = None  # [hidden, 1]
+    router_bias: np.ndarray | None = None  # [experts], added to the router's logits (GPT-OSS)
 
 
 def route(spec, logits: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """``(experts [N, k], weights [N, k])`` from the router's float32 logits ``[N, E]`` (see the module docstring)."""
+    if spec.router == "topk_softmax":  # GPT-OSS: the k largest logits, then a softmax over those k
+        k = spec.top_k
+        n, e = logits.shape
+        idx = np.argpartition(-logits, k - 1, axis=-1)[:, :k] if k < e else np.tile(np.arange(e), (n, 1))
+        top = np.take_along_axis(logits, idx, axis=-1)
+        z = np.exp(top - top.max(axis=-1, keepdims=True))
+        return idx, (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
     with np.errstate(over="ignore"):
         if spec.router == "softmax":
             z = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -65,10 +74,29 @@ def route(spec, logits: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray
     return idx, w.astype(np.float32, copy=False)
 
 
+def clamped_swiglu(f, spec, expert: Expert, x: np.ndarray) -> np.ndarray:
+    """GPT-OSS's expert: ``g = min(gate, limit)``, ``u = clip(up, -limit, limit)``, ``down((u + 1) * g *
+    sigmoid(alpha g))``, gate and up from the fused ``[gate | up]`` (de-interleaved on load), every projection with
+    its bias."""
+    gu = f.linear(expert.gate_up, x)
+    inter = gu.shape[1] // 2
+    limit, alpha = np.float32(spec.swiglu_limit), np.float32(spec.swiglu_alpha)
+    g = np.minimum(gu[:, :inter], limit)
+    u = np.clip(gu[:, inter:], -limit, limit)
+    with np.errstate(over="ignore"):
+        act = g / (np.float32(1.0) + np.exp(-alpha * g))
+    act *= u + np.float32(1.0)
+    return f.linear(expert.down, np.ascontiguousarray(act, dtype=np.float32))
+
+
 def forward(f, m: Moe, x: np.ndarray, swiglu) -> np.ndarray:
     """The MoE layer on ``x [N, hidden]``; ``swiglu(expert, rows)`` computes one expert (the forward's own)."""
     logits = f.k.mm(np.ascontiguousarray(x, dtype=np.float32), m.router)
+    if m.router_bias is not None:
+        logits += m.router_bias
     idx, w = route(m.spec, logits, m.bias)
+    if m.spec.activation == "clamped_swiglu":
+        swiglu = functools.partial(clamped_swiglu, f, m.spec)
     out = np.zeros_like(x)
     order = np.argsort(idx, axis=None, kind="stable")  # the (token, slot) pairs grouped by expert
     flat = idx.reshape(-1)[order]

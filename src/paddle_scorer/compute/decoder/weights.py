@@ -44,7 +44,8 @@ class Layer:
     moe: object = None  # decoder.moe.Moe: routed experts instead of the MLP
     post_attn: np.ndarray | None = None  # Gemma 3: RMSNorm of the attention's output before the residual add
     post_mlp: np.ndarray | None = None  # Gemma 3: RMSNorm of the MLP's output before the residual add
-    local: bool = False  # a sliding-window layer with its own rotary table (Gemma 3's local layers)
+    local: bool = False  # a sliding-window layer (Gemma 3's local layers: with their own rotary table too)
+    sinks: np.ndarray | None = None  # GPT-OSS: [heads] logits that join each softmax with a value of zero
 
 
 @dataclass
