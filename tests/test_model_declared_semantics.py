@@ -18,7 +18,7 @@ from cli_runs import run
 from hostile_table import cli
 from paddle_scorer.checkpoint.describe import describe
 from paddle_scorer.errors import UnsupportedModelError
-from paddle_scorer.model import libraries, rope_config
+from paddle_scorer.model import families, libraries, rope_config
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
@@ -84,15 +84,15 @@ def test_contradictions_are_refused_naming_both_fields(cfg, words):
     ({"rope_theta": 500000.0}, None),
 ])
 def test_paddlenlp_llama_reading_against_the_declaration(cfg, differs):
-    why = rope_config.library_differs("paddlenlp", "llama", cfg, "m")
+    why = families.library_differs("paddlenlp", "llama", cfg, "m")
     assert (why is None) if differs is None else (differs in why), why
-    assert rope_config.library_differs("paddleformers", "llama", cfg, "m") is None
+    assert families.library_differs("paddleformers", "llama", cfg, "m") is None
 
 
 def test_paddlenlp_qwen2_has_no_rotary_scaling():
     yarn = {"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
-    assert "'yarn' rotary scaling" in rope_config.library_differs("paddlenlp", "qwen2", yarn, "m")
-    assert rope_config.library_differs("paddlenlp", "qwen2", {"rope_theta": 1e6}, "m") is None
+    assert "'yarn' rotary scaling" in families.library_differs("paddlenlp", "qwen2", yarn, "m")
+    assert families.library_differs("paddlenlp", "qwen2", {"rope_theta": 1e6}, "m") is None
 
 
 # ---------------------------------------------------------------------------- which forward runs it

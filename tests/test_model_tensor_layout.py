@@ -165,7 +165,7 @@ def test_unknown_architecture_names_the_libraries_tried(tmp_path):
     assert r.exit_code == 7 and a["usable"] is False and a["library"] is None
     assert "GemmaForCausalLM is not supported yet; paddle-scorer runs paddlenlp builds LlamaForCausalLM, " \
            "Qwen2ForCausalLM; paddleformers builds LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM; " \
-           "paddle-scorer's own CPU decoder computes Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE" in a["refusal"]
+           "paddle-scorer's own CPU decoder computes Llama, Mistral, Qwen2, Phi-3, Gemma 3, GPT-OSS, Qwen3, Qwen3-MoE" in a["refusal"]
     r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
     assert r.exit_code == 7 and r.stderr.strip().splitlines() == ["error: " + a["refusal"]]
 

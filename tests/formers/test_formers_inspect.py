@@ -104,7 +104,8 @@ def test_unknown_architecture_is_one_sentence_naming_what_each_library_builds(fo
     assert "MambaForCausalLM is not supported yet" in msg
     assert "paddlenlp builds LlamaForCausalLM, Qwen2ForCausalLM" in msg
     assert "paddleformers builds LlamaForCausalLM, Ernie4_5ForCausalLM, Ernie4_5_MoeForCausalLM" in msg
-    assert "paddle-scorer's own CPU decoder computes Llama, Mistral, Qwen2, Qwen3" in msg and "DeepSeek-V3" in msg
+    assert "paddle-scorer's own CPU decoder computes Llama, Mistral, Qwen2, Phi-3, Gemma 3, GPT-OSS, Qwen3" in msg
+    assert "DeepSeek-V3" in msg
     r = cli("inspect", folder)
     assert r.exit_code == 7 and "next:" not in r.stdout and "Traceback" not in r.output
     r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")

@@ -81,9 +81,11 @@ def _family_line(f: dict) -> str:
                    + f" in {f['moe_layers']} of {f['layers']} layers")
     active = (f", {human_count(f['params_active'])} active per token" if f["params_active"] != f["params_total"]
               else "")
-    gpu = "PaddleFormers' forward on a GPU" if f["family"] == "ernie4_5_moe" else "on a GPU: not supported yet"
-    return (f"{f['title']} ({f['attention']} attention, {f['rope']} RoPE){experts}; {human_count(f['params_total'])} "
-            f"parameters{active}; computed by {f['computed_by']} (no model library runs it on a CPU; {gpu})")
+    window = f"; a sliding window of {f['window']} tokens on {f['sliding_layers']} of {f['layers']} layers" \
+        if f.get("window") else ""
+    return (f"{f['title']} ({f['attention']} attention, {f['rope']} RoPE){experts}{window}; "
+            f"{human_count(f['params_total'])} parameters{active}; computed by {f['computed_by']} ({f['why']}; "
+            f"{f['gpu']})")
 
 
 def _model_rows(t: Table, info: CheckpointInfo, a) -> None:

@@ -4,14 +4,14 @@ missing, no shape off), and what ``inspect`` counts (total and active parameters
 
 Runtime names are the checkpoint's HF names (``model.layers.N...``) in Paddle's ``[in, out]`` orientation, with the
 projections PaddleFormers fuses in memory fused the same way (``qkv_proj``, ``up_gate_proj``: see
-:data:`paddle_scorer.model.families.FUSED`), so its LoRA adapters land on them as they are.
+:attr:`~paddle_scorer.model.families.spec.Family.fused`), so its LoRA adapters land on them as they are.
 """
 
 from __future__ import annotations
 
 import re
 
-from paddle_scorer.model.families import FUSED, FamilyConfig
+from paddle_scorer.model.families import FamilyConfig
 
 PREFIX = "model"
 _MTP = re.compile(r"(^|\.)mtp")
@@ -32,7 +32,7 @@ def _linear(out: dict, opt: dict, name: str, n_in: int, n_out: int, biases: froz
 def _swiglu(fc: FamilyConfig, out: dict, opt: dict, name: str, inter: int, names=("gate_proj", "up_proj", "down_proj"),
             fused: bool = True, biases: frozenset[str] = frozenset()) -> None:
     h = fc.hidden
-    if fused and "up_gate_proj" in FUSED[fc.family]:
+    if fused and "up_gate_proj" in fc.fused:
         _linear(out, opt, f"{name}.up_gate_proj", h, 2 * inter, biases)
     else:
         _linear(out, opt, f"{name}.{names[0]}", h, inter, biases)
@@ -57,7 +57,7 @@ def _attention(fc: FamilyConfig, out: dict, opt: dict, p: str) -> None:
         _linear(out, opt, f"{p}.kv_b_proj", m["kv_lora_rank"], H * (m["qk_nope"] + dv))
         _linear(out, opt, f"{p}.o_proj", H * dv, h, b)
         return
-    if "qkv_proj" in FUSED[fc.family]:
+    if "qkv_proj" in fc.fused:
         _linear(out, opt, f"{p}.qkv_proj", h, (H + 2 * K) * D, b)
     else:
         _linear(out, opt, f"{p}.q_proj", h, H * D, b)
@@ -87,10 +87,9 @@ def _moe(fc: FamilyConfig, out: dict, opt: dict, p: str) -> None:
     elif m.correction_bias:
         out[f"{p}.{m.correction_bias}"] = (1, m.experts)
     for e in range(m.experts):
-        _swiglu(fc, out, opt, f"{p}.experts.{e}", m.intermediate, fc.expert_names,
-                fused=fc.family != "deepseek_v3")
+        _swiglu(fc, out, opt, f"{p}.experts.{e}", m.intermediate, fc.expert_names)
     if m.shared_intermediate:
-        _swiglu(fc, out, opt, f"{p}.{m.shared_name}", m.shared_intermediate, fused=fc.family != "deepseek_v3")
+        _swiglu(fc, out, opt, f"{p}.{m.shared_name}", m.shared_intermediate)
         if m.shared_gated:
             out[f"{p}.shared_expert_gate.weight"] = (fc.hidden, 1)
 
@@ -109,7 +108,7 @@ def layer_tensors(fc: FamilyConfig, i: int) -> tuple[dict[str, tuple[int, ...]],
     if i in fc.moe_layers:
         _moe(fc, out, opt, f"{p}.{fc.mlp_name}")
     else:
-        _swiglu(fc, out, opt, f"{p}.mlp", fc.intermediate, fused=fc.family != "deepseek_v3", biases=fc.biases)
+        _swiglu(fc, out, opt, f"{p}.mlp", fc.intermediate, biases=fc.biases)
     return out, opt
 
 

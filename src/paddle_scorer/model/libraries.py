@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from paddle_scorer.errors import CheckpointError, UnsupportedModelError, UsageError
-from paddle_scorer.model.families import ARCHITECTURES, FUSED, LIBRARY_FIRST
+from paddle_scorer.model.families import ARCHITECTURES, FAMILIES, LIBRARY_FIRST
 
 PADDLENLP = "paddlenlp"
 PADDLEFORMERS = "paddleformers"
@@ -187,7 +187,7 @@ LIBRARIES: tuple[LibrarySpec, ...] = (
     # paddle-scorer's decoder (model/families.py): the models neither library runs on a CPU; on a GPU the library
     # that builds one (ERNIE 4.5 MoE: PaddleFormers) is chosen instead.
     LibrarySpec(NATIVE, "paddle-scorer", "", tuple(
-        Arch(arch, family, "", "", "", "model", fused=FUSED[family], lm_head_out_in=True)
+        Arch(arch, family, "", "", "", "model", fused=FAMILIES[family].fused, lm_head_out_in=True)
         for arch, family in ARCHITECTURES.items()), native=True),
 )
 
@@ -247,23 +247,13 @@ def _family(info, candidates) -> str | None:
 
 
 def declared_differs(lib: LibrarySpec, info) -> str | None:
-    """Why ``lib`` would compute something other than config.json declares (its rotary settings), or None."""
+    """Why ``lib`` would compute something other than config.json declares (the family module's reading), or None."""
     if lib.native:
         return None
-    from paddle_scorer.model import rope_config
+    from paddle_scorer.model import families
 
-    family = ARCHITECTURES.get(info.architecture or "") or (lib.arch_for(info).model_type if lib.arch_for(info) else "")
-    cfg = info.raw_config
-    if lib.name == PADDLENLP and family == "llama":
-        # PaddleNLP 3.0.0b4's Llama builds no biases and derives head_dim from hidden_size
-        for key in ("attention_bias", "mlp_bias"):
-            if cfg.get(key) is True:
-                return f"PaddleNLP 3.0.0b4's Llama has no biases, and config.json declares {key} true"
-        hd, hidden, heads = cfg.get("head_dim"), cfg.get("hidden_size"), cfg.get("num_attention_heads")
-        if isinstance(hd, int) and isinstance(hidden, int) and isinstance(heads, int) and heads and hd != hidden // heads:
-            return (f"PaddleNLP 3.0.0b4's Llama computes head_dim as hidden_size / num_attention_heads = "
-                    f"{hidden // heads}, and config.json declares head_dim {hd}")
-    return rope_config.library_differs(lib.name, family, cfg, str(info.path))
+    return families.library_differs(lib.name, families.family_of(info.architecture, info.model_type),
+                                    info.raw_config, str(info.path))
 
 
 def choose(info, layout=None, requested: str | None = None, device: str | None = None) -> LibrarySpec:

@@ -202,8 +202,8 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
         return ModelPlan(Path(model_dir), info, refs, layout, lib, conversion)
     fc = families.read(info.raw_config, str(model_dir))
     conversion = family_layout.conversion(fc, shapes, layout, src_prefix)
-    problems = incomplete_fusions(shapes, families.FUSED[fc.family])
-    covered = _fusion_names(problems, families.FUSED[fc.family])
+    problems = incomplete_fusions(shapes, fc.fused)
+    covered = _fusion_names(problems, fc.fused)
     problems += [p for p in family_tensors.problems(fc, {n: t.shape for n, t in conversion.tensors.items()})
                  if _unprefixed(p.split(":")[0]) not in covered]
     if problems:

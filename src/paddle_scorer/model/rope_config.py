@@ -94,13 +94,13 @@ def declared(cfg: dict, where: str, default_theta: float = 10000.0) -> dict:
     return out
 
 
-def paddlenlp_reading(cfg: dict, family: str) -> dict:
-    """What PaddleNLP 3.0.0b4 computes for a Llama or Qwen2 config (read in its modeling code): the top-level
-    ``rope_theta`` (10000 without it); Llama: ``rope_scaling`` only when its ``rope_type`` is llama3, otherwise its own
-    ``rope_scaling_type`` / ``rope_scaling_factor``; Qwen2: no scaling whatever config.json says."""
+def paddlenlp_reading(cfg: dict, scaling: bool) -> dict:
+    """What PaddleNLP 3.0.0b4 computes (read in its modeling code): the top-level ``rope_theta`` (10000 without it);
+    with ``scaling`` (its Llama) ``rope_scaling`` only when its ``rope_type`` is llama3, otherwise its own
+    ``rope_scaling_type`` / ``rope_scaling_factor``; without (its Qwen2) no scaling whatever config.json says."""
     out: dict = {"rope_theta": cfg.get("rope_theta") if cfg.get("rope_theta") is not None else 10000.0,
                  "rope_type": "default"}
-    if family != "llama":
+    if not scaling:
         return out
     rs = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else {}
     if rs.get("rope_type") == "llama3":
@@ -111,6 +111,13 @@ def paddlenlp_reading(cfg: dict, family: str) -> dict:
         out["rope_type"] = _PADDLENLP_TYPES[cfg["rope_scaling_type"]]
         out["factor"] = cfg.get("rope_scaling_factor") if cfg.get("rope_scaling_factor") is not None else 1.0
     return out
+
+
+def paddlenlp_differs(cfg: dict, where: str, scaling: bool) -> str | None:
+    """Why PaddleNLP 3.0.0b4's rotary embedding would differ from config.json's declaration (:func:`paddlenlp_reading`),
+    or None."""
+    why = difference(declared(cfg, where), paddlenlp_reading(cfg, scaling), cfg)
+    return f"PaddleNLP 3.0.0b4 would not compute what config.json declares: {why}" if why else None
 
 
 def _field_of(cfg: dict, key: str) -> str:
@@ -140,13 +147,3 @@ def difference(want: dict, got: dict, cfg: dict) -> str | None:
         if a is not None and (b is None or not _same(a, b)):
             return f"{_field_of(cfg, k)} declares {a!r}, where it would use {b!r}"
     return None
-
-
-def library_differs(library: str, family: str, cfg: dict, where: str) -> str | None:
-    """Why ``library`` would compute another rotary embedding than config.json declares for this family, or None.
-    PaddleFormers 1.2.0 reads the transformers dialects as transformers 5 does (its configs convert the legacy keys);
-    PaddleNLP 3.0.0b4 reads only its own keys and Llama's llama3 ``rope_scaling``."""
-    if library != "paddlenlp" or family not in ("llama", "qwen2"):
-        return None
-    why = difference(declared(cfg, where), paddlenlp_reading(cfg, family), cfg)
-    return f"PaddleNLP 3.0.0b4 would not compute what config.json declares: {why}" if why else None

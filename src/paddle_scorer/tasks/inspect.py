@@ -122,5 +122,10 @@ def family_facts(mp) -> dict:
         "params_total": total, "params_active": fc.active_params(total),
         "attention": "MLA (low-rank q and kv)" if fc.mla else ("q/k norm" if fc.qk_norm else "standard"),
         "rope": fc.rope.type, "runs_on": "cpu", "computed_by": "paddle-scorer's CPU decoder",
+        "why": libraries.decoder_reason(mp.info) or "no model library runs it on a CPU",
+        "gpu": ("the library's forward on a GPU" if any(not lib.native and lib.arch_for(mp.info) is not None
+                                                       for lib in libraries.LIBRARIES) else
+                "on a GPU: not supported yet"),
+        "window": fc.window, "sliding_layers": len(fc.local_layers),
         "notes": list(fc.notes),
     }
