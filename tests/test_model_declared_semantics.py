@@ -179,19 +179,23 @@ def test_inspect_says_the_decoder_runs_it_and_why(llama):
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
     """Models whose sliding window (8 tokens) is far shorter than the test prompts: every layer (Mistral), the layers
-    from max_window_layers on (Qwen2 with use_sliding_window), the local layers with their own rotary table (Gemma 3)."""
+    from max_window_layers on (Qwen2, Qwen3 with use_sliding_window), the local layers with their own rotary table
+    (Gemma 3), alternate layers with attention sinks (GPT-OSS)."""
     root = tmp_path_factory.mktemp("windowed")
     return {
         "mistral": (root / "mistral", ff.build_hf("mistral", root / "mistral", sliding_window=8)),
         "qwen2": (root / "qwen2", ff.build_hf("qwen2", root / "qwen2", use_sliding_window=True, sliding_window=8,
                                               max_window_layers=1)),
         "gemma3": (root / "gemma3", ff.build_hf("gemma3", root / "gemma3", sliding_window=8)),
+        "qwen3": (root / "qwen3", ff.build_hf("qwen3", root / "qwen3", use_sliding_window=True, sliding_window=8,
+                                              max_window_layers=1, rope_scaling=None)),
+        "gpt_oss": (root / "gpt_oss", ff.build_hf("gpt_oss", root / "gpt_oss", sliding_window=8)),
     }
 
 
 @pytest.mark.parametrize("extra", [("--execution", "in-ram"), ("--execution", "streamed"), ("--no-prefix-reuse",)],
                          ids=["in-ram", "streamed", "no-prefix-reuse"])
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma3", "gpt_oss"])
 def test_prompts_longer_than_the_sliding_window_equal_transformers(windowed, tmp_path, family, extra, deltas):
     folder, model = windowed[family]
     recs, meta = _classify(tmp_path, folder, *extra)
@@ -201,7 +205,7 @@ def test_prompts_longer_than_the_sliding_window_equal_transformers(windowed, tmp
                          _worst(recs, model)) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3", "gpt_oss"])
 def test_generation_past_the_sliding_window_equals_transformers(windowed, family, deltas):
     folder, model = windowed[family]
     r = run("generate", "--model", folder, "--prompt", "what is the price of cabbage", "--raw", "--max-new-tokens", 6,
