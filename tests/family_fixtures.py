@@ -113,6 +113,8 @@ NORM_OFFSET = {"gemma3"}
 def v5_rope(cfg: dict) -> dict:
     """config.json as transformers 5 writes it: ``rope_parameters`` (type, base and scaling), no ``rope_theta`` or
     ``rope_scaling`` at the top."""
+    if "rope_theta" not in cfg and cfg.get("rope_parameters"):  # saved by transformers 5 already
+        return cfg
     out = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
     out["rope_parameters"] = {**(cfg.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": cfg["rope_theta"]}
     return out
