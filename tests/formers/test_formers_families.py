@@ -19,7 +19,7 @@ from paddle_scorer.cli.app import app
 runner = CliRunner()
 TEMPLATE = "Query: {query}\nIs this query about goods or life? Answer:"
 LABELS = "goods,life,goods and things"
-TOL = 1e-4  # per label token (measured ~1e-5: see the deltas summary)
+TOL = 1e-5  # per label token, what docs/checkpoints.md promises (measured: <= 3.4e-6, see the deltas summary)
 
 
 def run(*args):
