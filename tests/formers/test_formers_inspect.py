@@ -192,3 +192,14 @@ def test_tensor_parallel_settings_in_the_configs_are_single_process_here(formers
     want = pf.logprobs(pf.model("ernie4_5", "lora"), ids)
     assert deltas.record("formers env: ERNIE + LoRA saved with tensor_model_parallel_size 2",
                          np.abs(got - want).max()) <= TOL
+
+
+def test_two_rotary_dialects_that_disagree_are_refused_on_the_library_path_too(formers_models, copy_of):
+    """PaddleFormers builds this Llama and would follow one of the two keys: refused naming both, as the decoder's
+    families are."""
+    folder = copy_of(formers_models["llama"])
+    edit_config(folder, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    r = cli("classify", "--model", folder, "--labels", "a,b", "--prompt", "x")
+    assert r.exit_code == 7 and "Traceback" not in r.output
+    assert "rope_parameters.factor 2.0 and rope_scaling.factor 4.0" in one_sentence(r.stderr)

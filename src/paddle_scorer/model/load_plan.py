@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from paddle_scorer.checkpoint import describe as ckpt
-from paddle_scorer.model import families, family_layout, family_tensors, libraries, memory_budget
+from paddle_scorer.model import families, family_layout, family_tensors, libraries, memory_budget, rope_config
 from paddle_scorer.model.adapter_check import split_parts, validate_adapter
 from paddle_scorer.model.arrays import nonfinite
 from paddle_scorer.model.dtype_policy import GpuInfo, Policy, plan_policy
@@ -196,6 +196,7 @@ def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, libr
     lib = libraries.choose(info, layout, requested=library, device=device)
     arch = lib.arch_for(info)
     if not lib.native:
+        rope_config.declared(info.raw_config, str(model_dir))  # two rotary dialects that disagree: refused for all
         check_tied_head(info, info.raw_config.get("tie_word_embeddings") is True)
         conversion = runtime_tensors(shapes, layout, src_prefix, arch.prefix, arch.fused,
                                      lm_head_out_in=arch.lm_head_out_in, config=info.raw_config)
