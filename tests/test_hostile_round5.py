@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -304,11 +306,6 @@ def _(ws):
     return classify(ws, "--max-line-size", "1000", output=None)
 
 
-@pytest.mark.parametrize("case", ROWS, ids=[r.id for r in ROWS])
-def test_hostile_round5(case: Row, tmp_path, monkeypatch):
-    run_row(case, tmp_path, monkeypatch)
-
-
 def test_the_lock_is_gone_after_a_run_and_a_stale_one_is_taken(tmp_path):
     from hostile_table import cli, hidden_leftovers
 
@@ -318,3 +315,58 @@ def test_the_lock_is_gone_after_a_run_and_a_stale_one_is_taken(tmp_path):
     r = cli(*classify(ws))
     assert r.exit_code == 0, r.output
     assert not lock_path(ws.p("out.jsonl")).exists() and hidden_leftovers(ws.root) == []
+
+
+@row("checkpoint", "safetensors-an-entry-running-into-its-neighbour", 4, ("shares bytes", "corrupt or crafted"))
+def _(ws):
+    m = family(ws, "mistral")
+
+    def change(text):
+        header = json.loads(text)
+        entries = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+        (b0, first), (_b1, second) = entries[0], entries[1]
+        e0 = header[first]["data_offsets"][1]
+        length = header[second]["data_offsets"][1] - header[second]["data_offsets"][0]
+        header[second]["data_offsets"] = [e0 - 4, e0 - 4 + length]  # starts 4 bytes inside the entry before it
+        return json.dumps(header)
+
+    rewrite_header(m / "model.safetensors", change)
+    return ["inspect", m]
+
+
+def test_two_real_runs_on_one_output_the_second_is_refused_and_the_first_keeps_its_file(tmp_path):
+    """Two processes on one --output: the second, started while the first is scoring, is refused with one sentence
+    and touches nothing; the first's working file holds its own records only, and --resume finishes it."""
+    import signal
+
+    from hostile_table import cli, default_records, hidden_leftovers, message_lines, read_jsonl, snapshot
+    from test_hostile import start_paused, wait_for
+
+    ws = WS(tmp_path)
+    data = ws.data(records=default_records(6))
+    out = ws.p("out.jsonl")
+    first, marker = start_paused(tmp_path, "classify", "first", "classify", *ws.demo(), "--input", data, "--output",
+                                 out, "--batch-size", 2)
+    try:
+        wait_for(marker, [first])
+        before = snapshot(ws.root)
+        second = subprocess.run([sys.executable, "-m", "paddle_scorer", "classify", *map(str, ws.demo()), "--input",
+                                 str(data), "--output", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        lines = message_lines(second.stderr)
+        assert len(lines) == 1 and "another paddle-scorer run" in lines[0] and "out.jsonl" in lines[0], second.stderr
+        assert snapshot(ws.root) == before  # the second run touched nothing
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert len(read_jsonl(ws.p(".out.jsonl.inprogress"))) == 2  # the first run's own block, nothing of the second
+    r = cli("classify", *ws.demo(), "--input", data, "--output", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert [x["id"] for x in read_jsonl(out)] == [x["id"] for x in default_records(6)]
+    assert [p for p in hidden_leftovers(tmp_path) if not p.startswith(("hook", "paused"))] == []
+
+
+@pytest.mark.parametrize("case", ROWS, ids=[r.id for r in ROWS])
+def test_hostile_round5(case: Row, tmp_path, monkeypatch):
+    run_row(case, tmp_path, monkeypatch)
