@@ -295,3 +295,51 @@ def test_the_window_changes_the_scores_so_the_tests_above_see_it(windowed, tmp_p
     (full / "config.json").write_text(json.dumps(cfg))
     recs, _ = _classify(tmp_path, full)
     assert _worst(recs, model) > 1e-3
+
+
+def test_review_round_windows_and_defaults():
+    """Qwen3-MoE slides every layer when use_sliding_window is on (transformers passes the window to each); Qwen2-MoE's
+    sliding layers differ between transformers 4.55 and 5 (refused); a sliding Qwen2 is not PaddleNLP's to run; Gemma
+    3's local layers default to rope_local_base_freq (else 10000) in transformers 5's spelling too; GPT-OSS clamps at
+    7.0 whatever swiglu_limit says (another value refused); a null partial_rotary_factor means none."""
+    from paddle_scorer.model import families as fam
+
+    moe = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+           "num_hidden_layers": 4, "vocab_size": 8, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 8, "sliding_window": 8}
+    assert fam.read({**moe, "use_sliding_window": True, "max_window_layers": 4}, "m").local_layers == frozenset(range(4))
+    assert fam.read({**moe, "use_sliding_window": False}, "m").window is None
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window true"):
+        fam.read({**moe, "architectures": ["Qwen2MoeForCausalLM"], "use_sliding_window": True}, "m")
+    qwen2 = {"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2,
+             "rope_theta": 1e6}
+    assert "no sliding window" in fam.library_differs("paddlenlp", "qwen2", qwen2, "m")
+    assert fam.library_differs("paddlenlp", "qwen2", {**qwen2, "max_window_layers": 4}, "m") is None
+    gemma = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+             "num_hidden_layers": 2, "head_dim": 16, "vocab_size": 8, "sliding_window": 8,
+             "layer_types": ["sliding_attention", "full_attention"],
+             "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                 "sliding_attention": {"rope_type": "default"}}}
+    assert fam.read(gemma, "m").local_rope.theta == 10000.0
+    assert fam.read({**gemma, "rope_local_base_freq": 20000.0}, "m").local_rope.theta == 20000.0
+    oss = {"architectures": ["GptOssForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+           "head_dim": 16, "vocab_size": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32}
+    with pytest.raises(UnsupportedModelError, match="swiglu_limit 5"):
+        fam.read({**oss, "swiglu_limit": 5.0}, "m")
+    assert fam.read({**oss, "swiglu_limit": 7.0}, "m").moe.swiglu_limit == 7.0
+    mistral = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+               "num_hidden_layers": 2, "vocab_size": 8, "partial_rotary_factor": None}
+    assert fam.read(mistral, "m").rope.dim == 16
+
+
+def test_the_lock_covers_a_new_output_folder_and_removes_it_when_left_empty(tmp_path):
+    from paddle_scorer.errors import UsageError
+    from paddle_scorer.runs.output_lock import lock_path, output_held
+
+    out = tmp_path / "new" / "deeper" / "out.jsonl"
+    with output_held(out):
+        assert lock_path(out).exists()
+        with pytest.raises(UsageError, match="another paddle-scorer run is writing"):
+            with output_held(out):
+                pass
+    assert not (tmp_path / "new").exists()  # made for the lock, left empty: removed

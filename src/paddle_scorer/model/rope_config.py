@@ -89,7 +89,7 @@ def declared(cfg: dict, where: str, default_theta: float = 10000.0) -> dict:
     out["rope_type"] = kind or "default"
     if out.get("rope_theta") is None:
         out["rope_theta"] = top if top is not None else default_theta
-    if "partial_rotary_factor" in cfg and "partial_rotary_factor" not in out:
+    if cfg.get("partial_rotary_factor") is not None and out.get("partial_rotary_factor") is None:
         out["partial_rotary_factor"] = cfg["partial_rotary_factor"]
     return out
 

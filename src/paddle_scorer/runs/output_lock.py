@@ -67,11 +67,10 @@ def output_held(output: Path | None):
     output = Path(output)
     target = _target(output)
     path = lock_path(target)
-    if not path.parent.is_dir():
-        yield  # the folder is made when the run writes; nothing else can be writing there yet
-        return
-    fd = _acquire(path, output)
+    made = _make_folders(path.parent)  # a new output folder (or a launcher's parts folder) is locked in too
+    fd = None
     try:
+        fd = _acquire(path, output)
         yield
     finally:
         if fd is not None:
@@ -80,3 +79,23 @@ def output_held(output: Path | None):
             except OSError:
                 pass
             os.close(fd)
+        for folder in made:  # folders this run made and left empty (it was refused, or failed before writing)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, deepest first (empty ones are removed at the end).
+    A folder that cannot be made is left to the run's own checks, which say why in their words."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return []
+    return missing

@@ -98,12 +98,15 @@ def _copy_lines(src, out, limit: int | None) -> None:
     if limit is None:
         shutil.copyfileobj(src, out, 1 << 20)
         return
-    records = 0
-    for line in src:
-        out.write(line)
-        records += bool(line.strip())
-        if records >= limit:
-            return
+    records, blank = 0, True
+    for piece in iter(lambda: src.readline(1 << 20), b""):  # a line arrives in 1 MB pieces: none is held whole
+        out.write(piece)
+        blank = blank and not piece.strip()
+        if piece.endswith(b"\n"):
+            records += not blank
+            blank = True
+            if records >= limit:
+                return
 
 
 @dataclass

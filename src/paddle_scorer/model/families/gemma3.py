@@ -37,7 +37,9 @@ def _extras(c, layers: int, rot_dim: int, max_pos: int | None) -> dict:
         if unknown:
             c.refuse(f"rope_parameters for layer types {sorted(unknown)}")
         global_cfg = {**c.cfg, "rope_parameters": rp.get("full_attention", {})}
-        local_cfg = {"rope_parameters": rp.get("sliding_attention", {"rope_type": "default"}), "rope_theta": None}
+        local = dict(rp.get("sliding_attention", {"rope_type": "default"}))
+        local.setdefault("rope_theta", c.num("rope_local_base_freq", 10000.0))  # transformers 5's default for them
+        local_cfg = {"rope_parameters": local, "rope_theta": None}
     else:
         global_cfg = c.cfg
         local_cfg = {"rope_theta": c.num("rope_local_base_freq", 10000.0)}

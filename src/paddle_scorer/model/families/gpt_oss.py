@@ -16,8 +16,8 @@ _EXPERTS = re.compile(r"^(?P<mlp>.*)\.experts\.(?P<proj>gate_up_proj|down_proj)(
 
 def _moe(c, experts: int, top_k: int, inter: int) -> MoeSpec:
     limit = c.num("swiglu_limit", 7.0)
-    if limit <= 0:
-        c.refuse(f"swiglu_limit {limit:g} (a positive number)")
+    if limit != 7.0:  # transformers' GptOssExperts clamps at 7.0 whatever config.json says
+        c.refuse(f"swiglu_limit {limit:g} (transformers computes GPT-OSS's experts with 7.0)")
     return MoeSpec(experts, top_k, c.int("intermediate_size"), "topk_softmax", "none", router_bias=True,
                    expert_bias=True, activation="clamped_swiglu", swiglu_limit=limit)
 

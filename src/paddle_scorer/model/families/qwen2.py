@@ -9,8 +9,17 @@ from paddle_scorer.model.families.spec import ATTENTION, Family
 
 
 def library_reading(library: str, cfg: dict, where: str) -> str | None:
+    """PaddleNLP 3.0.0b4's Qwen2 computes no rotary scaling and no sliding window (its modeling never reads them)."""
     if library != "paddlenlp":
         return None
+    layers = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types")
+    sliding = (isinstance(types, list) and "sliding_attention" in types) or (
+        bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window") is not None
+        and not (isinstance(layers, int) and isinstance(cfg.get("max_window_layers"), int)
+                 and cfg["max_window_layers"] >= layers))
+    if sliding:
+        return "PaddleNLP 3.0.0b4's Qwen2 has no sliding window, and config.json declares sliding layers"
     return rope_config.paddlenlp_differs(cfg, where, scaling=False)
 
 

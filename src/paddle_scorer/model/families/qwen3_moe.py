@@ -1,5 +1,6 @@
 """Qwen3-MoE: Qwen3's attention; a softmax router, top-k, renormalised when ``norm_topk_prob``; no shared expert;
-dense layers in ``mlp_only_layers`` and off ``decoder_sparse_step``."""
+dense layers in ``mlp_only_layers`` and off ``decoder_sparse_step``; with ``use_sliding_window`` the window applies
+to every layer (transformers passes ``sliding_window`` to each, ``max_window_layers`` unread)."""
 
 from __future__ import annotations
 
@@ -19,5 +20,5 @@ def _moe(c, experts: int, top_k: int, inter: int) -> MoeSpec:
 FAMILY = Family(
     name="qwen3_moe", title="Qwen3-MoE", architectures=("Qwen3MoeForCausalLM", "Qwen3MoeForCausalLMDeprecated"),
     fused=("qkv_proj", "up_gate_proj"), default_head_dim=128, qk_norm=lambda c: True, biases=attention_biases,
-    moe=_moe, moe_layers=sparse_layers,
+    moe=_moe, moe_layers=sparse_layers, window_on_every_layer=True, window_needs_flag=True,
 )

@@ -123,7 +123,8 @@ def window(c: ConfigReader, layers: int) -> tuple[int | None, frozenset[int]]:
     w = c.cfg.get("sliding_window")
     types = c.cfg.get("layer_types")
     if c.kind.window_on_every_layer:
-        sliding = frozenset(range(layers)) if w is not None else frozenset()
+        on = w is not None and (not c.kind.window_needs_flag or bool(c.get("use_sliding_window", False)))
+        sliding = frozenset(range(layers)) if on else frozenset()
     elif isinstance(types, list) and types:
         if len(types) != layers or any(t not in ("full_attention", "sliding_attention") for t in types):
             c.refuse(f"layer_types {types!r} (one of full_attention / sliding_attention per layer)")
@@ -155,8 +156,12 @@ def _attention_dims(c: ConfigReader, hidden: int, heads: int) -> tuple[int, int,
     if kind.attention is not None:
         return kind.attention(c, hidden, heads)
     head_dim = c.int("head_dim", default=kind.default_head_dim or hidden // heads)
-    partial = float(rope_config.declared(global_rope_view(c.cfg), c.where, kind.default_theta)
-                    .get("partial_rotary_factor", 1.0))
+    partial = rope_config.declared(global_rope_view(c.cfg), c.where, kind.default_theta).get("partial_rotary_factor")
+    if partial is None:
+        partial = 1.0
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)):
+        c.refuse(f"partial_rotary_factor {partial!r} (a number between 0 and 1)")
+    partial = float(partial)
     if not kind.partial_rotary and partial != 1.0:
         c.refuse(f"partial_rotary_factor {partial:g} (this family's forward rotates whole heads)")
     if not 0 < partial <= 1 or (head_dim * partial) % 2:

@@ -92,6 +92,7 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name fragment -> runtime name fragment
     paddlenlp_prefix: str | None = None  # the body prefix PaddleNLP's own class gives it (its adapters carry it)
     window_on_every_layer: bool = False  # sliding_window, when set, applies to every layer
+    window_needs_flag: bool = False  # ... only when use_sliding_window is on (Qwen3-MoE)
     default_layer_types: Callable | None = None  # (c, layers) -> sliding layers when config.json lists none
     check: Callable | None = None  # (c) -> None: settings the family refuses
     activation: Callable = silu  # (c) -> "silu" | "gelu_tanh", checked
