@@ -5,7 +5,7 @@ Before the light-first engine (label groups answered one at a time, light reques
 completion waited for every label group of the batch it landed in. Prints the CPU (``lscpu``), the median of
 ``--rounds`` rounds, and the ratio to the completion alone.
 
-    python benchmarks/bench_serve_fairness.py [--rounds 3] [--clients 8] [--labels 1024]
+    python benchmarks/bench_serve_fairness.py [--rounds 3] [--clients 8] [--labels 1024] [--cold]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--labels", type=int, default=1024)
+    ap.add_argument("--cold", action="store_true", help="the first round on a server that has answered nothing yet")
     args = ap.parse_args()
     cmd = [sys.executable, "-m", "paddle_scorer", "serve", "--model", "checkpoints/demo-base", "--lora",
            "checkpoints/demo-lora", "--port", "0", "--device", "cpu"]
@@ -63,10 +64,19 @@ def main() -> None:
                                                        "labels": labels}, timeout=600)
             assert r.status_code == 200, r.text[:300]
 
+        loaded = []
+        if args.cold:  # 8 clients and the completion on a server that has answered nothing yet
+            threads = [threading.Thread(target=big) for _ in range(args.clients)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            cold = one()
+            for t in threads:
+                t.join()
+            print(f"cold server: the 1-token completion took {cold:.3f} s")
         big()
         one()  # warm
         alone = statistics.median(one() for _ in range(5))
-        loaded = []
         for _ in range(args.rounds):
             threads = [threading.Thread(target=big) for _ in range(args.clients)]
             for t in threads:
