@@ -215,6 +215,17 @@ def _(ws):
     return classify(ws, output=None)
 
 
+@row("checkpoint", "a-layer-missing-between-the-ones-held-names-the-layer", 4,
+     ("num_hidden_layers 4", "without layer(s) 1", "add the missing shards"))
+def _(ws):
+    from paddle_scorer.checkpoint.weights import read_pdparams, write_pdparams
+
+    path = ws.base / "model_state.pdparams"
+    sd = read_pdparams(path)
+    write_pdparams({k: v for k, v in sd.items() if ".layers.1." not in k}, path)
+    return ["inspect", ws.base]
+
+
 @row("checkpoint", "absurd-context", 4, ("max_position_embeddings 1,000,000,000,000",))
 def _(ws):
     edit_config(ws.base, max_position_embeddings=10**12)

@@ -231,13 +231,6 @@ def _family_layers(fc, per_layer: dict[int, dict], pairs: dict, scaling: float) 
     return [decoder.make_family_layer(fc, i, per_layer[i], by_layer.get(i), scaling) for i in range(fc.layers)]
 
 
-def final_norm(fc, weight: np.ndarray) -> np.ndarray:
-    """A family model's final norm weight as the forward multiplies by it (Gemma: ``1 + weight``)."""
-    if not fc.norm_offset:
-        return weight
-    return (np.asarray(weight, np.float32) + np.float32(fc.norm_offset)).astype(np.float32)
-
-
 def family_runner(fc, architecture: str, arrays: dict[str, np.ndarray], pairs: dict | None = None,
                   scaling: float = 1.0) -> NumpyRunner:
     """The decoder over a family model's runtime tensors (:func:`paddle_scorer.model.loader.read_family`), with LoRA
@@ -247,7 +240,7 @@ def family_runner(fc, architecture: str, arrays: dict[str, np.ndarray], pairs: d
     layers = _family_layers(fc, per_layer, pairs or {}, scaling)
     embed = rest["model.embed_tokens.weight"]
     head = embed if fc.tie else rest["lm_head.weight"]
-    outside = Outside(embed, final_norm(fc, rest["model.norm.weight"]), gemm.Mat(head), True, rest.get("lm_head.bias"))
+    outside = Outside(embed, decoder.norm_weight(fc, rest["model.norm.weight"]), gemm.Mat(head), True, rest.get("lm_head.bias"))
     inter = fc.moe.intermediate if fc.moe else fc.intermediate
     kernel, _ = gemm.gemm(fc.hidden, inter)
     return NumpyRunner(Forward(spec, kernel, decoder.native_rope(fc)), layers, outside, per_layer)

@@ -90,9 +90,9 @@ class StreamedBackend:
         if self.family is None:
             self._set(norms)
         elif self.norm_array is not None:
-            from paddle_scorer.compute.numpy_runner import final_norm
+            from paddle_scorer.compute import decoder
 
-            self.norm_array = final_norm(self.family, self.norm_array)
+            self.norm_array = decoder.norm_weight(self.family, self.norm_array)
 
     def _init_library(self) -> None:
         """The library's one-layer template model (checked by the loader), and the decoder's forward when it applies."""

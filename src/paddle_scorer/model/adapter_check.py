@@ -173,7 +173,7 @@ def _target_problems(settings: LoraSettings, keys: list[str], mapping: dict, pai
     expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
     covered = set(pairs) | {splits[m][0] for m in pairs if m in splits}
     untargeted = sorted(m for m in pairs if not any(t.fullmatch(x) for t in targets for x in (m, original.get(m, m))))
-    if not expected and len(untargeted) == len(pairs):
+    if pairs and not expected and len(untargeted) == len(pairs):
         return [f"target_modules {settings.target_modules} match no module of the base model, while the file has "
                 f"weights for {len(pairs)} module(s) (e.g. {original.get(untargeted[0], untargeted[0]) if untargeted else '-'}): "
                 "PaddleNLP's LoRAModel would apply none of them; fix target_modules in the adapter's config"]

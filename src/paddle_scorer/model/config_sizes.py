@@ -31,8 +31,12 @@ def check_config_sizes(info) -> None:
     if isinstance(layers, int) and info.tensors and layers > len(present):
         top = max(present) + 1 if present else 0
         held = f"{len(present)} decoder layer(s) (0-{top - 1})" if present else "no decoder layers"
-        raise _refuse(where, f"says num_hidden_layers {layers:,}, but the weights hold {held}",
-                      f"fix num_hidden_layers (to {top} if the weights are whole), or add the missing shards.")
+        gaps = sorted(set(range(top)) - present)
+        if gaps:  # layers missing between the ones held: a shard is missing, not a wrong count
+            held += f", without layer(s) {', '.join(map(str, gaps[:8]))}{' ...' if len(gaps) > 8 else ''}"
+        fix = "add the missing shards" if gaps else f"fix num_hidden_layers (to {top} if the weights are whole), or " \
+                                                     "add the missing shards"
+        raise _refuse(where, f"says num_hidden_layers {layers:,}, but the weights hold {held}", fix + ".")
     emb = next(((n, tuple(r.shape)) for n, r in info.tensors.items() if n.endswith(_EMBEDDINGS) and len(r.shape) == 2),
                None)
     if emb is not None:

@@ -123,13 +123,19 @@ def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, s
         e = _expert(mods, "mlp", ("gate_proj", "up_proj", "down_proj"))
         layer.down, layer.gate_up, layer.gate, layer.up = e.down, e.gate_up, e.gate, e.up
     mods.check_all_used()
-    if fc.norm_offset:  # Gemma's RMSNorm multiplies by (1 + weight), computed in float32
-        off = np.float32(fc.norm_offset)
+    if fc.norm_offset:
         for name in ("ln1", "ln2", "post_attn", "post_mlp", "q_norm", "k_norm"):
             v = getattr(layer, name)
             if v is not None:
-                setattr(layer, name, (np.asarray(v, np.float32) + off).astype(np.float32))
+                setattr(layer, name, norm_weight(fc, v))
     return layer
+
+
+def norm_weight(fc, weight: np.ndarray) -> np.ndarray:
+    """An RMSNorm weight as the forward multiplies by it: the stored one, or Gemma's ``offset + weight`` (float32)."""
+    if not fc.norm_offset:
+        return weight
+    return (np.asarray(weight, np.float32) + np.float32(fc.norm_offset)).astype(np.float32)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
