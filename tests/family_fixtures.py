@@ -207,3 +207,22 @@ def greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]
         ids.append(tok)
         lps.append(float(lp[tok]))
     return ids[len(prompt):], lps
+
+
+def paddle_format_adapter(folder, targets: dict[str, tuple[int, int]], r: int = 4, alpha: float = 8.0, seed: int = 5):
+    """A LoRA adapter in PaddleNLP's format (lora_config.json + lora_model_state.pdparams, ``[in, r]`` / ``[r, out]``)
+    on ``targets`` (module -> (in, out)), random non-zero A and B: for a family no installed library builds, so no
+    library's LoRAModel can save one here. Returns its arrays and scaling."""
+    from paddle_scorer.checkpoint.weights import write_pdparams  # noqa: PLC0415 - the code under test
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for module, (n_in, n_out) in targets.items():
+        arrays[f"{module}.lora_A"] = rng.normal(0, 0.2, (n_in, r)).astype(np.float32)
+        arrays[f"{module}.lora_B"] = rng.normal(0, 0.2, (r, n_out)).astype(np.float32)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_pdparams(arrays, Path(folder) / "lora_model_state.pdparams")
+    (Path(folder) / "lora_config.json").write_text(json.dumps({
+        "r": r, "lora_alpha": alpha, "target_modules": [".*(" + "|".join(sorted({m.rsplit(".", 1)[-1] for m in targets}))
+                                                        + ")"], "dtype": "float32"}))
+    return arrays, alpha / r

@@ -158,25 +158,6 @@ def test_inspect_names_the_family_experts_and_active_parameters(hf, family):
     assert ff.FAMILIES[family][1] in text and "paddle-scorer's CPU decoder" in text
 
 
-def _paddle_format_adapter(folder, targets: dict[str, tuple[int, int]], r: int = 4, alpha: float = 8.0, seed: int = 5):
-    """A LoRA adapter in PaddleNLP's format (lora_config.json + lora_model_state.pdparams, ``[in, r]`` / ``[r, out]``)
-    on ``targets`` (module -> (in, out)), random non-zero A and B: for a family no installed library builds, so no
-    library's LoRAModel can save one here. Returns its arrays and scaling."""
-    from paddle_scorer.checkpoint.weights import write_pdparams
-
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for module, (n_in, n_out) in targets.items():
-        arrays[f"{module}.lora_A"] = rng.normal(0, 0.2, (n_in, r)).astype(np.float32)
-        arrays[f"{module}.lora_B"] = rng.normal(0, 0.2, (r, n_out)).astype(np.float32)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    write_pdparams(arrays, Path(folder) / "lora_model_state.pdparams")
-    (Path(folder) / "lora_config.json").write_text(json.dumps({
-        "r": r, "lora_alpha": alpha, "target_modules": [".*(" + "|".join(sorted({m.rsplit(".", 1)[-1] for m in targets}))
-                                                        + ")"], "dtype": "float32"}))
-    return arrays, alpha / r
-
-
 _ADAPTED = ("q_proj", "o_proj", "qkv_proj", "gate_proj", "down_proj", "gate_up_proj")
 
 
@@ -191,7 +172,7 @@ def test_lora_on_the_new_dense_families_equals_transformers_merged(hf, tmp_path,
     targets = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in _ADAPTED}
     assert targets
-    adapter, scaling = _paddle_format_adapter(tmp_path / "lora", targets)
+    adapter, scaling = ff.paddle_format_adapter(tmp_path / "lora", targets)
     reference = copy.deepcopy(model)
     ff.merge_adapter_into(reference, adapter, scaling, prefix="model")
     for execution in ("in-ram", "streamed"):
@@ -207,7 +188,7 @@ def test_phi3_merge_writes_its_stored_fused_layout_back(hf, tmp_path):
     folder, model = hf["phi3"]
     cfg = model.config
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
-    adapter, scaling = _paddle_format_adapter(tmp_path / "lora", {"model.layers.0.self_attn.qkv_proj": (cfg.hidden_size, qkv),
+    adapter, scaling = ff.paddle_format_adapter(tmp_path / "lora", {"model.layers.0.self_attn.qkv_proj": (cfg.hidden_size, qkv),
                                                                   "model.layers.1.self_attn.qkv_proj": (cfg.hidden_size, qkv),
                                                                   "model.layers.0.mlp.gate_up_proj": (cfg.hidden_size, 2 * cfg.intermediate_size),
                                                                   "model.layers.1.mlp.gate_up_proj": (cfg.hidden_size, 2 * cfg.intermediate_size)})

@@ -152,6 +152,9 @@ import numpy as np, torch, transformers
 req = json.load(sys.stdin)
 model = transformers.AutoModelForCausalLM.from_pretrained(req["folder"], torch_dtype=torch.float32,
                                                           attn_implementation="eager").eval()
+if req.get("adapter"):  # peft's own forward with the saved adapter
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, req["adapter"]).eval()
 out = {}
 with torch.no_grad():
     for i, ids in enumerate(req["seqs"]):
@@ -160,14 +163,16 @@ np.savez(req["out"], **out)
 """
 
 
-def hf_logprobs(folder: Path, seqs: list[list[int]], tmp: Path) -> list[np.ndarray]:
-    """HF transformers' forward (torch, CPU) on a saved folder: the reference of ERNIE 4.5 MoE, whose PaddleFormers
-    forward needs GPU kernels. In a fresh interpreter: importing paddleformers turns transformers' torch off."""
+def hf_logprobs(folder: Path, seqs: list[list[int]], tmp: Path, adapter: Path | None = None) -> list[np.ndarray]:
+    """HF transformers' forward (torch, CPU) on a saved folder (with ``adapter``: peft's, the adapter loaded by
+    ``PeftModel.from_pretrained``): the reference of ERNIE 4.5 MoE, whose PaddleFormers forward needs GPU kernels. In a
+    fresh interpreter: importing paddleformers turns transformers' torch off."""
     import json
     import subprocess
 
     out = tmp / "hf_logits.npz"
-    req = json.dumps({"folder": str(folder), "seqs": [list(map(int, s)) for s in seqs], "out": str(out)})
+    req = json.dumps({"folder": str(folder), "seqs": [list(map(int, s)) for s in seqs], "out": str(out),
+                      "adapter": str(adapter) if adapter else None})
     r = subprocess.run([sys.executable, "-c", _HF], input=req, text=True, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     data = np.load(out)

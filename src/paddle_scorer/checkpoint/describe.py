@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from paddle_scorer.errors import NotACheckpointError
-from paddle_scorer.checkpoint.lora import LoraSettings, is_lora_key, read_lora_config
+from paddle_scorer.checkpoint.lora import LoraSettings, config_file, is_lora_key, read_lora_config
 from paddle_scorer.checkpoint.sidecars import _ARCH_FIELDS, MERGE_RECORD, config_problem, read_json, read_scorer_defaults
 from paddle_scorer.checkpoint.weights import TensorMeta, TensorRef, index_files, shard_files
 
@@ -28,7 +28,10 @@ NOT_A_CHECKPOINT = "not-a-checkpoint"
 
 _MODEL_SINGLE = ["model_state.pdparams", "model.safetensors"]
 _MODEL_INDEX = ["model_state.pdparams.index.json", "model.safetensors.index.json"]
-_ADAPTER_SINGLE = ["lora_model_state.pdparams", "peft_model.safetensors", "lora_model.safetensors"]
+# peft's adapter_model.safetensors / .bin (a torch zip, read by the restricted walker) beside PaddleNLP's and
+# PaddleFormers' names
+_ADAPTER_SINGLE = ["lora_model_state.pdparams", "peft_model.safetensors", "lora_model.safetensors",
+                   "adapter_model.safetensors", "adapter_model.bin"]
 _ADAPTER_INDEX = ["peft_model.safetensors.index.json", "lora_model_state.pdparams.index.json"]
 _TP_MODEL = re.compile(r"model_state\.tp\d+(\.pp\d+)?\.pdparams$")
 _TP_ADAPTER = re.compile(r"lora_model_state[._]tp\d+(\.pp\d+)?\.pdparams$")
@@ -39,8 +42,6 @@ _TOKENIZER_FILES = [
 ]
 _FOREIGN = {
     "pytorch_model.bin": "a PyTorch (Hugging Face) checkpoint",
-    "adapter_model.safetensors": "a Hugging Face PEFT adapter",
-    "adapter_model.bin": "a Hugging Face PEFT adapter",
 }
 
 
@@ -75,11 +76,21 @@ class AdapterInfo:
     key_prefix: str | None
     saved_by: str | None = None  # "PaddleFormers 1.2.0", "PaddleNLP 3.0.0b4", ... (see adapter_saved_by)
     saved_by_evidence: str | None = None
+    format: str = "paddle"  # paddle (lora_config.json, Paddle's [in, r] / [r, out]) | peft (adapter_config.json)
+    ranks: dict[str, int] = field(default_factory=dict)  # peft: "r=4, alpha=8" -> number of modules with it
+    dora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    whole_tensors: list[str] = field(default_factory=list)  # peft: modules_to_save / trained biases stored whole
 
 
 def adapter_saved_by(lora_config: dict, model_config: dict) -> tuple[str | None, str | None]:
-    """Which library saved an adapter, and why we think so. Both save LoRA matrices as Paddle holds them
-    (A ``[in, r]``, B ``[r, out]``); only the names differ (``model.`` vs the architecture's prefix)."""
+    """Which library saved an adapter, and why we think so. PaddleNLP and PaddleFormers save LoRA matrices as Paddle
+    holds them (A ``[in, r]``, B ``[r, out]``); only the names differ (``model.`` vs the architecture's prefix). peft
+    writes adapter_config.json with its peft_type and version."""
+    if lora_config.get("peft_type") is not None:
+        v = lora_config.get("peft_version")
+        return (f"peft {v}" if isinstance(v, str) else "peft"), "adapter_config.json (peft_type " \
+            f"{lora_config.get('peft_type')})"
     for key, lib in (("paddleformers_version", "PaddleFormers"), ("paddlenlp_version", "PaddleNLP")):
         v = model_config.get(key)
         if isinstance(v, str):
@@ -340,7 +351,7 @@ def _read_weights(info: CheckpointInfo, folder: Path) -> _Found:
         _summarise(adapter_ws, adapter_metas)
         adapter_ws.metadata = _st_metadata(adapter_ws)
         info.adapter_weights = adapter_ws
-    settings = read_lora_config(folder) if (folder / "lora_config.json").is_file() else None
+    settings = read_lora_config(folder) if config_file(folder) is not None else None
     found = _Found(model_ws, adapter_ws, [n for n in model_metas if is_lora_key(n)], settings)
     if found.renamed and adapter_ws is not None:
         same = _same_bytes(Path(model_ws.files[0]), [Path(f) for f in adapter_ws.files])
@@ -397,14 +408,18 @@ def _classify(info: CheckpointInfo, folder: Path, found: _Found) -> None:
 
 def _adapter_summary(info: CheckpointInfo, adapter_ws: WeightSet | None, settings: LoraSettings | None) -> str:
     if adapter_ws is None:
+        if settings is not None and settings.peft is not None:
+            return ("This is a peft adapter folder (adapter_config.json) but its weights file "
+                    "(adapter_model.safetensors or adapter_model.bin) is missing: copy it from the training output.")
         return ("This is a LoRA adapter folder (lora_config.json) but its weights file "
                 "(lora_model_state.pdparams or peft_model*.safetensors) is missing: copy it from the training output.")
     ref = settings.base_model_name_or_path if settings else None
     base = info.adapter.base_found if info.adapter else None
     return (
-        f"This is a LoRA adapter, not a model: it has adapter weights ({_label(adapter_ws)}) "
+        f"This is a {'peft ' if settings is not None and settings.peft is not None else ''}LoRA adapter, not a model: "
+        f"it has adapter weights ({_label(adapter_ws)}) "
         "but no model weights (no model_state.pdparams), so it must be loaded on top of its base model "
-        f"({ref or 'not recorded in lora_config.json'}"
+        f"({ref or 'not recorded in ' + (config_file(Path(info.path)) or Path('lora_config.json')).name}"
         + (f", found at {_rel(Path(base))}" if base else ", not found on this machine")
         + ")."
     )
@@ -443,6 +458,8 @@ def _sizes_and_warnings(info: CheckpointInfo, settings: LoraSettings | None) -> 
 
 
 def _adapter_info(folder: Path, settings: LoraSettings | None, metas: dict[str, TensorMeta]) -> AdapterInfo:
+    if settings is not None and settings.peft is not None:
+        return _peft_info(folder, settings, metas)
     lora_a = {n: m for n, m in metas.items() if n.endswith(".lora_A")}
     ranks = {m.shape[-1] for m in lora_a.values() if len(m.shape) == 2}
     if settings is None:
@@ -468,6 +485,29 @@ def _adapter_info(folder: Path, settings: LoraSettings | None, metas: dict[str, 
         key_prefix=key_prefix(metas),
     )
     return info
+
+
+def _peft_info(folder: Path, settings: LoraSettings, metas: dict[str, TensorMeta]) -> AdapterInfo:
+    """A peft adapter as inspect shows it: rank and alpha per module (rank_pattern/alpha_pattern applied), DoRA,
+    modules_to_save and the whole tensors stored, its targets."""
+    from paddle_scorer.checkpoint.peft_config import PREFIX
+
+    p = settings.peft
+    modules = sorted(n[len(PREFIX):-len(".lora_A.weight")] for n in metas
+                     if n.startswith(PREFIX) and n.endswith(".lora_A.weight"))
+    counts: Counter[str] = Counter()
+    for m in modules:
+        r, alpha = p.rank_alpha(m)
+        counts[f"r={r}, lora_alpha={alpha:g}, scaling={p.scaling(m):g}"] += 1
+    whole = sorted(n[len(PREFIX):] for n in metas if n.startswith(PREFIX) and ".lora_" not in n)
+    base = resolve_base(folder, settings.base_model_name_or_path)
+    return AdapterInfo(
+        r=p.r, lora_alpha=p.lora_alpha, scaling=p.lora_alpha / (p.r ** 0.5 if p.use_rslora else p.r),
+        scaling_formula=settings.scaling_formula, rslora=p.use_rslora, target_modules=[p.describe_targets()],
+        config_dtype=None, base_model_name_or_path=settings.base_model_name_or_path,
+        base_found=str(base) if base else None, unsupported_variants=[], adapted_modules=len(modules),
+        key_prefix=key_prefix(metas), format="peft", ranks=dict(counts.most_common()), dora=p.use_dora,
+        modules_to_save=list(p.modules_to_save), whole_tensors=whole)
 
 
 def _labels_hint(defaults: dict | None) -> str:

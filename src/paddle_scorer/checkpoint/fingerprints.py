@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.checkpoint.lora import config_file
 from paddle_scorer.jsonio import stream_into
 from paddle_scorer.process.environment import cache_dir
 
@@ -38,7 +39,7 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 def adapter_sha256(info: ckpt.CheckpointInfo) -> str:
-    files = [Path(f) for f in info.adapter_weights.files] + [Path(info.path) / "lora_config.json"]
+    files = [Path(f) for f in info.adapter_weights.files] + [config_file(Path(info.path)) or Path(info.path) / "lora_config.json"]
     return sha256_files(files)
 
 

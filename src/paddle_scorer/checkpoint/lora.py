@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from paddle_scorer.checkpoint import peft_config
+from paddle_scorer.checkpoint.peft_config import PeftSettings
 from paddle_scorer.errors import CheckpointError
 
 # Fields of lora_config.json that change the math in ways we do not implement: refusing by name is
@@ -39,13 +41,49 @@ class LoraSettings:
     variants: list[str] = field(default_factory=list)  # unsupported variants switched on
     raw: dict = field(default_factory=dict, compare=False, repr=False)
     notes: list[str] = field(default_factory=list, compare=False)
+    peft: PeftSettings | None = None  # a peft adapter (adapter_config.json): per-module scaling folded into B
+    rank: int | None = None  # the rank every pair has once read (a peft adapter's largest rank; else r)
+
+    @property
+    def saver(self) -> str:
+        return "peft" if self.peft is not None else "PaddleNLP's LoRAModel"
+
+    @property
+    def pair_rank(self) -> int:
+        return self.rank if self.rank is not None else self.r
 
     @property
     def scaling(self) -> float:
+        """The scaling the pairs are applied with: 1 for a peft adapter, whose pairs carry their module's own."""
+        if self.peft is not None:
+            return 1.0
         return lora_scaling(self.r, self.lora_alpha, self.rslora)
+
+    def targets(self, module: str) -> bool:
+        """Would the library that saved the adapter adapt ``module``? PaddleNLP/PaddleFormers: a regex of
+        ``target_modules`` fully matches its name; peft: its own rules (:meth:`PeftSettings.targets`)."""
+        if self.peft is not None:
+            return self.peft.targets(module)
+        return any(re.fullmatch(t, module) for t in self.target_modules)
+
+    def describe(self) -> str:
+        """One line for smoke and notes: rank, alpha, scaling and what the adapter is."""
+        if self.peft is not None:
+            p = self.peft
+            extra = (", DoRA" if p.use_dora else "") + \
+                (f", modules_to_save {p.modules_to_save}" if p.modules_to_save else "")
+            return f"peft LoRA r={p.r}, lora_alpha={p.lora_alpha:g} (scaling {self.scaling_formula}){extra}"
+        return f"LoRA r={self.r}, lora_alpha={self.lora_alpha:g}, scaling {self.scaling:g} ({self.scaling_formula})"
 
     @property
     def scaling_formula(self) -> str:
+        if self.peft is not None:
+            p = self.peft
+            base = f"lora_alpha / {'sqrt(r)' if p.use_rslora else 'r'} = {p.lora_alpha:g} / " + \
+                (f"sqrt({p.r})" if p.use_rslora else f"{p.r}")
+            if p.rank_pattern or p.alpha_pattern:
+                base += " (rank_pattern/alpha_pattern give some modules their own)"
+            return base
         if self.rslora:
             return f"lora_alpha / sqrt(r) = {self.lora_alpha:g} / sqrt({self.r})"
         return f"lora_alpha / r = {self.lora_alpha:g} / {self.r}"
@@ -126,17 +164,34 @@ def parse_lora_config(data: dict, source: str = "lora_config.json") -> LoraSetti
     return settings
 
 
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def config_file(folder: Path) -> Path | None:
+    """The adapter's config: ``lora_config.json`` (PaddleNLP, PaddleFormers) or peft's ``adapter_config.json``. With
+    both, the one that goes with the weights file (peft's ``adapter_model.*``, or Paddle's files)."""
+    folder = Path(folder)
+    paddle, peft = folder / "lora_config.json", folder / peft_config.CONFIG_NAME
+    if paddle.is_file() and peft.is_file():
+        return peft if any((folder / n).is_file() for n in PEFT_WEIGHTS) else paddle
+    return paddle if paddle.is_file() else peft if peft.is_file() else None
+
+
 def read_lora_config(folder: Path) -> LoraSettings:
-    path = Path(folder) / "lora_config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-save the adapter.") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; fix or re-save the adapter.")
+    path = config_file(folder)
+    if path is None:
+        raise FileNotFoundError(Path(folder) / "lora_config.json")
+    data = peft_config.read_json_object(path)
+    if path.name == peft_config.CONFIG_NAME:
+        return from_peft(peft_config.parse_peft_config(data, str(path)), data)
     return parse_lora_config(data, str(path))
+
+
+def from_peft(p: PeftSettings, raw: dict) -> LoraSettings:
+    targets = [p.target_modules] if isinstance(p.target_modules, str) else list(p.target_modules or [])
+    return LoraSettings(r=p.r, lora_alpha=p.lora_alpha, rslora=p.use_rslora, target_modules=targets,
+                        base_model_name_or_path=raw.get("base_model_name_or_path"), dtype=None, raw=dict(raw),
+                        notes=list(p.notes), peft=p)
 
 
 def is_lora_key(name: str) -> bool:

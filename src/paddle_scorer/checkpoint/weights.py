@@ -51,6 +51,10 @@ def index_file(path: str | Path) -> dict[str, TensorRef]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return index_safetensors(path)
+    if path.suffix == ".bin":  # torch.save zip (peft's adapter_model.bin): the same restricted walker
+        from paddle_scorer.checkpoint.torch_format import index_torch
+
+        return index_torch(path)
     return index_pdparams(path)
 
 

@@ -107,8 +107,11 @@ def _model_rows(t: Table, info: CheckpointInfo, a) -> None:
         t.add_row("layout", lay["description"] + (f"; saved by {lay['saved_by']}" if lay.get("saved_by") else "")
                   + f" ({lay['evidence']})")
     if info.adapter is not None and info.adapter.saved_by:
-        t.add_row("saved by", f"{info.adapter.saved_by} ({info.adapter.saved_by_evidence}); LoRA A [in, r] and "
-                              "B [r, out] as Paddle holds them, names mapped onto the base's on load")
+        held = ("LoRA A [r, in] and B [out, r] as torch holds them, turned into Paddle's [in, r] / [r, out] with each "
+                "module's scaling folded into B" if info.adapter.format == "peft" else
+                "LoRA A [in, r] and B [r, out] as Paddle holds them")
+        t.add_row("saved by", f"{info.adapter.saved_by} ({info.adapter.saved_by_evidence}); {held}, names mapped onto "
+                              "the base's on load")
     if a is not None and a.family:
         t.add_row("family", _family_line(a.family))
     elif a is not None and a.library:
@@ -138,6 +141,14 @@ def _adapter_rows(t: Table, info: CheckpointInfo) -> None:
         a = info.adapter
         if a.scaling is None:
             t.add_row("LoRA", f"r={a.r} (from the tensors); alpha and scaling unknown: lora_config.json is missing")
+        elif a.format == "peft":
+            t.add_row("LoRA", f"r={a.r}, lora_alpha={a.lora_alpha:g} ({a.scaling_formula})"
+                      + (", rsLoRA" if a.rslora else "") + (", DoRA (magnitude per output column)" if a.dora else ""))
+            if a.ranks:
+                t.add_row("per module", "; ".join(f"{k}: {n} module(s)" for k, n in a.ranks.items()))
+            if a.modules_to_save or a.whole_tensors:
+                t.add_row("modules_to_save", f"{', '.join(a.modules_to_save) or '-'} (stored whole, used instead of the "
+                                              f"base's: {', '.join(a.whole_tensors) or 'none'})")
         else:
             t.add_row("LoRA", f"r={a.r}, lora_alpha={a.lora_alpha:g}, scaling={a.scaling:g} ({a.scaling_formula})"
                       + (", rslora" if a.rslora else ""))

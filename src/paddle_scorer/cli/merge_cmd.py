@@ -39,7 +39,8 @@ def render(result) -> None:
         f"merged {r.merged_modules} LoRA modules into [bold]{escape(str(r.out))}[/]"
         + (" (replaced the existing folder)" if r.replaced_existing else "")
     ))
-    out.print(f"  scaling  {r.scaling:g} ({r.scaling_formula})", highlight=False)
+    out.print(f"  scaling  {r.scaling_formula}" if r.record.get("adapter_format") == "peft" else
+              f"  scaling  {r.scaling:g} ({r.scaling_formula})", highlight=False)
     weights = [f for f in r.files if f.endswith((".safetensors", ".pdparams"))]
     shown = ", ".join(weights) if len(weights) <= 3 else f"{weights[0]} ... {weights[-1]} ({len(weights)} shards)"
     out.print(f"  output   {r.format}, {r.out_dtype}, {fmt_bytes(r.out_bytes)}: {shown}", highlight=False)

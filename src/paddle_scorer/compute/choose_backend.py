@@ -39,9 +39,9 @@ def cpu_runner(loaded):
     arch = mp.library.arch_for(mp.info).architecture
     if mp.family is not None:  # no model object: the decoder over the family's tensors
         ap = loaded.plan.adapter
-        attach = ap is not None and loaded.plan.mode == "attach"
-        runner = cr.family_runner(mp.family, arch, loaded.arrays, ap.pairs if attach else None,
-                                  ap.scaling if attach else 1.0)
+        attached = loaded.plan.attached_pairs  # DoRA's pairs were merged when the arrays were read
+        runner = cr.family_runner(mp.family, arch, loaded.arrays, attached or None,
+                                  ap.scaling if attached else 1.0)
         fc = mp.family
         _, choice = cr.gemm_for(runner.f.spec, fc.moe.intermediate if fc.moe else fc.intermediate)
         return runner, {"forward": "paddle-scorer decoder", "family": fc.family, "gemm": choice.to_dict()}

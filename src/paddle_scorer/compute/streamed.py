@@ -76,7 +76,7 @@ class StreamedBackend:
         self.no_reuse_reason = None if prefix_reuse else "--no-prefix-reuse"
         self.compute = {"forward": "library", "why": "streamed"}
         self.dtype = plan.policy.dtype
-        self.attach = plan.adapter is not None and plan.mode == "attach"
+        self.attach = bool(plan.attached_pairs)  # pairs run beside the weights (DoRA's are merged as layers are read)
         self.family = plan.model.family
         if self.family is not None:
             self._init_family()
@@ -106,7 +106,7 @@ class StreamedBackend:
         self.fast = self._fast_forward(model)
         if self.attach and self.fast is None:
             # LoRA layers on the template layer's modules that any layer adapts (the same projections in each)
-            modules = sorted({to_template(m + ".", layer_index(m + ".")).rstrip(".") for m in plan.adapter.pairs
+            modules = sorted({to_template(m + ".", layer_index(m + ".")).rstrip(".") for m in plan.attached_pairs
                               if layer_index(m + ".") is not None})
             model = plan.model.library.attach_lora(model, modules, plan.adapter.settings, self.dtype)
         self.net, self.body, self.head = body_and_head(model)
@@ -195,15 +195,16 @@ class StreamedBackend:
         where = str(self.plan.model_dir)
         for n in list(arrays):
             arrays[n] = cast_or_refuse(n, arrays[n], self.dtype, where)
-        if self.plan.adapter is not None and self.plan.mode == "merge":
-            pairs = {m: ab for m, ab in self.plan.adapter.pairs.items() if m + ".weight" in arrays}
-            merge_lora(arrays, pairs, self.plan.adapter.scaling, str(self.plan.lora_dir), out_dtype=self.dtype)
+        if self.plan.merged_pairs:
+            pairs = {m: ab for m, ab in self.plan.merged_pairs.items() if m + ".weight" in arrays}
+            merge_lora(arrays, pairs, self.plan.adapter.scaling, str(self.plan.lora_dir), out_dtype=self.dtype,
+                       magnitudes=self.plan.magnitudes)
         out = {}
         for n in list(arrays):
             key = n if layer is None else to_template(n, layer)
             out[key] = to_paddle_array(arrays.pop(n), self.dtype)
         if self.attach and layer is not None:
-            for m, (a, b) in self.plan.adapter.pairs.items():
+            for m, (a, b) in self.plan.attached_pairs.items():
                 if layer_index(m + ".") == layer:
                     t = to_template(m + ".", layer).rstrip(".")
                     out[t + ".lora_A"] = to_paddle_array(a, self.dtype)

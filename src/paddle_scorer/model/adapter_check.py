@@ -96,13 +96,15 @@ def combine_split_pairs(pairs: dict, splits: dict) -> tuple[dict, list[str]]:
 def validate_adapter(
     adapter: dict[str, np.ndarray], base_shapes: dict[str, tuple[int, ...]], settings: LoraSettings, where: str,
     *, allow_noop: bool = False, aliases: tuple[str, ...] = (), splits: dict | None = None,
-    file_names: dict[str, str] | None = None,
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
+    file_names: dict[str, str] | None = None, magnitudes: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str | None, dict[str, np.ndarray]]:
     """Check every adapter tensor against the runtime model's shapes; return ``{module: (A, B)}`` or raise
     listing every problem. A no-op adapter (every B zero, or scaling 0) is refused unless ``allow_noop``.
     ``splits`` (:func:`split_parts`; paddle-scorer's decoder only, which takes a pair of any rank): adapters on the
     split modules of a fused runtime module are combined onto it (:func:`combine_split_pairs`). ``file_names``: the
-    adapter's names as its file has them, for the keys a family renamed (``target_modules`` match those)."""
+    adapter's names as its file has them, for the keys a family renamed (``target_modules`` match those).
+    ``magnitudes``: DoRA's magnitude per module (the adapter's module names), returned on the runtime modules (a fused
+    module's columns that no DoRA part covers are NaN)."""
     splits = splits or {}
     problems: list[str] = []
     non_lora = [k for k in adapter if not (k.endswith(".lora_A") or k.endswith(".lora_B"))]
@@ -134,18 +136,27 @@ def validate_adapter(
         if len(w) != 2:
             problems.append(f"{module}: base weight has shape {tuple(w)}, not a Linear")
             continue
-        want_a, want_b = (w[0], settings.r), (settings.r, w[1])
+        r = settings.pair_rank
+        want_a, want_b = (w[0], r), (r, w[1])
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(
                 f"{module}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base weight "
-                f"{tuple(w)} with r={settings.r} (expected A{want_a} B{want_b})"
+                f"{tuple(w)} with r={r} (expected A{want_a} B{want_b})"
             )
             continue
         result[module] = (a, b)
+    mags = {}
+    for name, vec in (magnitudes or {}).items():
+        target = mapping.get(name + ".lora_A", name + ".lora_A").rsplit(".", 1)[0]
+        if target in result and vec.shape != (result[target][1].shape[1],):
+            problems.append(f"{name}: its DoRA magnitude {tuple(vec.shape)} does not have one value per output "
+                            f"column ({result[target][1].shape[1]})")
+        mags[target] = vec
     problems += _target_problems(settings, keys, mapping, pairs, base_modules, base_shapes, splits, file_names or {})
     problems += nonfinite({f"{m}.lora_A": ab[0] for m, ab in result.items()}
                           | {f"{m}.lora_B": ab[1] for m, ab in result.items()})
     if splits and not problems:
+        mags = combine_split_magnitudes(mags, splits)
         result, combined = combine_split_pairs(result, splits)
         problems += combined
     if problems:
@@ -155,7 +166,24 @@ def validate_adapter(
         )
     if not allow_noop:
         check_not_noop(result, settings, where)
-    return result, mapping_note
+    return result, mapping_note, mags
+
+
+def combine_split_magnitudes(mags: dict, splits: dict) -> dict:
+    """DoRA magnitudes of split modules (``q_proj``...) on their fused runtime module, in its column order; the columns
+    of a part without one are NaN (DoRA leaves them as they are). A column's DoRA norm is its own, so this is exact."""
+    out = {m: v for m, v in mags.items() if m not in splits}
+    perms = {}
+    for m in sorted(set(mags) & set(splits)):
+        fused, start, stop, perm, width = splits[m]
+        if fused not in out:
+            out[fused] = np.full(width, np.nan, np.float32)
+        out[fused][start:stop] = mags[m]
+        perms[fused] = perm
+    for fused, perm in perms.items():
+        if perm is not None:
+            out[fused] = np.ascontiguousarray(out[fused][list(perm)])
+    return out
 
 
 def _target_problems(settings: LoraSettings, keys: list[str], mapping: dict, pairs: dict, base_modules: set[str],
@@ -164,22 +192,22 @@ def _target_problems(settings: LoraSettings, keys: list[str], mapping: dict, pai
     its regexes fully match and ignores tensors for any other: a module with weights in the file that no target
     matches (under its name in the file or in the base), targets that match no module, or matched modules without
     weights are each refused, so the adapter means one thing."""
-    targets = [re.compile(t) for t in settings.target_modules]
-    if not targets:
+    if not settings.target_modules:
         return []
     problems = []
     original = {mapping[k].rsplit(".", 1)[0]: file_names.get(k, k).rsplit(".", 1)[0] for k in keys}
-    expected = {m for m in base_modules if any(t.fullmatch(m) for t in targets)}
+    expected = {m for m in base_modules if settings.targets(m)}
     expected = {m for m in expected if len(base_shapes.get(m + ".weight", ())) == 2}  # only Linear weights
     covered = set(pairs) | {splits[m][0] for m in pairs if m in splits}
-    untargeted = sorted(m for m in pairs if not any(t.fullmatch(x) for t in targets for x in (m, original.get(m, m))))
+    untargeted = sorted(m for m in pairs if not any(settings.targets(x) for x in (m, original.get(m, m))))
+    saver = settings.saver
     if pairs and not expected and len(untargeted) == len(pairs):
         return [f"target_modules {settings.target_modules} match no module of the base model, while the file has "
                 f"weights for {len(pairs)} module(s) (e.g. {original.get(untargeted[0], untargeted[0]) if untargeted else '-'}): "
-                "PaddleNLP's LoRAModel would apply none of them; fix target_modules in the adapter's config"]
+                f"{saver} would apply none of them; fix target_modules in the adapter's config"]
     for m in untargeted[:20]:
         problems.append(f"{original.get(m, m)}: the file has LoRA weights for it, but target_modules "
-                        f"{settings.target_modules} do not match it (PaddleNLP's LoRAModel would not apply them)")
+                        f"{settings.target_modules} do not match it ({saver} would not apply them)")
     if len(untargeted) > 20:
         problems.append(f"... and {len(untargeted) - 20} more module(s) with weights that target_modules do not match")
     for m in sorted(expected - covered):

@@ -163,16 +163,33 @@ def merge_refusal(where: str, bad: list[str]) -> WeightMismatchError:
                                "The adapter is unusable with this base; check its training run.")
 
 
+def dora_delta(w: np.ndarray, delta: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """DoRA's merge as a delta on ``W`` (Paddle's ``[in, out]``): ``m / ||W + delta||_col * (W + delta) - W``, each
+    output column's norm over the inputs, as peft's ``DoraLinearLayer`` computes it (``weight_norm`` of the merged
+    weight, per output row of torch's ``[out, in]``). A NaN magnitude leaves its column's ``W + delta`` unscaled (a
+    part of a fused module that DoRA does not adapt)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        merged = w.astype(np.float32) + delta
+        norm = np.sqrt(np.einsum("ij,ij->j", merged, merged, dtype=np.float32))
+        scale = np.where(np.isnan(magnitude), np.float32(1.0), magnitude / norm).astype(np.float32)
+        return merged * scale - w.astype(np.float32)
+
+
 def merge_lora(base: dict[str, np.ndarray], pairs: dict[str, tuple[np.ndarray, np.ndarray]], scaling: float,
-               where: str, out_dtype: str | None = None) -> None:
+               where: str, out_dtype: str | None = None, magnitudes: dict[str, np.ndarray] | None = None) -> None:
     """``W += A @ B * scaling`` (in float32, cast back to ``out_dtype``, default W's dtype) for the modules
-    whose weight is in ``base``, in place; non-finite results are refused, every one named."""
+    whose weight is in ``base``, in place (DoRA's rescaled sum for the modules in ``magnitudes``: :func:`dora_delta`);
+    non-finite results are refused, every one named."""
     bad = []
+    magnitudes = magnitudes or {}
     for module, (a, b) in pairs.items():
         key = module + ".weight"
         if key not in base:
             continue
-        merged, problem = add_delta(key, base[key], lora_delta(a, b, scaling), out_dtype)
+        delta = lora_delta(a, b, scaling)
+        if module in magnitudes:
+            delta = dora_delta(base[key], delta, magnitudes[module])
+        merged, problem = add_delta(key, base[key], delta, out_dtype)
         if problem:
             bad.append(problem)
         else:

@@ -11,23 +11,25 @@ from paddle_scorer.checkpoint import describe as ckpt
 from paddle_scorer.model import libraries
 from paddle_scorer.checkpoint import sidecars
 from paddle_scorer.errors import CheckpointError, UsageError
-from paddle_scorer.checkpoint.lora import UNSUPPORTED_VARIANTS, LoraSettings, read_lora_config
+from paddle_scorer.checkpoint.lora import UNSUPPORTED_VARIANTS, LoraSettings, config_file, read_lora_config
 
 
 def resolve_paths(model: str | Path | None, lora: str | Path | None) -> tuple[Path, Path | None]:
     lora_path = Path(lora) if lora else None
     if lora_path is not None and not lora_path.is_dir():
-        raise UsageError(f"--lora {lora} is not a folder; pass the adapter folder (with lora_config.json).")
+        raise UsageError(f"--lora {lora} is not a folder; pass the adapter folder (with lora_config.json, or peft's "
+                         "adapter_config.json).")
     if model is None:
         if lora_path is None:
             raise UsageError("no model given; pass --model BASE_FOLDER (and --lora ADAPTER_FOLDER for a fine-tune).")
-        if not (lora_path / "lora_config.json").is_file():
+        cfg = config_file(lora_path)
+        if cfg is None:
             raise UsageError(f"no --model given and {lora} has no lora_config.json naming its base; pass --model BASE_FOLDER.")
         settings = read_lora_config(lora_path)
         base = ckpt.resolve_base(lora_path, settings.base_model_name_or_path)
         if base is None:
             raise UsageError(
-                f"the adapter's base model {settings.base_model_name_or_path!r} (from lora_config.json) is not on "
+                f"the adapter's base model {settings.base_model_name_or_path!r} (from {cfg.name}) is not on "
                 "this machine; copy it here and pass --model /path/to/it."
             )
         return base, lora_path
@@ -95,7 +97,12 @@ def check_adapter_folder(info: ckpt.CheckpointInfo) -> LoraSettings:
     folder = Path(info.path)
     if info.adapter_ambiguity:
         raise CheckpointError(f"{info.path}: {info.adapter_ambiguity}")
-    if not (folder / "lora_config.json").is_file():
+    if config_file(folder) is None:
+        if any((folder / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise CheckpointError(
+                f"{info.path} has peft's adapter weights but no adapter_config.json, so the adapter's ranks, "
+                "alphas and targets are unknown; copy adapter_config.json from the training output."
+            )
         if info.kind == ckpt.RENAMED_ADAPTER:
             raise CheckpointError(
                 f"{info.path}: the adapter file was renamed to {Path(info.weights.files[0]).name} and "
@@ -106,6 +113,11 @@ def check_adapter_folder(info: ckpt.CheckpointInfo) -> LoraSettings:
             "copy lora_config.json from the training output."
         )
     settings = read_lora_config(folder)
+    if info.adapter_weights is None and settings.peft is not None:
+        raise CheckpointError(
+            f"{info.path} has adapter_config.json but no adapter_model.safetensors (or .bin); copy the weights file "
+            "from the training output."
+        )
     if info.adapter_weights is None:
         if info.kind == ckpt.RENAMED_ADAPTER:
             raise CheckpointError(

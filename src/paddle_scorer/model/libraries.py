@@ -149,8 +149,11 @@ class LibrarySpec:
     def attach_lora(self, model, modules: list[str], settings, dtype: str):
         """Wrap ``model`` with the library's own ``LoRAModel`` on exactly ``modules``; values are set by the caller."""
         peft = self.module("peft")
+        # a peft adapter's pairs carry their module's scaling (rank padded): scaling 1 = alpha / r with alpha = r
+        r, alpha, rslora = (settings.pair_rank, float(settings.pair_rank), False) if settings.peft is not None else \
+            (settings.r, settings.lora_alpha, settings.rslora)
         config = peft.LoRAConfig(
-            r=settings.r, lora_alpha=settings.lora_alpha, rslora=settings.rslora,
+            r=r, lora_alpha=alpha, rslora=rslora,
             target_modules=[re.escape(m) for m in sorted(modules)], dtype=dtype, lora_dropout=0.0,
             merge_weights=False,
         )

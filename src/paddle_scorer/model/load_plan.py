@@ -20,12 +20,13 @@ validation in front):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from paddle_scorer.checkpoint import describe as ckpt
+from paddle_scorer.checkpoint import peft_config
 from paddle_scorer.model import families, family_layout, family_tensors, libraries, memory_budget, rope_config
 from paddle_scorer.model.adapter_check import split_parts, validate_adapter
 from paddle_scorer.model.arrays import nonfinite
@@ -148,10 +149,29 @@ class AdapterPlan:
     sha256: str
     base_note: str | None = None
     noop_allowed: bool = False
+    # DoRA (peft's use_dora): runtime module -> magnitude per output column (NaN: a column DoRA does not scale). Such a
+    # module's pair is merged into its weight in both modes: W' = m / ||W + s B A||_col * (W + s B A), as peft merges.
+    magnitudes: dict[str, np.ndarray] = field(default_factory=dict)
+    # Whole base tensors the adapter replaces (peft's modules_to_save, trained biases): base tensor name -> the
+    # adapter file's tensor (same name after the prefix, same shape: read instead of the base's)
+    whole: dict[str, TensorRef] = field(default_factory=dict)
 
     @property
     def scaling(self) -> float:
         return self.settings.scaling
+
+    @property
+    def changes_base(self) -> bool:
+        """DoRA magnitudes or replaced tensors: the base's own weights change, so this adapter cannot share a base."""
+        return bool(self.magnitudes or self.whole)
+
+    def attached_pairs(self, mode: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The pairs run beside the weights: every pair attached, but DoRA's (merged in both modes); none merged."""
+        return {m: ab for m, ab in self.pairs.items() if m not in self.magnitudes} if mode == "attach" else {}
+
+    def merged_pairs(self, mode: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The pairs merged into the weights as they are read: all with merge, DoRA's with attach."""
+        return dict(self.pairs) if mode == "merge" else {m: ab for m, ab in self.pairs.items() if m in self.magnitudes}
 
     def pairs_in_layer(self, layer: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {m: ab for m, ab in self.pairs.items() if layer_index(m + ".") == layer}
@@ -178,6 +198,18 @@ class LoadPlan:
     @property
     def streamed(self) -> bool:
         return self.memory.execution == memory_budget.STREAMED
+
+    @property
+    def attached_pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.adapter.attached_pairs(self.mode) if self.adapter is not None else {}
+
+    @property
+    def merged_pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.adapter.merged_pairs(self.mode) if self.adapter is not None else {}
+
+    @property
+    def magnitudes(self) -> dict[str, np.ndarray]:
+        return self.adapter.magnitudes if self.adapter is not None else {}
 
 
 def plan_model(model_dir: Path, info: ckpt.CheckpointInfo | None = None, *, library: str | None = None,
@@ -243,30 +275,69 @@ def plan_adapter(lora_dir: Path, model: ModelPlan, *, allow_noop: bool = False,
     if bad:
         raise WeightMismatchError(f"{lora_dir}: the adapter weights contain NaN/inf, so every score would be meaningless:",
                                   bad, "Re-export the adapter from a healthy training step.")
+    magnitudes, whole = {}, {}
+    if settings.peft is not None:  # peft's names and layout as Paddle's pairs, its scaling per module folded into B
+        pt = peft_config.to_paddle_form(arrays, settings.peft, str(lora_dir))
+        arrays, magnitudes = pt.pairs, pt.magnitudes
+        settings = replace(settings, rank=pt.rank)
+        whole = _whole_tensors(pt.whole, info, model, Path(lora_dir))
     splits = split_parts(model.conversion) if model.family is not None else None
     file_names = {}
     if model.family is not None:  # the family's module renames (Phi-3's gate_up_proj, Mixtral's mlp.experts...)
         file_names = {family_layout.runtime_name(model.family, k): k for k in arrays}
         arrays = {new: arrays[old] for new, old in file_names.items()}
-    pairs, note = validate_adapter(arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop,
-                                   aliases=model.prefix_aliases, splits=splits, file_names=file_names)
-    pairs = _columns_in_runtime_order(pairs, model)
+        magnitudes = {family_layout.runtime_name(model.family, m + ".lora_A")[: -len(".lora_A")]: v
+                      for m, v in magnitudes.items()}
+    pairs, note, magnitudes = validate_adapter(
+        arrays, model.runtime_shapes(), settings, str(lora_dir), allow_noop=allow_noop or bool(magnitudes or whole),
+        aliases=model.prefix_aliases, splits=splits, file_names=file_names, magnitudes=magnitudes)
+    pairs, magnitudes = _columns_in_runtime_order(pairs, magnitudes, model)
     sha = adapter_sha256(info)
     check_not_merged_already(model, Path(lora_dir), sha)
-    return AdapterPlan(Path(lora_dir), info, settings, pairs, note, sha, base_note, allow_noop)
+    return AdapterPlan(Path(lora_dir), info, settings, pairs, note, sha, base_note, allow_noop, magnitudes, whole)
 
 
-def _columns_in_runtime_order(pairs: dict, model: ModelPlan) -> dict:
+def _whole_tensors(tensors: dict[str, np.ndarray], info: ckpt.CheckpointInfo, model: ModelPlan,
+                   lora_dir: Path) -> dict[str, TensorRef]:
+    """peft's whole tensors (modules_to_save, trained biases) on the base's stored tensors they replace: the same name
+    (or the base's prefix for peft's first component) and the same shape, or refused naming both."""
+    from paddle_scorer.checkpoint.peft_config import PREFIX
+
+    out, problems = {}, []
+    base_prefix = ckpt.key_prefix(model.refs)
+    for name, arr in sorted(tensors.items()):
+        candidates = [name] + ([f"{base_prefix}.{name.split('.', 1)[1]}"] if "." in name and base_prefix else [])
+        target = next((c for c in candidates if c in model.refs), None)
+        if target is None:
+            tied = " (the base ties its head to the embedding, so there is no head to replace)" \
+                if name.endswith("lm_head.weight") else ""
+            problems.append(f"{name}: the adapter stores it whole (modules_to_save, or a trained bias), but "
+                            f"the base has no such tensor{tied}")
+            continue
+        if tuple(arr.shape) != tuple(model.refs[target].shape):
+            problems.append(f"{name}: {tuple(arr.shape)} in the adapter, {tuple(model.refs[target].shape)} in the base "
+                            f"({target}; a base saved in another layout?)")
+            continue
+        out[target] = replace(info.adapter_tensors[PREFIX + name], name=target)
+    if problems:
+        raise WeightMismatchError(f"{lora_dir}: the adapter's whole tensors do not fit the base model:", problems,
+                                  "Pass the base model this adapter was trained on, saved by transformers.")
+    return out
+
+
+def _columns_in_runtime_order(pairs: dict, magnitudes: dict, model: ModelPlan) -> tuple[dict, dict]:
     """A pair on a module stored fused as one tensor whose columns the runtime reorders (Phi-3's ``qkv_proj``, stored
-    ``[q | k | v]``, run grouped per KV head): its B gets the same column order, as the weight does (a pair trained
-    on the stored module has the stored order)."""
-    out = {}
+    ``[q | k | v]``, run grouped per KV head): its B (and DoRA magnitude) gets the same column order, as the weight
+    does (a pair trained on the stored module has the stored order)."""
+    out, mags = {}, dict(magnitudes)
     for module, (a, b) in pairs.items():
         t = model.conversion.tensors.get(module + ".weight")
         if t is not None and t.perm is not None and len(t.parts) == 1 and b.shape[-1] == len(t.perm):
             b = np.ascontiguousarray(b[:, list(t.perm)])
+            if module in mags:
+                mags[module] = np.ascontiguousarray(mags[module][list(t.perm)])
         out[module] = (a, b)
-    return out
+    return out, mags
 
 
 def check_not_merged_already(model: ModelPlan, lora_dir: Path, sha: str) -> None:
@@ -323,6 +394,8 @@ def assemble(mp: ModelPlan, ap: AdapterPlan | None, *, device: str = "auto", dty
     ``check_device=False``: keep a plan for a model that cannot run on this device (smoke checks the rest)."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; use attach or merge.")
+    if ap is not None and ap.whole:  # peft's modules_to_save / trained biases read instead of the base's
+        mp = replace(mp, refs={**mp.refs, **ap.whole})
     tok_dir = tokenizer_folder(mp.folder, ap.folder if ap else None, tokenizer)
     check_tokenizer_files(tok_dir)
     if mp.library.native and device.strip().lower() == "auto":

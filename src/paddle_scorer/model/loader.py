@@ -217,7 +217,8 @@ def set_params(plan: LoadPlan, params: dict[str, Any], names: list[str], dtype: 
     for name in _file_order(names, plan):
         arrays = {name: read_cast(plan, name, dtype, scratch, where)}
         if merge_pairs:
-            merge_lora(arrays, merge_pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype=dtype)
+            merge_lora(arrays, merge_pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype=dtype,
+                       magnitudes=plan.magnitudes)
         materialise(params[name], to_paddle_array(arrays.pop(name), dtype), on_cpu)
 
 
@@ -234,7 +235,7 @@ def build_model(plan: LoadPlan, num_layers: int | None = None):
     params = check_names(plan, model, str(mp.folder), only_layers=keep)
 
     names = [n for n in mp.conversion.tensors if keep is None or layer_index(n) in keep]
-    merge_pairs = plan.adapter.pairs if (plan.adapter is not None and plan.mode == "merge") else None
+    merge_pairs = plan.merged_pairs or None
     set_params(plan, params, names, plan.policy.dtype, merge_pairs)
     model.eval()
     return model, config
@@ -246,12 +247,13 @@ def read_family(plan: LoadPlan) -> dict[str, np.ndarray]:
     read once, not once per expert."""
     where = str(plan.model_dir)
     out: dict[str, np.ndarray] = {}
-    merge_pairs = plan.adapter.pairs if (plan.adapter is not None and plan.mode == "merge") else None
+    merge_pairs = plan.merged_pairs or None
     for names in plan.model.conversion.layer_groups().values():
         arrays = {n: cast_or_refuse(n, a, "float32", where) for n, a in plan.model.read(names, check=False).items()}
         if merge_pairs:
             pairs = {m: ab for m, ab in merge_pairs.items() if m + ".weight" in arrays}
-            merge_lora(arrays, pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype="float32")
+            merge_lora(arrays, pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype="float32",
+                       magnitudes=plan.magnitudes)
         out.update({n: np.ascontiguousarray(a) for n, a in arrays.items()})
     return out
 
@@ -259,7 +261,7 @@ def read_family(plan: LoadPlan) -> dict[str, np.ndarray]:
 def attach_adapter(plan: LoadPlan, model, num_layers: int | None = None):
     """Wrap with the library's ``LoRAModel`` on exactly the adapted modules and set every lora_A/lora_B."""
 
-    pairs = plan.adapter.pairs
+    pairs = plan.attached_pairs
     if num_layers is not None:
         pairs = {m: ab for m, ab in pairs.items() if layer_index(m + ".") is None or layer_index(m + ".") < num_layers}
     dtype = plan.policy.dtype
@@ -321,7 +323,7 @@ def load_plan(plan: LoadPlan, num_layers: int | None = None) -> Loaded:
     if plan.model.library.native:
         return Loaded(None, tok, facts, None, plan, arrays=read_family(plan))
     model, config = build_model(plan, num_layers)
-    if plan.adapter is not None and plan.mode == "attach":
+    if plan.attached_pairs:
         model = attach_adapter(plan, model, num_layers)
     return Loaded(model, tok, facts, config, plan)
 
@@ -426,8 +428,8 @@ def streaming_template(plan: LoadPlan) -> StreamTemplate:
     if problems:
         raise WeightMismatchError(f"{mp.folder}: the weights do not match the model built from config.json:",
                                   problems, "Check that config.json and the weights come from the same model.")
-    if plan.adapter is not None and plan.mode == "attach":
-        outside_pairs = [m for m in plan.adapter.pairs if layer_index(m + ".") is None]
+    if plan.attached_pairs:
+        outside_pairs = [m for m in plan.attached_pairs if layer_index(m + ".") is None]
         if outside_pairs:
             raise CheckpointError(f"{plan.lora_dir}: adapters outside the decoder layers ({outside_pairs[0]}) "
                                   "cannot be streamed attached; pass --mode merge.")

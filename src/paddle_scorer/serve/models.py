@@ -120,6 +120,10 @@ def _backends(loaded, plan, adapters, name: str, cache_bytes: int, prefix_reuse:
         if adapter_name in backends:
             raise UsageError(f"--lora: {adapter_name!r} is also the base model's name; pick another name or --model-name.")
         ap = plan_adapter(folder, plan.model)  # the loader's checks and sentences
+        if ap.changes_base:
+            what = "DoRA magnitudes" if ap.magnitudes else "whole tensors (modules_to_save or trained biases)"
+            raise UsageError(f"--lora {adapter_name}={folder}: the adapter changes the base's own weights ({what}), so it "
+                             f"cannot share a base with other adapters; serve it alone: paddle-scorer serve --lora {folder}")
         backends[adapter_name] = Backend(runner.with_adapter(ap.pairs, ap.scaling), pad, prefix_reuse=prefix_reuse,
                                          prefix_cache_bytes=cache_bytes // share)
         defaults[adapter_name] = scorer_defaults(None, folder)

@@ -20,6 +20,7 @@ from paddle_scorer.checkpoint.describe import (  # noqa: F401 - the kinds inspec
 )
 from paddle_scorer.model import libraries
 from paddle_scorer.model import memory_budget
+from paddle_scorer.checkpoint.lora import config_file
 from paddle_scorer.model.folders import check_adapter_folder, check_tokenizer_files
 from paddle_scorer.model.load_plan import plan_model
 
@@ -54,7 +55,7 @@ def assess(info: ckpt.CheckpointInfo, memory_limit: int | None = None) -> Assess
     if info.kind == ckpt.NOT_A_CHECKPOINT:
         return Assessment(False, None, info.summary, NotACheckpointError.exit_code)
     if info.kind == ckpt.LORA_ADAPTER or (info.kind == ckpt.RENAMED_ADAPTER and info.adapter_weights is not None
-                                           and (Path(info.path) / "lora_config.json").is_file()):
+                                           and config_file(Path(info.path)) is not None):
         lib = libraries.likely(info)  # from the adapter's config.json (model_type)
         lib_name, lib_installed = (lib.name, lib.installed) if lib else (None, None)
         try:

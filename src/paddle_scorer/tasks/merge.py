@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import shutil
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ from paddle_scorer.checkpoint import sidecars
 from paddle_scorer.model.folders import resolve_paths
 from paddle_scorer.model.dtype_policy import DTYPES, normalise_dtype
 from paddle_scorer.errors import CheckpointError, UsageError, WeightMismatchError
-from paddle_scorer.model.arrays import add_delta, merge_refusal, nonfinite, to_dtype
+from paddle_scorer.model.arrays import add_delta, dora_delta, merge_refusal, nonfinite, to_dtype
 from paddle_scorer.tasks.merge_output import (  # noqa: F401 - the names tests and the CLI use via merge
     _BASE_EXTRA_FILES, _CHAT_TEMPLATE_FILES, _INDEX_NAME, _SHARD_NAME, _SINGLE_NAME, check_output,
     clean_stale, commit as _commit, temp_folder,
@@ -189,6 +190,8 @@ def plan(
 
     mp = planning.plan_model(base_dir)
     ap = planning.plan_adapter(lora_dir, mp, allow_noop=allow_noop_adapter)
+    if ap.whole:  # peft's modules_to_save / trained biases are written instead of the base's
+        mp = dataclasses.replace(mp, refs={**mp.refs, **ap.whole})
     cast, label = output_dtype(dtype, mp.info.weights.dtypes)
 
     tok_src = base_dir if _has_tokenizer(base_dir) else (lora_dir if _has_tokenizer(lora_dir) else None)
@@ -241,7 +244,11 @@ def merge_shard(shard: dict[str, np.ndarray], p: MergePlan, deltas: dict[str, tu
         module, rt = deltas[name]
         if module not in cache:
             a, b = p.pairs[module]
-            cache[module] = rt.split(lora_delta(a, b, p.settings.scaling))
+            delta = lora_delta(a, b, p.settings.scaling)
+            if module in p.adapter_plan.magnitudes:  # DoRA: the rescaled sum needs the whole runtime weight
+                w = p.model.read([module + ".weight"], check=False)[module + ".weight"]
+                delta = dora_delta(w, delta, p.adapter_plan.magnitudes[module])
+            cache[module] = rt.split(delta)
         delta = cache[module].pop(name)
         if not cache[module]:  # every source of this module is merged: free its delta now, not at the
             del cache[module]  # end of the shard (kept, the deltas were as big as the adapted weights)
@@ -303,8 +310,8 @@ def write_weights(p: MergePlan, folder: Path) -> tuple[list[str], int]:
     merged: list[str] = []
     deltas = source_deltas(p)
     by_file: dict[str, list] = {}
-    for ref in p.model.refs.values():
-        by_file.setdefault(str(ref.file), []).append(ref)
+    for name, ref in p.base_info.tensors.items():  # the base's files; a tensor the adapter replaces is read from it
+        by_file.setdefault(str(ref.file), []).append(p.model.refs[name])
     for src, name in zip(files, names, strict=True):
         shard = read_tensors(sorted(by_file.get(str(src), []), key=lambda r: r.offset))
         bad = nonfinite(shard)
@@ -349,6 +356,10 @@ def merge_record(p: MergePlan, merged_modules: int) -> dict:
         "paddle_scorer_version": __version__,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if s.peft is not None:
+        ap = p.adapter_plan
+        record.update({"adapter_format": "peft", "scaling": "per module (folded into lora_B)", "dora": bool(ap.magnitudes),
+                       "replaced_tensors": sorted(ap.whole)})
     if p.base_info.merged_from:
         record["base_merged_from"] = p.base_info.merged_from
     return record
@@ -417,7 +428,8 @@ def write(p: MergePlan, *, verify: bool = False) -> MergeResult:
         notes.append("the tokenizer was copied from the adapter folder (the base has none).")
     return MergeResult(
         out=out, files=written, format=p.format, out_dtype=p.out_dtype, merged_modules=n_merged,
-        scaling=p.settings.scaling, scaling_formula=p.settings.scaling_formula, out_bytes=size,
+        scaling=p.settings.scaling, scaling_formula=p.settings.describe() if p.settings.peft is not None else
+        p.settings.scaling_formula, out_bytes=size,
         base_bytes=p.base_bytes, peak_rss_bytes=rss, record=record, replaced_existing=replaced, verify=check,
         notes=notes,
     )

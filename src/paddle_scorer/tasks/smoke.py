@@ -146,8 +146,7 @@ def run(opts: SmokeOptions) -> SmokeResult:
     ap = None
     if lora_dir is not None:
         linfo = _attempt(r, "adapter folder", lambda: _adapter_folder(lora_dir), lambda i: (
-            f"LoRA r={i[1].r}, lora_alpha={i[1].lora_alpha:g}, scaling {i[1].scaling:g} ({i[1].scaling_formula}), "
-            f"{i[0].adapter.adapted_modules} adapted modules"))
+            f"{i[1].describe()}, {i[0].adapter.adapted_modules} adapted modules"))
         if linfo is not None and linfo[0].kind == ckpt.RENAMED_ADAPTER:
             name = Path(linfo[0].adapter_weights.files[0]).name
             r.add("adapter file name", WARN,
@@ -156,7 +155,7 @@ def run(opts: SmokeOptions) -> SmokeResult:
                   "back to lora_model_state.pdparams.")
         if linfo is not None and mp is not None:
             ap = _attempt(r, "adapter fits base", lambda: planning.plan_adapter(lora_dir, mp, info=linfo[0]),
-                          lambda a: f"{len(a.pairs)} modules, shapes match the base with r={a.settings.r}, all values "
+                          lambda a: f"{len(a.pairs)} modules, shapes match the base with r={a.settings.pair_rank}, all values "
                                     "finite, not a no-op" + (f"; {a.mapping_note}" if a.mapping_note else ""))
     plan = None
     gpu_only = mp.library.arch_for(mp.info).gpu_only if mp is not None else None
