@@ -270,3 +270,18 @@ def test_a_torch_bin_adapter_is_read_without_running_its_pickle(built, tmp_path,
     recs, meta = classify(tmp_path, base, "--lora", folder)
     assert deltas.record("nlp env: peft adapter_model.bin vs peft's forward, per label token",
                          worst_per_token(recs, model)) <= TOL
+
+
+def test_an_adapter_that_changes_the_base_is_not_served_beside_others(built, tmp_path):
+    """DoRA magnitudes and modules_to_save rewrite the base's own weights: such an adapter cannot share a base."""
+    from paddle_scorer.errors import UsageError
+    from paddle_scorer.serve.models import serve_models
+    from paddle_scorer.tasks.loading import LoadOptions
+
+    base, adapter, _ = built["llama_dora"]
+    plain = tmp_path / "plain"
+    pf.build_adapter(pf.build_base("llama", tmp_path / "base2", {}), plain, dict(r=2, lora_alpha=4,
+                                                                                target_modules=["q_proj"]))
+    with pytest.raises(UsageError, match="changes the base's own weights .DoRA magnitudes.*serve it alone"):
+        serve_models(LoadOptions(base, device="cpu"), [("plain", plain), ("dora", adapter)], model_name="base",
+                     prefix_cache=1 << 20, prefix_reuse=True)
