@@ -308,3 +308,31 @@ def test_model_can_be_omitted_when_the_adapter_names_its_base():
     assert data["model"] == str(builders.DEMO_BASE.resolve())
     # classify resolves the base from lora_config.json the same way, so the command leaves --model out
     assert data["gpu_command"].startswith(f"paddle-scorer classify --lora {builders.DEMO_LORA} --labels goods,life")
+
+
+def test_generate_past_ram_projected_and_equal_to_in_ram(wide, tmp_path):
+    """A model over --memory-limit: smoke projects generate's time from the measured pass over the layers, and generate
+    streams it (one pass per step) with the in-RAM tokens and probabilities."""
+    base, lora, limit = wide
+    r, data = smoke_json("--model", base, "--lora", lora, "--input", builders.DEMO_QUERIES, "--template", "{query}",
+                         "--memory-limit", limit, "--limit", 2)
+    assert r.exit_code == 0, r.output
+    c = checks(data)
+    assert data["execution"] == "streamed" and c["generate past RAM"]["status"] == "INFO"
+    d = c["generate past RAM"]["detail"]
+    assert "per pass over the layers (measured)" in d and f"{N_QUERIES} records in blocks of" in d
+    common = ["--model", base, "--lora", lora, "--input", builders.DEMO_QUERIES, "--template", "{query}", "--limit", 3,
+              "-n", 4, "--top-k", 2]
+    outs = {}
+    for name, extra in (("streamed", ["--memory-limit", limit]), ("ram", ["--execution", "in-ram", "--no-prefix-reuse"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert cli("generate", *common, *extra, "--output", out).exit_code == 0
+        outs[name] = [json.loads(line) for line in open(out)]
+    meta = json.loads((tmp_path / "streamed.jsonl.meta.json").read_text())
+    # blocks of several records (as many as their caches allow under the limit): a prompt pass and 3 step passes over
+    # the 8 layers per block, fewer than the 3 x 4 x 8 passes of one record at a time
+    passes = meta["streaming"]["layer_passes"]
+    assert meta["model"]["execution"]["execution"] == "streamed" and passes % (4 * 8) == 0 and passes < 3 * 4 * 8
+    for s, m in zip(outs["streamed"], outs["ram"], strict=True):
+        assert s["generated_token_ids"] == m["generated_token_ids"]
+        assert max(abs(a["prob"] - b["prob"]) for a, b in zip(s["steps"], m["steps"])) <= 1e-6

@@ -27,8 +27,8 @@ Tokenizer = Annotated[Optional[Path], typer.Option(
     "--tokenizer", help="Tokenizer folder, when the model folder has none (or to use another chat template).")]
 MemoryLimit = Annotated[Optional[str], typer.Option(
     "--memory-limit", help="RAM this process may use, e.g. 16GB (default: the available RAM minus a margin). A "
-                           "model that does not fit is scored layer by layer by classify and smoke, and refused "
-                           "before loading by generate and serve.")]
+                           "model that does not fit is run layer by layer by classify, generate and smoke, and "
+                           "refused before loading by serve.")]
 Execution = Annotated[str, typer.Option(
     "--execution", help="auto | in-ram | streamed: where the weights live while scoring (auto: in RAM when they fit "
                         "the memory limit).")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -46,6 +47,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (recorded probabilities stay raw)."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed (per record)."),
         renormalize_top_k: bool = typer.Option(False, "--renormalize-top-k", help="Also record the OLD method's renormalised top-k, labelled as such."),
+        stop: Optional[list[str]] = typer.Option(None, "--stop", help="Finish a record when its text contains this "
+                                                 "string (repeatable; the string is not part of the text)."),
         chat_template: flags.ChatTemplate = None,
         id_field: flags.IdField = "id",
         truncate: flags.Truncate = "error",
@@ -56,6 +59,7 @@ def register(app: typer.Typer) -> None:
         dtype: flags.Dtype = "auto",
         tokenizer: flags.Tokenizer = None,
         memory_limit: flags.MemoryLimit = None,
+        execution: flags.Execution = "auto",
         allow_noop_adapter: flags.AllowNoopAdapter = False,
         coerce_fields: flags.CoerceFields = False,
         prefix_reuse: flags.PrefixReuse = True,
@@ -68,8 +72,8 @@ def register(app: typer.Typer) -> None:
         opts, template_source = options_with_defaults(
             model, lora, template=template, raw=raw, max_new_tokens=max_new_tokens, top_k=top_k, sample=sample,
             temperature=temperature, seed=seed, renormalize_top_k=renormalize_top_k, chat_template=chat_template,
-            truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse)
-        load = LoadOptions(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, "in-ram")
+            truncate=truncate, coerce_fields=coerce_fields, prefix_reuse=prefix_reuse, stop=tuple(stop or ()))
+        load = LoadOptions(model, lora, mode, device, dtype, tokenizer, memory_limit, allow_noop_adapter, execution)
         run = generate_file(load, opts, source, dest, hooks(), template_source=template_source)
         stats, loaded = run.stats, run.loaded
         if as_json:

@@ -68,6 +68,22 @@ class NumpyRunner:
         """Final-normed hidden states ``[B, T, H]`` (the body's output, as the library returns it; padding slots
         zero) and the cache extended by these tokens when ``use_cache``. ``prefix``: a computed prefix every row
         continues (positions count from its end; a cache made here keeps it for the next steps)."""
+        call = self._begin(ids, mask, positions, cache, use_cache, lengths, prefix)
+        for i, layer in enumerate(self.layers):
+            self._through(call, i, layer)
+        return self._end(call)
+
+    def hidden_each(self, calls: list[tuple]) -> list[tuple]:
+        """:meth:`hidden` of several independent calls ``(ids, mask, positions, cache)`` (``use_cache``) in one pass
+        over the layers: each call computed alone, exactly as :meth:`hidden` computes it (its own shapes), but every
+        layer visited once for all of them (a streamed model reads its weights once)."""
+        started = [self._begin(ids, mask, pos, cache, True, None, None) for ids, mask, pos, cache in calls]
+        for i, layer in enumerate(self.layers):
+            for call in started:
+                self._through(call, i, layer)
+        return [self._end(call) for call in started]
+
+    def _begin(self, ids, mask, positions, cache, use_cache, lengths, prefix) -> dict:
         B, T = ids.shape
         if cache is not None and cache.prefix is not None:
             prefix = cache.prefix
@@ -81,23 +97,29 @@ class NumpyRunner:
             batch.set_positions(positions, past_pos)
         cos, sin = self.f.rope(batch.pick(positions), self.f.rope.span(positions, past))
         h = self.f.embed(self.outside, batch.pick(ids))
-        new = KV(prefix=prefix) if use_cache else None
-        for i, layer in enumerate(self.layers):
-            pk = (cache.keys[i], cache.values[i]) if past else None
-            h, kv = self.f.layer(layer, h, batch, cos, sin, pk, keep_kv=use_cache,
-                                 prefix=prefix.layer(i) if prefix is not None else None)
-            if use_cache:
-                k, v = kv
-                if past:
-                    k = np.concatenate([cache.keys[i], k], axis=2)
-                    v = np.concatenate([cache.values[i], v], axis=2)
-                new.keys.append(k)
-                new.values.append(v)
-        if use_cache:
+        return {"h": h, "batch": batch, "cos": cos, "sin": sin, "cache": cache, "past": past, "prefix": prefix,
+                "new": KV(prefix=prefix) if use_cache else None}
+
+    def _through(self, call: dict, i: int, layer) -> None:
+        cache, past, prefix, new = call["cache"], call["past"], call["prefix"], call["new"]
+        pk = (cache.keys[i], cache.values[i]) if past else None
+        call["h"], kv = self.f.layer(layer, call["h"], call["batch"], call["cos"], call["sin"], pk,
+                                     keep_kv=new is not None, prefix=prefix.layer(i) if prefix is not None else None)
+        if new is not None:
+            k, v = kv
+            if past:
+                k = np.concatenate([cache.keys[i], k], axis=2)
+                v = np.concatenate([cache.values[i], v], axis=2)
+            new.keys.append(k)
+            new.values.append(v)
+
+    def _end(self, call: dict):
+        batch, cache, new = call["batch"], call["cache"], call["new"]
+        if new is not None:
             tail = batch.spread(np.ones(batch.size, dtype=bool))
-            new.keep = tail if not past else np.concatenate([cache.keep, tail], axis=1)
+            new.keep = tail if not call["past"] else np.concatenate([cache.keep, tail], axis=1)
         with np.errstate(over="ignore", invalid="ignore"):
-            normed = decoder.rms_norm(h, self.outside.norm, self.f.spec.eps)
+            normed = decoder.rms_norm(call["h"], self.outside.norm, self.f.spec.eps)
         return batch.spread(normed), new
 
     def extend(self, prefix: Prefix | None, tokens) -> Prefix:

@@ -286,7 +286,6 @@ class StreamedBackend:
         A shared prefix (``nodes``) goes through each layer once, before the records that continue it: its keys
         and values for that layer are what those records attend to, and are freed with the layer."""
         from paddle_scorer.compute import decoder
-        from paddle_scorer.compute.gemm import Mat
 
         f = self.fast
         t_start = time.perf_counter()
@@ -306,17 +305,7 @@ class StreamedBackend:
             cos, sin = f.rope(np.arange(node.parent.depth, node.depth))
             node_states[id(node)] = [f.embed(table, own), batch, cos, sin]
         del embed, table
-        scaling = self.plan.adapter.scaling if self.attach else 1.0
-        n = len(self.layer_prefix)
-        for i, arrays in self._layers():
-            tensors = {name[n:]: arr for name, arr in arrays.items()}
-            lora = {}
-            for suffix in [x for x in tensors if x.endswith(".lora_A")]:
-                module = suffix[: -len(".lora_A")]
-                lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
-            layer = decoder.make_family_layer(self.family, i, tensors, lora, scaling) if self.family is not None \
-                else decoder.make_layer(tensors, lora, scaling)
-            del arrays, tensors, lora
+        for i, layer in self._decoder_layers():
             kv = {}
             for node in nodes:
                 st = node_states[id(node)]
@@ -329,11 +318,7 @@ class StreamedBackend:
             for st, node in zip(states, node_of):
                 st[0], _ = f.layer(layer, st[0], st[1], st[2], st[3], prefix=kv.get(id(node)) if node else None)
             del layer, kv
-        head = self._read(self.head_names or [self.embed_name])
-        weight = head.get("lm_head.weight", head.get(self.embed_name))
-        # a tied head (no lm_head tensor, or one the model shares with the embedding) is laid out [vocab, hidden]
-        outside = decoder.Outside(None, self.norm_array, Mat(weight), f.spec.head_out_in or self.tied_head,
-                                  head.get("lm_head.bias"))
+        outside = self._head(None)
         results = []
         for p, st in zip(packs, states):
             idx = np.asarray(rows_fn(p), dtype=np.int64).reshape(-1, 2)
@@ -342,6 +327,58 @@ class StreamedBackend:
         self.stats.blocks += 1
         self.stats.compute_seconds += time.perf_counter() - t_start
         return results
+
+    def _decoder_layers(self):
+        """The CPU decoder's layers in turn, each built from its arrays as they are read (the next read meanwhile),
+        its LoRA pairs attached (DoRA's and merge mode's were merged as it was read)."""
+        from paddle_scorer.compute import decoder
+
+        scaling = self.plan.adapter.scaling if self.attach else 1.0
+        n = len(self.layer_prefix)
+        for i, arrays in self._layers():
+            tensors = {name[n:]: arr for name, arr in arrays.items()}
+            lora = {}
+            for suffix in [x for x in tensors if x.endswith(".lora_A")]:
+                module = suffix[: -len(".lora_A")]
+                lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
+            layer = decoder.make_family_layer(self.family, i, tensors, lora, scaling) if self.family is not None \
+                else decoder.make_layer(tensors, lora, scaling)
+            del arrays, tensors, lora
+            yield i, layer
+            del layer
+
+    def _head(self, embed):
+        """What lies outside the layers for the decoder: the final norm (resident), the LM head (read now), and
+        ``embed`` (the embedding table, or None when the caller has already embedded)."""
+        from paddle_scorer.compute import decoder
+        from paddle_scorer.compute.gemm import Mat
+
+        head = self._read(self.head_names or [self.embed_name])
+        weight = head.get("lm_head.weight", head.get(self.embed_name))
+        # a tied head (no lm_head tensor, or one the model shares with the embedding) is laid out [vocab, hidden]
+        return decoder.Outside(embed, self.norm_array, Mat(weight), self.fast.spec.head_out_in or self.tied_head,
+                               head.get("lm_head.bias"))
+
+    # ------------------------------------------------------------------ generation past RAM
+
+    def decoding_runner(self):
+        """A :class:`~paddle_scorer.compute.numpy_runner.NumpyRunner` whose layers are read as they are iterated: each
+        call of its ``hidden`` is one pass over the weights for every row of the call, with the KV caches in RAM and the
+        embedding table and LM head resident. ``Backend.decode_start`` / ``decode_step`` on it generate for a block of
+        prompts with one pass per step: the in-RAM runner's math, layer by layer."""
+        from paddle_scorer.compute.numpy_runner import NumpyRunner
+        from paddle_scorer.errors import UsageError
+
+        if self.fast is None:
+            raise UsageError(f"generate past RAM runs on paddle-scorer's CPU decoder, which does not compute this model "
+                             f"({self.compute.get('why')}); run it in RAM (a bigger machine or a GPU).")
+        embed = self._read([self.embed_name])[self.embed_name]
+        return NumpyRunner(self.fast, _StreamedLayers(self), self._head(embed))
+
+    def kv_bytes_per_token(self) -> int:
+        """float32 keys and values one token keeps in every layer's cache (DeepSeek's MLA: the expanded heads)."""
+        sp = self.fast.spec
+        return 4 * self.num_layers * sp.kv_heads * (sp.head_dim + sp.value_dim)
 
     def _run_block_library(self, packs: list[Packed], rows_fn) -> list[np.ndarray]:
         """The block through the library's own decoder layer (a template layer whose weights are swapped)."""
@@ -445,3 +482,18 @@ class StreamedBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class _StreamedLayers:
+    """The decoder layers of a streamed model as a sequence the runner iterates: every iteration reads them again,
+    one at a time (two held: one computing, the next read ahead)."""
+
+    def __init__(self, backend: StreamedBackend):
+        self.backend = backend
+
+    def __len__(self) -> int:
+        return self.backend.num_layers
+
+    def __iter__(self):
+        for _, layer in self.backend._decoder_layers():
+            yield layer

@@ -176,6 +176,22 @@ def records_per_block(plan: MemoryPlan, width: int, total: int) -> int:
     return max(1, min(total, plan.state_budget // max(per, 1)))
 
 
+def decode_row_bytes(plan: MemoryPlan, kv_bytes_per_token: int, width: int) -> int:
+    """Streamed generation: what one record of ``width`` tokens (prompt + new ones) holds: its keys and values in every
+    layer's cache, and its share of the prompt pass (:func:`record_bytes`)."""
+    return kv_bytes_per_token * width + record_bytes(width, plan.dims or Dims())
+
+
+def decode_budget(plan: MemoryPlan) -> int:
+    """Streamed generation: bytes left for the records' caches (the embedding and the LM head both stay resident)."""
+    return max(0, plan.state_budget - plan.largest_outside)
+
+
+def decode_rows(plan: MemoryPlan, kv_bytes_per_token: int, width: int, total: int) -> int:
+    """Records generated together in one streamed block (0: not even one fits)."""
+    return min(total, decode_budget(plan) // max(1, decode_row_bytes(plan, kv_bytes_per_token, width)))
+
+
 def plan_memory(layer_bytes: dict[int | None, int], largest_outside: int, device: str,
                 limit: int | None = None, execution: str = "auto", dims: Dims | None = None) -> MemoryPlan:
     """Decide how to execute. ``layer_bytes``: bytes per decoder layer (key None: outside the layers)."""

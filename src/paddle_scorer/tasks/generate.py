@@ -33,6 +33,7 @@ class GenerateOptions:
     truncate: str = "error"
     coerce_fields: bool = False
     prefix_reuse: bool = True  # a prompt prefix shared with earlier records is not recomputed (same results)
+    stop: tuple[str, ...] = ()  # a record finishes when its generated text contains one of these (not output)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +72,8 @@ def check_options(options: GenerateOptions) -> None:
                          "token drop --sample).")
     if options.seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {options.seed}.")
+    if any(not isinstance(s, str) or not s for s in options.stop):
+        raise UsageError("--stop must be a non-empty string.")
 
 
 def prompter_for(tokenizer, options: GenerateOptions, context_length: int | None) -> Prompter:
@@ -80,15 +83,25 @@ def prompter_for(tokenizer, options: GenerateOptions, context_length: int | None
 
 
 class Generator:
-    def __init__(self, loaded, options: GenerateOptions):
+    def __init__(self, loaded, options: GenerateOptions, hooks=None):
         check_options(options)
         self.loaded = loaded
         self.tok = loaded.tokenizer
         self.opts = options
-        if loaded.streamed:
-            raise UsageError("generate needs the whole model in memory (a layer-streamed model would be re-read for every "
-                             "token); use a machine or GPU that fits it, or classify, which streams.")
-        self.backend = backend_for(loaded, prefix_reuse=options.prefix_reuse)
+        self.hooks = hooks
+        self.streamed = loaded.streamed
+        if self.streamed:  # past RAM: one pass over the layers per step for every record of a block
+            from paddle_scorer.compute.choose_backend import pad_id_of
+            from paddle_scorer.compute.streamed import StreamedBackend
+
+            self.pad_id = pad_id_of(self.tok)
+            self.stream = StreamedBackend(loaded, self.pad_id, prefix_reuse=False)
+            self.stream.no_reuse_reason = "generate past RAM computes each record alone, as in RAM without reuse"
+            self.runner = self.stream.decoding_runner()
+            self.backend = self.stream
+        else:
+            self.stream = None
+            self.backend = backend_for(loaded, prefix_reuse=options.prefix_reuse)
         self.eos_ids = loaded.eos_ids
         self.max_length = loaded.context_length
         self.prompter = prompter_for(self.tok, options, self.max_length)
@@ -122,38 +135,138 @@ class Generator:
             }
         return rec
 
-    def generate(self, rid, prompt: str, prompt_ids: list[int]) -> dict:
-        rng = np.random.default_rng(self.opts.seed)
-        lp, state = self.backend.start(prompt_ids)
-        steps, out_ids = [], []
-        for i in range(self.opts.max_new_tokens):
-            if not np.isfinite(lp).all():
-                raise ScoringError(f"record {rid!r}: non-finite probabilities at step {i}; nothing was written for it.")
-            if self.opts.sample:
-                z = lp.astype(np.float64) / self.opts.temperature
-                p = np.exp(z - z.max())
-                chosen = int(rng.choice(len(p), p=p / p.sum()))
-            else:
-                chosen = int(np.argmax(lp))
-            steps.append(self._step_record(lp, chosen))
-            out_ids.append(chosen)
-            if self.opts.stop_at_eos and chosen in self.eos_ids:
-                break
-            if i + 1 == self.opts.max_new_tokens:
-                break
-            if self.max_length and len(prompt_ids) + len(out_ids) >= self.max_length:
-                break
-            lp, state = self.backend.step(chosen, state)
-        text_ids = [t for t in out_ids if t not in self.eos_ids]
+    def _take(self, rid, lp: np.ndarray, rng, step: int, run: "_Run") -> bool:
+        """Choose the next token of one record from ``lp``, record the step; True when the record is finished."""
+        if not np.isfinite(lp).all():
+            raise ScoringError(f"record {rid!r}: non-finite probabilities at step {step}; nothing was written for it.")
+        if self.opts.sample:
+            z = lp.astype(np.float64) / self.opts.temperature
+            p = np.exp(z - z.max())
+            chosen = int(rng.choice(len(p), p=p / p.sum()))
+        else:
+            chosen = int(np.argmax(lp))
+        run.steps.append(self._step_record(lp, chosen))
+        run.out_ids.append(chosen)
+        if self.opts.stop_at_eos and chosen in self.eos_ids:
+            return True
+        if self.opts.stop and any(s in self._text(run.out_ids) for s in self.opts.stop):
+            run.stopped = True
+            return True
+        if len(run.out_ids) >= self.opts.max_new_tokens:
+            return True
+        return bool(self.max_length and run.prompt_len + len(run.out_ids) >= self.max_length)
+
+    def _text(self, out_ids: list[int]) -> str:
+        return self.tok.decode([t for t in out_ids if t not in self.eos_ids], skip_special_tokens=True)
+
+    def _result(self, rid, prompt: str, prompt_ids: list[int], run: "_Run") -> dict:
+        text = self._text(run.out_ids)
+        reason = "length"
+        if run.stopped:
+            reason = "stop"
+            text = text[: min(text.find(s) for s in self.opts.stop if s in text)]  # the stop string is not output
+        elif run.out_ids and run.out_ids[-1] in self.eos_ids:
+            reason = "eos"
         return {
             "id": rid,
-            "text": self.tok.decode(text_ids, skip_special_tokens=True),
+            "text": text,
             "prompt": prompt,
             "prompt_token_ids": list(prompt_ids),
-            "generated_token_ids": out_ids,
-            "finish_reason": "eos" if out_ids and out_ids[-1] in self.eos_ids else "length",
-            "steps": steps,
+            "generated_token_ids": run.out_ids,
+            "finish_reason": reason,
+            "steps": run.steps,
         }
+
+    def generate(self, rid, prompt: str, prompt_ids: list[int]) -> dict:
+        if self.streamed:
+            return self.generate_block([GenItem(rid, prompt, list(prompt_ids), 0)])[0]
+        rng = np.random.default_rng(self.opts.seed)
+        run = _Run(len(prompt_ids))
+        lp, state = self.backend.start(prompt_ids)
+        for i in range(self.opts.max_new_tokens):
+            if self._take(rid, lp, rng, i, run):
+                break
+            lp, state = self.backend.step(run.out_ids[-1], state)
+        return self._result(rid, prompt, prompt_ids, run)
+
+    def generate_block(self, items: list) -> list[dict]:
+        """Every record of ``items`` generated together: in RAM one after the other; streamed, one pass over the
+        layers per step for every unfinished record (their KV caches in RAM), each record computed as in RAM (its
+        own shapes, seed and stop)."""
+        if not self.streamed:
+            return [self.generate(it.id, it.prompt, it.context) for it in items]
+        import time
+
+        from paddle_scorer.compute.packing import padded
+        from paddle_scorer.process.environment import paddle
+
+        runs = [_Run(len(it.context)) for it in items]
+        rngs = [np.random.default_rng(self.opts.seed) for _ in items]
+        t0 = self._said = time.perf_counter()
+        runner = self.runner
+        with paddle().no_grad():
+            # each record computed alone, as Backend.start / step compute it in RAM (its own shapes: the same numbers),
+            # every layer read once per step for all of them
+            done = runner.hidden_each([(*padded([list(it.context)], self.pad_id), None) for it in items])
+            lps = [runner.logprobs(h[:, len(it.context) - 1, :])[0] for (h, _), it in zip(done, items)]
+            caches = [cache for _, cache in done]
+            active = list(range(len(items)))
+            for step in range(self.opts.max_new_tokens):
+                active = [i for i in active if not self._take(items[i].id, lps[i], rngs[i], step, runs[i])]
+                if not active:
+                    break
+                self._say_step(step + 1, len(active), len(items), time.perf_counter() - t0)
+                calls = []
+                for i in active:
+                    n = len(items[i].context) + step  # positions so far (the prompt and the tokens fed back)
+                    calls.append((np.array([[runs[i].out_ids[-1]]], dtype=np.int64), np.ones((1, n + 1), dtype=np.int64),
+                                  np.array([[n]], dtype=np.int64), caches[i]))
+                for i, (h, cache) in zip(active, runner.hidden_each(calls)):
+                    lps[i], caches[i] = runner.logprobs(h[:, -1, :])[0], cache
+            del caches
+        return [self._result(it.id, it.prompt, it.context, run) for it, run in zip(items, runs)]
+
+    def records_per_block(self, items: list) -> int:
+        """In RAM: one record at a time. Streamed: as many records as their KV caches allow (every one more shares
+        each pass over the weights), or refused with the numbers when even one does not fit."""
+        if not self.streamed:
+            return 1
+        from paddle_scorer.model import memory_budget as mb
+
+        plan = self.loaded.plan.memory
+        width = max(len(it.context) for it in items) + self.opts.max_new_tokens
+        rows = mb.decode_rows(plan, self.stream.kv_bytes_per_token(), width, len(items))
+        if rows < 1:
+            per = mb.decode_row_bytes(plan, self.stream.kv_bytes_per_token(), width)
+            raise UsageError(
+                f"generate past RAM keeps each record's keys and values in RAM: {mb.fmt_bytes(per)} for a record of "
+                f"{width} tokens (prompt + --max-new-tokens), but the budget leaves {mb.fmt_bytes(mb.decode_budget(plan))} "
+                f"after two layers, the embedding and the head ({mb.fmt_bytes(plan.budget)}, {plan.budget_source}); "
+                "shorten the prompts or --max-new-tokens, or raise --memory-limit.")
+        return rows
+
+    def streamed_stats(self) -> dict:
+        return {"streaming": self.stream.stats.to_dict()} if self.streamed else {}
+
+    def _say_step(self, done: int, active: int, total: int, seconds: float) -> None:
+        """Progress within a streamed block (at most every 5 s): the step, the pass time, the projected end."""
+        import time
+
+        if self.hooks is None or time.perf_counter() - self._said < 5.0:
+            return
+        self._said = time.perf_counter()
+        per = seconds / done
+        left = per * (self.opts.max_new_tokens - done)
+        self.hooks.info(f"generate (streamed): step {done}/{self.opts.max_new_tokens} for {active} of {total} record(s) "
+                        f"of the block, {per:.1f} s per pass over the layers, at most {left:.0f} s left in this block")
+
+
+@dataclass
+class _Run:
+    prompt_len: int
+    steps: list = dataclasses.field(default_factory=list)
+    out_ids: list = dataclasses.field(default_factory=list)
+    stopped: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +301,8 @@ class GenerateRun:
 def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, template_source: str = "--template",
                   argv: list[str] | None = None) -> GenerateRun:
     """Per-step traces for every record of ``source`` into ``dest`` (resumable, with provenance, the input streamed in
-    windows), the whole model in memory (a model that does not fit is refused before loading). See
+    windows). A model that does not fit the memory budget (or ``--execution streamed``) is generated for layer by
+    layer, a block of records at a time, one pass over the layers per step (:meth:`Generator.generate_block`). See
     :func:`paddle_scorer.tasks.classify.classify_file`."""
     import sys
 
@@ -196,7 +310,7 @@ def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, temp
     from paddle_scorer.runs.loop import Task, execute, index_input
     from paddle_scorer.runs.output_lock import output_held
     from paddle_scorer.tasks.job import Hooks, check_io, check_numbers, template_note
-    from paddle_scorer.tasks.loading import check_tokenizer, load_model, plan_in_ram, say_notes
+    from paddle_scorer.tasks.loading import check_tokenizer, load_model, plan_for, say_notes
 
     hooks = hooks or Hooks()
     check_io(source, dest)
@@ -206,11 +320,10 @@ def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, temp
     with output_held(dest.output), source.records() as records:
         with hooks.busy("reading the input"):
             indexed = index_input(records, source.id_field)
-        load = dataclasses.replace(load, execution="in-ram")
-        loaded = load_model(load, hooks, plan_in_ram(load, "generate"))
+        loaded = load_model(load, hooks, plan_for(load))
         prompter = prompter_for(loaded.tokenizer, opts, loaded.context_length)
         check_tokenizer(loaded, records, lambda rec, where: [prompter.text(rec, where)], hooks)
-        gen = Generator(loaded, opts)
+        gen = Generator(loaded, opts, hooks)
         say_notes(loaded, hooks)
         # what --resume compares, with the model fingerprint (a hash of every weight file): only for an output
         identity = generate_identity(loaded, opts, use_chat=gen.prompter.use_chat, max_length=gen.max_length,
@@ -220,14 +333,14 @@ def generate_file(load, opts: GenerateOptions, source, dest, hooks=None, *, temp
             return [gen.prepare(rec, rid, where) for rid, rec, where in rows]
 
         def score_block(block):
-            return [gen.generate(it.id, it.prompt, it.context) for it in block]
+            return gen.generate_block(block)
 
-        task = Task("generate", prepare, score_block, lambda _items: 1)
+        task = Task("generate", prepare, score_block, gen.records_per_block)
         outcome = execute(task, records, indexed, output=dest.output, resume=dest.resume, overwrite=dest.overwrite,
                           identity=identity, loaded=loaded, progress=lambda total: hooks.progress("generate", total),
                           meta_extra={"input": str(source.input) if source.input else None,
                                       "argv": sys.argv[1:] if argv is None else argv, "options": opts.to_dict(),
                                       "run_config": identity},
-                          finish_extra=lambda: {"prefix_reuse": gen.backend.reuse_stats()})
+                          finish_extra=lambda: {"prefix_reuse": gen.backend.reuse_stats(), **gen.streamed_stats()})
     outcome.stats.records = outcome.records
     return GenerateRun(outcome.stats, outcome.records, loaded)

@@ -347,6 +347,8 @@ def _score(r: SmokeResult, plan, items: list) -> None:
                       f"{smoke_estimates.fmt_duration(p.total_seconds)} on this CPU in float32")
         r.add("projected time", INFO, detail + f" ({smoke_estimates.fmt_duration(p.remaining_seconds)} for the "
                                                f"{p.remaining_records} not yet scored); a GPU is typically much faster")
+        if plan.streamed and not r.labels and getattr(scorer.backend, "fast", None) is not None:
+            _generate_projection(r, plan, scorer.backend, items, one)
     if plan.adapter is None:
         r.add("attach vs merge", SKIP, "no adapter")
         return
@@ -376,6 +378,25 @@ def _with_mode(plan, mode: str):
     import dataclasses
 
     return dataclasses.replace(plan, mode=mode)
+
+
+GENERATE_NEW_TOKENS = 20  # generate's default --max-new-tokens: what the projection assumes
+
+
+def _generate_projection(r: SmokeResult, plan, backend, items: list, pass_seconds: float) -> None:
+    """generate past RAM on this data: blocks of records sized by their KV caches, a pass over the layers per step (the
+    1-record block just measured is one pass)."""
+    width = max(len(p.context) for p in items) + GENERATE_NEW_TOKENS
+    block = memory_budget.decode_rows(plan.memory, backend.kv_bytes_per_token(), width, len(items))
+    if block < 1:
+        r.add("generate past RAM", WARN, f"one record of {width} tokens (prompt + {GENERATE_NEW_TOKENS} new) keeps more "
+                                         "keys and values than the budget leaves: generate would refuse; shorten the "
+                                         "prompts or --max-new-tokens, or raise --memory-limit")
+        return
+    total = smoke_estimates.project_streamed_generate(pass_seconds, len(items), block, GENERATE_NEW_TOKENS)
+    r.add("generate past RAM", INFO, f"{pass_seconds:.2f}s per pass over the layers (measured); {len(items)} records in "
+                                     f"blocks of {block} x {GENERATE_NEW_TOKENS} passes (--max-new-tokens "
+                                     f"{GENERATE_NEW_TOKENS}) = {smoke_estimates.fmt_duration(total)} on this CPU")
 
 
 class _Scorer:

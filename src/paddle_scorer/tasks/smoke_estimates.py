@@ -58,6 +58,14 @@ def project_streamed(one: float, many: float, n: int, total_records: int, block_
     return Projection(n, many, b, total_records, remaining_records, remaining, total, a, block_records)
 
 
+def project_streamed_generate(pass_seconds: float, total_records: int, block_records: int,
+                              new_tokens: int) -> float:
+    """Streamed generation: each block of records costs a prompt pass and one pass per further new token over the
+    layers (a pass's time measured: reading dominates, so its size barely depends on the block's)."""
+    blocks = math.ceil(total_records / max(1, block_records))
+    return blocks * new_tokens * pass_seconds
+
+
 def fmt_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f}s"
