@@ -30,8 +30,10 @@ def cast_pool() -> ThreadPoolExecutor:
 
 
 def _slices(arr: np.ndarray) -> list[slice]:
+    """Row slices for the cast pool: four per worker, taken from one queue, so a worker whose core another program
+    holds takes fewer (not one half each, the slow half holding up the rest)."""
     workers = cast_pool()._max_workers
-    step = -(-arr.shape[0] // workers)
+    step = -(-arr.shape[0] // (4 * workers))
     return [slice(i, i + step) for i in range(0, arr.shape[0], step)]
 
 
@@ -91,6 +93,56 @@ def to_dtype(arr: np.ndarray, dtype: str, parallel: bool = True) -> np.ndarray:
             np.copyto(out[sl], arr[sl], casting="unsafe")
 
     list(cast_pool().map(work, _slices(arr)))
+    return out
+
+
+_WIDEN_ROWS = 64  # source rows per block when widening a transposed view (they stay in cache while written out)
+
+
+def _widen(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst`` (float32, same shape, any strides) = ``src`` (float16/bfloat16): bfloat16 is the top half of a float32,
+    so a 16-bit shift of its bits (integer loops: vectorised, the GIL released); float16 by numpy's own loop."""
+    if src.dtype == BFLOAT16:
+        np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(dst, src)
+
+
+def widen(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A float16/bfloat16 array (a transposed view too: a linear weight stored ``[out, in]``) as a new C-contiguous
+    float32 array, on every core; other arrays are returned as they are. A transposed 2-D view is converted in blocks
+    of its source's rows, so the transposition is not a pass of its own (measured on an expert's ``[3072, 2560]``:
+    7 ms, against 16 ms for a transposed copy followed by a cast, one core). ``out``: where to write (a column range of
+    a fused tensor), else a new array."""
+    if arr.dtype not in (BFLOAT16, np.float16):
+        if out is not None:
+            np.copyto(out, arr, casting="unsafe")
+            return out
+        return arr
+    out = np.empty(arr.shape, np.float32) if out is None else out
+    transposed = arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+    src = arr.T if transposed else np.ascontiguousarray(arr)
+    rows = src.shape[0] if src.ndim else 1
+    if src.ndim == 0 or rows < 2:
+        _widen(src, out.T if transposed else out)
+        return out
+    workers = cast_pool()._max_workers if arr.size >= PARALLEL_CAST_ELEMENTS else 1
+    step = _WIDEN_ROWS if transposed else max(1, -(-rows // (4 * workers)))
+    spans = [(i, min(rows, i + step)) for i in range(0, rows, step)]
+    per = max(1, -(-len(spans) // (4 * workers)))  # ~4 groups per worker from one queue: a slowed worker takes fewer
+    groups = [spans[i:i + per] for i in range(0, len(spans), per)]
+
+    def work(group):
+        for r0, r1 in group:
+            if transposed:
+                _widen(src[r0:r1].T, out[:, r0:r1])
+            else:
+                _widen(src[r0:r1], out[r0:r1])
+
+    if workers == 1:
+        work(spans)
+    else:
+        list(cast_pool().map(work, groups))
     return out
 
 

@@ -113,25 +113,37 @@ class ModelPlan:
         sizes = [int(np.prod(t.shape)) * dtype_size for n, t in self.conversion.tensors.items() if layer_index(n) is None]
         return max(sizes, default=0)
 
-    def read(self, names: list[str], where: str | None = None, check: bool = True) -> dict[str, np.ndarray]:
-        """The runtime arrays ``names`` (converted to the runtime layout, stored dtype), NaN/inf refused (unless
-        ``check`` is False: the caller checks after its cast, see :func:`paddle_scorer.model.arrays.cast_or_refuse`)."""
-        recipes = [self.conversion.tensors[n] for n in names]
-        sources = [self.refs[s] for s in dict.fromkeys(s for r in recipes for s in r.sources)]  # a stacked tensor once
-        arrays = read_tensors(sources)
+    def read(self, names: list[str], where: str | None = None, check: bool = True,
+             dtype: str | None = None) -> dict[str, np.ndarray]:
+        """The runtime arrays ``names`` (converted to the runtime layout, stored dtype; ``dtype`` "float32": half
+        precision widened while laid out), NaN/inf refused (unless ``check`` is False: the caller checks after its
+        cast, see :func:`paddle_scorer.model.arrays.cast_or_refuse`)."""
+        arrays = self.read_sources(names)
         bad = nonfinite(arrays) if check else []
         if bad:
             raise WeightMismatchError(
                 f"{where or self.folder}: the model weights contain NaN/inf, so every score would be meaningless:", bad,
                 "Re-export the checkpoint from a healthy training step.",
             )
+        return self.lay_out(names, arrays, dtype)
+
+    def read_sources(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The stored tensors the runtime arrays ``names`` are made of, as stored (a stacked tensor read once)."""
+        recipes = [self.conversion.tensors[n] for n in names]
+        return read_tensors([self.refs[s] for s in dict.fromkeys(s for r in recipes for s in r.sources)])
+
+    def lay_out(self, names: list[str], arrays: dict[str, np.ndarray], dtype: str | None = None,
+                alloc=None) -> dict[str, np.ndarray]:
+        """The runtime arrays ``names`` from their stored tensors (:meth:`read_sources`; consumed), each source let go
+        after its last user; ``dtype`` "float32": half precision widened while laid out (into ``alloc(shape)``)."""
+        recipes = [self.conversion.tensors[n] for n in names]
         out = {}
         users = {}
         for r in recipes:
             for s in r.sources:
                 users[s] = users.get(s, 0) + 1
         for r in recipes:
-            out[r.name] = r.build({s: arrays[s] for s in r.sources})
+            out[r.name] = r.build({s: arrays[s] for s in r.sources}, dtype, alloc)
             for s in r.sources:  # a source no later recipe needs is let go (its bytes may be large)
                 users[s] -= 1
                 if not users[s]:

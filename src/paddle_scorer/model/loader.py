@@ -249,7 +249,8 @@ def read_family(plan: LoadPlan) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     merge_pairs = plan.merged_pairs or None
     for names in plan.model.conversion.layer_groups().values():
-        arrays = {n: cast_or_refuse(n, a, "float32", where) for n, a in plan.model.read(names, check=False).items()}
+        arrays = {n: cast_or_refuse(n, a, "float32", where)
+                  for n, a in plan.model.read(names, check=False, dtype="float32").items()}
         if merge_pairs:
             pairs = {m: ab for m, ab in merge_pairs.items() if m + ".weight" in arrays}
             merge_lora(arrays, pairs, plan.adapter.scaling, str(plan.lora_dir), out_dtype="float32",

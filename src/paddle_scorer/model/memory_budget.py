@@ -201,7 +201,9 @@ def plan_memory(layer_bytes: dict[int | None, int], largest_outside: int, device
     need = int(weights * LOAD_FACTOR) + INTERPRETER_BYTES
     layers = [v for k, v in layer_bytes.items() if k is not None]
     largest = max(layers, default=0)
-    fixed = 2 * largest + largest_outside + INTERPRETER_BYTES + working_bytes(dims)
+    # streamed: a layer computing, the next laid out in float32 (two arenas, reused layer after layer) and the one after
+    # read ahead as stored: three layers at most
+    fixed = 3 * largest + largest_outside + INTERPRETER_BYTES + working_bytes(dims)
     if device != "cpu":
         if execution == STREAMED:
             raise UsageError("--execution streamed runs on CPU only; on a GPU the model is loaded into GPU memory.")
@@ -224,7 +226,8 @@ def plan_memory(layer_bytes: dict[int | None, int], largest_outside: int, device
     if budget_bytes < fixed:
         raise MemoryBudgetError(
             f"the memory budget {fmt_bytes(budget_bytes)} ({source}) is too small even to stream this model: one decoder "
-            f"layer is {fmt_bytes(largest)} (two are held: one computing, one read ahead), the largest other tensor "
+            f"layer is {fmt_bytes(largest)} (three are held: one computing, the next laid out, one read ahead), the "
+            "largest other tensor "
             f"{fmt_bytes(largest_outside)}, plus the interpreter; the minimum is about {fmt_bytes(fixed)} + the "
             "hidden states of one record: raise --memory-limit or use a machine with more RAM.", fixed, budget_bytes, source
         )

@@ -190,8 +190,26 @@ class RuntimeTensor:
     def identity(self) -> bool:
         return len(self.parts) == 1 and not self.parts[0].transpose and self.perm is None and self.decode is None
 
-    def build(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """The runtime array from the source arrays (``arrays`` keyed by source name)."""
+    def build(self, arrays: dict[str, np.ndarray], dtype: str | None = None, alloc=None) -> np.ndarray:
+        """The runtime array from the source arrays (``arrays`` keyed by source name). ``dtype`` "float32": half
+        precision sources widened as they are laid out (:func:`~paddle_scorer.model.arrays.widen`: one pass, the
+        transposition folded in), not transposed first and cast after, into ``alloc(shape)`` when given (memory the
+        caller reuses)."""
+        if dtype == "float32":
+            from paddle_scorer.model.arrays import widen
+
+            arrays = {p.source: arrays[p.source] for p in self.parts}
+            if self.decode is None and any(a.dtype.itemsize == 2 for a in arrays.values()):
+                new = alloc or (lambda shape: np.empty(shape, np.float32))
+                if len(self.parts) == 1 and self.perm is None:
+                    return widen(self.parts[0].take(arrays[self.parts[0].source]), new(self.shape))
+                if len(self.parts) == 1:
+                    a = widen(self.parts[0].take(arrays[self.parts[0].source]))
+                    return np.ascontiguousarray(a[..., list(self.perm)])
+                cat = new(self.shape) if self.perm is None else np.empty(self.shape, np.float32)  # parts into columns
+                for p in self.parts:
+                    widen(p.take(arrays[p.source]), cat[..., p.start:p.stop])
+                return np.ascontiguousarray(cat[..., list(self.perm)]) if self.perm is not None else cat
         if self.decode == "mxfp4":
             from paddle_scorer.model.arrays import mxfp4_dequantize
 

@@ -233,6 +233,25 @@ def versions(names=PROVENANCE_PACKAGES) -> dict[str, str | None]:
 CACHE_ENV = "PADDLE_SCORER_CACHE_DIR"
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+@lru_cache(maxsize=None)
+def keep_freed_memory(up_to: int) -> bool:
+    """Let freed arrays of up to ``up_to`` bytes be reused by the next ones instead of going back to the system
+    (glibc's ``mallopt``: arrays below the mmap threshold come from the heap, and the heap is not trimmed below
+    ``2 * up_to``). A layer-streamed model allocates the same shapes layer after layer: fresh pages cost a fault each
+    (measured: laying out one ERNIE-4.5-MoE-shaped layer, 4.6 s with fresh pages, 0.9 s reused, 2 cores). Returns
+    whether it applied (False off glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(up_to)) and libc.mallopt(_M_TRIM_THRESHOLD, int(2 * up_to)))
+    except (OSError, AttributeError):
+        return False
+
+
 def cache_dir(environ=os.environ) -> Path:
     """Where paddle-scorer keeps what it measured or hashed for this machine (weight hashes, GEMM decisions):
     ``$PADDLE_SCORER_CACHE_DIR``, else ``$XDG_CACHE_HOME/paddle-scorer`` or ``~/.cache/paddle-scorer``."""

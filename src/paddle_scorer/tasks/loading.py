@@ -38,7 +38,8 @@ def plan_for(o: LoadOptions):
 
 
 def plan_in_ram(o: LoadOptions, what: str):
-    """The plan for a task that needs the whole model in memory (generate, serve): a model that does not fit the
+    """The plan for a task that needs the whole model in memory (serve: requests arrive one by one, and a pass over
+    weights read from disk per token of each would make every client wait on the disk): a model that does not fit the
     budget is refused before loading, with the numbers and what does stream."""
     from paddle_scorer.model.memory_budget import MemoryBudgetError, fmt_bytes
 
@@ -48,7 +49,8 @@ def plan_in_ram(o: LoadOptions, what: str):
         raise UsageError(
             f"{what} needs the whole model in memory: about {fmt_bytes(exc.need)} (float32 weights + the "
             f"interpreter), but the budget is {fmt_bytes(exc.budget)} ({exc.source}); run it on a GPU or a bigger "
-            "machine (classify streams models that do not fit: it scores labels layer by layer)."
+            "machine (classify and generate stream models that do not fit, layer by layer, a block of records at a "
+            "time: use them for a dataset)."
         ) from None
 
 
