@@ -78,6 +78,18 @@ def render(facts: dict) -> None:
              + f" on [{m}x{k}] x [{k}x{n}]; chosen per run (PADDLE_SCORER_GEMM=paddle|numpy forces one)")
         for name, why in (gemm.get("excluded") or {}).items():
             _row(t, f"  {name} GEMM", f"[yellow]not used[/]: {escape(why)}")
+        for d in gemm.get("decisions") or []:
+            if not d.get("this_machine"):
+                continue
+            c = d.get("conditions") or {}
+            how = ("quiet" if c.get("quiet") else f"[yellow]in noise[/] ({escape(c.get('noise') or 'not recorded')}): "
+                   "measured again by the next run") if c else "[yellow]how quiet not recorded[/]: measured again by the next run"
+            speeds = ", ".join(f"{n} {g:.0f}" for n, g in (d.get("measured") or {}).items())
+            _row(t, f"  decision {d['shape']}", f"{d['path']} ({speeds} GFLOP/s) at {d.get('at') or '?'}, {how}"
+                 + (f"; other programs {c['foreign']:.0%}, spread {c['spread']:.0%}" if c.get("foreign") is not None
+                    else ""))
+        if gemm.get("rechecked"):
+            _row(t, "  --recheck", f"{gemm['rechecked']} decision(s) measured again now")
     elif gemm.get("error"):
         _row(t, "  float32 GEMM", f"[bold red]no kernel passed its check[/]: {escape(gemm['error'])}")
     mem = facts["memory"]
@@ -102,10 +114,12 @@ def register(app: typer.Typer) -> None:
         import is found.""",
         EXAMPLES))
     @cli_errors
-    def doctor(as_json: bool = typer.Option(False, "--json", help="Print the facts and findings as JSON.")):
+    def doctor(as_json: bool = typer.Option(False, "--json", help="Print the facts and findings as JSON."),
+               recheck: bool = typer.Option(False, "--recheck", help="Measure this machine's GEMM kernel decisions "
+                                            "again (do it when the machine is quiet).")):
         from paddle_scorer.tasks.doctor import collect
 
-        facts = collect()
+        facts = collect(recheck)
         if as_json:
             typer.echo(json.dumps(facts, indent=2, ensure_ascii=False, default=str))
         else:

@@ -190,6 +190,7 @@ class GemmChoice:
     decided: str = "measured"  # measured (now, then kept for this machine) | kept (an earlier process's) | forced
     decided_at: str | None = None  # when it was measured (UTC)
     record: str | None = None  # the file that keeps this machine's decisions
+    conditions: dict = field(default_factory=dict)  # how quiet the machine was when it was measured (Conditions)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -222,22 +223,82 @@ def measure(kernel: Kernel, shape: tuple[int, int, int], reps: int = 3) -> float
     return measure_all({"k": kernel}, shape, rounds=reps)["k"]
 
 
-def measure_all(kernels: dict[str, Kernel], shape: tuple[int, int, int], rounds: int = 5) -> dict[str, float]:
+def measure_all(kernels: dict[str, Kernel], shape: tuple[int, int, int], rounds: int = 5,
+                conditions: dict | None = None) -> dict[str, float]:
     """GFLOP/s of each kernel on one ``[m, k] x [k, n]`` product: one warm-up each, then ``rounds`` rounds that time
-    every kernel in turn (interleaved, so a burst of load from another process hits all of them), best of each."""
+    every kernel in turn (interleaved, so a burst of load from another process hits all of them), best of each.
+    ``conditions`` (a dict) receives how quiet the machine was meanwhile (:func:`Conditions`)."""
     m, k, n = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = Mat(rng.standard_normal((k, n), dtype=np.float32))
-    best = {name: float("inf") for name in kernels}
+    times = {name: [] for name in kernels}
     for kern in kernels.values():
         kern.mm(x, w)
+    watch = Conditions()
     for _ in range(rounds):
         for name, kern in kernels.items():
             t0 = time.perf_counter()
             kern.mm(x, w)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: 2.0 * m * k * n / t / 1e9 for name, t in best.items()}
+            times[name].append(time.perf_counter() - t0)
+    if conditions is not None:
+        conditions.update(watch.done(times))
+    return {name: 2.0 * m * k * n / min(t) / 1e9 for name, t in times.items()}
+
+
+QUIET_FOREIGN = 0.10  # other programs' share of the machine's cores while measuring, above which it is noise
+QUIET_SPREAD = 0.15  # median / best - 1 of a kernel's timings, above which the timings are noise
+
+
+class Conditions:
+    """How quiet the machine was while kernels were timed: the CPU time other programs (and the hypervisor: steal)
+    took meanwhile, as a share of every core (``/proc/stat`` minus this process's own), and the spread of each
+    kernel's repeated timings. A decision taken in noise is used for the run but measured again later."""
+
+    def __init__(self):
+        import resource
+
+        self._resource = resource
+        self.t0 = time.perf_counter()
+        self.stat0 = _cpu_stat()
+        self.self0 = self._own()
+
+    def _own(self) -> float:
+        r = self._resource.getrusage(self._resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def done(self, times: dict[str, list[float]]) -> dict:
+        wall = max(time.perf_counter() - self.t0, 1e-6)
+        stat1 = _cpu_stat()
+        cores = os.cpu_count() or 1
+        foreign = None
+        steal = None
+        if self.stat0 is not None and stat1 is not None:
+            busy = stat1[0] - self.stat0[0]
+            steal = (stat1[1] - self.stat0[1]) / (wall * cores)
+            foreign = max(0.0, (busy - (self._own() - self.self0)) / (wall * cores))
+        spread = max((float(np.median(t)) / min(t) - 1.0 for t in times.values() if t), default=0.0)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        quiet = (foreign is None or foreign <= QUIET_FOREIGN) and spread <= QUIET_SPREAD
+        why = [] if quiet else [w for w in (
+            f"other programs took {foreign:.0%} of the cores" if foreign is not None and foreign > QUIET_FOREIGN else "",
+            f"timings spread {spread:.0%}" if spread > QUIET_SPREAD else "") if w]
+        return {"quiet": bool(quiet), "foreign": None if foreign is None else round(foreign, 3),
+                "steal": None if steal is None else round(steal, 3), "spread": round(spread, 3),
+                "loadavg": None if load is None else round(load, 2), "noise": "; ".join(why) or None}
+
+
+def _cpu_stat() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, steal seconds) from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [float(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    user, nice, system, _idle, _iowait, irq, softirq = f[:7]
+    steal = f[7] if len(f) > 7 else 0.0
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
 
 
 def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
@@ -289,8 +350,8 @@ def _read_decision(path: Path, key: str) -> dict | None:
 
 def _keep_decision(path: Path, key: str, entry: dict) -> dict:
     """Record ``entry`` for ``key`` unless another process recorded one first (then that one is used: every process
-    on this machine makes the same choice). Best effort: a cache folder that cannot be written costs a new measurement
-    next time, never a failure."""
+    on this machine makes the same choice), or the one there was measured in noise and this one was not. Best effort:
+    a cache folder that cannot be written costs a new measurement next time, never a failure."""
     import fcntl
     import tempfile
 
@@ -299,7 +360,8 @@ def _keep_decision(path: Path, key: str, entry: dict) -> dict:
         with open(path.with_name(f".{path.name}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             earlier = _read_decision(path, key)
-            if earlier is not None:
+            if earlier is not None and not (_noisy(earlier) and not _noisy(entry)) and earlier.get("at") != entry.get(
+                    "replaces"):
                 return earlier
             try:
                 data = json.loads(path.read_text())
@@ -364,15 +426,76 @@ def choose(shape: tuple[int, int, int], environ=None, names: list[str] | None = 
     path, key = _decisions_file(), machine_key(shape)
     entry = _read_decision(path, key)
     decided = "kept"
-    if entry is None or entry["path"] not in kernels:
-        measured = {n: round(v, 1) for n, v in measure_all(kernels, shape).items()}
-        mine = {"path": _pick(measured), "measured": measured, "at": _now()}
+    if entry is None or entry["path"] not in kernels or _noisy(entry):
+        conditions: dict = {}
+        measured = {n: round(v, 1) for n, v in measure_all(kernels, shape, conditions=conditions).items()}
+        mine = {"path": _pick(measured), "measured": measured, "at": _now(), "conditions": conditions}
+        if entry is not None:
+            mine["replaces"] = entry.get("at")  # an earlier decision taken in noise: this measurement replaces it
         entry = _keep_decision(path, key, mine)
         decided = "measured" if entry is mine else "kept"
+        if entry is mine and _noisy(mine):
+            notes.append(f"the GEMM kernel was measured while the machine was busy ({mine['conditions']['noise']}): "
+                         "used for this run, measured again by the next one")
     best = entry["path"]
     measured = {n: float(v) for n, v in entry["measured"].items()}
     return kernels[best], GemmChoice(best, measured.get(best, 0.0), measured, excluded, shape, False, notes, decided,
-                                     entry.get("at"), str(path))
+                                     entry.get("at"), str(path), dict(entry.get("conditions") or {}))
+
+
+def _noisy(entry: dict) -> bool:
+    """A decision measured while other programs ran (or before this was recorded: no conditions) is not kept for good."""
+    c = entry.get("conditions")
+    return not (isinstance(c, dict) and c.get("quiet") is True)
+
+
+def recheck(shapes: list[tuple[int, int, int]] | None = None) -> list[GemmChoice]:
+    """Measure this machine's kernel decisions again (``doctor --recheck``): every recorded shape (or ``shapes``),
+    replacing what is recorded."""
+    path = _decisions_file()
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    keys = {k: tuple(int(x) for x in k.rsplit("|", 1)[1].strip().split("x")) for k in data if "|" in k}
+    wanted = list(dict.fromkeys(list(keys.values()) + list(shapes or [])))
+    out = []
+    for shape in wanted:
+        _forget(path, machine_key(shape))
+        out.append(choose(shape)[1])
+    return out
+
+
+def _forget(path: Path, key: str) -> None:
+    import fcntl
+
+    try:
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and key in data:
+                del data[key]
+                path.write_text(json.dumps(data, indent=1))
+    except (OSError, ValueError):
+        pass
+
+
+def decisions() -> list[dict]:
+    """This machine's recorded kernel decisions (``doctor``): shape, kernel, GFLOP/s measured, when, how quiet."""
+    path = _decisions_file()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for key, entry in (data.items() if isinstance(data, dict) else []):
+        if not isinstance(entry, dict) or "|" not in key:
+            continue
+        out.append({"key": key, "shape": key.rsplit("|", 1)[1].strip(), "path": entry.get("path"),
+                    "measured": entry.get("measured"), "at": entry.get("at"), "conditions": entry.get("conditions"),
+                    "this_machine": key.split("|")[0] == machine_key((0, 0, 0)).split("|")[0]})
+    return out
 
 
 def _pick(measured: dict[str, float]) -> str:

@@ -189,15 +189,17 @@ def _paddle_facts() -> dict:
     return facts
 
 
-def _gemm_facts() -> dict:
-    """Which float32 GEMM kernel CPU scoring uses here and how fast each candidate ran (:mod:`paddle_scorer.compute.gemm`)."""
+def _gemm_facts(recheck: bool = False) -> dict:
+    """Which float32 GEMM kernel CPU scoring uses here and how fast each candidate ran (:mod:`paddle_scorer.compute.gemm`),
+    and every decision this machine keeps (shape, kernel, when, how quiet); ``recheck``: measured again first."""
     from paddle_scorer.compute import gemm
 
     try:
+        rechecked = gemm.recheck([gemm.probe_shape(*GEMM_PROBE)]) if recheck else None
         _, choice = gemm.choose(gemm.probe_shape(*GEMM_PROBE))
     except Exception as exc:  # no kernel passed: the finding says so
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return choice.to_dict()
+    return {**choice.to_dict(), "decisions": gemm.decisions(), "rechecked": len(rechecked) if rechecked else 0}
 
 
 def _library_facts() -> dict:
@@ -223,8 +225,9 @@ def _library_facts() -> dict:
     return out
 
 
-def collect() -> dict:
-    """Every fact ``doctor`` reports, plus the findings and an overall ``ok``."""
+def collect(recheck: bool = False) -> dict:
+    """Every fact ``doctor`` reports, plus the findings and an overall ``ok``; ``recheck``: the GEMM kernel decisions
+    measured again."""
     import psutil
 
     from paddle_scorer.process import environment
@@ -253,7 +256,7 @@ def collect() -> dict:
             "settings": settings,
             "mkl_debug_cpu_type_set_by_us": settings["MKL_DEBUG_CPU_TYPE"]["set_by"] == "paddle-scorer"
             and settings["MKL_DEBUG_CPU_TYPE"]["value"] is not None,
-            "gemm": _gemm_facts() if not paddle_facts.get("error") else None,
+            "gemm": _gemm_facts(recheck) if not paddle_facts.get("error") else None,
         },
         "memory": {"total": vm.total, "available": vm.available},
         "disk": disks,

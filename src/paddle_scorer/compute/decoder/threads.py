@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 PARALLEL_ELEMENTS = 1 << 17  # element-wise work this big is split over the compute threads
+CHUNKS_PER_THREAD = 4  # parts per compute thread, taken from one queue
 
 
 @lru_cache(maxsize=1)
@@ -27,6 +28,6 @@ def parallel_rows(fn, n: int, elements: int) -> None:
     if pool is None or n < 2 or elements < PARALLEL_ELEMENTS:
         fn(slice(0, n))
         return
-    parts = min(pool._max_workers, n)
-    step = -(-n // parts)
+    parts = min(CHUNKS_PER_THREAD * pool._max_workers, n)  # finer than one part per thread: a thread that loses its
+    step = -(-n // parts)  # core to another program takes fewer parts, the others take the rest (no half left waiting)
     list(pool.map(fn, [slice(i, min(n, i + step)) for i in range(0, n, step)]))
