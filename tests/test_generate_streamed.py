@@ -132,3 +132,49 @@ def test_kv_caches_that_do_not_fit_are_refused_with_the_numbers(bases, tmp_path)
     assert r.exit_code == 2, r.output
     assert "keeps each record's keys and values in RAM" in r.output and "raise --memory-limit" in r.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_moe_step_reads_only_the_experts_its_tokens_choose(bases, deltas):
+    """One record: each step's token chooses 2 of the 8 experts of a Qwen3-MoE layer; the streamed pass reads only
+    those (the router runs first), with the adapter's DoRA merged into each as it is read; the same tokens."""
+    base, lora = bases["qwen3_moe_dora"]
+    args = ["generate", "--model", base, "--lora", lora, "--raw", "--json", "--top-k", 3, "-n", 5, "--prompt", PROMPTS[0]]
+    in_ram = [json.loads(x) for x in run(*args, "--no-prefix-reuse", "--execution", "in-ram").stdout.splitlines()
+              if x.startswith("{")]
+    r = run(*args, "--execution", "streamed")
+    streamed = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    probs, _ = worst_step(streamed, in_ram)
+    assert deltas.record("nlp env: generate streamed, experts read when chosen (qwen3_moe), step probabilities",
+                         probs) <= TOL
+
+
+def test_lazy_experts_are_counted_in_the_provenance(bases, tmp_path):
+    base, lora = bases["qwen3_moe_dora"]
+    out = tmp_path / "o.jsonl"
+    run("generate", "--model", base, "--lora", lora, "--raw", "-n", 4, "--prompt", PROMPTS[2], "--output", out,
+        "--execution", "streamed")
+    s = json.loads(out.with_name(out.name + ".meta.json").read_text())["streaming"]
+    prompt = len(json.loads(out.read_text())["prompt_token_ids"])
+    lazy = 3 + (prompt * 2 < 8)  # the 3 step passes (one token, 2 of 8 experts), and the prompt's if it is short too
+    # x 2 MoE layers (layer 1 is dense) x 8 experts: each token chose 2, the rest were never read
+    assert s["experts_read"] + s["experts_skipped"] == lazy * 2 * 8
+    assert 0 < s["experts_read"] <= 3 * 2 * 2 + (lazy - 3) * 2 * 2 * prompt
+
+
+def test_lazy_experts_carry_their_attached_pairs(bases, tmp_path, deltas):
+    """A plain LoRA on every expert (attached, not merged): an expert read when chosen gets its own pairs."""
+    import family_fixtures as ff
+
+    base = tmp_path / "base"
+    model = pf.build_base("qwen3_moe", base, {})
+    lora = tmp_path / "lora"
+    pf.build_adapter(model, lora, dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    args = ["generate", "--model", base, "--lora", lora, "--raw", "--json", "--top-k", 3, "-n", 5, "--prompt", PROMPTS[0]]
+    in_ram = [json.loads(x) for x in run(*args, "--no-prefix-reuse", "--execution", "in-ram").stdout.splitlines()
+              if x.startswith("{")]
+    streamed = [json.loads(x) for x in run(*args, "--execution", "streamed").stdout.splitlines() if x.startswith("{")]
+    probs, _ = worst_step(streamed, in_ram)
+    assert deltas.record("nlp env: generate streamed, lazy experts with attached pairs, step probabilities",
+                         probs) <= TOL
+    want, _ = ff.greedy(model, in_ram[0]["prompt_token_ids"], 5)  # and the adapter is really there: peft's tokens
+    assert in_ram[0]["generated_token_ids"] == want

@@ -52,6 +52,8 @@ class StreamStats:
     read_seconds: float = 0.0  # in the background reader (overlapped with compute)
     wait_seconds: float = 0.0  # compute waiting for the reader
     prepare_seconds: float = 0.0  # laying out / widening / checking the read tensors (in the computing thread)
+    experts_read: int = 0  # MoE layers read lazily: experts some token chose (read when first chosen)
+    experts_skipped: int = 0  # ... and experts no token of the pass chose (never read)
     compute_seconds: float = 0.0
     records: int = 0
     layer_passes: int = 0
@@ -60,6 +62,7 @@ class StreamStats:
     def to_dict(self) -> dict:
         return {"blocks": self.blocks, "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 3),
                 "wait_seconds": round(self.wait_seconds, 3), "prepare_seconds": round(self.prepare_seconds, 3),
+                "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
                 "compute_seconds": round(self.compute_seconds, 3),
                 "records": self.records, "layer_passes": self.layer_passes}
 
@@ -70,6 +73,8 @@ class StreamedBackend:
     def __init__(self, loaded, pad_id: int = 0, prefix_reuse: bool = True):
         from paddle_scorer.process.environment import keep_freed_memory
 
+        self.pass_tokens: int | None = None  # tokens the next pass computes (set by its caller: lazy experts)
+        self.expert_names = {}
         self.pd = paddle()
         # each layer's arrays take the memory the previous layer's freed (no page faults): up to a layer's tensor size
         keep_freed_memory(min(max(32 << 20, loaded.plan.memory.largest_layer), 1 << 30))
@@ -143,6 +148,17 @@ class StreamedBackend:
         self.layer_prefix = "model.layers.0."
         arch = mp.library.arch_for(mp.info).architecture
         self.fast = decoder.Forward(decoder.spec_for_family(fc, arch), kernel, decoder.native_rope(fc))
+        # a MoE layer's routed experts by index (read only when a token of a small pass chooses them: _lazy)
+        self.expert_names: dict[int, dict[int, list[str]]] = {}
+        if fc.moe is not None:
+            import re
+
+            for i in fc.moe_layers:
+                pat = re.compile(rf"^model\.layers\.{i}\.{re.escape(fc.mlp_name)}\.experts\.(\d+)\.")
+                for n in self.layer_names[i]:
+                    m = pat.match(n)
+                    if m:
+                        self.expert_names.setdefault(i, {}).setdefault(int(m.group(1)), []).append(n)
 
     def _fast_forward(self, model):
         """The CPU decoder forward for this model (None, with ``compute`` saying why, when it does not apply)."""
@@ -195,7 +211,8 @@ class StreamedBackend:
             self.stats.read_seconds += time.perf_counter() - t0
         return names, arrays
 
-    def _prepare(self, fetched: tuple[list[str], dict[str, np.ndarray]], layer: int | None) -> dict[str, np.ndarray]:
+    def _prepare(self, fetched: tuple[list[str], dict[str, np.ndarray]], layer: int | None, fresh: bool = True,
+                 only=None) -> dict[str, np.ndarray]:
         """Lay out the stored tensors in the compute dtype (half precision widened as it is laid out: a shift of
         bfloat16's bits, the transposition folded in, on every core), check, merge the adapter (mode merge), add its
         pairs (attach); in the computing thread, between layers."""
@@ -206,7 +223,8 @@ class StreamedBackend:
         arena = None
         if layer is not None:  # a decoder layer's arrays: in the ring's memory of two layers ago (no fresh pages)
             arena = self._arenas[layer % 2]
-            arena.reset()
+            if fresh:  # (not for an expert read later into the same layer)
+                arena.reset()
         arrays = self.plan.model.lay_out(names, stored, "float32" if self.dtype == "float32" else None,
                                          arena.take if arena is not None else None)
         del stored
@@ -223,7 +241,7 @@ class StreamedBackend:
             out[key] = to_paddle_array(arrays.pop(n), self.dtype)
         if self.attach and layer is not None:
             for m, (a, b) in self.plan.attached_pairs.items():
-                if layer_index(m + ".") == layer:
+                if layer_index(m + ".") == layer and (only is None or only(m)):
                     t = to_template(m + ".", layer).rstrip(".")
                     out[t + ".lora_A"] = to_paddle_array(a, self.dtype)
                     out[t + ".lora_B"] = to_paddle_array(b, self.dtype)
@@ -286,16 +304,30 @@ class StreamedBackend:
             return self._run_block_fast(packs, rows_fn, nodes or [], node_of or [None] * len(packs))
         return self._run_block_library(packs, rows_fn)
 
+    def _lazy(self, i: int) -> bool:
+        """Whether layer ``i``'s routed experts are read only when chosen: a MoE layer in a pass of few tokens (fewer
+        expert choices than experts: most experts are chosen by no token; a big block chooses nearly all, and is
+        better read ahead whole)."""
+        fc = self.family
+        return (i in self.expert_names and self.pass_tokens is not None
+                and self.pass_tokens * fc.moe.top_k < fc.moe.experts)
+
+    def _names(self, i: int) -> list[str]:
+        if not self._lazy(i):
+            return self.layer_names[i]
+        experts = {n for names in self.expert_names[i].values() for n in names}
+        return [n for n in self.layer_names[i] if n not in experts]
+
     def _layers(self):
         """Each layer's arrays in turn, the next one read in the background while this one computes."""
-        future = self._pool.submit(self._fetch, self.layer_names[0])
+        future = self._pool.submit(self._fetch, self._names(0))
         for i in range(self.num_layers):
             t0 = time.perf_counter()
             raw = future.result()
             self.stats.wait_seconds += time.perf_counter() - t0
             if i + 1 < self.num_layers:
-                future = self._pool.submit(self._fetch, self.layer_names[i + 1])
-            arrays = self._prepare(raw, i)
+                future = self._pool.submit(self._fetch, self._names(i + 1))
+            arrays = self._prepare(raw, i, only=self._not_expert(i) if self._lazy(i) else None)
             del raw
             yield i, arrays
             self.stats.layer_passes += 1
@@ -308,6 +340,8 @@ class StreamedBackend:
 
         f = self.fast
         t_start = time.perf_counter()
+        # the pass computes every real token of the block once (and each shared prefix's once)
+        self.pass_tokens = int(sum(p.ids.size for p in packs)) + sum(n.depth - n.parent.depth for n in nodes)
         embed = self._read([self.embed_name])[self.embed_name]
         table = decoder.Outside(embed, None, None, False)
         states = []
@@ -353,18 +387,43 @@ class StreamedBackend:
         from paddle_scorer.compute import decoder
 
         scaling = self.plan.adapter.scaling if self.attach else 1.0
-        n = len(self.layer_prefix)
         for i, arrays in self._layers():
-            tensors = {name[n:]: arr for name, arr in arrays.items()}
-            lora = {}
-            for suffix in [x for x in tensors if x.endswith(".lora_A")]:
-                module = suffix[: -len(".lora_A")]
-                lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
-            layer = decoder.make_family_layer(self.family, i, tensors, lora, scaling) if self.family is not None \
-                else decoder.make_layer(tensors, lora, scaling)
+            tensors, lora = self._by_suffix(arrays)
+            experts = decoder.LazyExperts(self.family, self.family.moe.experts, self._expert_loader(i, scaling)) \
+                if self._lazy(i) else None
+            layer = decoder.make_family_layer(self.family, i, tensors, lora, scaling, experts) \
+                if self.family is not None else decoder.make_layer(tensors, lora, scaling)
             del arrays, tensors, lora
             yield i, layer
-            del layer
+            if experts is not None:
+                self.stats.experts_read += experts.loaded
+                self.stats.experts_skipped += len(experts) - experts.loaded
+            del layer, experts
+
+    def _by_suffix(self, arrays: dict) -> tuple[dict, dict]:
+        """A layer's arrays by suffix (``self_attn.q_proj.weight``) and its LoRA pairs by module suffix."""
+        n = len(self.layer_prefix)
+        tensors = {name[n:]: arr for name, arr in arrays.items()}
+        lora = {}
+        for suffix in [x for x in tensors if x.endswith(".lora_A")]:
+            module = suffix[: -len(".lora_A")]
+            lora[module] = (tensors.pop(suffix), tensors.pop(module + ".lora_B"))
+        return tensors, lora
+
+    def _not_expert(self, i: int):
+        head = f"model.layers.{i}.{self.family.mlp_name}.experts."
+        return lambda module: not module.startswith(head)
+
+    def _expert_loader(self, i: int, scaling: float):
+        """Expert ``e`` of layer ``i``: read, laid out (into the layer's arena), checked, its adapter merged or its
+        pairs attached, when a token first chooses it (in the computing thread: a few experts' bytes)."""
+        def load(e: int):
+            names = self.expert_names[i][e]
+            head = f"model.layers.{i}.{self.family.mlp_name}.experts.{e}."
+            arrays = self._prepare(self._fetch(names), i, fresh=False, only=lambda m: (m + ".").startswith(head))
+            tensors, lora = self._by_suffix(arrays)
+            return tensors, lora, scaling
+        return load
 
     def _head(self, embed):
         """What lies outside the layers for the decoder: the final norm (resident), the LM head (read now), and

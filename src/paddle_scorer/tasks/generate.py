@@ -207,6 +207,7 @@ class Generator:
         with paddle().no_grad():
             # each record computed alone, as Backend.start / step compute it in RAM (its own shapes: the same numbers),
             # every layer read once per step for all of them
+            self.stream.pass_tokens = sum(len(it.context) for it in items)
             done = runner.hidden_each([(*padded([list(it.context)], self.pad_id), None) for it in items])
             lps = [runner.logprobs(h[:, len(it.context) - 1, :])[0] for (h, _), it in zip(done, items)]
             caches = [cache for _, cache in done]
@@ -221,6 +222,7 @@ class Generator:
                     n = len(items[i].context) + step  # positions so far (the prompt and the tokens fed back)
                     calls.append((np.array([[runs[i].out_ids[-1]]], dtype=np.int64), np.ones((1, n + 1), dtype=np.int64),
                                   np.array([[n]], dtype=np.int64), caches[i]))
+                self.stream.pass_tokens = len(calls)  # one token per record: a MoE layer reads only chosen experts
                 for i, (h, cache) in zip(active, runner.hidden_each(calls)):
                     lps[i], caches[i] = runner.logprobs(h[:, -1, :])[0], cache
             del caches

@@ -5,7 +5,7 @@ weights, rotary tables, the batch layout and KV cache, element-wise ops, the for
 from paddle_scorer.compute.decoder.batch import KV, MASKED, Batch, keep_from_mask, real_lengths  # noqa: F401
 from paddle_scorer.compute.decoder.forward import ATTENTION_ROWS, Forward  # noqa: F401
 from paddle_scorer.compute.decoder.ops import rms_norm, rotate, silu_mul  # noqa: F401
-from paddle_scorer.compute.decoder.family_layers import make_family_layer, norm_weight  # noqa: F401
+from paddle_scorer.compute.decoder.family_layers import LazyExperts, make_family_layer, norm_weight  # noqa: F401
 from paddle_scorer.compute.decoder.rope import (  # noqa: F401
     ContextLimit,
     DualRope,

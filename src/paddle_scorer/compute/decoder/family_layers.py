@@ -70,13 +70,14 @@ def _expert(mods: _Modules, base: str, names: tuple[str, str, str]) -> Expert:
     return Expert(down=mods.take(f"{base}.{down}"), gate=mods.take(f"{base}.{gate}"), up=mods.take(f"{base}.{up}"))
 
 
-def _moe(fc, mods: _Modules, p: str) -> Moe:
+def _moe(fc, mods: _Modules, p: str, experts=None) -> Moe:
     spec = fc.moe
     router = mods.take(f"{p}.gate")
     if (router.b is not None and not spec.router_bias) or router.lora is not None:
         raise UnsupportedWeights(f"{p}.gate: a router with a bias or a LoRA pair")
     bias = mods.vector(f"{p}.{spec.correction_bias}").reshape(-1) if spec.correction_bias else None
-    experts = [_expert(mods, f"{p}.experts.{e}", fc.expert_names) for e in range(spec.experts)]
+    if experts is None:
+        experts = [_expert(mods, f"{p}.experts.{e}", fc.expert_names) for e in range(spec.experts)]
     shared = _expert(mods, f"{p}.{spec.shared_name}", ("gate_proj", "up_proj", "down_proj")) \
         if spec.shared_intermediate else None
     gate = mods.take(f"{p}.shared_expert_gate") if spec.shared_gated else None
@@ -106,8 +107,11 @@ def _attention(fc, mods: _Modules, layer: Layer) -> None:
         layer.sinks = mods.vector(f"{p}.sinks").astype(np.float32)
 
 
-def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, scaling: float = 1.0) -> Layer:
-    """Layer ``index`` of a family model from its tensors by suffix and LoRA pairs ``{module suffix: (A, B)}``."""
+def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, scaling: float = 1.0,
+                      experts=None) -> Layer:
+    """Layer ``index`` of a family model from its tensors by suffix and LoRA pairs ``{module suffix: (A, B)}``.
+    ``experts``: the routed experts of a MoE layer as a sequence built elsewhere (a streamed layer's, read when a
+    token first chooses one: :class:`LazyExperts`); its tensors and pairs are then not in ``tensors``/``lora``."""
     mods = _Modules(tensors, lora, scaling)
     if fc.post_norms:  # Gemma 3: post_attention_layernorm norms the attention's output; the MLP has its own pair
         layer = Layer(mods.vector("input_layernorm.weight"), mods.vector("pre_feedforward_layernorm.weight"),
@@ -118,7 +122,7 @@ def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, s
     layer.local = index in fc.local_layers
     _attention(fc, mods, layer)
     if index in fc.moe_layers:
-        layer.moe = _moe(fc, mods, fc.mlp_name)
+        layer.moe = _moe(fc, mods, fc.mlp_name, experts)
     else:
         e = _expert(mods, "mlp", ("gate_proj", "up_proj", "down_proj"))
         layer.down, layer.gate_up, layer.gate, layer.up = e.down, e.gate_up, e.gate, e.up
@@ -129,6 +133,30 @@ def make_family_layer(fc, index: int, tensors: dict, lora: dict | None = None, s
             if v is not None:
                 setattr(layer, name, norm_weight(fc, v))
     return layer
+
+
+class LazyExperts:
+    """A MoE layer's routed experts, each built by ``load(e)`` (its tensors by suffix and LoRA pairs) the first time a
+    token chooses it, then kept for the layer's life; ``loaded`` counts them."""
+
+    def __init__(self, fc, count: int, load):
+        self.fc, self.count, self.load = fc, count, load
+        self.built: dict[int, Expert] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, e: int) -> Expert:
+        if e not in self.built:
+            tensors, lora, scaling = self.load(e)
+            mods = _Modules(tensors, lora, scaling)
+            self.built[e] = _expert(mods, f"{self.fc.mlp_name}.experts.{e}", self.fc.expert_names)
+            mods.check_all_used()
+        return self.built[e]
+
+    @property
+    def loaded(self) -> int:
+        return len(self.built)
 
 
 def norm_weight(fc, weight: np.ndarray) -> np.ndarray:

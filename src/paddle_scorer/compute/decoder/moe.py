@@ -102,10 +102,11 @@ def forward(f, m: Moe, x: np.ndarray, swiglu) -> np.ndarray:
     flat = idx.reshape(-1)[order]
     bounds = np.searchsorted(flat, np.arange(len(m.experts) + 1))
     tokens, slots = np.divmod(order, idx.shape[1])
-    for e, expert in enumerate(m.experts):
+    for e in range(len(m.experts)):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
-            continue
+            continue  # an expert no token chose is not touched (a streamed layer's is then never read)
+        expert = m.experts[e]
         rows = tokens[lo:hi]
         y = swiglu(expert, np.ascontiguousarray(x[rows]))
         y *= w[rows, slots[lo:hi]][:, None]
