@@ -212,3 +212,38 @@ def test_killed_mid_stream_resumes_from_the_last_flushed_block(models, tmp_path)
     fresh, _, _ = classify(tmp_path, "fresh", "--model", models["llama"], "--lora", models["llama_lora"], "--labels",
                            "goods,life", "--template", TEMPLATE, "--input", data)
     np.testing.assert_allclose(logprobs(recs), logprobs(fresh), atol=1e-5)
+
+
+def test_widening_is_exact_for_half_precision_in_any_layout():
+    """bfloat16 (a shift of its bits) and float16, contiguous or a transposed view, into a new array or a column range:
+    equal to numpy's own conversion, NaN/inf kept (the finite check after it sees them)."""
+    import ml_dtypes
+
+    from paddle_scorer.model.arrays import widen
+
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((300, 70), dtype=np.float32) * 1e3
+    src[3, 5], src[7, 1] = np.nan, np.inf
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        half = src.astype(dtype)
+        for view in (half, half.T, half[:, 10:40]):
+            got = widen(view)
+            assert got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, view.astype(np.float32))
+        out = np.zeros((70, 600), np.float32)
+        widen(half.T, out[:, 300:])
+        np.testing.assert_array_equal(out[:, 300:], half.T.astype(np.float32))
+        assert not out[:, :300].any()
+
+
+def test_a_layer_arena_hands_the_same_memory_to_the_layer_two_later():
+    from paddle_scorer.compute.layer_arena import LayerArena
+
+    arena = LayerArena()
+    first = [arena.take((64, 48)), arena.take((1000,))]
+    assert not np.shares_memory(first[0], first[1])
+    arena.reset()
+    again = [arena.take((64, 48)), arena.take((1000,))]
+    assert all(np.shares_memory(a, b) for a, b in zip(first, again))  # reused: no fresh pages
+    big = arena.take((5000, 4000))  # a bigger layer grows the arena (a new chunk), the rest is kept
+    assert big.shape == (5000, 4000) and len(arena.chunks) == 2

@@ -36,6 +36,7 @@ from paddle_scorer.compute.packing import CALL_TOKENS, Packed, pack, padded, reg
 from paddle_scorer.errors import CheckpointError
 from paddle_scorer.model.tensor_layout import layer_index
 from paddle_scorer.compute import prefix_tree
+from paddle_scorer.compute.layer_arena import LayerArena
 from paddle_scorer.model.libraries import body_and_head
 from paddle_scorer.model.loader import streaming_template, to_template
 from paddle_scorer.model.memory_budget import records_per_block
@@ -78,7 +79,7 @@ class StreamedBackend:
         self.pd = paddle()
         # each layer's arrays take the memory the previous layer's freed (no page faults): up to a layer's tensor size
         keep_freed_memory(min(max(32 << 20, loaded.plan.memory.largest_layer), 1 << 30))
-        self._arenas = (_Arena(), _Arena())  # layer i lays out its widened tensors in arena i % 2
+        self._arenas = (LayerArena(), LayerArena())  # layer i lays out its widened tensors in arena i % 2
         self.loaded = loaded
         self.plan = plan = loaded.plan
         self.pad_id = pad_id
@@ -575,30 +576,3 @@ class _StreamedLayers:
     def __iter__(self):
         for _, layer in self.backend._decoder_layers():
             yield layer
-
-
-class _Arena:
-    """Memory for one decoder layer's float32 arrays, kept from layer to layer: the streamed backend lays out layer i
-    in arena ``i % 2``, so layer i + 2 writes over layer i's arrays once nothing uses them (the layer computing now is
-    i + 1) and no page is faulted in again (a fresh page costs more than widening into it: an ERNIE-4.5-MoE-shaped
-    layer took 4.6 s into fresh memory, 0.9 s into reused, 2 cores). Chunks grow to the largest layer seen."""
-
-    ALIGN = 16  # float32 elements: 64-byte aligned arrays
-
-    def __init__(self):
-        self.chunks: list[np.ndarray] = []
-        self.chunk, self.used = 0, 0
-
-    def reset(self) -> None:
-        self.chunk, self.used = 0, 0
-
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape)) if shape else 1
-        while self.chunk < len(self.chunks) and self.used + n > self.chunks[self.chunk].size:
-            self.chunk, self.used = self.chunk + 1, 0
-        if self.chunk == len(self.chunks):
-            self.chunks.append(np.empty(max(n, 16 << 20), np.float32))  # at least 64 MB: few chunks per layer
-            self.used = 0
-        out = self.chunks[self.chunk][self.used:self.used + n].reshape(shape)
-        self.used += -(-n // self.ALIGN) * self.ALIGN
-        return out
