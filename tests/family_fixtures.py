@@ -198,6 +198,16 @@ def label_logprobs(model, record: dict) -> dict[str, float]:
     return out
 
 
+def worst_per_token(records, model) -> float:
+    """The largest |log P(label)| difference per label token between classify's records and ``model``'s forward."""
+    worst = 0.0
+    for rec in records:
+        ref = label_logprobs(model, rec)
+        for label, lp in rec["logprobs"].items():
+            worst = max(worst, abs(lp - ref[label]) / len(rec["label_token_ids"][label]))
+    return worst
+
+
 def greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
     """The reference's greedy continuation of ``prompt`` (a full forward per step) and each chosen token's log-prob."""
     ids, lps = list(prompt), []

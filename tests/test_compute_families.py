@@ -37,15 +37,6 @@ def classify(tmp_path, folder, *extra, env=None):
     return [json.loads(x) for x in open(out)], json.loads(out.with_name(out.name + ".meta.json").read_text())
 
 
-def worst_per_token(records, model) -> float:
-    worst = 0.0
-    for rec in records:
-        ref = ff.label_logprobs(model, rec)
-        for label, lp in rec["logprobs"].items():
-            worst = max(worst, abs(lp - ref[label]) / len(rec["label_token_ids"][label]))
-    return worst
-
-
 @pytest.mark.parametrize("execution", ["in-ram", "streamed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_classify_equals_transformers(hf, tmp_path, family, execution, deltas):
@@ -55,7 +46,7 @@ def test_classify_equals_transformers(hf, tmp_path, family, execution, deltas):
     assert meta["model"]["compute"]["family"] == family and meta["execution"] == execution
     assert any(len(ids) > 1 for ids in recs[0]["label_token_ids"].values())  # a multi-token label was scored
     d = deltas.record(f"nlp env: {family} classify ({execution}) vs transformers, per label token",
-                      worst_per_token(recs, model))
+                      ff.worst_per_token(recs, model))
     assert d <= TOL
 
 
@@ -127,9 +118,9 @@ def test_paddlenlp_lora_attached_and_merged_equal_transformers(hf, tmp_path, fam
                               "--overwrite")
         assert meta["model"]["adapter_path"] and meta["model"]["mode"] == mode
         d = deltas.record(f"nlp env: {family} + PaddleNLP LoRA ({mode}, {execution}) vs transformers merged",
-                          worst_per_token(recs, reference))
+                          ff.worst_per_token(recs, reference))
         assert d <= TOL
-        assert worst_per_token(recs, model) > 1e-3  # the adapter changes the scores
+        assert ff.worst_per_token(recs, model) > 1e-3  # the adapter changes the scores
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -179,9 +170,9 @@ def test_lora_on_the_new_dense_families_equals_transformers_merged(hf, tmp_path,
         recs, meta = classify(tmp_path, folder, "--lora", tmp_path / "lora", "--mode", mode, "--execution", execution,
                               "--overwrite")
         d = deltas.record(f"nlp env: {family} + LoRA ({mode}, {execution}) vs transformers merged",
-                          worst_per_token(recs, reference))
+                          ff.worst_per_token(recs, reference))
         assert d <= TOL
-        assert worst_per_token(recs, model) > 1e-3
+        assert ff.worst_per_token(recs, model) > 1e-3
 
 
 def test_phi3_merge_writes_its_stored_fused_layout_back(hf, tmp_path):
@@ -205,7 +196,7 @@ def test_phi3_merge_writes_its_stored_fused_layout_back(hf, tmp_path):
     reference = copy.deepcopy(model)
     ff.merge_adapter_into(reference, adapter, scaling, prefix="model")
     recs, _ = classify(tmp_path, tmp_path / "merged", "--overwrite")
-    assert worst_per_token(recs, reference) <= TOL
+    assert ff.worst_per_token(recs, reference) <= TOL
 
 
 _FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
@@ -253,6 +244,6 @@ def test_gpt_oss_with_mxfp4_experts_equals_transformers_dequantized(hf, tmp_path
     for execution in ("in-ram", "streamed"):
         recs, _ = classify(tmp_path, q, "--execution", execution, "--overwrite")
         d = deltas.record(f"nlp env: gpt_oss with MXFP4 experts ({execution}) vs transformers dequantized",
-                          worst_per_token(recs, reference))
+                          ff.worst_per_token(recs, reference))
         assert d <= TOL
-    assert worst_per_token(recs, model) > 1e-4  # the quantized experts were read, not some float copy
+    assert ff.worst_per_token(recs, model) > 1e-4  # the quantized experts were read, not some float copy

@@ -12,7 +12,6 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import builders
 import peft_fixtures as pf
 from cli_runs import run
 from paddle_scorer.cli.app import app

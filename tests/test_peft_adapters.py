@@ -44,18 +44,9 @@ def classify(tmp_path, model, *extra):
     return [json.loads(x) for x in open(out)], json.loads(out.with_name(out.name + ".meta.json").read_text())
 
 
-def worst_per_token(records, model) -> float:
-    worst = 0.0
-    for rec in records:
-        ref = ff.label_logprobs(model, rec)
-        for label, lp in rec["logprobs"].items():
-            worst = max(worst, abs(lp - ref[label]) / len(rec["label_token_ids"][label]))
-    return worst
-
-
 def base_distance(records, peft_model) -> float:
     with peft_model.disable_adapter():
-        return worst_per_token(records, peft_model)
+        return ff.worst_per_token(records, peft_model)
 
 
 @pytest.mark.parametrize("name", list(pf.ADAPTERS))
@@ -66,7 +57,7 @@ def test_classify_attached_merged_and_streamed_equal_peft(built, tmp_path, name,
         recs, meta = classify(tmp_path, base, "--lora", adapter, *extra)
         assert meta["model"]["adapter_path"] == str(adapter)
         d = deltas.record(f"nlp env: peft {name} ({' '.join(extra)}) vs peft's forward, per label token",
-                          worst_per_token(recs, model))
+                          ff.worst_per_token(recs, model))
         assert d <= TOL, extra
     assert base_distance(recs, model) > 1e-3  # the adapter changes the scores
 
@@ -79,7 +70,7 @@ def test_merged_folder_and_generate_equal_peft(built, tmp_path, name, deltas):
     assert record["adapter_format"] == "peft" and record["dora"] == bool(pf.ADAPTERS[name][2].get("use_dora"))
     recs, _ = classify(tmp_path, tmp_path / "merged")
     assert deltas.record(f"nlp env: peft {name} merged folder vs peft's forward, per label token",
-                         worst_per_token(recs, model)) <= TOL
+                         ff.worst_per_token(recs, model)) <= TOL
     r = run("generate", "--model", base, "--lora", adapter, "--prompt", "what is the price of cabbage", "--raw",
             "--max-new-tokens", 5, "--top-k", 2, "--json")
     rec = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")][0]
@@ -101,7 +92,7 @@ def test_library_forward_attaches_the_peft_pairs_with_its_lora_model(built, tmp_
     assert meta["model"]["compute"]["forward"] == "library" and meta["model"]["library"] == "paddlenlp"
     recs = [json.loads(x) for x in open(out)]
     assert deltas.record("nlp env: peft llama on PaddleNLP's forward + LoRAModel vs peft, per label token",
-                         worst_per_token(recs, model)) <= TOL
+                         ff.worst_per_token(recs, model)) <= TOL
 
 
 def test_a_bfloat16_adapter_is_read_exactly(built, tmp_path, deltas):
@@ -122,7 +113,7 @@ def test_a_bfloat16_adapter_is_read_exactly(built, tmp_path, deltas):
     recs, meta = classify(tmp_path, base, "--lora", folder)
     assert meta["model"]["adapter_stored_dtypes"] == {"bfloat16": sum(v.size for v in pf.tensors(adapter).values())}
     assert deltas.record("nlp env: peft bfloat16 adapter vs peft with the same rounded weights, per label token",
-                         worst_per_token(recs, reference)) <= TOL
+                         ff.worst_per_token(recs, reference)) <= TOL
 
 
 def test_inspect_explains_a_peft_folder(built):
@@ -269,7 +260,7 @@ def test_a_torch_bin_adapter_is_read_without_running_its_pickle(built, tmp_path,
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
     recs, meta = classify(tmp_path, base, "--lora", folder)
     assert deltas.record("nlp env: peft adapter_model.bin vs peft's forward, per label token",
-                         worst_per_token(recs, model)) <= TOL
+                         ff.worst_per_token(recs, model)) <= TOL
 
 
 def test_an_adapter_that_changes_the_base_is_not_served_beside_others(built, tmp_path):

@@ -7,7 +7,6 @@ PaddleNLP stores, per adapted ``Linear`` (weight ``[in, out]``), ``<module>.lora
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 
 from paddle_scorer.checkpoint import peft_config
 from paddle_scorer.checkpoint.peft_config import PeftSettings
+from paddle_scorer.checkpoint.sidecars import read_json
 from paddle_scorer.errors import CheckpointError
 
 # Fields of lora_config.json that change the math in ways we do not implement: refusing by name is
@@ -181,7 +181,7 @@ def read_lora_config(folder: Path) -> LoraSettings:
     path = config_file(folder)
     if path is None:
         raise FileNotFoundError(Path(folder) / "lora_config.json")
-    data = peft_config.read_json_object(path)
+    data = read_json(path)
     if path.name == peft_config.CONFIG_NAME:
         return from_peft(peft_config.parse_peft_config(data, str(path)), data)
     return parse_lora_config(data, str(path))

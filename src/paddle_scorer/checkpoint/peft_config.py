@@ -20,12 +20,9 @@ and so is any field this release of paddle-scorer does not know with a value oth
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 
 from paddle_scorer.errors import CheckpointError, WeightMismatchError
@@ -254,16 +251,6 @@ def parse_peft_config(data: dict, source: str) -> PeftSettings:
         layers_to_transform=layers, layers_pattern=pattern, bias=bias, modules_to_save=list(saved),
         use_dora=bool(data.get("use_dora")), fan_in_fan_out=bool(data.get("fan_in_fan_out")),
         version=data.get("peft_version") if isinstance(data.get("peft_version"), str) else None, notes=notes)
-
-
-def read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-save the adapter.") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; fix or re-save the adapter.")
-    return data
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ NaN/inf, targets without weights), and a no-op adapter refused. No paddle import
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
