@@ -124,7 +124,7 @@ def test_kv_caches_that_do_not_fit_are_refused_with_the_numbers(bases, tmp_path)
 
     base, lora = bases["llama_dora"]
     fixed = make_plan(base, lora, device="cpu", execution="streamed").memory.stream_fixed
-    limit = fixed + (3 << 20)  # room for two layers, the head and the embedding, not for 2,000-token records
+    limit = fixed + (3 << 20)  # room for three layers, the head and the embedding, not for 2,000-token records
     r = CliRunner().invoke(app, ["generate", "--model", str(base), "--lora", str(lora), "--raw", "--prompt", "hi",
                                  "-n", "2000", "--memory-limit", f"{limit}B", "--execution", "streamed",
                                  "--output", str(tmp_path / "o.jsonl")])

@@ -243,7 +243,7 @@ class Generator:
             raise UsageError(
                 f"generate past RAM keeps each record's keys and values in RAM: {mb.fmt_bytes(per)} for a record of "
                 f"{width} tokens (prompt + --max-new-tokens), but the budget leaves {mb.fmt_bytes(mb.decode_budget(plan))} "
-                f"after two layers, the embedding and the head ({mb.fmt_bytes(plan.budget)}, {plan.budget_source}); "
+                f"after three layers, the embedding and the head ({mb.fmt_bytes(plan.budget)}, {plan.budget_source}); "
                 "shorten the prompts or --max-new-tokens, or raise --memory-limit.")
         return rows
 
