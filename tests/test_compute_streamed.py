@@ -103,6 +103,7 @@ def test_streamed_equals_in_ram(models, tmp_path, arch, labels, mode):
     s = meta["streaming"]
     assert meta["block_records"] == 10 and meta["blocks"] == 3 and s["blocks"] == 3
     assert s["layer_passes"] == 3 * 2  # each of the 2 decoder layers once per block, not once per batch
+    assert len(s["block_seconds"]) == 3 and all(t > 0 for t in s["block_seconds"])  # each block's pass, timed
     assert s["bytes_read"] > 0 and "streaming: blocks of up to 10 record(s)" in r.stderr
 
 

@@ -59,13 +59,15 @@ class StreamStats:
     records: int = 0
     layer_passes: int = 0
     block_records: list[int] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)  # each block's pass (the first pays fresh memory)
 
     def to_dict(self) -> dict:
         return {"blocks": self.blocks, "bytes_read": self.bytes_read, "read_seconds": round(self.read_seconds, 3),
                 "wait_seconds": round(self.wait_seconds, 3), "prepare_seconds": round(self.prepare_seconds, 3),
                 "experts_read": self.experts_read, "experts_skipped": self.experts_skipped,
                 "compute_seconds": round(self.compute_seconds, 3),
-                "records": self.records, "layer_passes": self.layer_passes}
+                "records": self.records, "layer_passes": self.layer_passes,
+                "block_seconds": [round(x, 3) for x in self.block_seconds]}
 
 
 class StreamedBackend:
@@ -380,6 +382,7 @@ class StreamedBackend:
             results.append(f.logprobs(outside, rows))
         self.stats.blocks += 1
         self.stats.compute_seconds += time.perf_counter() - t_start
+        self.stats.block_seconds.append(time.perf_counter() - t_start)
         return results
 
     def _decoder_layers(self):
@@ -496,7 +499,8 @@ class StreamedBackend:
                 results.append(log_softmax(pd, logits).numpy())
         self._free(self.head_names or [n for g in self.tied.values() for n in g])
         self.stats.blocks += 1
-        self.stats.compute_seconds += time.perf_counter() - t_start - 0.0
+        self.stats.compute_seconds += time.perf_counter() - t_start
+        self.stats.block_seconds.append(time.perf_counter() - t_start)
         return results
 
     # ------------------------------------------------------------------ block sizing
